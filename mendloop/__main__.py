@@ -1,0 +1,3 @@
+from mendloop.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""The one place where mendloop's errors become HTTP answers: JSON naming the field, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mendloop import errors
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[errors.MendloopError], int]] = [
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.InputError, 422),
+    (errors.PlaybookError, 422),
+    (errors.StorageError, 503),
+    (errors.ConfigError, 500),
+]
+
+
+def _status_for(exc: errors.MendloopError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.MendloopError)
+    async def _mendloop_error(_request: Request, exc: errors.MendloopError) -> JSONResponse:
+        status = _status_for(exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        body: dict[str, Any] = {"detail": exc.message, "error": type(exc).__name__}
+        body.update({k: v for k, v in exc.fields.items() if v is not None})
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": _field(e.get("loc", ())), "message": e.get("msg", "invalid"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+        status = 400 if first.get("type") == "json_invalid" else 422
+        return JSONResponse(
+            {"detail": f"{first['field']}: {first['message']}", "field": first["field"], "errors": problems},
+            status_code=status,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse({"detail": "internal error", "error": type(exc).__name__}, status_code=500)

@@ -1,0 +1,51 @@
+"""Request bodies. Strict types: a mistyped field is a 422 naming it, never a silent coercion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TriggerRequest(_Body):
+    description: StrictStr = Field(min_length=1, max_length=4000)
+    error_type: StrictStr = Field(min_length=1, max_length=200)
+    file_path: StrictStr | None = Field(default=None, max_length=4000)
+    component: StrictStr | None = Field(default=None, max_length=200)
+    context: dict[str, Any] | None = None
+    playbook_id: StrictStr | None = Field(default=None, max_length=200)
+    dedupe_key: StrictStr | None = Field(default=None, max_length=300)
+    wait_seconds: float | None = Field(default=None, ge=0, le=600)
+
+
+class AgentInfo(_Body):
+    name: StrictStr | None = None
+    version: StrictStr | None = None
+    model: StrictStr | None = None
+
+
+class CompleteRequest(_Body):
+    tests_passed: StrictBool
+    files_changed: StrictInt | None = Field(default=None, ge=0)
+    diff_url: StrictStr | None = Field(default=None, max_length=2000)
+    diff: StrictStr | None = Field(default=None, max_length=5_000_000)
+    summary: StrictStr | None = Field(default=None, max_length=20_000)
+    lease_id: StrictStr | None = None
+    base_commit: StrictStr | None = Field(default=None, max_length=100)
+    agent: AgentInfo | None = None
+
+
+class CancelRequest(_Body):
+    reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed JSON"},
+    404: {"description": "Not found"},
+    409: {"description": "Not allowed in the current state"},
+    422: {"description": "Invalid input; `field` names the problem"},
+}

@@ -1,0 +1,136 @@
+"""Records → the spec's JSON shapes (its fields exactly, plus a few more)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def work_order(wo: WorkOrder) -> dict[str, Any]:
+    return {
+        "work_order_id": wo.id,
+        "type": wo.type,
+        "description": wo.description,
+        "context": wo.context,
+        "status": wo.status.value,
+        "self_healing_run_id": wo.self_healing_run_id,
+        "estimated_complexity": wo.estimated_complexity,
+        "priority": wo.priority,
+        "created_at": iso(wo.created_at),
+        "patch_result": wo.patch_result,
+        "playbook_id": wo.playbook_id,
+        "component": wo.component,
+        "updated_at": iso(wo.updated_at),
+        "completed_at": iso(wo.completed_at),
+        "attempts": wo.attempts,
+        "fail_reason": wo.fail_reason,
+    }
+
+
+def run(r: Run) -> dict[str, Any]:
+    steps = r.playbook.get("steps", [])
+    current = steps[r.step_index]["id"] if r.step_index < len(steps) else None
+    return {
+        "run_id": r.id,
+        "playbook_id": r.playbook_id,
+        "playbook_type": r.playbook_type,
+        "playbook_version": r.playbook_version,
+        "status": r.status.value,
+        "component": r.component,
+        "error_type": r.error_type,
+        "description": r.description,
+        "escalated_to_coding": r.escalated,
+        "coding_work_order_id": r.coding_work_order_id,
+        "steps_completed": min(r.step_index, len(steps)),
+        "steps_total": len(steps),
+        "current_step": current,
+        "created_at": iso(r.created_at),
+        "updated_at": iso(r.updated_at),
+        "finished_at": iso(r.finished_at),
+        "error": r.error,
+    }
+
+
+def step(s: StepRecord) -> dict[str, Any]:
+    return {
+        "step_index": s.step_index,
+        "step_id": s.step_id,
+        "action": s.action,
+        "attempt": s.attempt,
+        "status": s.status.value,
+        "started_at": iso(s.started_at),
+        "finished_at": iso(s.finished_at),
+        "duration_ms": round((s.finished_at - s.started_at) * 1000, 1),
+        "output": s.output,
+        "error": s.error,
+        "idempotency_key": s.idempotency_key,
+    }
+
+
+def event(e: EventRecord) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "event_type": e.type,
+        "source": e.source,
+        "message": e.message,
+        "payload": e.payload,
+        "run_id": e.run_id,
+        "work_order_id": e.work_order_id,
+        "component": e.component,
+        "timestamp": iso(e.created_at),
+        "created_at": e.created_at,
+    }
+
+
+def _step_line(s: StepRecord, names: dict[str, str]) -> str:
+    title = names.get(s.step_id) or s.step_id.replace("_", " ")
+    if s.status.value == "skipped":
+        return f"Step skipped: {title} (condition not met)"
+    if s.action == "verify":
+        if s.status.value == "succeeded":
+            return f"Verification passed: {title}"
+        return f"Verification failed: {title}: {s.error}"
+    if s.status.value == "succeeded":
+        suffix = f" (attempt {s.attempt})" if s.attempt > 1 else ""
+        return f"Step done: {title}{suffix}"
+    return f"Step failed: {title} (attempt {s.attempt}): {s.error}"
+
+
+def timeline(r: Run, steps: list[StepRecord], events: list[EventRecord]) -> list[dict[str, Any]]:
+    names = {st["id"]: st.get("name") or st["id"].replace("_", " ") for st in r.playbook.get("steps", [])}
+    items: list[tuple[float, int, dict[str, Any]]] = []
+    for e in events:
+        items.append(
+            (e.created_at, 0, {"time": iso(e.created_at), "kind": "event", "event_type": e.type, "message": e.message})
+        )
+    for s in steps:
+        if s.action == "escalate" and s.status.value == "succeeded":
+            continue  # the escalation event says it better
+        items.append(
+            (
+                s.finished_at,
+                1,
+                {"time": iso(s.finished_at), "kind": "step", "step_id": s.step_id, "message": _step_line(s, names)},
+            )
+        )
+    items.sort(key=lambda i: (i[0], i[1]))
+    return [i[2] for i in items]
+
+
+def trust_change(c: TrustChange) -> dict[str, Any]:
+    return {
+        "component": c.component,
+        "old": c.old,
+        "new": c.new,
+        "reason": c.reason,
+        "run_id": c.run_id,
+        "time": iso(c.created_at),
+    }

@@ -1,0 +1,92 @@
+"""Builds every part from settings and owns their lifetimes. The API, the worker, the CLI and the tests all use
+this one builder; nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from mendloop.bus.bus import Bus
+from mendloop.config import Settings
+from mendloop.engine.runner import Runner, RunnerDeps
+from mendloop.engine.service import Remediation
+from mendloop.engine.worker import WorkerPool
+from mendloop.playbooks.actions.capability import Capabilities
+from mendloop.playbooks.loader import CompiledCache, PlaybookSet
+from mendloop.playbooks.templates import Templates
+from mendloop.storage import migrate
+from mendloop.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    settings: Settings
+    clock: Callable[[], float] = time.time
+    rnd: random.Random = field(default_factory=random.Random)
+    # Filled by open().
+    bus: Bus = field(init=False)
+    store: Store = field(init=False)
+    playbooks: PlaybookSet = field(init=False)
+    capabilities: Capabilities = field(init=False)
+    remediation: Remediation = field(init=False)
+    workers: WorkerPool = field(init=False)
+    http: httpx.Client = field(init=False)
+    ready: bool = field(default=False, init=False)
+
+    def open(self, *, upgrade: bool = True, start_workers: bool = True, workers: int | None = None) -> App:
+        s = self.settings
+        templates = Templates()
+        self.playbooks = PlaybookSet.load(s.playbook_dirs, templates)
+        self.capabilities = Capabilities(s.targets, templates)
+        self.bus = Bus()
+        self.store = Store(s.database_url, clock=self.clock, trust=s.trust, after_commit=self.bus.fan_out)
+        if upgrade:
+            migrate.upgrade(self.store.engine)
+        compiled = CompiledCache(templates)
+        self.http = httpx.Client(follow_redirects=False)
+        runner = Runner(
+            RunnerDeps(
+                store=self.store,
+                capabilities=self.capabilities,
+                compiled=compiled,
+                http=self.http,
+                lease_seconds=s.lease_seconds,
+                clock=self.clock,
+                rnd=self.rnd,
+            )
+        )
+        self.workers = WorkerPool(
+            store=self.store,
+            runner=runner,
+            count=s.workers if workers is None else workers,
+            lease_seconds=s.lease_seconds,
+            poll_interval=s.poll_interval,
+            clock=self.clock,
+        )
+        self.remediation = Remediation(
+            settings=s,
+            store=self.store,
+            playbooks=self.playbooks,
+            compiled=compiled,
+            wake=self.workers.notify,
+        )
+        if start_workers:
+            self.workers.start()
+        self.ready = True
+        return self
+
+    def close(self) -> None:
+        self.ready = False
+        if hasattr(self, "workers"):
+            self.workers.stop()
+        if hasattr(self, "http"):
+            self.http.close()
+        if hasattr(self, "store"):
+            self.store.close()

@@ -1,0 +1,1 @@
+"""Durable events and in-process fan-out."""

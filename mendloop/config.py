@@ -1,0 +1,200 @@
+"""Settings: defaults < YAML file < `MENDLOOP_*` environment. Built by `app.py`, never at import time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mendloop.errors import ConfigError
+
+# The spec's error types and the playbook each one runs. Overridable (and extendable) with `routing:`.
+DEFAULT_ROUTING: dict[str, str] = {
+    "database_connection": "database_reconnect",
+    "pipeline_timeout": "pipeline_timeout_fix",
+    "timeout": "pipeline_timeout_fix",
+    "verification_failed": "verification_fix",
+    "validation_failed": "verification_fix",
+    "schema_mismatch": "ingestion_replay",
+    "ingestion_failed": "ingestion_replay",
+    "schema_invalid": "schema_recovery",
+    "memory_pressure": "memory_cleanup",
+    "cache_overflow": "memory_cleanup",
+}
+
+# Watcher event types of the spec and the error type each stands for when it triggers a run.
+DEFAULT_EVENT_ERROR_TYPES: dict[str, str] = {
+    "ingestion.failed": "ingestion_failed",
+    "schema.invalid": "schema_invalid",
+    "pipeline.timeout": "pipeline_timeout",
+    "verification.failed": "verification_failed",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommandBinding(_Strict):
+    """Run a program. `argv` items are Jinja templates rendered in a sandbox, one item each: no shell."""
+
+    argv: list[str] = Field(min_length=1)
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(default=60, gt=0)
+
+
+class HttpBinding(_Strict):
+    """Call an HTTP endpoint. `url`, header values and strings inside `json` are sandboxed templates."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    url: str
+    json_body: Any = Field(default=None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+    expect_status: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
+    timeout: float = Field(default=30, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CapabilityBinding(_Strict):
+    """A named operation of a target, bound to exactly one of a command or an HTTP call."""
+
+    description: str = ""
+    command: CommandBinding | None = None
+    http: HttpBinding | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CapabilityBinding:
+        if (self.command is None) == (self.http is None):
+            raise ValueError("a capability binds exactly one of 'command' or 'http'")
+        return self
+
+
+class TargetConfig(_Strict):
+    """A component mendloop acts on: its variables (for templates), repository and capabilities."""
+
+    description: str = ""
+    base_url: str | None = None
+    repository: str | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+    capabilities: dict[str, CapabilityBinding] = Field(default_factory=dict)
+
+
+class TrustConfig(_Strict):
+    """Trust moves toward 0 on an incident or failed verification, toward 1 on a verified fix.
+
+    new = old + weight * (goal - old), goal 0 or 1; always within [0, 1].
+    """
+
+    initial: float = Field(default=1.0, ge=0, le=1)
+    incident_weight: float = Field(default=0.25, ge=0, le=1)
+    verified_fix_weight: float = Field(default=0.5, ge=0, le=1)
+    failed_verification_weight: float = Field(default=0.4, ge=0, le=1)
+
+
+class Settings(BaseSettings):
+    """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
+    `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
+
+    model_config = SettingsConfigDict(env_prefix="MENDLOOP_", env_nested_delimiter="__", extra="forbid")
+
+    database_url: str = Field(default="sqlite:///./mendloop.db", description="SQLAlchemy URL of the database.")
+    host: str = Field(default="127.0.0.1", description="Address `serve` listens on.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_tokens: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens; without any, `serve` refuses non-loopback addresses.",
+    )
+    workers: int = Field(default=2, ge=0, description="Worker threads in `serve` / `worker`.")
+    lease_seconds: float = Field(default=30, gt=0, description="How long a claimed run stays leased.")
+    poll_interval: float = Field(default=0.5, gt=0, description="Idle workers look for due runs this often.")
+    playbook_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Extra directories of playbook YAML files (override built-ins by id).",
+    )
+    routing: dict[str, str] = Field(
+        default_factory=dict, description="error_type -> playbook id; merged over the defaults."
+    )
+    event_error_types: dict[str, str] = Field(
+        default_factory=dict, description="event type -> error type; merged over the defaults."
+    )
+    default_target: str | None = Field(default=None, description="Target used when a playbook names none.")
+    targets: dict[str, TargetConfig] = Field(default_factory=dict)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    trigger_wait_seconds: float = Field(default=30, ge=0, le=600)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must override it.
+        return env_settings, init_settings
+
+    @field_validator("default_target")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _default_target_exists(self) -> Settings:
+        if self.default_target and self.default_target not in self.targets:
+            raise ValueError(f"default_target {self.default_target!r} is not among targets")
+        return self
+
+    def routing_table(self) -> dict[str, str]:
+        return {**DEFAULT_ROUTING, **self.routing}
+
+    def event_error_table(self) -> dict[str, str]:
+        return {**DEFAULT_EVENT_ERROR_TYPES, **self.event_error_types}
+
+    def target_for(self, name: str | None) -> str | None:
+        if name:
+            return name
+        if self.default_target:
+            return self.default_target
+        if len(self.targets) == 1:
+            return next(iter(self.targets))
+        return None
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any), apply overrides, then the environment; raise ConfigError naming the field."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<environment>"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+        base = Path(path).resolve().parent
+        dirs = data.get("playbook_dirs")
+        if isinstance(dirs, list):
+            data["playbook_dirs"] = [str(base / str(d)) for d in dirs]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{source}: {loc}: {first['msg']}", field=loc) from exc
+
+
+def config_json_schema() -> str:
+    return json.dumps(Settings.model_json_schema(), indent=2)

@@ -1,0 +1,1 @@
+"""Value objects, states and allowed transitions. No I/O."""

@@ -1,0 +1,109 @@
+"""What the store hands out: frozen snapshots of rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mendloop.domain.states import RunStatus, StepStatus, WorkOrderStatus
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    type: str
+    source: str
+    message: str
+    payload: dict[str, Any]
+    created_at: float
+    run_id: str | None = None
+    work_order_id: str | None = None
+    component: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to store in the same transaction as the change it reports."""
+
+    type: str
+    message: str
+    source: str = "mendloop"
+    payload: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    work_order_id: str | None = None
+    component: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    playbook_id: str
+    playbook_version: str
+    playbook_type: str
+    playbook: dict[str, Any]
+    status: RunStatus
+    component: str | None
+    error_type: str | None
+    description: str
+    context: dict[str, Any]
+    step_index: int
+    attempt: int
+    outputs: dict[str, Any]
+    pending: dict[str, Any]
+    escalated: bool
+    coding_work_order_id: str | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    next_run_at: float
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    error: str | None
+    trigger_event_id: int | None
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    id: int
+    run_id: str
+    step_index: int
+    step_id: str
+    action: str
+    attempt: int
+    status: StepStatus
+    started_at: float
+    finished_at: float
+    output: dict[str, Any]
+    error: str | None
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkOrder:
+    id: str
+    type: str
+    description: str
+    context: dict[str, Any]
+    status: WorkOrderStatus
+    self_healing_run_id: str | None
+    playbook_id: str | None
+    component: str | None
+    estimated_complexity: str
+    priority: str
+    created_at: float
+    updated_at: float
+    completed_at: float | None
+    patch_result: dict[str, Any] | None
+    attempts: int
+    fail_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustChange:
+    component: str
+    old: float
+    new: float
+    reason: str
+    run_id: str | None
+    created_at: float

@@ -1,0 +1,1 @@
+"""Runs: claim by lease, advance step by step, park, resume, retry."""

@@ -1,0 +1,267 @@
+"""The short commands the API and CLI give: trigger a run, complete or fail a work order, cancel a run.
+Each is one transaction; none runs a step (workers do)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mendloop.config import Settings
+from mendloop.domain.records import NewEvent, Run, WorkOrder
+from mendloop.domain.states import RunStatus, WorkOrderStatus
+from mendloop.errors import ConfigError, Conflict, InputError, UnknownErrorType
+from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
+from mendloop.storage.store import Store
+
+
+class Remediation:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        playbooks: PlaybookSet,
+        compiled: CompiledCache,
+        wake: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.playbooks = playbooks
+        self.compiled = compiled
+        self._wake = wake
+        self.routing = settings.routing_table()
+        missing = {e: p for e, p in self.routing.items() if playbooks.get(p) is None}
+        if missing:
+            error_type, missing_id = next(iter(missing.items()))
+            raise ConfigError(
+                f"routing.{error_type}: no playbook {missing_id!r} is loaded", field=f"routing.{error_type}"
+            )
+        for pb in playbooks.by_id.values():
+            compiled.put(pb)
+            if pb.model.target and pb.model.target not in settings.targets:
+                raise ConfigError(f"{pb.source}: target {pb.model.target!r} is not among the config's targets")
+
+    def known_error_types(self) -> list[str]:
+        return sorted(self.routing)
+
+    def playbook_for(self, error_type: str) -> CompiledPlaybook:
+        pb_id = self.routing.get(error_type)
+        if pb_id is None:
+            raise UnknownErrorType(error_type, self.known_error_types())
+        pb = self.playbooks.get(pb_id)
+        assert pb is not None  # checked at construction
+        return pb
+
+    def trigger(
+        self,
+        *,
+        error_type: str,
+        description: str,
+        file_path: str | None = None,
+        component: str | None = None,
+        context: dict[str, Any] | None = None,
+        playbook_id: str | None = None,
+        dedupe_key: str | None = None,
+        source: str = "api",
+        event_type: str = "self_healing.trigger_requested",
+        event_payload: dict[str, Any] | None = None,
+    ) -> tuple[Run, bool]:
+        if playbook_id is not None:
+            found = self.playbooks.get(playbook_id)
+            if found is None:
+                raise InputError(
+                    f"unknown playbook {playbook_id!r}; known: {', '.join(self.playbooks.ids())}",
+                    field="playbook_id",
+                )
+            pb = found
+        else:
+            pb = self.playbook_for(error_type)
+        target = self._target(pb, component)
+        component = component or target
+        payload = {
+            "error_type": error_type,
+            "description": description,
+            **({"file_path": file_path} if file_path else {}),
+            **(event_payload or {}),
+        }
+        run_context: dict[str, Any] = {
+            **(context or {}),
+            "error_type": error_type,
+            "description": description,
+            "target": target,
+            "event": payload,
+        }
+        if file_path:
+            run_context["file_path"] = file_path
+        trigger = NewEvent(
+            type=event_type,
+            message=f"Self-healing detected {error_type.replace('_', ' ')}: {description}",
+            source=source,
+            payload=payload,
+            component=component,
+        )
+        run, created = self.store.create_run(
+            playbook=pb.document,
+            playbook_version=pb.version,
+            component=component,
+            error_type=error_type,
+            description=description,
+            context=run_context,
+            trigger=trigger,
+            dedupe_key=dedupe_key,
+            message=f"Running playbook: {pb.id}",
+        )
+        if created:
+            self._wake()
+        return run, created
+
+    def _target(self, pb: CompiledPlaybook, component: str | None) -> str | None:
+        if component and component in self.settings.targets:
+            return component
+        return pb.model.target or self.settings.target_for(None)
+
+    # -- work orders ----------------------------------------------------------------------------------------
+
+    def complete_work_order(
+        self,
+        wo_id: str,
+        *,
+        tests_passed: bool,
+        files_changed: int | None,
+        diff_url: str | None,
+        diff: str | None = None,
+        summary: str | None = None,
+        extra: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """The agent's claim. It is never proof: with tests passed the run is requeued to deploy, rerun and verify,
+        and verification decides. With tests failed the work order fails and the run stops as its playbook says."""
+        wo = self.store.get_work_order(wo_id)
+        if wo.status in (WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED):
+            raise Conflict(
+                f"work order {wo_id} is {wo.status}; it cannot be completed", id=wo_id, status=str(wo.status)
+            )
+        patch_result: dict[str, Any] = {
+            "tests_passed": tests_passed,
+            "files_changed": files_changed,
+            "diff_url": diff_url or (f"/patches/diffs/{wo_id}.diff" if diff else None),
+            **({"summary": summary} if summary else {}),
+            **(extra or {}),
+        }
+        on_failure = self._patch_failure_status(wo)
+
+        def events(updated: WorkOrder, run: Run | None) -> list[NewEvent]:
+            common: dict[str, Any] = {
+                "run_id": updated.self_healing_run_id,
+                "work_order_id": wo_id,
+                "component": updated.component,
+            }
+            files = (
+                f"{files_changed} file{'s' if files_changed != 1 else ''} changed"
+                if files_changed is not None
+                else "files changed: not reported"
+            )
+            if tests_passed:
+                out = [
+                    NewEvent(
+                        type="coding_agent.work_order_updated",
+                        message=f"Work order {wo_id} completed by the coding agent ({files})",
+                        payload={"status": updated.status.value, "patch_result": patch_result},
+                        **common,
+                    ),
+                ]
+                if diff:
+                    out.append(
+                        NewEvent(
+                            type="coding_agent.patch_generated",
+                            message=f"Patch for {wo_id} stored ({files})",
+                            payload={"diff_url": patch_result["diff_url"]},
+                            **common,
+                        )
+                    )
+                out.append(
+                    NewEvent(
+                        type="coding_agent.tests_passed",
+                        message=f"Coding agent reports tests passed for {wo_id}",
+                        payload={"files_changed": files_changed},
+                        **common,
+                    )
+                )
+                if run is not None:
+                    out.append(
+                        NewEvent(
+                            type="self_healing.patch_applied",
+                            message=f"Code patch applied ({files}). Running verification...",
+                            payload={"work_order_id": wo_id, "files_changed": files_changed},
+                            **common,
+                        )
+                    )
+                return out
+            out = [
+                NewEvent(
+                    type="coding_agent.work_order_updated",
+                    message=f"Work order {wo_id} failed: the coding agent's tests did not pass",
+                    payload={"status": updated.status.value, "patch_result": patch_result},
+                    **common,
+                )
+            ]
+            if run is not None:
+                out.append(
+                    NewEvent(
+                        type="self_healing.completed",
+                        message=f"Run {run.id} → {on_failure.value}: work order {wo_id} failed (tests failed)",
+                        payload={
+                            "status": on_failure.value,
+                            "playbook_id": run.playbook_id,
+                            "escalated": True,
+                        },
+                        **common,
+                    )
+                )
+            return out
+
+        def answer(updated: WorkOrder) -> dict[str, Any]:
+            return {
+                "success": True,
+                "work_order_id": updated.id,
+                "status": updated.status.value,
+                "self_healing_run_id": updated.self_healing_run_id,
+                "patch_result": updated.patch_result,
+                "message": (
+                    f"Work order {updated.id} completed; run {updated.self_healing_run_id} resumes to deploy and verify"
+                    if updated.status is WorkOrderStatus.COMPLETED
+                    else f"Work order {updated.id} failed; run {updated.self_healing_run_id} → {on_failure.value}"
+                ),
+            }
+
+        response, changed = self.store.finish_work_order(
+            wo_id,
+            succeeded=tests_passed,
+            patch_result=patch_result,
+            fail_reason=None if tests_passed else "tests_failed",
+            run_status_on_failure=on_failure,
+            diff=diff,
+            events=events,
+            idempotency_key=idempotency_key,
+            answer=answer,
+        )
+        if changed and tests_passed:
+            self._wake()
+        return response
+
+    def _patch_failure_status(self, wo: WorkOrder) -> RunStatus:
+        """What the escalating step says to do when the patch fails: `fail`, or a human (the default)."""
+        if not wo.self_healing_run_id:
+            return RunStatus.NEEDS_HUMAN
+        try:
+            run = self.store.get_run(wo.self_healing_run_id)
+        except Exception:
+            return RunStatus.NEEDS_HUMAN
+        pb = self.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
+        for cs in pb.steps:
+            if cs.step.action == "escalate" and cs.step.on_failure == "fail":
+                return RunStatus.FAILED
+        return RunStatus.NEEDS_HUMAN
+
+    def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
+        return self.store.cancel_run(run_id, reason)

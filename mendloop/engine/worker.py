@@ -1,0 +1,144 @@
+"""Worker threads: claim a due run by lease, advance it, repeat; sleep until the next due run or a wake-up.
+
+A lease keeper renews the leases of the runs this process is working on, so a long step never loses its run
+while its worker is alive, and a killed worker's runs come back after `lease_seconds` at the latest.
+At start, leases held by dead processes on this host are released at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from mendloop.engine.runner import Runner
+from mendloop.errors import StorageError
+from mendloop.storage.store import Store, default_owner, process_token
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        runner: Runner,
+        count: int,
+        lease_seconds: float,
+        poll_interval: float,
+        clock: Callable[[], float],
+        name: str = "w",
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.count = count
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.name = name
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._held: dict[str, str] = {}  # run id -> owner
+        self._held_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.reclaim_dead()
+        for i in range(self.count):
+            owner = default_owner(f"{self.name}{i}")
+            th = threading.Thread(target=self._loop, args=(owner,), name=f"mendloop-worker-{i}", daemon=True)
+            th.start()
+            self._threads.append(th)
+        if self.count:
+            keeper = threading.Thread(target=self._keep_leases, name="mendloop-lease-keeper", daemon=True)
+            keeper.start()
+            self._threads.append(keeper)
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        self.notify()
+        for th in self._threads:
+            th.join(timeout)
+        self._threads.clear()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def reclaim_dead(self) -> int:
+        """Release the leases of processes on this host that no longer exist (a kill -9 before a restart)."""
+        host = socket.gethostname()
+        dead = []
+        for owner in self.store.lease_owners():
+            parts = owner.split(":")
+            if len(parts) < 3 or parts[0] != host:
+                continue
+            token = parts[1]
+            pid_text = token.split("-", 1)[0]
+            if not pid_text.isdigit() or token == process_token():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or not _alive(pid):
+                dead.append(owner)
+        n = self.store.release_leases_of(dead)
+        if n:
+            log.info("released %d run(s) held by dead workers", n)
+        return n
+
+    def run_once(self, owner: str) -> bool:
+        """Claim and advance one run; False when nothing was due."""
+        run = self.store.claim_run(owner, self.lease_seconds)
+        if run is None:
+            return False
+        with self._held_lock:
+            self._held[run.id] = owner
+        try:
+            self.runner.advance(run, owner)
+        finally:
+            with self._held_lock:
+                self._held.pop(run.id, None)
+        return True
+
+    def _loop(self, owner: str) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.run_once(owner):
+                    continue
+                due = self.store.next_due_at()
+            except StorageError as exc:
+                log.warning("worker %s: %s", owner, exc)
+                due = None
+            except Exception:
+                # A bug must not kill the worker; the run's lease lapses and it is retried.
+                log.exception("worker %s: unexpected error", owner)
+                due = None
+            wait = self.poll_interval
+            if due is not None:
+                wait = max(0.0, min(wait, due - self.clock()))
+            if wait > 0:
+                with self._wake:
+                    self._wake.wait(wait)
+
+    def _keep_leases(self) -> None:
+        interval = self.lease_seconds / 3
+        while not self._stop.wait(interval):
+            with self._held_lock:
+                held = dict(self._held)
+            for run_id, owner in held.items():
+                try:
+                    self.store.extend_lease(run_id, owner, self.clock() + self.lease_seconds)
+                except StorageError as exc:
+                    log.warning("lease keeper: %s", exc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

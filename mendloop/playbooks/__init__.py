@@ -1,0 +1,1 @@
+"""Playbooks: YAML → schema → compiled, immutable objects the engine interprets."""

@@ -1,0 +1,1 @@
+"""Step actions, registered by name."""

@@ -1,0 +1,104 @@
+"""Capabilities: named operations of a target, bound in config to a command or an HTTP call.
+
+Playbooks name capabilities (`db.reconnect`), never endpoints, so one playbook serves any system whose config
+binds them. An unbound capability fails its step with the config key to set: never a silent success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mendloop.config import CapabilityBinding, TargetConfig
+from mendloop.errors import ActionError, CapabilityNotBound, ConfigError
+from mendloop.playbooks.actions.base import ActionContext
+from mendloop.playbooks.actions.command import run_command
+from mendloop.playbooks.actions.http import call_http
+from mendloop.playbooks.templates import Renderer, TemplateCompileError, TemplateRenderError, Templates
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledBinding:
+    binding: CapabilityBinding
+    render: Renderer
+
+
+class Capabilities:
+    def __init__(self, targets: Mapping[str, TargetConfig], templates: Templates) -> None:
+        self._targets = dict(targets)
+        self._bindings: dict[tuple[str, str], CompiledBinding] = {}
+        for tname, target in targets.items():
+            for cname, binding in target.capabilities.items():
+                if binding.command is not None:
+                    spec = binding.command.model_dump()
+                else:
+                    assert binding.http is not None
+                    spec = binding.http.model_dump(by_alias=True)
+                try:
+                    render = templates.compile_value(spec)
+                except TemplateCompileError as exc:
+                    raise ConfigError(f"targets.{tname}.capabilities.{cname}: {exc}") from exc
+                self._bindings[(tname, cname)] = CompiledBinding(binding, render)
+
+    def target_vars(self, name: str | None) -> dict[str, Any]:
+        target = self._targets.get(name or "")
+        if target is None:
+            return {"name": name}
+        return {
+            "name": name,
+            "base_url": target.base_url,
+            "repository": target.repository,
+            "vars": dict(target.vars),
+        }
+
+    def bound(self, target: str | None) -> list[str]:
+        return sorted(c for t, c in self._bindings if t == target)
+
+    def call(self, name: str, args: Mapping[str, Any], ctx: ActionContext, timeout: float | None) -> dict[str, Any]:
+        if ctx.target is None:
+            raise ActionError(
+                f"capability {name!r} needs a target: set default_target or a playbook's target in the config",
+                retryable=False,
+            )
+        found = self._bindings.get((ctx.target, name))
+        if found is None:
+            raise CapabilityNotBound(name, ctx.target)
+        scope = {
+            "args": dict(args),
+            "target": self.target_vars(ctx.target),
+            "idempotency_key": ctx.idempotency_key,
+        }
+        try:
+            spec = found.render(scope)
+        except TemplateRenderError as exc:
+            raise ActionError(f"capability {name!r}: {exc}", retryable=False) from exc
+        if found.binding.command is not None:
+            limit = min(filter(None, [timeout, float(spec["timeout"])]))
+            return run_command(
+                [str(a) for a in spec["argv"]],
+                cwd=spec.get("cwd"),
+                env=spec.get("env") or {},
+                timeout=limit,
+                idempotency_key=ctx.idempotency_key,
+            )
+        limit = min(filter(None, [timeout, float(spec["timeout"])]))
+        return call_http(
+            ctx.http,
+            method=spec["method"],
+            url=spec["url"],
+            json_body=_body(spec, args),
+            headers=spec.get("headers") or {},
+            expect_status=list(spec["expect_status"]),
+            timeout=limit,
+            idempotency_key=ctx.idempotency_key,
+        )
+
+
+def _body(spec: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
+    # Without an explicit body, a capability's arguments are its JSON body (GET carries none).
+    if spec.get("json") is not None:
+        return spec["json"]
+    if spec["method"] == "GET" or not args:
+        return None
+    return dict(args)

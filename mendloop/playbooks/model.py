@@ -1,0 +1,129 @@
+"""The playbook schema. A playbook is data: the engine interprets it, so a parked run survives an edit."""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PlaybookType = Literal["data_fix", "cache_clear", "retry", "code_patch", "hybrid"]
+ActionName = Literal["command", "http", "capability", "sleep", "escalate", "verify"]
+_ID = re.compile(r"^[a-z][a-z0-9_.-]*$")
+_ON_FAILURE = re.compile(r"^(fail|continue|escalate|needs_human|goto:[a-z][a-z0-9_.-]*)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RetryPolicy(_Strict):
+    """Exponential backoff with jitter: delay = min(max_delay, backoff * factor**(attempt-1)) ± jitter."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_seconds: float = Field(default=0.5, ge=0, le=3600)
+    factor: float = Field(default=2.0, ge=1, le=10)
+    max_delay_seconds: float = Field(default=30, ge=0, le=86400)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+    def delay(self, failed_attempts: int, rnd: random.Random | None = None) -> float:
+        base = min(self.max_delay_seconds, self.backoff_seconds * self.factor ** max(0, failed_attempts - 1))
+        spread = (rnd or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1 + spread))
+
+
+class Handles(_Strict):
+    error_types: list[str] = Field(default_factory=list)
+    event_types: list[str] = Field(default_factory=list)
+
+
+_REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "command": ("argv",),
+    "http": ("url",),
+    "capability": ("name",),
+    "sleep": ("seconds",),
+    "escalate": (),
+    "verify": ("check", "expect"),
+}
+
+
+class Step(_Strict):
+    id: str
+    name: str = ""
+    action: ActionName
+    params: dict[str, Any] = Field(default_factory=dict, alias="with")
+    when: str | None = None
+    retry: RetryPolicy | None = None
+    timeout: float | None = Field(default=None, gt=0, le=86400)
+    on_failure: str = "fail"
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("must be lowercase letters, digits, '_', '.' or '-', starting with a letter")
+        return value
+
+    @field_validator("on_failure")
+    @classmethod
+    def _on_failure(cls, value: str) -> str:
+        if not _ON_FAILURE.match(value):
+            raise ValueError("must be fail, continue, escalate, needs_human or goto:<step id>")
+        return value
+
+    @model_validator(mode="after")
+    def _params(self) -> Step:
+        missing = [p for p in _REQUIRED_PARAMS[self.action] if p not in self.params]
+        if missing:
+            raise ValueError(f"action {self.action!r} needs with.{missing[0]}")
+        if self.action == "command" and not (
+            isinstance(self.params["argv"], list)
+            and self.params["argv"]
+            and all(isinstance(a, str) for a in self.params["argv"])
+        ):
+            raise ValueError("with.argv must be a non-empty list of strings (commands never go through a shell)")
+        if self.action == "verify":
+            check = self.params["check"]
+            if not isinstance(check, dict) or len(set(check) & {"capability", "http", "command"}) != 1:
+                raise ValueError("with.check must name exactly one of capability, http or command")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.name or self.id.replace("_", " ")
+
+
+class Playbook(_Strict):
+    id: str
+    version: int | str = 1
+    type: PlaybookType
+    description: str
+    target: str | None = None
+    handles: Handles = Field(default_factory=Handles)
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("must be lowercase letters, digits, '_', '.' or '-', starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _steps(self) -> Playbook:
+        seen: set[str] = set()
+        for i, step in enumerate(self.steps):
+            if step.id in seen:
+                raise ValueError(f"steps.{i}.id: duplicate step id {step.id!r}")
+            seen.add(step.id)
+        for i, step in enumerate(self.steps):
+            if step.on_failure.startswith("goto:") and step.on_failure[5:] not in seen:
+                raise ValueError(f"steps.{i}.on_failure: no step {step.on_failure[5:]!r}")
+        return self
+
+    def step_index(self, step_id: str) -> int:
+        for i, step in enumerate(self.steps):
+            if step.id == step_id:
+                return i
+        raise KeyError(step_id)

@@ -1,0 +1,1 @@
+"""Tables, queries named by intent, migrations."""

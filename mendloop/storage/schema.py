@@ -1,0 +1,156 @@
+"""SQLAlchemy tables: one MetaData. Times are epoch seconds (float) so both dialects compare them the same way."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    }
+)
+
+# Integer ids autoincrement on both dialects; BIGINT on PostgreSQL for headroom.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Epoch: sa.Double[float] = sa.Double()
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("type", sa.String(100), nullable=False),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=True),
+    sa.Column("work_order_id", sa.String(64), nullable=True),
+    sa.Column("component", sa.String(200), nullable=True),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Index("ix_events_type_id", "type", "id"),
+    sa.Index("ix_events_run_id", "run_id"),
+    sa.Index("ix_events_created_at", "created_at"),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("playbook_id", sa.String(200), nullable=False),
+    sa.Column("playbook_version", sa.String(64), nullable=False),
+    sa.Column("playbook_type", sa.String(32), nullable=False),
+    # The playbook as the run started with it: a parked run survives an edit or a deploy.
+    sa.Column("playbook", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("component", sa.String(200), nullable=True),
+    sa.Column("error_type", sa.String(200), nullable=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("step_index", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outputs", sa.JSON, nullable=False),
+    sa.Column("pending", sa.JSON, nullable=False),
+    sa.Column("escalated", sa.Boolean, nullable=False),
+    sa.Column("coding_work_order_id", sa.String(64), nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", Epoch, nullable=True),
+    sa.Column("next_run_at", Epoch, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
+    sa.Column("finished_at", Epoch, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("trigger_event_id", BigId, nullable=True),
+    sa.Column("dedupe_key", sa.String(300), nullable=True, unique=True),
+    sa.Index("ix_runs_status_next_run_at", "status", "next_run_at"),
+    sa.Index("ix_runs_lease_owner", "lease_owner"),
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step_index", sa.Integer, nullable=False),
+    sa.Column("step_id", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("started_at", Epoch, nullable=False),
+    sa.Column("finished_at", Epoch, nullable=False),
+    sa.Column("output", sa.JSON, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=False),
+    sa.Index("ix_steps_run_id", "run_id", "id"),
+)
+
+work_orders = sa.Table(
+    "work_orders",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("self_healing_run_id", sa.String(64), nullable=True),
+    sa.Column("playbook_id", sa.String(200), nullable=True),
+    sa.Column("component", sa.String(200), nullable=True),
+    sa.Column("estimated_complexity", sa.String(32), nullable=False),
+    sa.Column("priority", sa.String(32), nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
+    sa.Column("completed_at", Epoch, nullable=True),
+    sa.Column("patch_result", sa.JSON, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("fail_reason", sa.String(64), nullable=True),
+    sa.Index("ix_work_orders_status", "status"),
+    sa.Index("ix_work_orders_run", "self_healing_run_id"),
+)
+
+diffs = sa.Table(
+    "diffs",
+    metadata,
+    sa.Column("work_order_id", sa.String(64), primary_key=True),
+    sa.Column("diff", sa.Text, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+)
+
+trust_scores = sa.Table(
+    "trust_scores",
+    metadata,
+    sa.Column("component", sa.String(200), primary_key=True),
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
+)
+
+trust_history = sa.Table(
+    "trust_history",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("component", sa.String(200), nullable=False),
+    sa.Column("old", sa.Double, nullable=False),
+    sa.Column("new", sa.Double, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=True),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Index("ix_trust_history_component", "component", "id"),
+)
+
+# Per-day counters behind readable ids such as wo_20251113_0001; incremented in the creating transaction.
+sequences = sa.Table(
+    "sequences",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+# Answers already given for an Idempotency-Key, so a retried request gets the same answer.
+idempotency = sa.Table(
+    "idempotency",
+    metadata,
+    sa.Column("scope", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("response", sa.JSON, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+)

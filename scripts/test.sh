@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# What `make test` runs:  bash scripts/test.sh [pytest args...]
+#
+# 1. bootstraps .venv (scripts/bootstrap.sh);
+# 2. unless MENDLOOP_TEST_POSTGRES_URL is already set, starts a throwaway PostgreSQL cluster in a fresh
+#    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
+#    and stops/removes it on exit;
+# 3. runs `.venv/bin/python -m pytest "$@"` and exits with its code. pytest's 5 ("no tests collected")
+#    is non-zero, so it fails the run too.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+# ---------------------------------------------------------------------------------------------
+# ensure_chromium: Debian's Chromium for browser (Playwright) tests. NOT called by default:
+# only when MENDLOOP_NEED_CHROMIUM=1. Never `playwright install` (downloads; fails here).
+# ---------------------------------------------------------------------------------------------
+ensure_chromium() {
+    [ -x /usr/bin/chromium ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "test.sh: /usr/bin/chromium is missing; install it with: sudo apt-get install -y chromium" >&2
+        return 1
+    fi
+    echo "test.sh: installing Debian's chromium (apt-get, ~40 s)..." >&2
+    local aptlog
+    aptlog=$(mktemp "${TMPDIR:-/tmp}/chromium-apt.XXXXXX")
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >"$aptlog" 2>&1; then
+        cat "$aptlog" >&2
+        rm -f "$aptlog"
+        echo "test.sh: apt-get install chromium failed" >&2
+        return 1
+    fi
+    rm -f "$aptlog"
+}
+
+bash scripts/bootstrap.sh
+
+if [ "${MENDLOOP_NEED_CHROMIUM:-0}" = 1 ]; then
+    ensure_chromium
+fi
+
+PGTEST_DIR=
+cleanup() {
+    if [ -n "$PGTEST_DIR" ]; then
+        bash scripts/pg-test-cluster.sh stop "$PGTEST_DIR" || true
+        rm -rf "$PGTEST_DIR"
+        PGTEST_DIR=
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+    .venv/bin/python -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()'
+}
+
+if [ -z "${MENDLOOP_TEST_POSTGRES_URL:-}" ]; then
+    # The port is free when picked but could be taken before the server binds it: retry a few times.
+    started=
+    for _ in 1 2 3; do
+        PGTEST_DIR=$(mktemp -d "${TMPDIR:-/tmp}/mendloop-pg.XXXXXX")
+        port=$(free_port)
+        if bash scripts/pg-test-cluster.sh start "$PGTEST_DIR" "$port"; then
+            started=1
+            break
+        fi
+        cleanup
+    done
+    [ -n "$started" ] || { echo "test.sh: could not start the PostgreSQL test cluster" >&2; exit 1; }
+    export MENDLOOP_TEST_POSTGRES_URL="postgresql+psycopg://test@127.0.0.1:$port/postgres"
+fi
+
+rc=0
+.venv/bin/python -m pytest "$@" || rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests (exit 5): treated as a failure" >&2
+fi
+exit "$rc"
