@@ -87,7 +87,7 @@ class Service:
     def start(self) -> None:
         for _ in range(3):  # the free port may be taken between probing and binding
             self.port = free_port()
-            self._out = open(self.out_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._out = open(self.out_path, "ab")  # closed in stop()
             self.proc = subprocess.Popen(
                 [sys.executable, "-B", "service.py", "--port", str(self.port), "--state-dir", str(self.state_dir)],
                 cwd=self.service_dir,

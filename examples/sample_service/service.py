@@ -1192,8 +1192,10 @@ class ServiceHTTPServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "sample_service/1.0"
-    sys_version = ""
     server: ServiceHTTPServer
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature from the base class
         LOG.debug("%s %s", self.address_string(), format % args)
@@ -1212,6 +1214,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._dispatch("PATCH")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors raised by the HTTP layer itself (bad request line, unsupported method...) as JSON too."""
+        short = self.responses.get(code, ("error", ""))[0]
+        data = (json.dumps({"error": message or short}) + "\n").encode("utf-8")
+        self.log_error("code %d, message %s", code, message)
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(data)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
