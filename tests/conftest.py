@@ -30,9 +30,7 @@ def _require_postgres_url() -> str:
     url = os.environ.get(POSTGRES_URL_ENV, "").strip()
     if url:
         return url
-    message = (
-        f"{POSTGRES_URL_ENV} is not set: run the tests with `make test`, which starts a PostgreSQL cluster"
-    )
+    message = f"{POSTGRES_URL_ENV} is not set: run the tests with `make test`, which starts a PostgreSQL cluster"
     if _in_ci():
         pytest.fail(f"{message} (CI must run the PostgreSQL tests)", pytrace=False)
     pytest.skip(message)

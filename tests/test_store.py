@@ -80,7 +80,14 @@ def test_work_order_ids_follow_the_spec(store: Store) -> None:
     assert run is not None and run.id == rid
     outcome = StepOutcome(0, "a", "escalate", 1, StepStatus.SUCCEEDED, 0.0, {}, None, f"{rid}:a:1")
     result = store.escalate(
-        run, "o", outcome=outcome, next_index=1, description="x", context={}, estimated_complexity="medium", priority="p"
+        run,
+        "o",
+        outcome=outcome,
+        next_index=1,
+        description="x",
+        context={},
+        estimated_complexity="medium",
+        priority="p",
     )
     assert result is not None
     parked, wo = result

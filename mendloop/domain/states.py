@@ -63,7 +63,9 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
             RunStatus.CANCELLED,
         }
     ),
-    RunStatus.AWAITING_PATCH: frozenset({RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED}),
+    RunStatus.AWAITING_PATCH: frozenset(
+        {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
+    ),
     RunStatus.COMPLETED: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.NEEDS_HUMAN: frozenset(),

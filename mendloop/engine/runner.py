@@ -113,12 +113,21 @@ class Runner:
         self, cs: CompiledStep, params: dict[str, Any], ctx: ActionContext, scope: dict[str, Any]
     ) -> dict[str, Any]:
         check = params["check"]
-        if "capability" in check:
-            result = self.d.capabilities.call(str(check["capability"]), check.get("args") or {}, ctx, cs.step.timeout)
-        elif "http" in check:
-            result = ACTIONS["http"](dict(check["http"]), ctx)
-        else:
-            result = ACTIONS["command"](dict(check["command"]), ctx)
+        try:
+            if "capability" in check:
+                result = self.d.capabilities.call(
+                    str(check["capability"]), check.get("args") or {}, ctx, cs.step.timeout
+                )
+            elif "http" in check:
+                result = ACTIONS["http"](dict(check["http"]), ctx)
+            else:
+                result = ACTIONS["command"](dict(check["command"]), ctx)
+        except ActionError as exc:
+            # A check that answered (an exit code, a status) is judged by the criteria; one that could not run
+            # at all (refused connection, missing program) is a failure to check, not a failed verification.
+            if not exc.output:
+                raise ActionError(f"verification check failed: {exc.message}", retryable=exc.retryable) from exc
+            result = exc.output
         assert cs.expect is not None
         passed = cs.expect({**scope, "result": result})
         output = {"passed": bool(passed), "result": result}

@@ -250,7 +250,8 @@ class Remediation:
         return response
 
     def _patch_failure_status(self, wo: WorkOrder) -> RunStatus:
-        """What the escalating step says to do when the patch fails: `fail`, or a human (the default)."""
+        """What the escalating step says to do when the patch fails (`with.on_patch_failure`): `fail`, or a
+        human (the default)."""
         if not wo.self_healing_run_id:
             return RunStatus.NEEDS_HUMAN
         try:
@@ -259,7 +260,7 @@ class Remediation:
             return RunStatus.NEEDS_HUMAN
         pb = self.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
         for cs in pb.steps:
-            if cs.step.action == "escalate" and cs.step.on_failure == "fail":
+            if cs.step.action == "escalate" and cs.step.params.get("on_patch_failure") == "fail":
                 return RunStatus.FAILED
         return RunStatus.NEEDS_HUMAN
 

@@ -7,6 +7,7 @@ Dialect differences live here and only here: SQLite gets WAL, a busy timeout and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -250,7 +251,7 @@ class Store:
             run_id = f"run_{day:%Y%m%d_%H%M%S}_{seq:06d}"
             trigger_id: int | None = None
             if trigger is not None:
-                self._events(conn, published, [trigger])
+                self._events(conn, published, [dataclasses.replace(trigger, run_id=run_id)])
                 trigger_id = published[-1].id
             row = {
                 "id": run_id,
