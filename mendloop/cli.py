@@ -375,7 +375,9 @@ def _logging(level: str) -> None:
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # Without standalone mode click returns the code of a typer.Exit instead of raising it.
+        code = cli(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except errors.MendloopError as exc:
         err.print(f"error: {exc.message}", markup=False)
         sys.exit(1)

@@ -75,3 +75,49 @@ def api_server(app: App, port: int) -> Iterator[httpx.Client]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def mendloop_argv(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "mendloop", *args]
+
+
+@contextmanager
+def serve_process(config: Path, port: int, *, log: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """`mendloop serve` as a real subprocess; waits for /health and stops it by PID afterwards."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            mendloop_argv("serve", "--config", str(config), "--port", str(port)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
+    try:
+        wait_healthy(port, proc, log)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_healthy(port: int, proc: Any, log: Path, timeout: float = 30) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"mendloop serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout, 0.05)
