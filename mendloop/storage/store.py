@@ -83,6 +83,7 @@ class Store:
         self.engine: Engine = self._create_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._insert = sqlite_dialect.insert if self.is_sqlite else pg_dialect.insert
+        self._update_cache: dict[tuple[str, ...], sa.Update] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class Store:
                 "trigger_event_id": trigger_id,
                 "dedupe_key": dedupe_key,
             }
-            conn.execute(sa.insert(t.runs).values(row))
+            conn.execute(t.runs.insert(), row)
             self._events(
                 conn,
                 published,
@@ -301,6 +302,13 @@ class Store:
     def claim_run(self, owner: str, lease_seconds: float) -> Run | None:
         """Lease the next due run: a queued one whose time has come, or one whose lease lapsed."""
         now = self.clock()
+        with self._tx() as (conn, _):
+            row = conn.execute(self._claim_stmt(), {"now": now, "owner": owner, "expires": now + lease_seconds}).first()
+        return _run(row) if row is not None else None
+
+    @functools.cached_property
+    def _claim_stmt_cached(self) -> sa.Update:
+        now: sa.BindParameter[float] = sa.bindparam("now", type_=sa.Double())
         due = (
             sa.select(t.runs.c.id)
             .where(
@@ -318,7 +326,7 @@ class Store:
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        stmt = (
+        return (
             sa.update(t.runs)
             .where(t.runs.c.id == due)
             .values(
@@ -326,15 +334,29 @@ class Store:
                     (t.runs.c.status == RunStatus.VERIFYING.value, RunStatus.VERIFYING.value),
                     else_=RunStatus.RUNNING.value,
                 ),
-                lease_owner=owner,
-                lease_expires_at=now + lease_seconds,
+                lease_owner=sa.bindparam("owner", type_=sa.String()),
+                lease_expires_at=sa.bindparam("expires", type_=sa.Double()),
                 updated_at=now,
             )
             .returning(*t.runs.c)
         )
-        with self._tx() as (conn, _):
-            row = conn.execute(stmt).first()
-        return _run(row) if row is not None else None
+
+    def _claim_stmt(self) -> sa.Update:
+        return self._claim_stmt_cached
+
+    def _update_leased(self, keys: tuple[str, ...]) -> sa.Update:
+        """UPDATE runs SET <keys> WHERE id = :_id AND lease_owner = :_owner, built once per set of keys:
+        bound parameters keep SQLAlchemy from re-coercing every value on the hot path."""
+        stmt = self._update_cache.get(keys)
+        if stmt is None:
+            stmt = (
+                sa.update(t.runs)
+                .where(t.runs.c.id == sa.bindparam("_id"), t.runs.c.lease_owner == sa.bindparam("_owner"))
+                .values({k: sa.bindparam(k, type_=t.runs.c[k].type) for k in keys})
+                .returning(t.runs.c.id)
+            )
+            self._update_cache[keys] = stmt
+        return stmt
 
     def next_due_at(self) -> float | None:
         q = sa.select(sa.func.min(t.runs.c.next_run_at)).where(t.runs.c.status == RunStatus.QUEUED.value)
@@ -378,35 +400,36 @@ class Store:
             values["lease_expires_at"] = now + lease_seconds
         values["updated_at"] = now
         with self._tx() as (conn, published):
-            row = conn.execute(
-                sa.update(t.runs)
-                .where(t.runs.c.id == run.id, t.runs.c.lease_owner == owner)
-                .values(values)
-                .returning(*t.runs.c)
+            # Only the id comes back: the run's large JSON columns (playbook, outputs) are not read again.
+            found = conn.execute(
+                self._update_leased(tuple(sorted(values))), {**values, "_id": run.id, "_owner": owner}
             ).first()
-            if row is None:
+            if found is None:
                 conn.rollback()
                 return None
             if outcome is not None:
                 conn.execute(
-                    sa.insert(t.steps).values(
-                        run_id=run.id,
-                        step_index=outcome.step_index,
-                        step_id=outcome.step_id,
-                        action=outcome.action,
-                        attempt=outcome.attempt,
-                        status=outcome.status.value,
-                        started_at=outcome.started_at,
-                        finished_at=now,
-                        output=outcome.output,
-                        error=outcome.error,
-                        idempotency_key=outcome.idempotency_key,
-                    )
+                    t.steps.insert(),
+                    {
+                        "run_id": run.id,
+                        "step_index": outcome.step_index,
+                        "step_id": outcome.step_id,
+                        "action": outcome.action,
+                        "attempt": outcome.attempt,
+                        "status": outcome.status.value,
+                        "started_at": outcome.started_at,
+                        "finished_at": now,
+                        "output": outcome.output,
+                        "error": outcome.error,
+                        "idempotency_key": outcome.idempotency_key,
+                    },
                 )
             if trust is not None:
                 self._move_trust(conn, published, trust.component, trust.reason, run.id)
             self._events(conn, published, events)
-        return _run(row)
+        if "status" in values:
+            values["status"] = RunStatus(values["status"])
+        return dataclasses.replace(run, **values)
 
     def escalate(
         self,
