@@ -237,3 +237,17 @@ def test_events_recent_since_and_limit(client: httpx.Client) -> None:
     newest = all_events[0]["created_at"]
     assert client.get("/events/recent", params={"since": newest + 1}).json()["count"] == 0
     assert client.get("/events/recent", params={"limit": 1}).json()["count"] == 1
+
+
+def test_published_events_are_stored_and_routed(client: httpx.Client, app: App) -> None:
+    plain = client.post("/events", json={"event_type": "ingestion.completed", "payload": {"file_path": "a.pdf"}})
+    assert plain.status_code == 202 and plain.json()["run_id"] is None
+    routed = client.post(
+        "/events",
+        json={"event_type": "custom.thing", "payload": {"error_type": "quick"}, "message": "Something broke"},
+    ).json()
+    assert routed["playbook_id"] == "quick" and routed["run_id"]
+    recent = client.get("/events/recent", params={"event_type": "custom.thing"}).json()["events"]
+    assert recent[0]["message"] == "Something broke" and recent[0]["run_id"] == routed["run_id"]
+    bad = client.post("/events", json={"event_type": "No Dots", "payload": {}})
+    assert bad.status_code == 422 and bad.json()["field"] == "event_type"

@@ -39,6 +39,15 @@ class CompleteRequest(_Body):
     agent: AgentInfo | None = None
 
 
+class EventIn(_Body):
+    event_type: StrictStr = Field(min_length=1, max_length=100, pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+    source: StrictStr = Field(default="api", min_length=1, max_length=200)
+    message: StrictStr | None = Field(default=None, max_length=4000)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    component: StrictStr | None = Field(default=None, max_length=200)
+    dedupe_key: StrictStr | None = Field(default=None, max_length=300)
+
+
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 

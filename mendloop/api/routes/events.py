@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.deps import AppDep
-from mendloop.api.schemas import ERROR_RESPONSES
+from mendloop.api.schemas import ERROR_RESPONSES, EventIn
 
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
@@ -27,6 +27,28 @@ async def recent(
 ) -> dict[str, Any]:
     events = await run_in_threadpool(lambda: app.store.recent_events(event_type=event_type, limit=limit, since=since))
     return {"events": [views.event(e) for e in events], "count": len(events)}
+
+
+@router.post("", status_code=202)
+async def publish(app: AppDep, body: EventIn) -> dict[str, Any]:
+    """Publish an event (e.g. `pipeline.timeout` from a watcher). An event that stands for a known error type
+    starts the playbook routed for it."""
+    event_id, run = await run_in_threadpool(
+        lambda: app.remediation.ingest_event(
+            event_type=body.event_type,
+            source=body.source,
+            payload=body.payload,
+            message=body.message,
+            component=body.component,
+            dedupe_key=body.dedupe_key,
+        )
+    )
+    return {
+        "accepted": True,
+        "event_id": event_id,
+        "run_id": run.id if run else None,
+        "playbook_id": run.playbook_id if run else None,
+    }
 
 
 @router.get("/stream")
