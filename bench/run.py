@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from mendloop.app import App  # noqa: E402
 from mendloop.config import load_settings  # noqa: E402
-from mendloop.domain.states import RUN_FINAL, RunStatus  # noqa: E402
+from mendloop.domain.states import RunStatus  # noqa: E402
 
 
 def free_port() -> int:
@@ -248,8 +248,10 @@ def main() -> None:
     print(f"database_reconnect vs the sample service, trigger -> completed ({lat['samples']} samples)")
     print(f"  p50 {lat['p50_ms']:.0f} ms   p99 {lat['p99_ms']:.0f} ms   (includes the playbook's 200 ms backoff)")
     print("kill -9 of serve mid-step, restart")
-    print(f"  interrupted run resumed {res['resume_after_ready_ms']:.0f} ms after ready (lease 300 s)   goal <= 1000")
-    _ = RUN_FINAL
+    after = res["resume_after_ready_ms"]
+    # Dead workers' leases are released while the server starts, so the run usually resumes before /health answers.
+    when = f"{after:.0f} ms after" if after >= 0 else f"{-after:.0f} ms before"
+    print(f"  interrupted run resumed {when} the restarted server reported ready (lease 300 s)   goal <= 1000 ms after")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,10 @@ class Demo:
         return self.state / "sample_service"
 
     @property
+    def info_path(self) -> Path:
+        return self.state / "demo.json"
+
+    @property
     def config_path(self) -> Path:
         return self.state / "mendloop.yaml"
 
@@ -140,6 +144,14 @@ class Demo:
         self.state.mkdir(parents=True, exist_ok=True)
         # Every demo starts from the same story: a fresh copy, fresh service state and its own fresh database.
         # Only paths the demo owns are removed, never the state directory itself.
+        other = _running_demo(self.info_path)
+        if other is not None:
+            # Starting fresh would delete the copy that demo's service runs from.
+            raise DemoError(
+                f"another demo (pid {other}) is using {self.state}; stop it, or use another --state-dir "
+                f"(remove {self.info_path} if that process is not a demo)"
+            )
+        self.info_path.unlink(missing_ok=True)
         for owned in (self.copy, self.state / "service_state"):
             if owned.exists():
                 shutil.rmtree(owned)
@@ -406,12 +418,23 @@ class Demo:
             f"curl -X POST {api}/patches/work-orders/$WO/complete{json_h}{auth} \\\n"
             '  -d \'{"tests_passed":true,"files_changed":2}\'',
             "# Completing without the fix ends honestly in needs_human: verification reruns the pipeline.",
-            f"curl {api}/patches/runs?limit=5{auth}",
+            f"curl '{api}/patches/runs?limit=5'{auth}",
         ]
         for line in lines:
             p(line, markup=False)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
+
+    def write_info(self) -> None:
+        """`<state>/demo.json`: the children's PIDs and URLs, for scripts and tests; removed when the demo stops."""
+        info = {
+            "mendloop": {"pid": self.children[1].proc.pid, "url": self.api_url},
+            "sample_service": {"pid": self.children[0].proc.pid, "url": self.service_url, "repo": str(self.copy)},
+            "demo_pid": os.getpid(),
+        }
+        tmp = self.info_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.info_path)  # atomic: a reader never sees half a file
 
     def banner(self) -> None:
         p = self.out.print
@@ -433,6 +456,7 @@ class Demo:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        self.info_path.unlink(missing_ok=True)
 
 
 def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: bool, story: bool, out: Console) -> int:
@@ -443,6 +467,7 @@ def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: boo
         try:
             demo.prepare()
             demo.start()
+            demo.write_info()
             demo.banner()
             if story:
                 try:
@@ -476,6 +501,22 @@ def _report(out: Console, exc: DemoError) -> None:
     out.print(f"[red]demo failed:[/] {escape(exc.message)}")
     if exc.detail:
         out.print(exc.detail, markup=False)
+
+
+def _running_demo(info_path: Path) -> int | None:
+    try:
+        pid = int(json.loads(info_path.read_text(encoding="utf-8"))["demo_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def _port_free(port: int) -> bool:
@@ -526,7 +567,8 @@ def _redact(url: str) -> str:
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the demo as Ctrl-C does, so the same cleanup stops the children."""
+    """SIGTERM and SIGHUP end the demo as Ctrl-C does, so the same cleanup stops the children. SIGINT is set too:
+    a shell starts background jobs with it ignored, and "Ctrl-C stops both" should hold for `kill -INT` as well."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -534,7 +576,7 @@ def _signals_interrupt() -> Iterator[None]:
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
