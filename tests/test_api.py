@@ -251,3 +251,32 @@ def test_published_events_are_stored_and_routed(client: httpx.Client, app: App) 
     assert recent[0]["message"] == "Something broke" and recent[0]["run_id"] == routed["run_id"]
     bad = client.post("/events", json={"event_type": "No Dots", "payload": {}})
     assert bad.status_code == 422 and bad.json()["field"] == "event_type"
+
+
+def test_live_stream_delivers_committed_events(client: httpx.Client, app: App) -> None:
+    import threading
+
+    got: list[str] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with client.stream("GET", "/events/stream", timeout=30) as resp:
+            ready.set()
+            for line in resp.iter_lines():
+                if line.startswith("data:") and "stream.probe" in line:
+                    got.append(line)
+                    return
+
+    th = threading.Thread(target=listen, daemon=True)
+    th.start()
+    ready.wait(10)
+
+    def delivered() -> bool:
+        client.post("/events", json={"event_type": "stream.probe", "message": "probe"})
+        th.join(0.2)
+        return bool(got)
+
+    from tests.support import wait_for
+
+    wait_for(delivered, timeout=15)
+    assert '"message": "probe"' in got[0]
