@@ -74,10 +74,10 @@ def serve(
     from mendloop.app import App
     from mendloop.config import load_settings
 
+    _logging(log_level)
     settings = load_settings(config, host=host, port=port, workers=workers)
     if not _is_loopback(settings.host) and not settings.api_tokens:
         fail(f"refusing to listen on {settings.host} without api_tokens; set MENDLOOP_API_TOKENS or use 127.0.0.1")
-    _logging(log_level)
     app = App(settings)
     api = create_api(app)
     server = uvicorn.Server(
@@ -98,8 +98,8 @@ def worker(
     from mendloop.app import App
     from mendloop.config import load_settings
 
-    settings = load_settings(config, workers=count)
     _logging(log_level)
+    settings = load_settings(config, workers=count)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -370,6 +370,8 @@ def demo(
 
 
 def _logging(level: str) -> None:
+    if level.upper() not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
+        fail(f"--log-level: {level!r} is not one of critical, error, warning, info, debug")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

@@ -187,13 +187,39 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         dirs = data.get("playbook_dirs")
         if isinstance(dirs, list):
             data["playbook_dirs"] = [str(base / str(d)) for d in dirs]
-    data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{source}: {loc}: {first['msg']}", field=loc) from exc
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return settings
+    # Command-line options beat the environment, which beats the file: validate the merged values once more
+    # without letting the environment take them back.
+    try:
+        merged = _FileOnly(**{**settings.model_dump(), **given})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"command line: {loc}: {first['msg']}", field=loc) from exc
+    return Settings.model_construct(**{name: getattr(merged, name) for name in Settings.model_fields})
+
+
+class _FileOnly(Settings):
+    """The same schema, validating what it is given and reading no environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 def config_json_schema() -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import yaml
@@ -114,6 +115,7 @@ class Demo:
     headers: dict[str, str] = field(default_factory=dict)
     database: str = ""
     trigger_timeout: float = 60.0
+    wrote_info: bool = False
 
     @property
     def copy(self) -> Path:
@@ -164,8 +166,20 @@ class Demo:
         self._git("add", "-A")
         self._git("commit", "-q", "-m", "sample_service as copied by mendloop demo")
 
+    def _service_port_arg(self) -> int:
+        """The given port; else quickstart.yaml's (8100, as the README's commands use) while it is free; else 0,
+        with which the service binds a free port itself, so a second demo cannot race the first for one."""
+        if self.service_port is not None:
+            return self.service_port
+        base_url = ((_quickstart().get("targets") or {}).get(TARGET) or {}).get("base_url", "")
+        try:
+            preferred = urlsplit(str(base_url)).port
+        except ValueError:
+            preferred = None
+        return preferred if preferred and _port_free(preferred) else 0
+
     def _write_config(self) -> None:
-        config = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
+        config = _quickstart()
         try:
             target = config["targets"][TARGET]
         except (KeyError, TypeError) as exc:
@@ -212,9 +226,8 @@ class Demo:
                 sys.executable,
                 "-B",
                 str(self.copy / "service.py"),
-                # Port 0 lets the service bind a free port itself, so two demos cannot race for one.
                 "--port",
-                str(self.service_port or 0),
+                str(self._service_port_arg()),
                 "--state-dir",
                 str(self.state / "service_state"),
             ],
@@ -265,11 +278,15 @@ class Demo:
 
     def _api(self, client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
         headers = {**self.headers, **kw.pop("headers", {})}
-        return _json(client.request(method, f"{self.api_url}{path}", headers=headers, **kw), f"{method} {path}")
+        return _request(client, method, f"{self.api_url}{path}", f"{method} {path}", headers=headers, **kw)
 
     def _fault(self, client: httpx.Client, name: str, body: dict[str, Any]) -> None:
-        answer = _json(client.post(f"{self.service_url}/admin/faults/{name}", json=body), f"fault {name}")
+        answer = _request(client, "POST", f"{self.service_url}/admin/faults/{name}", f"fault {name}", json=body)
         flat = {k: v for k, v in answer.items() if not isinstance(v, dict | list) and k not in ("fault", "replayed")}
+        run = answer.get("run")
+        if isinstance(run, dict):  # large_file: the pipeline run that timed out, in a few figures
+            keys = ("file_path", "size_mb", "chunks", "modeled_seconds", "timeout_seconds", "ok")
+            flat.update({f"run.{k}": run[k] for k in keys if k in run})
         self.out.print(f"[dim]injected fault[/] {name} into the sample service: {escape(json.dumps(flat))}")
 
     def story(self) -> bool:
@@ -334,7 +351,8 @@ class Demo:
             self._print_run(detail)
             trust = detail["trust"]
             out.print(
-                f"final status: [bold]{escape(detail['status'])}[/]   trust of {trust['component']}: {trust['score']}"
+                f"final status: [bold]{escape(detail['status'])}[/]   "
+                f"trust of {escape(str(trust['component']))}: {trust['score']}"
             )
             return bool(ok1 and detail["status"] == RunStatus.COMPLETED)
 
@@ -427,14 +445,16 @@ class Demo:
 
     def write_info(self) -> None:
         """`<state>/demo.json`: the children's PIDs and URLs, for scripts and tests; removed when the demo stops."""
+        service, server = self.children
         info = {
-            "mendloop": {"pid": self.children[1].proc.pid, "url": self.api_url},
-            "sample_service": {"pid": self.children[0].proc.pid, "url": self.service_url, "repo": str(self.copy)},
+            "mendloop": {"pid": server.proc.pid, "url": self.api_url},
+            "sample_service": {"pid": service.proc.pid, "url": self.service_url, "repo": str(self.copy)},
             "demo_pid": os.getpid(),
         }
         tmp = self.info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         tmp.replace(self.info_path)  # atomic: a reader never sees half a file
+        self.wrote_info = True
 
     def banner(self) -> None:
         p = self.out.print
@@ -456,7 +476,8 @@ class Demo:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
-        self.info_path.unlink(missing_ok=True)
+        if self.wrote_info:  # never another demo's file, found by prepare()
+            self.info_path.unlink(missing_ok=True)
 
 
 def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: bool, story: bool, out: Console) -> int:
@@ -472,6 +493,9 @@ def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: boo
             if story:
                 try:
                     result = 0 if demo.story() else 1
+                except KeyError as exc:
+                    _report(out, DemoError(f"unexpected answer from mendloop: no field {exc}"))
+                    result = 1
                 except DemoError as exc:
                     # Keep serving (unless --exit) so a person can look at what went wrong; a dead child still ends it.
                     _report(out, exc)
@@ -495,6 +519,16 @@ def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: boo
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _quickstart() -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise DemoError(f"cannot read {QUICKSTART}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise DemoError(f"{QUICKSTART}: the top level must be a mapping")
+    return config
 
 
 def _report(out: Console, exc: DemoError) -> None:
@@ -551,7 +585,11 @@ def _poll(probe: Callable[[], T | None], child: Child, what: str) -> T:
         time.sleep(POLL_SECONDS)
 
 
-def _json(resp: httpx.Response, what: str) -> Any:
+def _request(client: httpx.Client, method: str, url: str, what: str, **kw: Any) -> Any:
+    try:
+        resp = client.request(method, url, **kw)
+    except httpx.HTTPError as exc:
+        raise DemoError(f"{what}: {exc.__class__.__name__}: {exc}") from exc
     try:
         body = resp.json()
     except ValueError:
