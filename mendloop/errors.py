@@ -82,3 +82,20 @@ class CapabilityNotBound(ActionError):
         )
         self.name = name
         self.target = target
+
+
+class PatchRejected(MendloopError):
+    """A patch failed a safety check, did not apply, or its tests failed; nothing was applied."""
+
+    def __init__(self, reason: str, message: str, **fields: Any) -> None:
+        # reason: a work order fail reason such as unsafe_patch or tests_failed.
+        super().__init__(message, reason=reason, **fields)
+        self.reason = reason
+
+
+class AgentError(MendloopError):
+    """A coding agent failed, hung or produced nothing."""
+
+    def __init__(self, reason: str, message: str, **fields: Any) -> None:
+        super().__init__(message, reason=reason, **fields)
+        self.reason = reason
