@@ -75,12 +75,32 @@ class CapabilityBinding(_Strict):
         return self
 
 
+class PatchPolicy(_Strict):
+    """What an agent's patch to a target's repository may touch. `forbidden_paths` adds to the built-in list
+    (CI config, lock files, secrets, mendloop's own config)."""
+
+    allowed_paths: list[str] = Field(default_factory=lambda: ["**"])
+    forbidden_paths: list[str] = Field(default_factory=list)
+    max_files: int = Field(default=10, ge=1, le=1000)
+    max_changed_lines: int = Field(default=400, ge=1, le=100_000)
+    tests_may_change: bool = False
+
+
+class WorkOrderPolicy(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Claims before a work order fails.")
+    deadline_seconds: float | None = Field(default=None, gt=0, description="Fail a work order not done by then.")
+
+
 class TargetConfig(_Strict):
     """A component mendloop acts on: its variables (for templates), repository and capabilities."""
 
     description: str = ""
     base_url: str | None = None
-    repository: str | None = None
+    repository: str | None = Field(default=None, description="Path of the target's git repository.")
+    test_command: list[str] | None = Field(default=None, description="argv of the repository's tests.")
+    test_timeout: float = Field(default=600, gt=0)
+    patch: PatchPolicy = Field(default_factory=PatchPolicy)
+    work_orders: WorkOrderPolicy = Field(default_factory=WorkOrderPolicy)
     vars: dict[str, Any] = Field(default_factory=dict)
     capabilities: dict[str, CapabilityBinding] = Field(default_factory=dict)
 
@@ -127,6 +147,12 @@ class Settings(BaseSettings):
     targets: dict[str, TargetConfig] = Field(default_factory=dict)
     trust: TrustConfig = Field(default_factory=TrustConfig)
     trigger_wait_seconds: float = Field(default=30, ge=0, le=600)
+    agent_lease_seconds: float = Field(
+        default=120, gt=0, le=86400, description="How long a claimed work order stays leased between heartbeats."
+    )
+    secret_patterns: list[str] = Field(
+        default_factory=list, description="Extra regexes whose matches are redacted from work order context."
+    )
 
     @classmethod
     def settings_customise_sources(

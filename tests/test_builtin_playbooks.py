@@ -10,6 +10,7 @@ the service directory, so the checkout is never modified.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -39,7 +40,8 @@ TARGET = "sample_service"
 MB = 1024 * 1024
 # The idempotency key mendloop sends with every call: run_id:step_id:attempt.
 KEY = re.compile(r"^(?P<run>run_\d{8}_\d{6}_\d{6}):(?P<step>[a-z][a-z0-9_.-]*):(?P<attempt>[1-9]\d*)$")
-# Trust with the default weights: 1.0, an incident ×0.75, a verified fix halfway to 1, a failed verification ×0.6.
+# Trust with the default weights (mendloop/trust.py): starts at 1.0; an incident multiplies it by 0.75, a verified
+# fix moves it halfway to 1, a failed verification multiplies it by 0.6.
 AFTER_INCIDENT = 0.75
 AFTER_VERIFIED_FIX = 0.875
 AFTER_FAILED_VERIFICATION = 0.45
@@ -139,7 +141,6 @@ class SampleService:
 class Rig:
     service: SampleService
     app: App
-    tmp_path: Path
 
     def trigger(self, error_type: str, description: str, **kw: Any) -> str:
         run, created = self.app.remediation.trigger(error_type=error_type, description=description, **kw)
@@ -170,7 +171,7 @@ class Rig:
         effects = self.service.side_effects()
         for e in effects:
             if not e["action"].startswith("fault."):
-                assert e["idempotency_key"] is not None, e
+                assert (e["idempotency_key"] or "").startswith(run_id + ":"), e
         mine = [e for e in effects if (e["idempotency_key"] or "").startswith(run_id + ":")]
         pairs = [(e["action"], e["idempotency_key"]) for e in mine]
         assert len(pairs) == len(set(pairs)), f"an idempotency key was applied twice: {pairs}"
@@ -212,7 +213,7 @@ def rig(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         )
         app = open_app(settings, start_workers=True)
         apps.append(app)
-        return Rig(service, app, tmp_path)
+        return Rig(service, app)
 
     yield _make
     for app in apps:
@@ -226,16 +227,20 @@ def assert_completed_without_escalation(r: Rig, run: Run) -> None:
     assert not run.escalated and run.coding_work_order_id is None
     assert r.work_orders() == 0
     assert r.trust() == AFTER_VERIFIED_FIX
-    assert r.trust_moves(run.id) == [("incident", 1.0, AFTER_INCIDENT), ("verified_fix", AFTER_INCIDENT, 0.875)]
+    assert r.trust_moves(run.id) == [
+        ("incident", 1.0, AFTER_INCIDENT),
+        ("verified_fix", AFTER_INCIDENT, AFTER_VERIFIED_FIX),
+    ]
     assert r.service.get("/health")["status"] == "ok"
 
 
 # -- retry: database_reconnect ----------------------------------------------------------------------------------
 
 
-def test_database_reconnect_backs_off_and_retries_until_connected(rig: Callable[..., Rig]) -> None:
+@pytest.mark.parametrize("failures", [0, 2], ids=["first-try", "two-refusals"])
+def test_database_reconnect_backs_off_and_retries_until_connected(rig: Callable[..., Rig], failures: int) -> None:
     r = rig()
-    r.service.inject("db_disconnect", reconnect_failures=2)
+    r.service.inject("db_disconnect", reconnect_failures=failures)
     assert r.service.get("/admin/db/status")["connected"] is False
 
     run_id = r.trigger("database_connection", "Database connection lost")
@@ -247,26 +252,24 @@ def test_database_reconnect_backs_off_and_retries_until_connected(rig: Callable[
     assert (db["reconnects"], db["stale_connections"], db["reconnect_failures_remaining"]) == (1, 0, 0)
 
     ok, failed = StepStatus.SUCCEEDED, StepStatus.FAILED
+    tries = failures + 1
     assert r.steps(run_id) == [
         ("close_stale_connections", 1, ok),
         ("backoff", 1, ok),
-        ("reconnect", 1, failed),
-        ("reconnect", 2, failed),
-        ("reconnect", 3, ok),
+        *[("reconnect", n, failed) for n in range(1, tries)],
+        ("reconnect", tries, ok),
         ("verify_connection", 1, ok),
     ]
     attempts = [s for s in r.app.store.run_steps(run_id) if s.step_id == "reconnect"]
-    assert [s.output["status_code"] for s in attempts] == [503, 503, 200]
-    # Exponential backoff (0.2 s, then 0.4 s, ±20 % jitter) between the attempts.
-    gaps = [b.started_at - a.finished_at for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert gaps[0] >= 0.2 * 0.8 and gaps[1] >= 0.4 * 0.8, gaps
+    assert [s.output["status_code"] for s in attempts] == [503] * failures + [200]
+    # Exponential backoff between the attempts: 0.2 s, then 0.4 s, each ±20 % jitter.
+    gaps = [b.started_at - a.finished_at for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= 0.2 * 2**n * 0.8 for n, gap in enumerate(gaps)), gaps
 
     effects = r.run_effects(run_id)
     reconnects = [e for e in effects if e["action"] == "db.reconnect"]
     assert [(e["status"], e["idempotency_key"]) for e in reconnects] == [
-        (503, f"{run_id}:reconnect:1"),
-        (503, f"{run_id}:reconnect:2"),
-        (200, f"{run_id}:reconnect:3"),
+        (503 if n < tries else 200, f"{run_id}:reconnect:{n}") for n in range(1, tries + 1)
     ]
     assert [e["idempotency_key"] for e in effects if e["action"] == "db.close_stale"] == [
         f"{run_id}:close_stale_connections:1"
@@ -463,6 +466,9 @@ def _escalated_pipeline_timeout(r: Rig) -> tuple[str, str]:
     assert r.service.get("/admin/config")["pipeline_timeout_seconds"] == 300  # the config was left alone
     assert r.run_effects(run_id) == []
     assert r.trust() == AFTER_INCIDENT
+    types = [e.type for e in r.app.store.run_events(run_id)]
+    assert {"coding_agent.work_order_created", "self_healing.escalated"} <= set(types)
+    assert "self_healing.completed" not in types
     return run_id, wo.id
 
 
@@ -494,6 +500,12 @@ def test_pipeline_timeout_code_cause_escalates_and_a_deployed_patch_restores_tru
     assert after["restarts"] == before["restarts"] + 1
     assert after["code_version"] == sha12(repo / "ingestion_pipeline.py") != before["code_version"]
     assert after["status"] == "ok"
+    # The deploy step returned only once the new process answered: the boot it saw is the one running now.
+    (deploy,) = [s for s in r.app.store.run_steps(run_id) if s.step_id == "deploy_patch"]
+    assert (deploy.output["json"]["old_boot_id"], deploy.output["json"]["boot_id"]) == (
+        before["boot_id"],
+        after["boot_id"],
+    )
     last = r.service.get("/admin/pipeline/runs")["runs"][-1]
     assert (last["file_path"], last["ok"], last["chunks"]) == ("archive_500mb.pdf", True, 200)
     assert r.service.get("/admin/pipeline/timeout-analysis")["cause"] == "none"
@@ -505,6 +517,7 @@ def test_pipeline_timeout_code_cause_escalates_and_a_deployed_patch_restores_tru
     ]
     messages = [e.message for e in r.app.store.run_events(run_id)]
     assert "Trust restored: 0.75 → 0.88" in messages
+    assert f"Run {run_id} completed: pipeline_timeout_fix finished after the coding agent's patch" in messages
     assert any(m.startswith("Code patch applied (2 files changed)") for m in messages)
     assert r.app.store.get_work_order(wo_id).status is WorkOrderStatus.COMPLETED
 

@@ -97,6 +97,15 @@ class WorkOrder:
     patch_result: dict[str, Any] | None
     attempts: int
     fail_reason: str | None
+    lease_id: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    max_attempts: int = 3
+    deadline_at: float | None = None
+    cancel_requested: bool = False
+    repository: str | None = None
+    base_commit: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

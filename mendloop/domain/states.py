@@ -36,6 +36,7 @@ RUN_FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HU
 # A trigger's caller waits until the run reaches one of these.
 RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH}
 WORK_ORDER_FINAL = frozenset({WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED})
+# The agent's job is over in these; COMPLETED can still turn FAILED when verification overrules the claim.
 
 _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.VERIFYING, RunStatus.CANCELLED}),
@@ -84,7 +85,8 @@ _WORK_ORDER_TRANSITIONS: dict[WorkOrderStatus, frozenset[WorkOrderStatus]] = {
     WorkOrderStatus.IN_PROGRESS: frozenset(
         {WorkOrderStatus.QUEUED, WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED}
     ),
-    WorkOrderStatus.COMPLETED: frozenset(),
+    # A completion is a claim: verification that fails afterwards overrules it.
+    WorkOrderStatus.COMPLETED: frozenset({WorkOrderStatus.FAILED}),
     WorkOrderStatus.FAILED: frozenset(),
     WorkOrderStatus.CANCELLED: frozenset(),
 }

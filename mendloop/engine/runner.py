@@ -247,7 +247,8 @@ class Runner:
                 },
                 lease_seconds=self.d.lease_seconds,
             )
-        verify_failed = step.action == "verify"
+        # Only a check that answered and was judged lowers trust; one that could not run says nothing about the fix.
+        verify_failed = step.action == "verify" and "passed" in exc.output
         trust = TrustMove(run.component, TrustReason.FAILED_VERIFICATION) if verify_failed and run.component else None
         policy = step.on_failure
         if policy == "continue":

@@ -104,6 +104,16 @@ work_orders = sa.Table(
     sa.Column("patch_result", sa.JSON, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("fail_reason", sa.String(64), nullable=True),
+    # The pull API's lease: one agent at a time works on a work order; a lapsed lease returns it to the queue.
+    sa.Column("lease_id", sa.String(64), nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", Epoch, nullable=True),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("deadline_at", Epoch, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("repository", sa.String(1000), nullable=True),
+    sa.Column("base_commit", sa.String(64), nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
     sa.Index("ix_work_orders_status", "status"),
     sa.Index("ix_work_orders_run", "self_healing_run_id"),
 )

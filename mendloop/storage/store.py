@@ -39,6 +39,8 @@ from mendloop.storage import schema as t
 from mendloop.trust import TrustReason, describe, next_score
 
 Clock = Callable[[], float]
+# Holds a work order whose diff the run's patch pipeline has yet to check, test and apply.
+PATCH_PIPELINE_OWNER = "mendloop:patch-pipeline"
 AfterCommit = Callable[[Sequence[EventRecord]], None]
 
 
@@ -442,6 +444,10 @@ class Store:
         context: dict[str, Any],
         estimated_complexity: str,
         priority: str,
+        repository: str | None = None,
+        base_commit: str | None = None,
+        max_attempts: int = 3,
+        deadline_at: float | None = None,
     ) -> tuple[Run, WorkOrder] | None:
         """Create the work order and park the run in `awaiting_patch` in one transaction."""
         now = self.clock()
@@ -485,6 +491,15 @@ class Store:
                 "patch_result": None,
                 "attempts": 0,
                 "fail_reason": None,
+                "lease_id": None,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "max_attempts": max_attempts,
+                "deadline_at": deadline_at,
+                "cancel_requested": False,
+                "repository": repository,
+                "base_commit": base_commit,
+                "note": None,
             }
             conn.execute(sa.insert(t.work_orders).values(wo_row))
             conn.execute(
@@ -702,11 +717,16 @@ class Store:
         events: Callable[[WorkOrder, Run | None], list[NewEvent]],
         idempotency_key: str | None,
         answer: Callable[[WorkOrder], dict[str, Any]],
+        lease_id: str | None = None,
+        hold_for_patch: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """The agent's claim that a work order is done, applied in one transaction: the work order completes
         (and its run is requeued to deploy, rerun and verify) or fails (and its run stops where the playbook
-        says). Completing an already completed work order is harmless and changes nothing.
+        says). With `hold_for_patch` the work order stays in progress until the run's patch pipeline has checked,
+        tested and applied the diff. Completing an already completed work order is harmless and changes nothing.
         Returns the answer and whether anything changed."""
+        from mendloop.storage.queue import check_lease
+
         now = self.clock()
         scope = f"complete:{wo_id}"
         with self._tx() as (conn, published):
@@ -718,23 +738,30 @@ class Store:
                 ).scalar()
                 if prior is not None:
                     return dict(prior), False
-            row = conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id)).first()
+            row = conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id).with_for_update()).first()
             if row is None:
                 raise NotFound("work order", wo_id)
             wo = _work_order(row)
-            if wo.status is WorkOrderStatus.COMPLETED and succeeded:
+            if succeeded and (wo.status is WorkOrderStatus.COMPLETED or wo.lease_owner == PATCH_PIPELINE_OWNER):
                 return answer(wo), False
+            check_lease(wo, lease_id, required=False, now=now)
             new_status = WorkOrderStatus.COMPLETED if succeeded else WorkOrderStatus.FAILED
-            check_work_order_move(wo.id, wo.status, new_status)
+            if hold_for_patch and succeeded:
+                new_status = WorkOrderStatus.IN_PROGRESS
+            if new_status is not wo.status:
+                check_work_order_move(wo.id, wo.status, new_status)
             conn.execute(
                 sa.update(t.work_orders)
                 .where(t.work_orders.c.id == wo_id)
                 .values(
                     status=new_status.value,
                     patch_result=patch_result,
-                    completed_at=now,
+                    completed_at=None if new_status is WorkOrderStatus.IN_PROGRESS else now,
                     updated_at=now,
                     fail_reason=fail_reason,
+                    lease_id=None,
+                    lease_owner=PATCH_PIPELINE_OWNER if new_status is WorkOrderStatus.IN_PROGRESS else None,
+                    lease_expires_at=None,
                 )
             )
             if diff:
@@ -752,7 +779,7 @@ class Store:
                         values: dict[str, Any] = {
                             "status": RunStatus.QUEUED.value,
                             "next_run_at": now,
-                            "outputs": {**run.outputs, "patch": patch_result},
+                            "outputs": {**run.outputs, "patch": {**patch_result, "pending_apply": hold_for_patch}},
                         }
                     else:
                         values = {
@@ -946,6 +973,15 @@ def _work_order(r: Row[Any] | dict[str, Any]) -> WorkOrder:
         patch_result=dict(d["patch_result"]) if d["patch_result"] is not None else None,
         attempts=int(d["attempts"]),
         fail_reason=d["fail_reason"],
+        lease_id=d.get("lease_id"),
+        lease_owner=d.get("lease_owner"),
+        lease_expires_at=d.get("lease_expires_at"),
+        max_attempts=int(d.get("max_attempts") or 3),
+        deadline_at=d.get("deadline_at"),
+        cancel_requested=bool(d.get("cancel_requested")),
+        repository=d.get("repository"),
+        base_commit=d.get("base_commit"),
+        note=d.get("note"),
     )
 
 
