@@ -1,0 +1,1 @@
+"""Producers of events: log lines and tracebacks turned into structured facts."""
