@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from mendloop.agents.redact import Redactor
 from mendloop.bus.bus import Bus
 from mendloop.config import Settings
 from mendloop.engine.runner import Runner, RunnerDeps
@@ -60,6 +61,8 @@ class App:
                 lease_seconds=s.lease_seconds,
                 clock=self.clock,
                 rnd=self.rnd,
+                targets=s.targets,
+                redactor=Redactor(s.secret_patterns),
             )
         )
         self.workers = WorkerPool(

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from mendloop.agents import context as agent_context
+from mendloop.agents.redact import Redactor
+from mendloop.config import TargetConfig, WorkOrderPolicy
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import RunStatus, StepStatus
 from mendloop.errors import ActionError
@@ -37,6 +40,8 @@ class RunnerDeps:
     lease_seconds: float
     clock: Callable[[], float]
     rnd: random.Random
+    targets: Mapping[str, TargetConfig]
+    redactor: Redactor
 
 
 class Runner:
@@ -198,14 +203,19 @@ class Runner:
         params = cs.params(scope) if cs.step.action == "escalate" else {}
         error_type = run.error_type or "unknown"
         description = str(params.get("description") or f"Code patch required for: {error_type}")
-        context: dict[str, Any] = {
-            "error_type": error_type,
-            "description": run.description,
-            **{k: v for k, v in run.context.items() if k not in ("event",)},
-            **(params.get("context") or {}),
-        }
-        if failure is not None:
-            context["failed_step"] = {"id": cs.step.id, "error": failure.message, "output": failure.output}
+        target_name = run.context.get("target")
+        target = self.d.targets.get(target_name) if target_name else None
+        failed = {"id": cs.step.id, "error": failure.message, "output": failure.output} if failure is not None else None
+        context, repository, base_commit = agent_context.build(
+            run=run,
+            extra=dict(params.get("context") or {}),
+            target_name=target_name,
+            target=target,
+            events=self.d.store.run_events(run.id),
+            redactor=self.d.redactor,
+            failure=failed,
+        )
+        policy = target.work_orders if target else WorkOrderPolicy()
         outcome = _outcome(cs, run, attempt, started, key, StepStatus.SUCCEEDED, {}, None)
         result = self.d.store.escalate(
             run,
@@ -216,6 +226,10 @@ class Runner:
             context=context,
             estimated_complexity=str(params.get("complexity", "medium")),
             priority=str(params.get("priority", "normal")),
+            repository=repository,
+            base_commit=base_commit,
+            max_attempts=policy.max_attempts,
+            deadline_at=self.d.clock() + policy.deadline_seconds if policy.deadline_seconds else None,
         )
         return result[0] if result else None
 

@@ -1,0 +1,1 @@
+"""Coding agents: work order context, the patch pipeline, the agent runner and its adapters."""
