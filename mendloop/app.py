@@ -80,6 +80,7 @@ class App:
             compiled=compiled,
             wake=self.workers.notify,
         )
+        self.workers.housekeeping.append(self.remediation.reap)
         if start_workers:
             self.workers.start()
         self.ready = True

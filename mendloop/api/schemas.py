@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -36,7 +36,39 @@ class CompleteRequest(_Body):
     summary: StrictStr | None = Field(default=None, max_length=20_000)
     lease_id: StrictStr | None = None
     base_commit: StrictStr | None = Field(default=None, max_length=100)
+    applied_commit: StrictStr | None = Field(default=None, max_length=100)
+    approval_required: StrictBool = False
     agent: AgentInfo | None = None
+
+
+class ClaimRequest(_Body):
+    agent_id: StrictStr = Field(min_length=1, max_length=200)
+    repository: StrictStr | None = Field(default=None, max_length=1000)
+    wait_seconds: float = Field(default=0, ge=0, le=120)
+
+
+class HeartbeatRequest(_Body):
+    lease_id: StrictStr = Field(min_length=1, max_length=64)
+    note: StrictStr | None = Field(default=None, max_length=2000)
+
+
+FailReason = Literal[
+    "cannot_reproduce",
+    "needs_human",
+    "out_of_scope",
+    "agent_error",
+    "timeout",
+    "tests_failed",
+    "unsafe_patch",
+    "verification_failed",
+]
+
+
+class FailRequest(_Body):
+    lease_id: StrictStr | None = Field(default=None, max_length=64)
+    reason: FailReason
+    retryable: StrictBool = False
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class EventIn(_Body):

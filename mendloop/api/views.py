@@ -31,7 +31,15 @@ def work_order(wo: WorkOrder) -> dict[str, Any]:
         "updated_at": iso(wo.updated_at),
         "completed_at": iso(wo.completed_at),
         "attempts": wo.attempts,
+        "max_attempts": wo.max_attempts,
         "fail_reason": wo.fail_reason,
+        "repository": wo.repository,
+        "base_commit": wo.base_commit,
+        "leased_to": wo.lease_owner,
+        "lease_expires_at": iso(wo.lease_expires_at),
+        "deadline_at": iso(wo.deadline_at),
+        "cancel_requested": wo.cancel_requested,
+        "note": wo.note,
     }
 
 

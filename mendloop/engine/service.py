@@ -11,6 +11,7 @@ from mendloop.domain.records import NewEvent, Run, WorkOrder
 from mendloop.domain.states import RunStatus, WorkOrderStatus
 from mendloop.errors import ConfigError, Conflict, InputError, UnknownErrorType
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
+from mendloop.storage.queue import FAIL_REASONS, WorkOrderQueue
 from mendloop.storage.store import Store
 
 
@@ -26,6 +27,7 @@ class Remediation:
     ) -> None:
         self.settings = settings
         self.store = store
+        self.queue = WorkOrderQueue(store)
         self.playbooks = playbooks
         self.compiled = compiled
         self._wake = wake
@@ -176,6 +178,7 @@ class Remediation:
         summary: str | None = None,
         extra: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        lease_id: str | None = None,
     ) -> dict[str, Any]:
         """The agent's claim. It is never proof: with tests passed the run is requeued to deploy, rerun and verify,
         and verification decides. With tests failed the work order fails and the run stops as its playbook says."""
@@ -192,6 +195,9 @@ class Remediation:
             **(extra or {}),
         }
         on_failure = self._patch_failure_status(wo)
+        # A diff is checked, tested and applied by the run's patch pipeline before anything is deployed; without
+        # a repository to apply it to, it is kept and the agent's claim goes to verification as it is.
+        hold = bool(diff) and tests_passed and self._repository_of(wo) is not None
 
         def events(updated: WorkOrder, run: Run | None) -> list[NewEvent]:
             common: dict[str, Any] = {
@@ -270,11 +276,7 @@ class Remediation:
                 "status": updated.status.value,
                 "self_healing_run_id": updated.self_healing_run_id,
                 "patch_result": updated.patch_result,
-                "message": (
-                    f"Work order {updated.id} completed; run {updated.self_healing_run_id} resumes to deploy and verify"
-                    if updated.status is WorkOrderStatus.COMPLETED
-                    else f"Work order {updated.id} failed; run {updated.self_healing_run_id} → {on_failure.value}"
-                ),
+                "message": _complete_message(updated, on_failure),
             }
 
         response, changed = self.store.finish_work_order(
@@ -287,10 +289,46 @@ class Remediation:
             events=events,
             idempotency_key=idempotency_key,
             answer=answer,
+            lease_id=lease_id,
+            hold_for_patch=hold,
         )
         if changed and tests_passed:
             self._wake()
         return response
+
+    def _repository_of(self, wo: WorkOrder) -> str | None:
+        if wo.repository:
+            return wo.repository
+        target = self.settings.targets.get(wo.component or "")
+        return target.repository if target else None
+
+    # -- the pull API -----------------------------------------------------------------------------------------
+
+    def claim_work_order(self, agent_id: str, repository: str | None) -> WorkOrder | None:
+        return self.queue.claim(agent_id, repository=repository, lease_seconds=self.settings.agent_lease_seconds)
+
+    def heartbeat(self, wo_id: str, lease_id: str, note: str | None) -> WorkOrder:
+        return self.queue.heartbeat(wo_id, lease_id, note=note, lease_seconds=self.settings.agent_lease_seconds)
+
+    def fail_work_order(
+        self, wo_id: str, *, lease_id: str | None, reason: str, retryable: bool, details: dict[str, Any]
+    ) -> WorkOrder:
+        if reason not in FAIL_REASONS:
+            raise InputError(f"unknown reason {reason!r}; known: {', '.join(FAIL_REASONS)}", field="reason")
+        wo = self.store.get_work_order(wo_id)
+        if wo.status not in (WorkOrderStatus.QUEUED, WorkOrderStatus.IN_PROGRESS):
+            raise Conflict(f"work order {wo_id} is {wo.status}; it cannot fail", id=wo_id, status=str(wo.status))
+        return self.queue.fail(
+            wo_id,
+            lease_id=lease_id,
+            reason=reason,
+            retryable=retryable,
+            details=details,
+            run_status=self._patch_failure_status(wo),
+        )
+
+    def reap(self) -> list[str]:
+        return self.queue.reap()
 
     def _patch_failure_status(self, wo: WorkOrder) -> RunStatus:
         """What the escalating step says to do when the patch fails (`with.on_patch_failure`): `fail`, or a
@@ -309,3 +347,12 @@ class Remediation:
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)
+
+
+def _complete_message(wo: WorkOrder, on_failure: RunStatus) -> str:
+    run = wo.self_healing_run_id
+    if wo.status is WorkOrderStatus.IN_PROGRESS:
+        return f"Work order {wo.id}: patch received; run {run} checks, tests and applies it, then deploys and verifies"
+    if wo.status is WorkOrderStatus.COMPLETED:
+        return f"Work order {wo.id} completed; run {run} resumes to deploy and verify"
+    return f"Work order {wo.id} failed; run {run} → {on_failure.value}"

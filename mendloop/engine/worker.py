@@ -31,6 +31,7 @@ class WorkerPool:
         poll_interval: float,
         clock: Callable[[], float],
         name: str = "w",
+        housekeeping_interval: float = 1.0,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -44,6 +45,9 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._held: dict[str, str] = {}  # run id -> owner
         self._held_lock = threading.Lock()
+        # Periodic chores of whoever runs workers (e.g. returning lapsed work order leases to the queue).
+        self.housekeeping: list[Callable[[], object]] = []
+        self.housekeeping_interval = housekeeping_interval
 
     def start(self) -> None:
         self.reclaim_dead()
@@ -56,6 +60,9 @@ class WorkerPool:
             keeper = threading.Thread(target=self._keep_leases, name="mendloop-lease-keeper", daemon=True)
             keeper.start()
             self._threads.append(keeper)
+            chores = threading.Thread(target=self._housekeep, name="mendloop-housekeeping", daemon=True)
+            chores.start()
+            self._threads.append(chores)
 
     def stop(self, timeout: float = 10) -> None:
         self._stop.set()
@@ -121,6 +128,16 @@ class WorkerPool:
             if wait > 0:
                 with self._wake:
                     self._wake.wait(wait)
+
+    def _housekeep(self) -> None:
+        while not self._stop.wait(self.housekeeping_interval):
+            for chore in self.housekeeping:
+                try:
+                    chore()
+                except StorageError as exc:
+                    log.warning("housekeeping: %s", exc)
+                except Exception:
+                    log.exception("housekeeping failed")
 
     def _keep_leases(self) -> None:
         interval = self.lease_seconds / 3

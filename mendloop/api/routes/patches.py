@@ -6,12 +6,20 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.deps import AppDep
-from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, CompleteRequest, TriggerRequest
+from mendloop.api.schemas import (
+    ERROR_RESPONSES,
+    CancelRequest,
+    ClaimRequest,
+    CompleteRequest,
+    FailRequest,
+    HeartbeatRequest,
+    TriggerRequest,
+)
 from mendloop.app import App
 from mendloop.domain.records import EventRecord
 from mendloop.domain.states import RUN_SETTLED, RunStatus, WorkOrderStatus
@@ -64,6 +72,10 @@ async def complete_work_order(
         extra["base_commit"] = body.base_commit
     if body.agent:
         extra["agent"] = body.agent.model_dump(exclude_none=True)
+    if body.applied_commit:
+        extra["applied_commit"] = body.applied_commit
+    if body.approval_required:
+        extra["approval_required"] = True
     return await run_in_threadpool(
         lambda: app.remediation.complete_work_order(
             work_order_id,
@@ -74,8 +86,63 @@ async def complete_work_order(
             summary=body.summary,
             extra=extra,
             idempotency_key=idempotency_key,
+            lease_id=body.lease_id,
         )
     )
+
+
+@router.post("/work-orders/claim", responses={204: {"description": "No work within wait_seconds"}})
+async def claim_work_order(app: AppDep, body: ClaimRequest) -> Response:
+    """Lease the oldest queued work order to an agent; long-polls up to `wait_seconds` for one to appear."""
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+
+    def on_event(event: EventRecord) -> None:
+        if event.type in ("coding_agent.work_order_created", "coding_agent.work_order_updated"):
+            loop.call_soon_threadsafe(arrived.set)
+
+    unsubscribe = app.bus.subscribe(on_event)
+    try:
+        deadline = loop.time() + body.wait_seconds
+        while True:
+            arrived.clear()
+            wo = await run_in_threadpool(app.remediation.claim_work_order, body.agent_id, body.repository)
+            remaining = deadline - loop.time()
+            if wo is not None or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(arrived.wait(), min(0.5, remaining))
+            except TimeoutError:
+                pass
+    finally:
+        unsubscribe()
+    if wo is None:
+        return Response(status_code=204)
+    lease = app.settings.agent_lease_seconds
+    return JSONResponse(
+        {
+            "work_order": views.work_order(wo),
+            "lease_id": wo.lease_id,
+            "lease_expires_at": views.iso(wo.lease_expires_at),
+            "heartbeat_interval_seconds": max(1.0, round(lease / 3, 1)),
+        }
+    )
+
+
+@router.post("/work-orders/{work_order_id}/heartbeat")
+async def heartbeat(app: AppDep, work_order_id: str, body: HeartbeatRequest) -> dict[str, Any]:
+    wo = await run_in_threadpool(app.remediation.heartbeat, work_order_id, body.lease_id, body.note)
+    return {"lease_expires_at": views.iso(wo.lease_expires_at), "cancel_requested": wo.cancel_requested}
+
+
+@router.post("/work-orders/{work_order_id}/fail")
+async def fail_work_order(app: AppDep, work_order_id: str, body: FailRequest) -> dict[str, Any]:
+    wo = await run_in_threadpool(
+        lambda: app.remediation.fail_work_order(
+            work_order_id, lease_id=body.lease_id, reason=body.reason, retryable=body.retryable, details=body.details
+        )
+    )
+    return views.work_order(wo)
 
 
 @router.get("/runs")
