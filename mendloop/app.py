@@ -14,13 +14,18 @@ import httpx
 from mendloop.agents.redact import Redactor
 from mendloop.bus.bus import Bus
 from mendloop.config import Settings
+from mendloop.engine.patching import Patching
 from mendloop.engine.runner import Runner, RunnerDeps
 from mendloop.engine.service import Remediation
 from mendloop.engine.worker import WorkerPool
+from mendloop.intake.logs import LogIntake
+from mendloop.intake.service import Intake
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
 from mendloop.storage import migrate
+from mendloop.storage.incidents import IncidentStore
+from mendloop.storage.queue import WorkOrderQueue
 from mendloop.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,9 @@ class App:
     capabilities: Capabilities = field(init=False)
     remediation: Remediation = field(init=False)
     workers: WorkerPool = field(init=False)
+    incidents: IncidentStore = field(init=False)
+    intake: Intake = field(init=False)
+    log_intake: LogIntake = field(init=False)
     http: httpx.Client = field(init=False)
     ready: bool = field(default=False, init=False)
 
@@ -63,6 +71,7 @@ class App:
                 rnd=self.rnd,
                 targets=s.targets,
                 redactor=Redactor(s.secret_patterns),
+                patching=Patching(store=self.store, queue=WorkOrderQueue(self.store), targets=s.targets),
             )
         )
         self.workers = WorkerPool(
@@ -72,6 +81,7 @@ class App:
             lease_seconds=s.lease_seconds,
             poll_interval=s.poll_interval,
             clock=self.clock,
+            max_concurrent=s.storm.max_concurrent_runs,
         )
         self.remediation = Remediation(
             settings=s,
@@ -81,6 +91,15 @@ class App:
             wake=self.workers.notify,
         )
         self.workers.housekeeping.append(self.remediation.reap)
+        self.incidents = IncidentStore(self.store, s.storm)
+        self.log_intake = LogIntake(s)
+        self.intake = Intake(
+            settings=s,
+            incidents=self.incidents,
+            playbooks=self.playbooks,
+            routing=self.remediation.routing,
+            wake=self.workers.notify,
+        )
         if start_workers:
             self.workers.start()
         self.ready = True

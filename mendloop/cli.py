@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, cast
 
 import httpx
 import typer
@@ -109,6 +109,121 @@ def worker(
         stop.wait()
     finally:
         app.close()
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def agent(
+    ctx: typer.Context,
+    repo: Annotated[
+        Path,
+        typer.Option("--repo", envvar="MENDLOOP_AGENT_REPO", help="The git repository to patch.", file_okay=False),
+    ],
+    adapter: Annotated[
+        str,
+        typer.Option(
+            "--adapter",
+            envvar="MENDLOOP_AGENT_ADAPTER",
+            help="aider, claude, codex, openhands, command (the program after --) or openai.",
+        ),
+    ],
+    test_command: Annotated[
+        str | None,
+        typer.Option(
+            "--test-command",
+            envvar="MENDLOOP_AGENT_TEST_COMMAND",
+            help="Test argv as one string (split like a shell would, never run by one); default: the work order's.",
+        ),
+    ] = None,
+    apply: Annotated[
+        str, typer.Option("--apply", envvar="MENDLOOP_AGENT_APPLY", help="commit | branch | approval.")
+    ] = "commit",
+    once: Annotated[
+        bool, typer.Option("--once", help="Process one work order (if any within --wait), then exit.")
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    agent_id: Annotated[str | None, typer.Option("--agent-id", envvar="MENDLOOP_AGENT_ID")] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", envvar="MENDLOOP_AGENT_TIMEOUT", min=1, help="Seconds the agent may run.")
+    ] = 1800,
+    test_timeout: Annotated[
+        float, typer.Option("--test-timeout", envvar="MENDLOOP_AGENT_TEST_TIMEOUT", min=1, help="Seconds for tests.")
+    ] = 600,
+    wait: Annotated[
+        float, typer.Option("--wait", envvar="MENDLOOP_AGENT_WAIT", min=0, max=120, help="Long-poll seconds per claim.")
+    ] = 20,
+    run_as: Annotated[
+        str,
+        typer.Option(
+            "--run-as",
+            envvar="MENDLOOP_AGENT_RUN_AS",
+            help="auto (uid 65534 when root), none, or UID:GID: the user the agent and the tests run as.",
+        ),
+    ] = "auto",
+    log_level: Annotated[str, typer.Option(envvar="MENDLOOP_LOG_LEVEL")] = "info",
+) -> None:
+    """The agent runner: claim work orders and drive a coding agent in a git worktree; test and apply its diff.
+
+    Anything after `--` goes to the adapter: extra flags for aider/claude/codex/openhands, the program for
+    `command`, `--base-url/--model/--api-key-env` for `openai`.
+    """
+    import shlex
+
+    from mendloop.agents import adapters
+    from mendloop.agents.agent_runner import APPLY_MODES, AgentRunner, ApplyMode, RunnerOptions
+    from mendloop.agents.client import AgentClient
+
+    _logging(log_level)
+    if apply not in APPLY_MODES:
+        fail(f"--apply: {apply!r} is not one of {', '.join(APPLY_MODES)}")
+    tests: list[str] | None = None
+    if test_command:
+        try:
+            tests = shlex.split(test_command)
+        except ValueError as exc:
+            fail(f"--test-command: {exc}")
+    owner: tuple[int, int] | Literal["auto"] | None = "auto"
+    if run_as == "auto":
+        pass
+    elif run_as == "none":
+        owner = None
+    else:
+        try:
+            uid, _, gid = run_as.partition(":")
+            owner = (int(uid), int(gid or uid))
+        except ValueError:
+            fail(f"--run-as: {run_as!r} is not auto, none or UID:GID")
+    chosen = adapters.create(adapter, list(ctx.args))
+    client = AgentClient(url, token)
+    runner = AgentRunner(
+        client,
+        RunnerOptions(
+            repo=repo,
+            adapter=chosen,
+            agent_id=agent_id,
+            test_command=tests,
+            test_timeout=test_timeout,
+            agent_timeout=timeout,
+            apply=cast(ApplyMode, apply),
+            wait_seconds=wait,
+            run_as=owner,
+        ),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop(timeout=0))
+    signal.signal(signal.SIGINT, lambda *_: runner.stop(timeout=0))
+    err.print(f"mendloop agent runner {runner.agent_id}: {adapter} on {runner.repo}, claiming from {url}")
+    try:
+        done = runner.run(once=once)
+    finally:
+        client.close()
+    if once:
+        if done == 0:
+            out.print(f"no work order within {wait:g}s")
+            return
+        outcome = runner.outcomes[-1]
+        out.print(f"{outcome.work_order_id}: {outcome.status}: {outcome.reason or ''} {outcome.message}", markup=False)
+        if outcome.status != "completed":
+            raise typer.Exit(1)
 
 
 @db_cli.command("upgrade")

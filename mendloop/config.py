@@ -117,6 +117,41 @@ class TrustConfig(_Strict):
     failed_verification_weight: float = Field(default=0.4, ge=0, le=1)
 
 
+class StormConfig(_Strict):
+    """Storm control for detected events; see mendloop/rules/storm.py."""
+
+    once_within_seconds: float = Field(
+        default=600, ge=0, description="At most one new run per fingerprint in this window."
+    )
+    breaker_failures: int = Field(default=3, ge=1, description="Failed runs of one component that open its breaker.")
+    breaker_window_seconds: float = Field(default=3600, gt=0)
+    max_concurrent_runs: int = Field(
+        default=32, ge=0, description="Runs executing at once; 0: no cap. Extra runs wait."
+    )
+    mutex_per_component: bool = Field(default=True, description="Runs for one component never execute concurrently.")
+
+
+class PatternConfig(_Strict):
+    name: str = Field(min_length=1)
+    regex: str = Field(min_length=1)
+    event_type: str = Field(default="log_pattern.error", pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+    error_type: str | None = None
+    severity: Literal["info", "warning", "error", "critical"] = "error"
+    component: str | None = None
+
+
+class WatcherConfig(_Strict):
+    """Follow log files (`tail -F`): every line is matched against the patterns; a match is a detection."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    paths: list[str] = Field(min_length=1, description="Glob patterns; relative ones are relative to the config file.")
+    patterns: list[PatternConfig] = Field(min_length=1)
+    component: str | None = None
+    start_at: Literal["end", "beginning"] = "end"
+    multiline: bool = Field(default=True, description="Group tracebacks and stack traces into one record.")
+    max_line_bytes: int = Field(default=65536, ge=256)
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -149,6 +184,14 @@ class Settings(BaseSettings):
     trigger_wait_seconds: float = Field(default=30, ge=0, le=600)
     agent_lease_seconds: float = Field(
         default=120, gt=0, le=86400, description="How long a claimed work order stays leased between heartbeats."
+    )
+    storm: StormConfig = Field(default_factory=StormConfig)
+    watchers: list[WatcherConfig] = Field(default_factory=list)
+    intake_tokens: list[str] = Field(
+        default_factory=list, description="Bearer tokens accepted by POST /events (webhooks, forwarders)."
+    )
+    webhook_hmac_secret: str | None = Field(
+        default=None, description="Accept POST /events signed with X-Mendloop-Signature: sha256=<hex HMAC of body>."
     )
     secret_patterns: list[str] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted from work order context."
@@ -213,6 +256,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         dirs = data.get("playbook_dirs")
         if isinstance(dirs, list):
             data["playbook_dirs"] = [str(base / str(d)) for d in dirs]
+        for watcher in data.get("watchers") or []:
+            if isinstance(watcher, dict) and isinstance(watcher.get("paths"), list):
+                watcher["paths"] = [str(base / str(p)) for p in watcher["paths"]]
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -47,6 +47,10 @@ class UnknownErrorType(InputError):
         )
 
 
+class AuthError(MendloopError):
+    """Missing or invalid credentials."""
+
+
 class NotFound(MendloopError):
     """The object does not exist."""
 

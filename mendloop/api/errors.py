@@ -15,6 +15,7 @@ from mendloop import errors
 log = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[errors.MendloopError], int]] = [
+    (errors.AuthError, 401),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.InputError, 422),

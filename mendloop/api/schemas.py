@@ -77,7 +77,8 @@ class EventIn(_Body):
     message: StrictStr | None = Field(default=None, max_length=4000)
     payload: dict[str, Any] = Field(default_factory=dict)
     component: StrictStr | None = Field(default=None, max_length=200)
-    dedupe_key: StrictStr | None = Field(default=None, max_length=300)
+    event_id: StrictStr | None = Field(default=None, min_length=1, max_length=300)
+    fingerprint: StrictStr | None = Field(default=None, min_length=1, max_length=64)
 
 
 class CancelRequest(_Body):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.records import EventRecord, Incident, Run, StepRecord, TrustChange, WorkOrder
 
 
 def iso(ts: float | None) -> str | None:
@@ -141,4 +141,24 @@ def trust_change(c: TrustChange) -> dict[str, Any]:
         "reason": c.reason,
         "run_id": c.run_id,
         "time": iso(c.created_at),
+    }
+
+
+def incident(i: Incident) -> dict[str, Any]:
+    return {
+        "incident_id": i.id,
+        "fingerprint": i.fingerprint,
+        "status": i.status,
+        "error_type": i.error_type,
+        "event_type": i.event_type,
+        "component": i.component,
+        "source": i.source,
+        "title": i.title,
+        "sample": i.sample,
+        "count": i.count,
+        "absorbed": i.absorbed,
+        "first_seen": iso(i.first_seen),
+        "last_seen": iso(i.last_seen),
+        "resolved_at": iso(i.resolved_at),
+        "last_run_id": i.last_run_id,
     }

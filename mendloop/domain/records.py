@@ -61,6 +61,28 @@ class Run:
     error: str | None
     trigger_event_id: int | None
     dedupe_key: str | None
+    incident_id: str | None = None
+    mutex_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    id: str
+    fingerprint: str
+    status: str
+    error_type: str | None
+    event_type: str
+    component: str | None
+    source: str
+    title: str
+    sample: str
+    count: int
+    first_seen: float
+    last_seen: float
+    resolved_at: float | None
+    last_run_id: str | None
+    last_run_at: float | None
+    absorbed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +138,30 @@ class TrustChange:
     reason: str
     run_id: str | None
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """Something a watcher or a webhook saw: counted on its incident, and maybe the start of a run."""
+
+    event_type: str
+    source: str
+    message: str
+    fingerprint: str
+    error_type: str | None = None
+    component: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    count: int = 1
+    event_id: str | None = None
+    title: str | None = None
+    resolved: bool = False
+    severity: str = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class DetectionOutcome:
+    event_id: int | None
+    incident_id: str | None
+    run_id: str | None
+    verdict: str
+    duplicate: bool = False

@@ -16,7 +16,8 @@ from mendloop.agents.redact import Redactor
 from mendloop.config import TargetConfig, WorkOrderPolicy
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import RunStatus, StepStatus
-from mendloop.errors import ActionError
+from mendloop.engine.patching import Patching
+from mendloop.errors import ActionError, PatchRejected
 from mendloop.playbooks.actions.base import ActionContext
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.actions.registry import ACTIONS
@@ -42,6 +43,7 @@ class RunnerDeps:
     rnd: random.Random
     targets: Mapping[str, TargetConfig]
     redactor: Redactor
+    patching: Patching
 
 
 class Runner:
@@ -53,7 +55,39 @@ class Runner:
         pb = self.d.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
         current: Run | None = run
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
+            if _patch_pending(current):
+                current = self._apply_patch(current, pb, owner)
+                continue
             current = self._step(current, pb, owner)
+
+    def _apply_patch(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
+        """The agent's diff, checked, tested and committed before the playbook deploys anything."""
+        started = self.d.clock()
+        key = f"{run.id}:apply_patch:1"
+
+        def outcome(status: StepStatus, output: dict[str, Any], error: str | None) -> StepOutcome:
+            return StepOutcome(run.step_index, "apply_patch", "apply_patch", 1, status, started, output, error, key)
+
+        try:
+            applied = self.d.patching.apply(run)
+        except PatchRejected as exc:
+            status = RunStatus.FAILED if _on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
+            return self._finish(
+                run,
+                owner,
+                status,
+                f"patch rejected ({exc.reason}): {exc.message}",
+                outcome(StepStatus.FAILED, {"reason": exc.reason}, exc.message),
+                changes={"outputs": {**run.outputs, "apply_patch": {"rejected": exc.reason, "message": exc.message}}},
+            )
+        return self.d.store.advance(
+            run,
+            owner,
+            outcome=outcome(StepStatus.SUCCEEDED, applied.output, None),
+            changes={"outputs": {**run.outputs, "apply_patch": applied.output}},
+            events=applied.events,
+            lease_seconds=self.d.lease_seconds,
+        )
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -295,7 +329,13 @@ class Runner:
             refreshed = self.d.store.get_run(run.id)
             return self._escalate(refreshed, owner, cs, attempt, started, key + ":escalate", scope, failure=exc)
         status = RunStatus.NEEDS_HUMAN if policy in ("needs_human", "escalate") else RunStatus.FAILED
-        return self._finish(run, owner, status, f"step {step.id!r} failed: {exc.message}", outcome, trust=trust)
+        events: list[NewEvent] = []
+        if verify_failed and run.escalated:
+            # The agent's completion was a claim; verification overrules it.
+            events = self.d.patching.overrule(run, exc.message)
+        return self._finish(
+            run, owner, status, f"step {step.id!r} failed: {exc.message}", outcome, trust=trust, events=events
+        )
 
     # -- transitions ----------------------------------------------------------------------------------------
 
@@ -405,3 +445,17 @@ def _outcome(
         error=error,
         idempotency_key=key,
     )
+
+
+def _patch_pending(run: Run) -> bool:
+    held = run.outputs.get("patch")
+    return bool(
+        run.escalated and isinstance(held, dict) and held.get("pending_apply") and "apply_patch" not in run.outputs
+    )
+
+
+def _on_patch_failure(pb: CompiledPlaybook) -> str:
+    for cs in pb.steps:
+        if cs.step.action == "escalate":
+            return str(cs.step.params.get("on_patch_failure", "needs_human"))
+    return "needs_human"

@@ -118,48 +118,6 @@ class Remediation:
             self._wake()
         return run, created
 
-    def ingest_event(
-        self,
-        *,
-        event_type: str,
-        source: str,
-        payload: dict[str, Any],
-        message: str | None = None,
-        component: str | None = None,
-        dedupe_key: str | None = None,
-    ) -> tuple[int | None, Run | None]:
-        """Store an event; when its type stands for an error that a playbook handles, start that playbook."""
-        error_type = payload.get("error_type") if isinstance(payload.get("error_type"), str) else None
-        error_type = error_type or self.settings.event_error_table().get(event_type)
-        playbook_id = None
-        if error_type is None or error_type not in self.routing:
-            for pb in self.playbooks.by_id.values():
-                if event_type in pb.model.handles.event_types:
-                    playbook_id, error_type = pb.id, error_type or event_type.replace(".", "_")
-                    break
-        if error_type is None or (error_type not in self.routing and playbook_id is None):
-            text = message or f"{event_type} from {source}"
-            stored = self.store.publish(
-                [NewEvent(type=event_type, message=text, source=source, payload=payload, component=component)]
-            )
-            return stored[0].id, None
-        description = message or str(payload.get("error") or payload.get("line") or event_type)
-        file_path = payload.get("file_path") if isinstance(payload.get("file_path"), str) else None
-        run, _ = self.trigger(
-            error_type=error_type,
-            description=description,
-            file_path=file_path,
-            component=component,
-            context={k: v for k, v in payload.items() if k not in ("error_type", "description")},
-            playbook_id=playbook_id,
-            dedupe_key=dedupe_key,
-            source=source,
-            event_type=event_type,
-            event_payload=payload,
-            event_message=message,
-        )
-        return run.trigger_event_id, run
-
     def _target(self, pb: CompiledPlaybook, component: str | None) -> str | None:
         if component and component in self.settings.targets:
             return component

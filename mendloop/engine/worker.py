@@ -32,6 +32,7 @@ class WorkerPool:
         clock: Callable[[], float],
         name: str = "w",
         housekeeping_interval: float = 1.0,
+        max_concurrent: int = 0,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -48,6 +49,7 @@ class WorkerPool:
         # Periodic chores of whoever runs workers (e.g. returning lapsed work order leases to the queue).
         self.housekeeping: list[Callable[[], object]] = []
         self.housekeeping_interval = housekeeping_interval
+        self.max_concurrent = max_concurrent
 
     def start(self) -> None:
         self.reclaim_dead()
@@ -97,7 +99,7 @@ class WorkerPool:
 
     def run_once(self, owner: str) -> bool:
         """Claim and advance one run; False when nothing was due."""
-        run = self.store.claim_run(owner, self.lease_seconds)
+        run = self.store.claim_run(owner, self.lease_seconds, max_concurrent=self.max_concurrent)
         if run is None:
             return False
         with self._held_lock:

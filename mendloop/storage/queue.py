@@ -208,6 +208,58 @@ class WorkOrderQueue:
                 )
         self.store._events(conn, published, events)
 
+    def settle_held(self, wo_id: str, *, patch_output: dict[str, Any]) -> WorkOrder:
+        """The run's patch pipeline applied the agent's diff: the held work order completes."""
+        now = self.store.clock()
+        with self.store._tx() as (conn, published):
+            wo = self._locked(conn, wo_id)
+            if wo.status is WorkOrderStatus.COMPLETED:
+                return wo
+            check_work_order_move(wo.id, wo.status, WorkOrderStatus.COMPLETED)
+            row = conn.execute(
+                sa.update(t.work_orders)
+                .where(t.work_orders.c.id == wo_id)
+                .values(
+                    status=WorkOrderStatus.COMPLETED.value,
+                    lease_id=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    completed_at=now,
+                    updated_at=now,
+                    patch_result={**(wo.patch_result or {}), "applied": patch_output},
+                )
+                .returning(*t.work_orders.c)
+            ).one()
+            self.store._events(
+                conn,
+                published,
+                [
+                    NewEvent(
+                        type="coding_agent.work_order_updated",
+                        message=f"Work order {wo.id} completed: its patch passed the checks and the tests",
+                        payload={"status": "completed", "applied": patch_output},
+                        run_id=wo.self_healing_run_id,
+                        work_order_id=wo.id,
+                        component=wo.component,
+                    )
+                ],
+            )
+        return _work_order(row)
+
+    def mark_failed(self, wo_id: str, *, reason: str, details: dict[str, Any]) -> WorkOrder:
+        """Fail a work order whose run is not parked (the run decides its own fate), e.g. when verification
+        overrules a completed patch or the patch pipeline rejects a held diff."""
+        now = self.store.clock()
+        with self.store._tx() as (conn, published):
+            wo = self._locked(conn, wo_id)
+            if wo.status is WorkOrderStatus.FAILED:
+                return wo
+            self.fail_locked(
+                conn, published, wo, reason=reason, details=details, run_status=RunStatus.NEEDS_HUMAN, now=now
+            )
+            row = conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id)).one()
+        return _work_order(row)
+
     def reap(self, run_status: RunStatus = RunStatus.NEEDS_HUMAN) -> list[str]:
         """Return lapsed leases to the queue; fail work orders out of attempts or past their deadline."""
         now = self.store.clock()

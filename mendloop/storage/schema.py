@@ -63,7 +63,12 @@ runs = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("trigger_event_id", BigId, nullable=True),
     sa.Column("dedupe_key", sa.String(300), nullable=True, unique=True),
+    sa.Column("incident_id", sa.String(64), nullable=True),
+    # Runs with the same key never run at once (storm control's per-component mutex); NULL: no mutex.
+    sa.Column("mutex_key", sa.String(300), nullable=True),
     sa.Index("ix_runs_status_next_run_at", "status", "next_run_at"),
+    sa.Index("ix_runs_incident_id", "incident_id"),
+    sa.Index("ix_runs_mutex_key", "mutex_key", "status"),
     sa.Index("ix_runs_lease_owner", "lease_owner"),
 )
 
@@ -163,4 +168,42 @@ idempotency = sa.Table(
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("response", sa.JSON, nullable=False),
     sa.Column("created_at", Epoch, nullable=False),
+)
+
+# Repeats of one error (same fingerprint) grouped: counted, with first and last sight, and the runs they caused.
+incidents = sa.Table(
+    "incidents",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error_type", sa.String(200), nullable=True),
+    sa.Column("event_type", sa.String(100), nullable=False),
+    sa.Column("component", sa.String(200), nullable=True),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("sample", sa.Text, nullable=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("first_seen", Epoch, nullable=False),
+    sa.Column("last_seen", Epoch, nullable=False),
+    sa.Column("resolved_at", Epoch, nullable=True),
+    sa.Column("last_run_id", sa.String(64), nullable=True),
+    sa.Column("last_run_at", Epoch, nullable=True),
+    sa.Column("absorbed", sa.BigInteger, nullable=False),
+    sa.Index("ix_incidents_fingerprint", "fingerprint", "status"),
+    sa.Index("ix_incidents_status_last_seen", "status", "last_seen"),
+)
+
+# Where each watcher has read up to in each file, with the file's identity, so a restart neither misses nor
+# repeats lines.
+watcher_offsets = sa.Table(
+    "watcher_offsets",
+    metadata,
+    sa.Column("watcher", sa.String(200), primary_key=True),
+    sa.Column("path", sa.String(4000), primary_key=True),
+    sa.Column("dev", sa.BigInteger, nullable=False),
+    sa.Column("inode", sa.BigInteger, nullable=False),
+    sa.Column("head_hash", sa.String(64), nullable=False),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
 )

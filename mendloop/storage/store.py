@@ -86,6 +86,7 @@ class Store:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._insert = sqlite_dialect.insert if self.is_sqlite else pg_dialect.insert
         self._update_cache: dict[tuple[str, ...], sa.Update] = {}
+        self._claim_cache: dict[bool, sa.Update] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -243,83 +244,140 @@ class Store:
     ) -> tuple[Run, bool]:
         """Create a run (and its trigger event) in one transaction. With a dedupe key already used by a run that
         has not finished, return that run instead; the flag says whether a new run was created."""
-        now = self.clock()
         with self._tx() as (conn, published):
             if dedupe_key is not None:
                 existing = conn.execute(sa.select(t.runs).where(t.runs.c.dedupe_key == dedupe_key)).first()
                 if existing is not None:
                     return _run(existing), False
-            day = _stamp(now)
-            seq = self._next_seq(conn, "run:" + day.strftime("%Y%m%d"))
-            run_id = f"run_{day:%Y%m%d_%H%M%S}_{seq:06d}"
-            trigger_id: int | None = None
-            if trigger is not None:
-                self._events(conn, published, [dataclasses.replace(trigger, run_id=run_id)])
-                trigger_id = published[-1].id
-            row = {
-                "id": run_id,
-                "playbook_id": playbook["id"],
-                "playbook_version": playbook_version,
-                "playbook_type": playbook["type"],
-                "playbook": playbook,
-                "status": RunStatus.QUEUED.value,
-                "component": component,
-                "error_type": error_type,
-                "description": description,
-                "context": context,
-                "step_index": 0,
-                "attempt": 0,
-                "outputs": {},
-                "pending": {},
-                "escalated": False,
-                "coding_work_order_id": None,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "next_run_at": now,
-                "created_at": now,
-                "updated_at": now,
-                "finished_at": None,
-                "error": None,
-                "trigger_event_id": trigger_id,
-                "dedupe_key": dedupe_key,
-            }
-            conn.execute(t.runs.insert(), row)
-            self._events(
+            run = self.insert_run(
                 conn,
                 published,
-                [
-                    NewEvent(
-                        type="self_healing.triggered",
-                        message=message,
-                        payload={"playbook_id": playbook["id"], "error_type": error_type},
-                        run_id=run_id,
-                        component=component,
-                    )
-                ],
+                playbook=playbook,
+                playbook_version=playbook_version,
+                component=component,
+                error_type=error_type,
+                description=description,
+                context=context,
+                trigger=trigger,
+                dedupe_key=dedupe_key,
+                message=message,
             )
-            if component:
-                self._move_trust(conn, published, component, TrustReason.INCIDENT, run_id)
-        return _run(row), True
+        return run, True
 
-    def claim_run(self, owner: str, lease_seconds: float) -> Run | None:
-        """Lease the next due run: a queued one whose time has come, or one whose lease lapsed."""
+    def insert_run(
+        self,
+        conn: Connection,
+        published: list[EventRecord],
+        *,
+        playbook: dict[str, Any],
+        playbook_version: str,
+        component: str | None,
+        error_type: str | None,
+        description: str,
+        context: dict[str, Any],
+        trigger: NewEvent | None,
+        message: str,
+        dedupe_key: str | None = None,
+        incident_id: str | None = None,
+        mutex_key: str | None = None,
+        status: RunStatus = RunStatus.QUEUED,
+        error: str | None = None,
+    ) -> Run:
+        """A new run inside the caller's transaction (its trigger event, the incident's trust move)."""
         now = self.clock()
+        day = _stamp(now)
+        seq = self._next_seq(conn, "run:" + day.strftime("%Y%m%d"))
+        run_id = f"run_{day:%Y%m%d_%H%M%S}_{seq:06d}"
+        trigger_id: int | None = None
+        if trigger is not None:
+            self._events(conn, published, [dataclasses.replace(trigger, run_id=run_id)])
+            trigger_id = published[-1].id
+        row = {
+            "id": run_id,
+            "playbook_id": playbook["id"],
+            "playbook_version": playbook_version,
+            "playbook_type": playbook["type"],
+            "playbook": playbook,
+            "status": status.value,
+            "component": component,
+            "error_type": error_type,
+            "description": description,
+            "context": context,
+            "step_index": 0,
+            "attempt": 0,
+            "outputs": {},
+            "pending": {},
+            "escalated": False,
+            "coding_work_order_id": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "next_run_at": now,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": now if status in RUN_FINAL else None,
+            "error": error,
+            "trigger_event_id": trigger_id,
+            "dedupe_key": dedupe_key,
+            "incident_id": incident_id,
+            "mutex_key": mutex_key,
+        }
+        conn.execute(t.runs.insert(), row)
+        self._events(
+            conn,
+            published,
+            [
+                NewEvent(
+                    type="self_healing.triggered",
+                    message=message,
+                    payload={"playbook_id": playbook["id"], "error_type": error_type, "incident_id": incident_id},
+                    run_id=run_id,
+                    component=component,
+                )
+            ],
+        )
+        if component:
+            self._move_trust(conn, published, component, TrustReason.INCIDENT, run_id)
+        return _run(row)
+
+    def claim_run(self, owner: str, lease_seconds: float, *, max_concurrent: int = 0) -> Run | None:
+        """Lease the next due run: a queued one whose time has come, or one whose lease lapsed. A run whose mutex
+        key is held by a running run waits; with `max_concurrent`, no run starts while that many execute."""
+        now = self.clock()
+        params: dict[str, Any] = {"now": now, "owner": owner, "expires": now + lease_seconds}
+        if max_concurrent:
+            params["cap"] = max_concurrent
         with self._tx() as (conn, _):
-            row = conn.execute(self._claim_stmt(), {"now": now, "owner": owner, "expires": now + lease_seconds}).first()
+            row = conn.execute(self._claim_stmt(capped=bool(max_concurrent)), params).first()
         return _run(row) if row is not None else None
 
-    @functools.cached_property
-    def _claim_stmt_cached(self) -> sa.Update:
+    def _claim_stmt(self, *, capped: bool) -> sa.Update:
+        stmt = self._claim_cache.get(capped)
+        if stmt is None:
+            stmt = self._claim_cache[capped] = self._build_claim(capped)
+        return stmt
+
+    def _build_claim(self, capped: bool) -> sa.Update:
         now: sa.BindParameter[float] = sa.bindparam("now", type_=sa.Double())
+        active = [RunStatus.RUNNING.value, RunStatus.VERIFYING.value]
+        other = t.runs.alias("other")
+        # Storm control: runs sharing a mutex key (a component) never execute at once; extra runs wait.
+        conds: list[sa.ColumnElement[bool]] = [
+            sa.or_(
+                t.runs.c.mutex_key.is_(None),
+                ~sa.exists().where(
+                    other.c.mutex_key == t.runs.c.mutex_key, other.c.status.in_(active), other.c.id != t.runs.c.id
+                ),
+            )
+        ]
+        if capped:
+            running = sa.select(sa.func.count()).select_from(other).where(other.c.status.in_(active)).scalar_subquery()
+            conds.append(running < sa.bindparam("cap", type_=sa.Integer()))
         due = (
             sa.select(t.runs.c.id)
             .where(
                 sa.or_(
-                    sa.and_(t.runs.c.status == RunStatus.QUEUED.value, t.runs.c.next_run_at <= now),
-                    sa.and_(
-                        t.runs.c.status.in_([RunStatus.RUNNING.value, RunStatus.VERIFYING.value]),
-                        t.runs.c.lease_expires_at < now,
-                    ),
+                    sa.and_(t.runs.c.status == RunStatus.QUEUED.value, t.runs.c.next_run_at <= now, *conds),
+                    sa.and_(t.runs.c.status.in_(active), t.runs.c.lease_expires_at < now),
                 )
             )
             .order_by(t.runs.c.next_run_at)
@@ -342,9 +400,6 @@ class Store:
             )
             .returning(*t.runs.c)
         )
-
-    def _claim_stmt(self) -> sa.Update:
-        return self._claim_stmt_cached
 
     def _update_leased(self, keys: tuple[str, ...]) -> sa.Update:
         """UPDATE runs SET <keys> WHERE id = :_id AND lease_owner = :_owner, built once per set of keys:
@@ -934,6 +989,8 @@ def _run(r: Row[Any] | dict[str, Any]) -> Run:
         error=d["error"],
         trigger_event_id=d["trigger_event_id"],
         dedupe_key=d["dedupe_key"],
+        incident_id=d.get("incident_id"),
+        mutex_key=d.get("mutex_key"),
     )
 
 

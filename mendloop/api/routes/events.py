@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.deps import AppDep
 from mendloop.api.schemas import ERROR_RESPONSES, EventIn
+from mendloop.app import App
+from mendloop.domain.records import Detection
+from mendloop.errors import AuthError, InputError
+from mendloop.intake.service import aggregate, records_of
 
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
@@ -29,25 +36,149 @@ async def recent(
     return {"events": [views.event(e) for e in events], "count": len(events)}
 
 
-@router.post("", status_code=202)
-async def publish(app: AppDep, body: EventIn) -> dict[str, Any]:
-    """Publish an event (e.g. `pipeline.timeout` from a watcher). An event that stands for a known error type
-    starts the playbook routed for it."""
-    event_id, run = await run_in_threadpool(
-        lambda: app.remediation.ingest_event(
-            event_type=body.event_type,
-            source=body.source,
-            payload=body.payload,
-            message=body.message,
-            component=body.component,
-            dedupe_key=body.dedupe_key,
+_EVENT_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/EventIn"},
+                        {
+                            "type": "object",
+                            "properties": {
+                                "events": {"type": "array", "items": {"$ref": "#/components/schemas/EventIn"}}
+                            },
+                            "required": ["events"],
+                        },
+                        {"type": "array", "items": {"type": "object"}},
+                    ]
+                }
+            }
+        },
+        "required": True,
+    }
+}
+
+
+def _check_intake_auth(app: App, request: Request, raw: bytes) -> None:
+    s = app.settings
+    if not (s.api_tokens or s.intake_tokens or s.webhook_hmac_secret):
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:].encode() if given.lower().startswith("bearer ") else b""
+    if token and any(hmac.compare_digest(token, t.encode()) for t in (*s.api_tokens, *s.intake_tokens)):
+        return
+    signature = request.headers.get("x-mendloop-signature", "")
+    if s.webhook_hmac_secret and signature.startswith("sha256="):
+        expected = hmac.new(s.webhook_hmac_secret.encode(), raw, hashlib.sha256).hexdigest()
+        if hmac.compare_digest(signature[7:], expected):
+            return
+    raise AuthError("a valid intake token (Authorization: Bearer) or X-Mendloop-Signature is required")
+
+
+def _parse(raw: bytes, content_type: str) -> Any:
+    text = raw.decode("utf-8", errors="replace")
+    if "ndjson" in content_type or ("\n" in text.strip() and not text.lstrip().startswith(("[", '{"events"'))):
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            pass
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"body: not valid JSON ({exc})", field="body") from exc
+
+
+def _event_in(item: Any, where: str) -> EventIn:
+    try:
+        return EventIn.model_validate(item)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        field = f"{where}.{loc}" if where else loc
+        raise InputError(f"{field}: {first['msg']}", field=field) from exc
+
+
+@router.post("", status_code=202, openapi_extra=_EVENT_BODY)
+async def publish(app: AppDep, request: Request) -> dict[str, Any]:
+    """Publish events: one `{event_type, payload, event_id?}`, a batch `{"events": [...]}`, or the JSON array
+    (or NDJSON) of log records that Fluent Bit's and Vector's HTTP outputs send, matched against the configured
+    patterns. An `event_id` makes a retried event a no-op. Detected errors open or count on incidents and start
+    runs as storm control allows."""
+    raw = await request.body()
+    _check_intake_auth(app, request, raw)
+    body = _parse(raw, request.headers.get("content-type", ""))
+    intake = app.intake
+    detections: list[Detection] = []
+    single = False
+    if isinstance(body, dict) and "events" in body:
+        items = body["events"]
+        if not isinstance(items, list):
+            raise InputError("events: must be a list", field="events")
+        if len(items) > 10_000:
+            raise InputError("events: at most 10000 per batch", field="events")
+        events = [_event_in(item, f"events.{i}") for i, item in enumerate(items)]
+    elif isinstance(body, dict):
+        events = [_event_in(body, "")]
+        single = True
+    elif isinstance(body, list):
+        if body and all(isinstance(x, dict) and "event_type" in x for x in body):
+            events = [_event_in(item, f"{i}") for i, item in enumerate(body)]
+        else:
+            events = []
+            detections = await run_in_threadpool(app.log_intake.detect_records, records_of(body), "http")
+    else:
+        raise InputError("body: expected an event object, {events: [...]}, or an array of records", field="body")
+    for e in events:
+        detections.append(
+            intake.from_event(
+                event_type=e.event_type,
+                payload=e.payload,
+                source=e.source,
+                message=e.message,
+                component=e.component,
+                event_id=e.event_id,
+                fingerprint_hint=e.fingerprint,
+            )
         )
-    )
+    outcomes = await run_in_threadpool(intake.ingest, detections if events else aggregate(detections))
+    answers = [
+        {
+            "event_id": o.event_id,
+            "incident_id": o.incident_id,
+            "run_id": o.run_id,
+            "verdict": o.verdict,
+            "duplicate": o.duplicate,
+        }
+        for o in outcomes
+    ]
+    if single:
+        d = detections[0]
+        playbook = intake.routing.get(d.error_type or "") if answers[0]["run_id"] else None
+        return {"accepted": True, **answers[0], "playbook_id": playbook}
     return {
-        "accepted": True,
-        "event_id": event_id,
-        "run_id": run.id if run else None,
-        "playbook_id": run.playbook_id if run else None,
+        "accepted": sum(1 for a in answers if not a["duplicate"]),
+        "duplicates": sum(1 for a in answers if a["duplicate"]),
+        "events": answers,
+    }
+
+
+@router.post("/alertmanager", status_code=202)
+async def alertmanager(app: AppDep, request: Request) -> dict[str, Any]:
+    """Prometheus Alertmanager webhook (v4): each alert is its own event; `resolved` closes its incident."""
+    raw = await request.body()
+    _check_intake_auth(app, request, raw)
+    body = _parse(raw, "application/json")
+    if not isinstance(body, dict) or not isinstance(body.get("alerts"), list):
+        raise InputError("alerts: an Alertmanager webhook body has a list of alerts", field="alerts")
+    detections = app.intake.from_alertmanager(body)
+    outcomes = await run_in_threadpool(app.intake.ingest, detections)
+    return {
+        "accepted": len(outcomes),
+        "events": [
+            {"event_id": o.event_id, "incident_id": o.incident_id, "run_id": o.run_id, "verdict": o.verdict}
+            for o in outcomes
+        ],
     }
 
 

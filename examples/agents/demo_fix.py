@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Stand-in for a real coding agent, driven by mendloop's `command` adapter.
+
+    mendloop agent --repo REPO --adapter command -- python examples/agents/demo_fix.py
+
+It fixes the sample service's chunking bug (a fixed 64 KB chunk size that makes large files time out) in the
+worktree the runner gives it, with the same edit as `examples/sample_service/fix_large_file_chunking.py`, and
+adds that script's regression test when the work order's constraints allow tests to change. Like a real agent it
+reads what the runner puts in its environment:
+
+    WORKTREE     the git worktree to edit (the current directory)
+    WORK_ORDER   the work order as JSON          PROMPT_FILE  the prompt a real agent would read
+    RESULT_FILE  where it writes {"summary": ...}; the runner computes the diff and runs the tests itself
+
+Swap it for a real agent with `--adapter aider`, `--adapter claude` or `--adapter codex` (see the README).
+Standard library only; never commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sample_service"))
+
+import fix_large_file_chunking as fix  # noqa: E402
+
+
+def main() -> int:
+    worktree = Path(os.environ.get("WORKTREE") or (sys.argv[1] if len(sys.argv) > 1 else "."))
+    work_order: dict[str, object] = {}
+    if os.environ.get("WORK_ORDER"):
+        work_order = json.loads(Path(os.environ["WORK_ORDER"]).read_text(encoding="utf-8"))
+    context = work_order.get("context") if isinstance(work_order.get("context"), dict) else {}
+    constraints = context.get("constraints") if isinstance(context, dict) else None
+    tests_may_change = bool(isinstance(constraints, dict) and constraints.get("tests_may_change"))
+
+    try:
+        target = Path(fix.find_target(str(worktree)))
+        new_source, already_fixed = fix.patch_source(target.read_text(encoding="utf-8"))
+    except (fix.FixError, OSError) as exc:
+        print(f"demo_fix: {exc}", file=sys.stderr)
+        return 1
+    changed: list[str] = []
+    if not already_fixed:
+        target.write_text(new_source, encoding="utf-8")
+        changed.append(os.path.relpath(target, worktree))
+    if tests_may_change:
+        test_file = target.parent / fix.TEST_PATH
+        if not test_file.exists():
+            test_file.parent.mkdir(parents=True, exist_ok=True)
+            test_file.write_text(fix.REGRESSION_TEST, encoding="utf-8")
+            changed.append(os.path.relpath(test_file, worktree))
+    summary = (
+        "chunk_size_for() now uses adaptive chunking (about 200 chunks per file, at least 1 MB), so a 500 MB "
+        "file no longer times out"
+        + ("; added a regression test" if tests_may_change else "")
+        if changed
+        else "already fixed: nothing to change"
+    )
+    print(f"demo_fix: {summary}; changed: {', '.join(changed) or 'nothing'}")
+    if os.environ.get("RESULT_FILE"):
+        Path(os.environ["RESULT_FILE"]).write_text(json.dumps({"summary": summary, "changed": changed}), "utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""/incidents: repeats of one error grouped, with their counts and runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from mendloop.api import views
+from mendloop.api.deps import AppDep
+from mendloop.api.schemas import ERROR_RESPONSES
+from mendloop.app import App
+
+router = APIRouter(prefix="/incidents", tags=["incidents"], responses=ERROR_RESPONSES)
+
+
+@router.get("")
+async def list_incidents(
+    app: AppDep,
+    status: Annotated[Literal["open", "resolved"] | None, Query()] = None,
+    fingerprint: Annotated[str | None, Query(max_length=64)] = None,
+    error_type: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    def query() -> dict[str, Any]:
+        items, total = app.incidents.find(
+            status=status, fingerprint=fingerprint, error_type=error_type, limit=limit, offset=offset
+        )
+        return {"incidents": [views.incident(i) for i in items], "count": len(items), "total": total}
+
+    return await run_in_threadpool(query)
+
+
+def _detail(app: App, incident_id: str) -> dict[str, Any]:
+    body = views.incident(app.incidents.get(incident_id))
+    body["runs"] = [{"run_id": r, "status": s} for r, s in app.incidents.runs_of(incident_id)]
+    return body
+
+
+@router.get("/{incident_id}")
+async def get_incident(app: AppDep, incident_id: str) -> dict[str, Any]:
+    return await run_in_threadpool(_detail, app, incident_id)
+
+
+@router.post("/{incident_id}/resolve")
+async def resolve_incident(app: AppDep, incident_id: str) -> dict[str, Any]:
+    await run_in_threadpool(app.incidents.resolve, incident_id)
+    return await run_in_threadpool(_detail, app, incident_id)

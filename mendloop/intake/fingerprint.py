@@ -1,0 +1,92 @@
+"""Fingerprints: the same error, whatever its values, gets the same short id, so repeats group into one incident.
+
+`normalise` replaces the variable parts of a message with placeholders: URLs, quoted values, UUIDs, timestamps,
+times, IP addresses, hex values, paths and numbers (any token of hex digits that holds a digit counts as a number,
+so that `12345678` and `a71d08e2` are the same kind of id). Every rule reads a digit run as `\\d+`, never with a
+length, so replacing any digit run with another never changes a fingerprint (the tests check this with
+hypothesis).
+
+`fingerprint_traceback` keys a parsed traceback by its exception type and its frames' files and functions: a
+code change that moves line numbers, or another value in the message, is still the same incident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from mendloop.intake.traceback import ParsedTraceback
+
+# Normalising a 10 MB line would stall intake; what follows the first 64 KiB does not change the fingerprint.
+MAX_CHARS = 64 * 1024
+
+_HEX = "0-9A-Fa-f"
+
+# (regex, placeholder) in order: earlier rules see the text before later ones split it into pieces. ASCII: `\d`
+# means [0-9] as the hex classes do, so a digit is a digit to every rule alike.
+_RULE_SOURCES: list[tuple[str, str]] = [
+    # Terminal colours.
+    (r"\x1b\[[0-9;?]*[ -/]*[@-~]", ""),
+    (r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:!?)\]]", "<url>"),
+    # Quoted values; a quote inside a word ("don't") is an apostrophe, not the start of a value.
+    (r'"(?:[^"\\\n]|\\.)*"', "<str>"),
+    (r"(?<![\w'])'(?:[^'\\\n]|\\.)*'(?![\w'])", "<str>"),
+    # UUIDs (and other ids of five dash-joined hex groups).
+    (rf"(?<![\w-])(?=[{_HEX}-]*\d)[{_HEX}]+(?:-[{_HEX}]+){{4}}(?![\w-])", "<uuid>"),
+    # ISO dates and timestamps: 2026-11-26, 2026-11-26T10:00:00.123Z, 2026-11-26 10:00:00,123+01:00.
+    (
+        r"(?<![\w.:-])\d+-\d+-\d+(?:[T ]\d+:\d+(?::\d+)?(?:[.,]\d+)?)?(?:Z|[+-]\d+(?::\d+)?)?(?![\w:])",
+        "<ts>",
+    ),
+    (r"(?<![\w.:])\d+:\d+:\d+(?:[.,]\d+)?(?![\w:])", "<time>"),
+    # IPv4 (with a port), then IPv6: hex groups and at least two colons, holding a digit.
+    (r"(?<![\w.])\d+\.\d+\.\d+\.\d+(?::\d+)?(?!\w|\.\d)", "<ip>"),
+    (rf"(?<![\w:.])(?=[{_HEX}:]*\d)(?:[{_HEX}]*:){{2,}}[{_HEX}]*(?![\w:])", "<ip>"),
+    (rf"(?<!\w)\d+[xX][{_HEX}]+(?!\w)", "<hex>"),
+    # Paths: absolute, home- or dot-relative, Windows, and relative ones that end in a file name with an extension.
+    (r"(?<![\w:/.~-])(?:~|\.\.?)?(?:/[\w.@%+=,-]+)+/?", "<path>"),
+    (r"(?<!\w)[A-Za-z]:\\[\w.@%+=,\\-]+", "<path>"),
+    (r"(?<![\w./-])(?:[\w.-]+/)+[\w-]*\.[A-Za-z][\w.]*(?![\w/])", "<path>"),
+    # Numbers: a whole token of hex digits holding a digit, else any digit run (user42 → user<n>).
+    (rf"(?<!\w)(?=[{_HEX}]*\d)[{_HEX}]+(?!\w)", "<n>"),
+    (r"\d+", "<n>"),
+    # A list of values of any length is one shape: "ids 1, 2, 3" and "ids 7" differ only in count.
+    (r"(<(?:n|str|uuid|hex|ip)>)(?:\s*,\s*<(?:n|str|uuid|hex|ip)>)+", r"\1"),
+    (r"\s+", " "),
+]
+_RULES = [(re.compile(source, re.ASCII), placeholder) for source, placeholder in _RULE_SOURCES]
+
+
+def normalise(text: str) -> str:
+    """The message with its variable parts replaced by placeholders and its whitespace collapsed."""
+    text = text[:MAX_CHARS]
+    for rx, placeholder in _RULES:
+        text = rx.sub(placeholder, text)
+    return text.strip()
+
+
+def fingerprint(text: str, *, error_type: str | None = None) -> str:
+    """16 hex digits naming the shape of `text` (and `error_type`, when given)."""
+    return _digest("line", error_type, normalise(text))
+
+
+def fingerprint_traceback(tb: ParsedTraceback, *, error_type: str | None = None) -> str:
+    """A traceback by exception type and (file name, function) of each frame: not by line numbers, not by the
+    values in its message. A traceback without frames falls back to its type and normalised message."""
+    if tb.frames:
+        return _digest(
+            "traceback", error_type, tb.exception_type, *(f"{_basename(f.file)}:{f.function}" for f in tb.frames)
+        )
+    return _digest("traceback", error_type, tb.exception_type, normalise(tb.message))
+
+
+def _basename(path: str) -> str:
+    # A traceback may come from another host or OS, so split on both separators rather than use this OS's rules.
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _digest(kind: str, error_type: str | None, *parts: str) -> str:
+    # JSON, not a separator: no two different part lists serialise to the same text.
+    key = json.dumps([kind, error_type, *parts], ensure_ascii=True)
+    return hashlib.sha1(key.encode("ascii")).hexdigest()[:16]

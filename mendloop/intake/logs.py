@@ -1,0 +1,83 @@
+"""Log records → detections: every configured pattern matched at once (hyperscan, re2 or re), named groups as
+fields, tracebacks parsed and fingerprinted by their shape. Used by the watchers and by POST /events for raw
+records from Fluent Bit or Vector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from mendloop.config import PatternConfig, Settings
+from mendloop.domain.records import Detection
+from mendloop.intake import traceback
+from mendloop.intake.fingerprint import fingerprint, fingerprint_traceback
+from mendloop.intake.matcher import Match, Matcher, Pattern
+
+
+def _pattern(p: PatternConfig, component: str | None) -> Pattern:
+    fields = {"component": p.component or component} if (p.component or component) else {}
+    return Pattern(
+        name=p.name,
+        regex=p.regex,
+        event_type=p.event_type,
+        error_type=p.error_type,
+        severity=p.severity,
+        fields={k: v for k, v in fields.items() if v},
+    )
+
+
+class LogIntake:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.matchers: dict[str, Matcher] = {}
+        for w in settings.watchers:
+            self.matchers[w.name] = Matcher.build([_pattern(p, w.component) for p in w.patterns])
+        # Records arriving over HTTP are matched against every watcher's patterns.
+        every = [_pattern(p, w.component) for w in settings.watchers for p in w.patterns]
+        self.all = Matcher.build(every) if every else None
+
+    def detect_lines(
+        self, texts: Sequence[str], *, matcher: Matcher | None, source: str, extra: Mapping[str, Any] | None = None
+    ) -> list[Detection]:
+        if matcher is None or not texts:
+            return []
+        return [self._detection(m, source, extra or {}) for m in matcher.scan_lines(texts)]
+
+    def detect_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[Detection]:
+        texts: list[str] = []
+        metas: list[dict[str, Any]] = []
+        for r in records:
+            text = next((r[k] for k in ("log", "message", "msg", "line") if isinstance(r.get(k), str)), None)
+            if text is None:
+                continue
+            texts.append(text)
+            metas.append({k: v for k, v in r.items() if k in ("host", "hostname", "file", "path", "source_type")})
+        if self.all is None:
+            return []
+        out: list[Detection] = []
+        for m in self.all.scan_lines(texts):
+            index = texts.index(m.line) if m.line in texts else -1
+            out.append(self._detection(m, source, metas[index] if index >= 0 else {}))
+        return out
+
+    def _detection(self, m: Match, source: str, extra: Mapping[str, Any]) -> Detection:
+        p = m.pattern
+        payload: dict[str, Any] = {**extra, **m.groups, "pattern": p.name, "line": m.line.splitlines()[0][:2000]}
+        parsed = traceback.parse(m.line) if "Traceback" in m.line else None
+        if parsed is not None:
+            payload["traceback"] = m.line
+            fp = fingerprint_traceback(parsed)
+        else:
+            fp = fingerprint(m.line, error_type=p.error_type)
+        if p.error_type:
+            payload["error_type"] = p.error_type
+        return Detection(
+            event_type=p.event_type,
+            source=source,
+            message=m.line[:4000],
+            fingerprint=fp,
+            error_type=p.error_type,
+            component=p.fields.get("component"),
+            payload=payload,
+            severity=p.severity,
+        )

@@ -1,0 +1,174 @@
+"""Intake: what watchers and webhooks saw becomes detections, counted on incidents, and runs where storm control
+allows. Generic JSON events, batches, Prometheus Alertmanager (webhook v4), and raw log records from Fluent Bit
+or Vector (matched against the configured patterns on the server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from mendloop.config import Settings
+from mendloop.domain.records import Detection, DetectionOutcome
+from mendloop.intake.fingerprint import fingerprint
+from mendloop.playbooks.loader import PlaybookSet
+from mendloop.storage.incidents import IncidentStore, RunSpec
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        incidents: IncidentStore,
+        playbooks: PlaybookSet,
+        routing: Mapping[str, str],
+        wake: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.incidents = incidents
+        self.playbooks = playbooks
+        self.routing = routing
+        self.event_errors = settings.event_error_table()
+        self._wake = wake
+        self._by_event_type = {e: pb.id for pb in playbooks.by_id.values() for e in pb.model.handles.event_types}
+
+    def ingest(self, detections: Sequence[Detection]) -> list[DetectionOutcome]:
+        if not detections:
+            return []
+        outcomes = self.incidents.record(detections, self.run_for)
+        if any(o.run_id for o in outcomes):
+            self._wake()
+        return outcomes
+
+    def error_type_of(self, event_type: str, payload: Mapping[str, Any]) -> str | None:
+        given = payload.get("error_type")
+        if isinstance(given, str) and given:
+            return given
+        return self.event_errors.get(event_type)
+
+    def run_for(self, d: Detection) -> RunSpec | None:
+        playbook_id = self.routing.get(d.error_type or "") or self._by_event_type.get(d.event_type)
+        pb = self.playbooks.get(playbook_id) if playbook_id else None
+        if pb is None:
+            return None
+        target = (
+            d.component if d.component in self.settings.targets else pb.model.target or self.settings.target_for(None)
+        )
+        component = d.component or target
+        error_type = d.error_type or d.event_type.replace(".", "_")
+        context: dict[str, Any] = {
+            **{k: v for k, v in d.payload.items() if k not in ("error_type", "description")},
+            "error_type": error_type,
+            "description": d.message,
+            "target": target,
+            "event": {**d.payload, "event_type": d.event_type, "line": d.message},
+            "fingerprint": d.fingerprint,
+        }
+        return {
+            "playbook": pb.document,
+            "playbook_version": pb.version,
+            "component": component,
+            "error_type": error_type,
+            "description": d.message,
+            "context": context,
+            "trigger": None,
+            "message": f"Running playbook: {pb.id}",
+        }
+
+    # -- shapes that arrive over HTTP -----------------------------------------------------------------------
+
+    def from_event(
+        self,
+        *,
+        event_type: str,
+        payload: Mapping[str, Any],
+        source: str,
+        message: str | None = None,
+        component: str | None = None,
+        event_id: str | None = None,
+        fingerprint_hint: str | None = None,
+    ) -> Detection:
+        text = message or _text_of(payload) or event_type
+        error_type = self.error_type_of(event_type, payload)
+        return Detection(
+            event_type=event_type,
+            source=source,
+            message=text,
+            fingerprint=fingerprint_hint or fingerprint(f"{event_type} {text}", error_type=error_type),
+            error_type=error_type,
+            component=component,
+            payload=dict(payload),
+            event_id=event_id,
+            severity=str(payload.get("severity", "error")),
+        )
+
+    def from_alertmanager(self, body: Mapping[str, Any], *, source: str = "alertmanager") -> list[Detection]:
+        out: list[Detection] = []
+        for alert in body.get("alerts") or []:
+            if not isinstance(alert, Mapping):
+                continue
+            labels = dict(alert.get("labels") or {})
+            annotations = dict(alert.get("annotations") or {})
+            status = str(alert.get("status") or body.get("status") or "firing")
+            name = str(labels.get("alertname") or "alert")
+            error_type = labels.get("error_type") or (name if name in self.routing else None)
+            stable = json.dumps(labels, sort_keys=True)
+            text = str(annotations.get("summary") or annotations.get("description") or name)
+            out.append(
+                Detection(
+                    event_type=f"alertmanager.{'resolved' if status == 'resolved' else 'firing'}",
+                    source=source,
+                    message=text,
+                    fingerprint=str(alert.get("fingerprint") or fingerprint(stable)),
+                    error_type=str(error_type) if error_type else None,
+                    component=labels.get("component") or labels.get("service") or labels.get("job"),
+                    payload={
+                        "labels": labels,
+                        "annotations": annotations,
+                        "status": status,
+                        "startsAt": alert.get("startsAt"),
+                    },
+                    title=f"{name}: {text}",
+                    resolved=status == "resolved",
+                    severity=str(labels.get("severity", "error")),
+                )
+            )
+        return out
+
+
+def _text_of(payload: Mapping[str, Any]) -> str | None:
+    for key in ("message", "msg", "log", "line", "error", "description"):
+        value = payload.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def records_of(body: Any) -> Iterable[Mapping[str, Any]]:
+    """Fluent Bit's and Vector's HTTP outputs send a JSON array of records (or NDJSON, handled by the caller)."""
+    if isinstance(body, list):
+        return [r for r in body if isinstance(r, Mapping)]
+    if isinstance(body, Mapping):
+        return [body]
+    return []
+
+
+def aggregate(detections: Sequence[Detection]) -> list[Detection]:
+    """Identical detections in one batch (same fingerprint, type and component, no event id) become one with a
+    count: a storm of 100,000 lines is a handful of writes, and every line is still counted."""
+    position: dict[tuple[str, str, str | None], int] = {}
+    out: list[Detection] = []
+    for d in detections:
+        if d.event_id is not None or d.resolved:
+            out.append(d)
+            continue
+        key = (d.fingerprint, d.event_type, d.component)
+        at = position.get(key)
+        if at is None:
+            position[key] = len(out)
+            out.append(d)
+        else:
+            out[at] = dataclasses.replace(out[at], message=d.message, count=out[at].count + d.count)
+    return out

@@ -1,0 +1,1 @@
+"""Event → playbook routing and storm control: decides, never acts."""
