@@ -440,6 +440,33 @@ def wo_complete(
     out.print(answer["message"], markup=False)
 
 
+@wo_cli.command("approve")
+def wo_approve(wo_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Apply a verified patch held for approval; its run resumes."""
+    answer = _call("POST", url, f"/patches/work-orders/{wo_id}/approve", token)
+    _print_json(answer) if as_json else out.print(answer["message"], markup=False)
+
+
+@wo_cli.command("merged")
+def wo_merged(wo_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Say a review branch was merged; its run resumes to deploy and verify."""
+    answer = _call("POST", url, f"/patches/work-orders/{wo_id}/merged", token)
+    _print_json(answer) if as_json else out.print(answer["message"], markup=False)
+
+
+@wo_cli.command("reject")
+def wo_reject(
+    wo_id: str,
+    reason: Annotated[str, typer.Option("--reason")] = "rejected",
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reject a patch waiting for an operator; its run needs a human."""
+    answer = _call("POST", url, f"/patches/work-orders/{wo_id}/reject", token, json={"reason": reason})
+    _print_json(answer) if as_json else out.print(f"{answer['work_order_id']}: {answer['status']}", markup=False)
+
+
 @pb_cli.command("list")
 def pb_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     answer = _call("GET", url, "/playbooks", token)

@@ -722,8 +722,11 @@ class AgentRunner:
         }
         if outcome.commit:
             body["applied_commit"] = outcome.commit
-        if self.options.apply in ("branch", "approval"):
-            # Nothing is on the checked-out branch: the server holds the run for an operator.
+        if self.options.apply == "branch" and outcome.branch:
+            # Nothing is on the checked-out branch: the server parks the run until an operator marks it merged.
+            body["branch"] = outcome.branch
+        elif self.options.apply in ("branch", "approval"):
+            # The server holds the verified patch until an operator approves it.
             body["approval_required"] = True
         return {k: v for k, v in body.items() if v is not None}
 

@@ -38,6 +38,7 @@ class CompleteRequest(_Body):
     base_commit: StrictStr | None = Field(default=None, max_length=100)
     applied_commit: StrictStr | None = Field(default=None, max_length=100)
     approval_required: StrictBool = False
+    branch: StrictStr | None = Field(default=None, max_length=250)
     agent: AgentInfo | None = None
 
 
@@ -79,6 +80,10 @@ class EventIn(_Body):
     component: StrictStr | None = Field(default=None, max_length=200)
     event_id: StrictStr | None = Field(default=None, min_length=1, max_length=300)
     fingerprint: StrictStr | None = Field(default=None, min_length=1, max_length=64)
+
+
+class RejectRequest(_Body):
+    reason: StrictStr = Field(default="rejected", min_length=1, max_length=2000)
 
 
 class CancelRequest(_Body):

@@ -9,10 +9,10 @@ from typing import Any
 from mendloop.config import Settings
 from mendloop.domain.records import NewEvent, Run, WorkOrder
 from mendloop.domain.states import RunStatus, WorkOrderStatus
-from mendloop.errors import ConfigError, Conflict, InputError, UnknownErrorType
+from mendloop.errors import ConfigError, Conflict, InputError, NotFound, UnknownErrorType
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
 from mendloop.storage.queue import FAIL_REASONS, WorkOrderQueue
-from mendloop.storage.store import Store
+from mendloop.storage.store import APPROVAL_OWNER, MERGE_OWNER, Store
 
 
 class Remediation:
@@ -137,6 +137,9 @@ class Remediation:
         extra: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         lease_id: str | None = None,
+        approval_required: bool = False,
+        branch: str | None = None,
+        release_hold: bool = False,
     ) -> dict[str, Any]:
         """The agent's claim. It is never proof: with tests passed the run is requeued to deploy, rerun and verify,
         and verification decides. With tests failed the work order fails and the run stops as its playbook says."""
@@ -156,6 +159,15 @@ class Remediation:
         # A diff is checked, tested and applied by the run's patch pipeline before anything is deployed; without
         # a repository to apply it to, it is kept and the agent's claim goes to verification as it is.
         hold = bool(diff) and tests_passed and self._repository_of(wo) is not None
+        # A patch waiting for an operator (approval, or a review branch to merge) parks the work order; the run
+        # stays parked too until the operator acts.
+        hold_owner = None
+        if tests_passed and not release_hold:
+            if branch:
+                hold_owner, hold = MERGE_OWNER, False
+                patch_result["branch"] = branch
+            elif approval_required:
+                hold_owner, hold = APPROVAL_OWNER, False
 
         def events(updated: WorkOrder, run: Run | None) -> list[NewEvent]:
             common: dict[str, Any] = {
@@ -249,10 +261,61 @@ class Remediation:
             answer=answer,
             lease_id=lease_id,
             hold_for_patch=hold,
+            hold_owner=hold_owner,
+            release_hold=release_hold,
         )
         if changed and tests_passed:
             self._wake()
         return response
+
+    def approve(self, wo_id: str) -> dict[str, Any]:
+        """An operator approves a held, verified patch: it goes through the patch pipeline and the run resumes."""
+        wo = self._held(wo_id, APPROVAL_OWNER, "approval")
+        result = wo.patch_result or {}
+        try:
+            diff: str | None = self.store.get_diff(wo_id)
+        except NotFound:
+            diff = None
+        return self.complete_work_order(
+            wo_id,
+            tests_passed=True,
+            files_changed=result.get("files_changed"),
+            diff_url=result.get("diff_url"),
+            diff=diff,
+            extra={"approved": True},
+            release_hold=True,
+        )
+
+    def merged(self, wo_id: str) -> dict[str, Any]:
+        """An operator merged the review branch: the run resumes to deploy and verify, and verification decides."""
+        wo = self._held(wo_id, MERGE_OWNER, "a merge")
+        result = wo.patch_result or {}
+        return self.complete_work_order(
+            wo_id,
+            tests_passed=True,
+            files_changed=result.get("files_changed"),
+            diff_url=result.get("diff_url"),
+            extra={"merged": True, "branch": result.get("branch")},
+            release_hold=True,
+        )
+
+    def reject(self, wo_id: str, reason: str) -> WorkOrder:
+        self._held(wo_id, None, "an operator")
+        return self.queue.fail(
+            wo_id,
+            lease_id=None,
+            reason="needs_human",
+            retryable=False,
+            details={"message": f"rejected by an operator: {reason}"},
+            run_status=RunStatus.NEEDS_HUMAN,
+        )
+
+    def _held(self, wo_id: str, owner: str | None, what: str) -> WorkOrder:
+        wo = self.store.get_work_order(wo_id)
+        held = wo.lease_owner in (APPROVAL_OWNER, MERGE_OWNER) if owner is None else wo.lease_owner == owner
+        if wo.status is not WorkOrderStatus.IN_PROGRESS or not held:
+            raise Conflict(f"work order {wo_id} is not waiting for {what}", id=wo_id, status=str(wo.status))
+        return wo
 
     def _repository_of(self, wo: WorkOrder) -> str | None:
         if wo.repository:
@@ -309,6 +372,10 @@ class Remediation:
 
 def _complete_message(wo: WorkOrder, on_failure: RunStatus) -> str:
     run = wo.self_healing_run_id
+    if wo.lease_owner == APPROVAL_OWNER:
+        return f"Work order {wo.id}: verified patch held until an operator approves it (run {run} waits)"
+    if wo.lease_owner == MERGE_OWNER:
+        return f"Work order {wo.id}: review branch waits until an operator marks it merged (run {run} waits)"
     if wo.status is WorkOrderStatus.IN_PROGRESS:
         return f"Work order {wo.id}: patch received; run {run} checks, tests and applies it, then deploys and verifies"
     if wo.status is WorkOrderStatus.COMPLETED:

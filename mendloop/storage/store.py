@@ -41,6 +41,10 @@ from mendloop.trust import TrustReason, describe, next_score
 Clock = Callable[[], float]
 # Holds a work order whose diff the run's patch pipeline has yet to check, test and apply.
 PATCH_PIPELINE_OWNER = "mendloop:patch-pipeline"
+# Hold a verified patch until an operator approves it, or a review branch until an operator marks it merged.
+APPROVAL_OWNER = "mendloop:awaiting-approval"
+MERGE_OWNER = "mendloop:awaiting-merge"
+HOLDS = (APPROVAL_OWNER, MERGE_OWNER)
 AfterCommit = Callable[[Sequence[EventRecord]], None]
 
 
@@ -675,7 +679,7 @@ class Store:
                         t.work_orders.c.id == run.coding_work_order_id,
                         t.work_orders.c.status.in_([WorkOrderStatus.QUEUED.value, WorkOrderStatus.IN_PROGRESS.value]),
                     )
-                    .values(status=WorkOrderStatus.CANCELLED.value, updated_at=now)
+                    .values(status=WorkOrderStatus.CANCELLED.value, cancel_requested=True, updated_at=now)
                 )
             self._events(
                 conn,
@@ -774,6 +778,8 @@ class Store:
         answer: Callable[[WorkOrder], dict[str, Any]],
         lease_id: str | None = None,
         hold_for_patch: bool = False,
+        hold_owner: str | None = None,
+        release_hold: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """The agent's claim that a work order is done, applied in one transaction: the work order completes
         (and its run is requeued to deploy, rerun and verify) or fails (and its run stops where the playbook
@@ -801,8 +807,9 @@ class Store:
                 return answer(wo), False
             check_lease(wo, lease_id, required=False, now=now)
             new_status = WorkOrderStatus.COMPLETED if succeeded else WorkOrderStatus.FAILED
-            if hold_for_patch and succeeded:
+            if (hold_for_patch or hold_owner) and succeeded:
                 new_status = WorkOrderStatus.IN_PROGRESS
+            owner = hold_owner or (PATCH_PIPELINE_OWNER if hold_for_patch else None)
             if new_status is not wo.status:
                 check_work_order_move(wo.id, wo.status, new_status)
             conn.execute(
@@ -815,7 +822,7 @@ class Store:
                     updated_at=now,
                     fail_reason=fail_reason,
                     lease_id=None,
-                    lease_owner=PATCH_PIPELINE_OWNER if new_status is WorkOrderStatus.IN_PROGRESS else None,
+                    lease_owner=owner if new_status is WorkOrderStatus.IN_PROGRESS else None,
                     lease_expires_at=None,
                 )
             )
@@ -828,7 +835,7 @@ class Store:
             run: Run | None = None
             if wo.self_healing_run_id:
                 run_row = conn.execute(sa.select(t.runs).where(t.runs.c.id == wo.self_healing_run_id)).first()
-                if run_row is not None and RunStatus(run_row.status) is RunStatus.AWAITING_PATCH:
+                if run_row is not None and RunStatus(run_row.status) is RunStatus.AWAITING_PATCH and not hold_owner:
                     run = _run(run_row)
                     if succeeded:
                         values: dict[str, Any] = {

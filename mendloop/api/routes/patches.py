@@ -18,6 +18,7 @@ from mendloop.api.schemas import (
     CompleteRequest,
     FailRequest,
     HeartbeatRequest,
+    RejectRequest,
     TriggerRequest,
 )
 from mendloop.app import App
@@ -87,8 +88,28 @@ async def complete_work_order(
             extra=extra,
             idempotency_key=idempotency_key,
             lease_id=body.lease_id,
+            approval_required=body.approval_required,
+            branch=body.branch,
         )
     )
+
+
+@router.post("/work-orders/{work_order_id}/approve")
+async def approve_work_order(app: AppDep, work_order_id: str) -> dict[str, Any]:
+    """Apply a verified patch held for approval (`--apply approval`); the run resumes."""
+    return await run_in_threadpool(app.remediation.approve, work_order_id)
+
+
+@router.post("/work-orders/{work_order_id}/merged")
+async def merged_work_order(app: AppDep, work_order_id: str) -> dict[str, Any]:
+    """Mark a review branch (`--apply branch`) merged; the run resumes to deploy and verify."""
+    return await run_in_threadpool(app.remediation.merged, work_order_id)
+
+
+@router.post("/work-orders/{work_order_id}/reject")
+async def reject_work_order(app: AppDep, work_order_id: str, body: RejectRequest | None = None) -> dict[str, Any]:
+    wo = await run_in_threadpool(app.remediation.reject, work_order_id, body.reason if body else "rejected")
+    return views.work_order(wo)
 
 
 @router.post("/work-orders/claim", responses={204: {"description": "No work within wait_seconds"}})
@@ -132,7 +153,8 @@ async def claim_work_order(app: AppDep, body: ClaimRequest) -> Response:
 @router.post("/work-orders/{work_order_id}/heartbeat")
 async def heartbeat(app: AppDep, work_order_id: str, body: HeartbeatRequest) -> dict[str, Any]:
     wo = await run_in_threadpool(app.remediation.heartbeat, work_order_id, body.lease_id, body.note)
-    return {"lease_expires_at": views.iso(wo.lease_expires_at), "cancel_requested": wo.cancel_requested}
+    cancel = wo.cancel_requested or wo.status is WorkOrderStatus.CANCELLED
+    return {"lease_expires_at": views.iso(wo.lease_expires_at), "cancel_requested": cancel}
 
 
 @router.post("/work-orders/{work_order_id}/fail")
