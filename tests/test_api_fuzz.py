@@ -33,10 +33,13 @@ def test_api_never_errors(api: object) -> None:
             continue  # an endless stream
 
         @given(case=op.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # Derandomized so CI is reproducible; run with other seeds locally to explore further.
+        @settings(
+            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def check(case: schemathesis.Case) -> None:
-            if case.path == "/patches/trigger" and isinstance(case.body, dict):
-                case.body["wait_seconds"] = 0
+            if case.path in ("/patches/trigger", "/patches/work-orders/claim") and isinstance(case.body, dict):
+                case.body["wait_seconds"] = 0  # long waits are for real clients, not for a fuzzer
             case.call_and_validate(excluded_checks=[negative_data_rejection, positive_data_acceptance])
 
         check()

@@ -30,7 +30,7 @@ router = APIRouter(prefix="/patches", tags=["patches"], responses=ERROR_RESPONSE
 RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this status")]
 WorkOrderStatusQ = Annotated[WorkOrderStatus | None, Query(description="Only work orders in this status")]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
 
 @router.get("/work-orders")
