@@ -740,3 +740,52 @@ def test_extract_diff_takes_the_fenced_diff() -> None:
     answer = "Here:\n```diff\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n```\nDone."
     assert extract_diff(answer) == "--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n"
     assert extract_diff("no diff here") is None
+
+
+@pytest.mark.slow
+def test_a_runner_killed_mid_work_loses_its_lease_and_another_runner_finishes(tmp_path: Path, rig_factory: Any) -> None:
+    repo = calc_repo(tmp_path)
+    rig = rig_factory(repo, verify_calc(repo))  # agent_lease_seconds=3, max_attempts=1 in the rig
+    run_id, wo_id = rig.escalate()
+    # The rig allows one attempt; this story needs a second one for the surviving runner.
+    with rig.app.store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE work_orders SET max_attempts = 2")
+    pid_file = tmp_path / "child.pid"
+    log = (tmp_path / "runner1.log").open("wb")
+    first = subprocess.Popen(
+        mendloop_argv(
+            "agent",
+            "--repo",
+            str(repo),
+            "--adapter",
+            "command",
+            "--url",
+            rig.url,
+            "--once",
+            "--run-as",
+            "none",
+            "--timeout",
+            "120",
+            "--",
+            PY,
+            str(AGENTS / "hang.py"),
+            str(pid_file),
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 20)
+        assert rig.work_order(wo_id)["leased_to"]
+        first.kill()  # kill -9: no fail, no complete, no heartbeat any more
+        first.wait()
+    finally:
+        log.close()
+    # Its agent dies with it, and its lease lapses back into the queue.
+    wait_for(lambda: _gone(int(pid_file.read_text())), 10)
+    wait_for(lambda: rig.work_order(wo_id)["status"] == "queued", 20)
+    outcome = rig.run_once([PY, str(AGENTS / "fix_calc.py")])
+    assert outcome.status == "completed", outcome.message
+    wait_for(lambda: rig.run_status(run_id) == "completed", 30)
+    wo = rig.work_order(wo_id)
+    assert wo["status"] == "completed" and wo["attempts"] == 2
