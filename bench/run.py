@@ -3,6 +3,11 @@
 1. runs/s of a 3-step no-op playbook on SQLite in one process, beside the same number of bare SQLite commits.
 2. p50/p99 of trigger → completed for `database_reconnect` against the real sample service.
 3. After kill -9 of `mendloop serve`, how soon after the restarted server is ready the interrupted run resumes.
+4. The agent runner's own overhead per work order on a repository of 5,000 files (bench/runner.py), beside bare
+   `git worktree add` + `git apply` + `git commit` in the same run.
+5. Webhook intake on SQLite against a real `mendloop serve`, the load from a second process (bench/intake.py):
+   single-event POSTs/s, p50/p99 at 1,000 requests/s, events/s in batches of 500, beside an HTTP server that
+   stores nothing and bare SQLite commits/s, measured in the same run; then kill -9 and every 2xx counted.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ sys.path.insert(0, str(ROOT))
 from mendloop.app import App  # noqa: E402
 from mendloop.config import load_settings  # noqa: E402
 from mendloop.domain.states import RunStatus  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import intake as intake_bench  # noqa: E402
+import runner as agent_runner_bench  # noqa: E402
 
 
 def free_port() -> int:
@@ -225,6 +234,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--runner-orders", type=int, default=7, help="Work orders through the agent runner.")
+    parser.add_argument("--intake-seconds", type=float, default=5.0, help="Length of each webhook intake figure.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mendloop-bench-") as d:
@@ -235,7 +246,9 @@ def main() -> None:
         tp = bench_throughput(tmp / "a", args.runs)
         lat = bench_latency(tmp / "b", args.samples)
         res = bench_resume(tmp / "c")
-    result = {"throughput": tp, "latency": lat, "resume": res}
+    agent = agent_runner_bench.run(files=5000, orders=args.runner_orders)
+    intake = intake_bench.run(duration=args.intake_seconds)
+    result = {"throughput": tp, "latency": lat, "resume": res, "agent_runner": agent, "intake": intake}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -252,6 +265,8 @@ def main() -> None:
     # Dead workers' leases are released while the server starts, so the run usually resumes before /health answers.
     when = f"{after:.0f} ms after" if after >= 0 else f"{-after:.0f} ms before"
     print(f"  interrupted run resumed {when} the restarted server reported ready (lease 300 s)   goal <= 1000 ms after")
+    print("\n".join(agent_runner_bench.report(agent)))
+    print("\n".join(intake_bench.report(intake)))
 
 
 if __name__ == "__main__":

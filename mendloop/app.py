@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -18,6 +19,7 @@ from mendloop.engine.patching import Patching
 from mendloop.engine.runner import Runner, RunnerDeps
 from mendloop.engine.service import Remediation
 from mendloop.engine.worker import WorkerPool
+from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
 from mendloop.playbooks.actions.capability import Capabilities
@@ -28,6 +30,10 @@ from mendloop.storage.incidents import IncidentStore
 from mendloop.storage.queue import WorkOrderQueue
 from mendloop.storage.store import Store
 
+if TYPE_CHECKING:
+    from mendloop.agents.embedded import EmbeddedRunner
+    from mendloop.intake.watcher import WatcherService
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +42,10 @@ class App:
     settings: Settings
     clock: Callable[[], float] = time.time
     rnd: random.Random = field(default_factory=random.Random)
+    # `serve` sets it: start the agent runner of `settings.agent_runner` (when enabled) against this server.
+    embedded_agent: bool = False
+    # `serve` sets it: open() starts the log watchers of `settings.watchers` (one process per set of files).
+    watch: bool = False
     # Filled by open().
     bus: Bus = field(init=False)
     store: Store = field(init=False)
@@ -45,11 +55,22 @@ class App:
     workers: WorkerPool = field(init=False)
     incidents: IncidentStore = field(init=False)
     intake: Intake = field(init=False)
+    # Group commit for single events posted over HTTP.
+    batcher: IntakeBatcher = field(init=False)
     log_intake: LogIntake = field(init=False)
     http: httpx.Client = field(init=False)
     ready: bool = field(default=False, init=False)
+    agent_runner: EmbeddedRunner | None = field(default=None, init=False)
+    watchers: WatcherService | None = field(default=None, init=False)
 
-    def open(self, *, upgrade: bool = True, start_workers: bool = True, workers: int | None = None) -> App:
+    def open(
+        self,
+        *,
+        upgrade: bool = True,
+        start_workers: bool = True,
+        workers: int | None = None,
+        start_watchers: bool | None = None,
+    ) -> App:
         s = self.settings
         templates = Templates()
         self.playbooks = PlaybookSet.load(s.playbook_dirs, templates)
@@ -100,13 +121,36 @@ class App:
             routing=self.remediation.routing,
             wake=self.workers.notify,
         )
+        self.batcher = IntakeBatcher(self.intake)
+        embedded = None
+        if self.embedded_agent and s.agent_runner.enabled:
+            from mendloop.agents.embedded import EmbeddedRunner
+
+            embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
         if start_workers:
             self.workers.start()
+        if embedded is not None:
+            self.agent_runner = embedded.start()
+        if s.watchers and (self.watch if start_watchers is None else start_watchers):
+            from mendloop.intake.watcher import WatcherService
+            from mendloop.storage.offsets import DbOffsetStore
+
+            self.watchers = WatcherService(
+                settings=s, intake=self.intake, log_intake=self.log_intake, offsets=DbOffsetStore(self.store)
+            ).start()
         self.ready = True
         return self
 
     def close(self) -> None:
         self.ready = False
+        if self.watchers is not None:
+            self.watchers.stop()  # hands over what it read and checkpoints, before the store closes
+            self.watchers = None
+        if self.agent_runner is not None:
+            self.agent_runner.stop()  # kills its agent's process group
+            self.agent_runner = None
+        if hasattr(self, "batcher"):
+            self.batcher.close()  # commits the events already queued, before the store closes
         if hasattr(self, "workers"):
             self.workers.stop()
         if hasattr(self, "http"):

@@ -78,7 +78,7 @@ def serve(
     settings = load_settings(config, host=host, port=port, workers=workers)
     if not _is_loopback(settings.host) and not settings.api_tokens:
         fail(f"refusing to listen on {settings.host} without api_tokens; set MENDLOOP_API_TOKENS or use 127.0.0.1")
-    app = App(settings)
+    app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
     api = create_api(app)
     server = uvicorn.Server(
         uvicorn.Config(api, host=settings.host, port=settings.port, log_level=log_level, access_log=False)
@@ -109,6 +109,35 @@ def worker(
         stop.wait()
     finally:
         app.close()
+
+
+@cli.command()
+def watch(
+    config: ConfigOpt = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    spool: Annotated[
+        Path,
+        typer.Option(
+            "--spool",
+            envvar="MENDLOOP_SPOOL",
+            file_okay=False,
+            help="Where events wait while the server is unreachable, and the files' offsets.",
+        ),
+    ] = Path(".mendloop/spool"),
+    log_level: Annotated[str, typer.Option(envvar="MENDLOOP_LOG_LEVEL")] = "info",
+) -> None:
+    """Forwarder: run the config's `watchers:` on this host and ship their events to the server's POST /events,
+    buffering on disk while it is unreachable."""
+    from mendloop.config import load_settings
+    from mendloop.intake.forwarder import Forwarder, run_forwarder
+
+    _logging(log_level)
+    settings = load_settings(config)
+    forwarder = Forwarder(settings, url=url, token=token, spool_dir=spool)
+    names = ", ".join(w.name for w in settings.watchers)
+    err.print(f"mendloop watch: {names} → {url}/events (spool {spool})", markup=False)
+    run_forwarder(forwarder)
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -152,6 +152,36 @@ class WatcherConfig(_Strict):
     max_line_bytes: int = Field(default=65536, ge=256)
 
 
+class AgentRunnerConfig(_Strict):
+    """The agent runner embedded in `serve` (the same runner as `mendloop agent`), claiming from the server's own
+    URL on the loopback. `repository` is relative to the config file; `argv` goes to the adapter as the argv after
+    `--` on `mendloop agent` (the program itself for `command`: give absolute paths, it runs in a worktree)."""
+
+    enabled: bool = False
+    repository: str | None = Field(default=None, description="The git repository the runner patches.")
+    adapter: str | None = Field(default=None, description="aider, claude, codex, openhands, command or openai.")
+    argv: list[str] = Field(default_factory=list)
+    test_command: list[str] | None = Field(default=None, description="Default: the work order's (the target's).")
+    apply: Literal["commit", "branch", "approval"] = "commit"
+    timeout: float = Field(default=1800, gt=0, description="Seconds the agent may run.")
+    test_timeout: float = Field(default=600, gt=0)
+    agent_id: str = Field(default="embedded", min_length=1)
+    run_as: str = Field(default="auto", pattern=r"^(auto|none|\d+(:\d+)?)$", description="auto | none | UID:GID")
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> AgentRunnerConfig:
+        if self.enabled and not self.repository:
+            raise ValueError("an enabled agent_runner needs a repository")
+        if self.enabled and not self.adapter:
+            raise ValueError("an enabled agent_runner needs an adapter")
+        if self.adapter:
+            from mendloop.agents.adapters import adapter_names
+
+            if self.adapter not in adapter_names():
+                raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(adapter_names())}")
+        return self
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -195,6 +225,9 @@ class Settings(BaseSettings):
     )
     secret_patterns: list[str] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted from work order context."
+    )
+    agent_runner: AgentRunnerConfig = Field(
+        default_factory=AgentRunnerConfig, description="The agent runner embedded in `serve` (off by default)."
     )
 
     @classmethod
@@ -259,6 +292,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         for watcher in data.get("watchers") or []:
             if isinstance(watcher, dict) and isinstance(watcher.get("paths"), list):
                 watcher["paths"] = [str(base / str(p)) for p in watcher["paths"]]
+        runner = data.get("agent_runner")
+        if isinstance(runner, dict) and isinstance(runner.get("repository"), str):
+            runner["repository"] = str(base / runner["repository"])
     try:
         settings = Settings(**data)
     except ValidationError as exc:

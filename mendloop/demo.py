@@ -1,8 +1,12 @@
 """`mendloop demo`: the sample service and `mendloop serve`, started side by side, and the spec's four tests.
 
-The sample service is copied into `<state>/sample_service` as its own git repository, so the stand-in coding agent
-patches, tests and commits a copy and the checkout is never touched. Both processes are children of the demo: it
-stops them (by PID, terminate then kill) however it ends: the story's end with `--exit`, Ctrl-C, SIGTERM or SIGHUP.
+The sample service is copied into `<state>/sample_service` as its own git repository. In the story, `serve` runs
+the agent runner embedded in it (`agent_runner:` in the generated config): it claims the escalated work order and
+drives `examples/agents/demo_fix.py`, the stand-in for a real coding agent, through the `command` adapter; the
+runner computes the diff, checks it, runs the service's tests in a fresh worktree and commits to the copy, so the
+checkout is never touched. With `--no-story` no agent of any kind runs. Both processes are children of the demo:
+it stops them (by PID, terminate then kill) however it ends: the story's end with `--exit`, Ctrl-C, SIGTERM or
+SIGHUP.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mendloop.config import load_settings
+from mendloop.config import AgentRunnerConfig, load_settings
 from mendloop.domain.states import RUN_FINAL, RunStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +44,9 @@ SAMPLE_SERVICE = REPO_ROOT / "examples" / "sample_service"
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 TARGET = "sample_service"
 STAND_IN = "fix_large_file_chunking.py"
+DEMO_AGENT = REPO_ROOT / "examples" / "agents" / "demo_fix.py"
+AGENT_ID = "demo-runner"
+NOBODY = 65534
 
 # A fixed identity, so the copy's commits never depend on (or fail for lack of) the user's git configuration.
 GIT = (
@@ -116,6 +123,10 @@ class Demo:
     database: str = ""
     trigger_timeout: float = 60.0
     wrote_info: bool = False
+    story_mode: bool = True
+    agent_python: str = sys.executable
+    agent_run_as: str = "auto"
+    runner: AgentRunnerConfig = field(default_factory=AgentRunnerConfig)
 
     @property
     def copy(self) -> Path:
@@ -185,12 +196,30 @@ class Demo:
         except (KeyError, TypeError) as exc:
             raise DemoError(f"{QUICKSTART} has no targets.{TARGET}") from exc
         target["base_url"] = self.service_url
+        # The copy is the target's repository; its own tests judge a patch (the server's and the runner's).
+        tests = [self.agent_python, "-B", "-m", "unittest", "discover", "-s", "tests"]
+        target["repository"] = str(self.copy)
+        target["test_command"] = tests
+        target.setdefault("patch", {})["tests_may_change"] = True  # the stand-in adds a regression test
+        # The story's coding agent: the runner embedded in `serve`. Off with --no-story: no agent of any kind.
+        config["agent_runner"] = {
+            "enabled": self.story_mode,
+            "repository": str(self.copy),
+            "adapter": "command",
+            "argv": [self.agent_python, str(DEMO_AGENT)],
+            "test_command": tests,
+            "apply": "commit",
+            "timeout": 120,
+            "agent_id": AGENT_ID,
+            "run_as": self.agent_run_as,
+        }
         config["database_url"] = f"sqlite:///{self.state / 'mendloop.db'}"
         header = "# Written by `mendloop demo` from examples/quickstart.yaml; MENDLOOP_* variables still override it.\n"
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         settings = load_settings(self.config_path)
         self.database = settings.database_url
         self.trigger_timeout = settings.trigger_wait_seconds + 30
+        self.runner = settings.agent_runner  # as MENDLOOP_AGENT_RUNNER__* may have changed it (a real agent)
         if settings.api_tokens:
             self.headers = {"Authorization": f"Bearer {settings.api_tokens[0]}"}
         host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -240,6 +269,7 @@ class Demo:
         # The pid in /health proves the answer comes from this child, not from some other process on the port.
         _poll(lambda: self._healthy(service.url, lambda b: b.get("pid") == service.proc.pid), service, "/health")
 
+        self.agent_python, self.agent_run_as = _agent_python()
         self._write_config()
         mendloop_env = {
             **env,
@@ -337,17 +367,29 @@ class Demo:
             out.print(table)
             out.print(f"count={listing['count']}  " + "  ".join(f"{k}={v}" for k, v in listing["stats"].items()))
 
-            out.rule("Test 4: the coding agent patches, the run resumes")
-            body = self._stand_in_agent(wo_id)
-            done = self._api(
-                client,
-                "POST",
-                f"/patches/work-orders/{wo_id}/complete",
-                json=body,
-                headers={"Idempotency-Key": f"mendloop-demo-{wo_id}"},
+            out.rule("Test 4: the agent runner fixes the code, the run resumes")
+            as_nobody = " as uid 65534" if self.runner.run_as == "auto" and os.geteuid() == 0 else ""
+            if self.runner.adapter == "command" and str(DEMO_AGENT) in self.runner.argv:
+                out.print(
+                    "[yellow]stand-in for a real coding agent[/]: the agent runner embedded in mendloop serve "
+                    f"([bold]{escape(self.runner.agent_id)}[/]) claims {escape(wo_id)} and drives "
+                    f"{escape(_shown(DEMO_AGENT))} through its `command` adapter, in a git worktree of the copy"
+                    f"{as_nobody}. A real agent takes its place with agent_runner.adapter: aider, claude or codex "
+                    "(see the README)."
+                )
+            else:
+                out.print(
+                    f"the agent runner embedded in mendloop serve ([bold]{escape(self.runner.agent_id)}[/]) claims "
+                    f"{escape(wo_id)} and drives [bold]{escape(str(self.runner.adapter))}[/] "
+                    f"{escape(' '.join(self.runner.argv))} in a git worktree of the copy{as_nobody}"
+                )
+            out.print(
+                "[dim]the runner computes the diff itself, checks it, runs the service's tests in a fresh worktree "
+                "and commits with a Work-Order: trailer; the run then deploys (restart), reruns and verifies[/]"
             )
-            out.print(escape(str(done.get("message", done))))
             detail = self._wait_finished(client, run_id)
+            wo = self._api(client, "GET", f"/patches/work-orders/{wo_id}")
+            self._print_patch(wo)
             self._print_run(detail)
             trust = detail["trust"]
             out.print(
@@ -356,50 +398,39 @@ class Demo:
             )
             return bool(ok1 and detail["status"] == RunStatus.COMPLETED)
 
-    def _stand_in_agent(self, wo_id: str) -> dict[str, Any]:
-        """What a real coding agent would do in the repository: patch, run the tests, commit, report."""
+    def _print_patch(self, wo: dict[str, Any]) -> None:
+        """What the runner reported (its own figures), and the commit it made in the copy."""
         out = self.out
-        out.print(f"[yellow]stand-in for a real coding agent[/]: {STAND_IN} in {escape(str(self.copy))}")
-        fix = subprocess.run(
-            [sys.executable, "-B", STAND_IN, "."], cwd=self.copy, capture_output=True, text=True, check=False
+        result = wo.get("patch_result") or {}
+        if wo.get("status") != "completed":
+            out.print(
+                f"[red]work order {escape(wo['work_order_id'])} {escape(str(wo.get('status')))}[/]"
+                f" ({escape(str(wo.get('fail_reason')))}): {escape(json.dumps(result)[:2000])}"
+            )
+            return
+        agent = result.get("agent") or {}
+        out.print(
+            f"work order {wo['work_order_id']} completed: agent {agent.get('name')} ({agent.get('version', '')}), "
+            f"the runner's own tests passed: {result.get('tests_passed')}, "
+            f"files changed: {result.get('files_changed')}",
+            markup=False,
         )
-        out.print(f"  {escape((fix.stdout or fix.stderr).strip())}")
-        if fix.returncode != 0:
-            raise DemoError(f"the stand-in agent failed (exit {fix.returncode})", fix.stderr)
-        tests = subprocess.run(
-            [sys.executable, "-B", "-m", "unittest", "discover", "-s", "tests"],
-            cwd=self.copy,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        summary = [ln for ln in tests.stderr.splitlines() if ln.startswith(("Ran ", "OK", "FAILED"))]
-        out.print(f"  the service's tests: {escape(' / '.join(summary))}")
-        base = self._git("rev-parse", "HEAD").strip()
-        self._git("add", "-A")
-        files = [f for f in self._git("diff", "--cached", "--name-only").splitlines() if f]
-        diff = self._git("diff", "--cached")
-        message = f"Adaptive chunking for large files\n\nWork-Order: {wo_id}\n"
-        self._git("commit", "-q", "-m", message)
-        commit = self._git("rev-parse", "--short", "HEAD").strip()
-        out.print(f"  committed {commit} ({len(files)} files: {escape(', '.join(files))}) with Work-Order: {wo_id}")
-        return {
-            "tests_passed": tests.returncode == 0,
-            "files_changed": len(files),
-            "diff": diff,
-            "summary": f"commit {commit}: adaptive chunking in chunk_size_for(), regression test added",
-            "base_commit": base,
-            "agent": {"name": f"{STAND_IN} (stand-in)"},
-        }
+        commit = str(result.get("applied_commit") or "")
+        if commit:
+            shown = self._git("show", "--stat", "--format=commit %H%n    %s%n    %(trailers:only,unfold)", commit)
+            out.print(re.sub(r"\n\s*\n+", "\n", shown).rstrip(), markup=False)
+        out.print(f"diff: {self.api_url}/patches/diffs/{wo['work_order_id']}.diff", markup=False)
 
     def _wait_finished(self, client: httpx.Client, run_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + RUN_FINISH_SECONDS
+        # A real agent may take a while; the stand-in takes about a second.
+        allowed = RUN_FINISH_SECONDS + self.runner.timeout + self.runner.test_timeout
+        deadline = time.monotonic() + allowed
         while True:
             detail: dict[str, Any] = self._api(client, "GET", f"/patches/runs/{run_id}")
             if detail["status"] in RUN_FINAL:
                 return detail
             if time.monotonic() > deadline:
-                raise DemoError(f"run {run_id} is still {detail['status']} after {RUN_FINISH_SECONDS:.0f}s")
+                raise DemoError(f"run {run_id} is still {detail['status']} after {allowed:.0f}s")
             for child in self.children:
                 child.check_alive()
             time.sleep(POLL_SECONDS * 3)
@@ -482,7 +513,7 @@ class Demo:
 
 def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: bool, story: bool, out: Console) -> int:
     """Start both, walk the story (or print the commands), serve until stopped. 0 when the story's run completed."""
-    demo = Demo(port=port, service_port=service_port, state=state_dir.resolve(), out=out)
+    demo = Demo(port=port, service_port=service_port, state=state_dir.resolve(), out=out, story_mode=story)
     result: int | None = None
     with _signals_interrupt():
         try:
@@ -519,6 +550,43 @@ def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: boo
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _agent_python() -> tuple[str, str]:
+    """The interpreter for the stand-in agent and the tests, and the runner's `run_as`. As root the runner runs
+    them as uid 65534 ("auto"), which needs a Python that user can start and a checkout it can read; without one
+    (a checkout under /root, say) the demo runs them as the current user ("none") and says so in the config."""
+    if os.geteuid() != 0:
+        return sys.executable, "auto"
+    probe = f"import sys; sys.path.insert(0, {str(SAMPLE_SERVICE)!r}); import fix_large_file_chunking"
+    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if not candidate or not os.path.isfile(candidate):
+            continue
+        try:
+            proc = subprocess.run(
+                [candidate, "-B", "-c", f"{probe}; open({str(DEMO_AGENT)!r}).read()"],
+                user=NOBODY,
+                group=NOBODY,
+                extra_groups=[],
+                cwd="/",
+                env={"PATH": os.environ.get("PATH", os.defpath)},
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if proc.returncode == 0:
+            return candidate, "auto"
+    return sys.executable, "none"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _quickstart() -> dict[str, Any]:

@@ -5,7 +5,11 @@
 # 2. unless MENDLOOP_TEST_POSTGRES_URL is already set, starts a throwaway PostgreSQL cluster in a fresh
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
-# 3. runs `.venv/bin/python -m pytest "$@"` and exits with its code. pytest's 5 ("no tests collected")
+# 3. installs the real coding agent CLIs (aider, claude, codex; pinned) into .agent-clis/ with
+#    scripts/agent-clis.sh (idempotent: a stamp file; ~40 s the first time) and puts them on PATH, so the
+#    adapters' `--help` checks and the aider end-to-end test run (in CI they fail rather than skip without
+#    them). MENDLOOP_SKIP_AGENT_CLIS=1 skips the install; outside CI a failed install only warns;
+# 4. runs `.venv/bin/python -m pytest "$@"` and exits with its code. pytest's 5 ("no tests collected")
 #    is non-zero, so it fails the run too.
 set -euo pipefail
 
@@ -74,6 +78,17 @@ if [ -z "${MENDLOOP_TEST_POSTGRES_URL:-}" ]; then
     done
     [ -n "$started" ] || { echo "test.sh: could not start the PostgreSQL test cluster" >&2; exit 1; }
     export MENDLOOP_TEST_POSTGRES_URL="postgresql+psycopg://test@127.0.0.1:$port/postgres"
+fi
+
+if [ "${MENDLOOP_SKIP_AGENT_CLIS:-0}" != 1 ]; then
+    if bash scripts/agent-clis.sh "$ROOT/.agent-clis"; then
+        export PATH="$ROOT/.agent-clis/bin:$PATH"
+    elif [ -n "${CI:-}" ]; then
+        echo "test.sh: installing the agent CLIs failed" >&2
+        exit 1
+    else
+        echo "test.sh: installing the agent CLIs failed; their tests will skip" >&2
+    fi
 fi
 
 rc=0

@@ -25,7 +25,8 @@ from mendloop.agents.adapters import AgentTask, build_prompt, extract_diff
 from mendloop.agents.agent_runner import NOBODY, AgentRunner, Outcome, RunnerOptions
 from mendloop.agents.client import AgentClient, Claim, Heartbeat
 from mendloop.app import App
-from mendloop.errors import Conflict
+from mendloop.config import Settings, load_settings
+from mendloop.errors import ConfigError, Conflict
 from tests.support import api_server, mendloop_argv, open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
@@ -509,7 +510,17 @@ class _StandIn(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": self.answer}}]}).encode()
+        completion = {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "stand-in"),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": self.answer}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
+        }
+        data = json.dumps(completion).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -551,6 +562,181 @@ def test_openai_adapter_applies_the_models_diff(tmp_path: Path, rig_factory: Any
     assert "return a * b" in request["body"]["messages"][1]["content"]  # calc.py's contents were sent
     agent = rig.work_order(wo_id)["patch_result"]["agent"]
     assert agent == {"name": "openai", "version": "stand-in", "model": "stand-in"}
+
+
+@pytest.fixture
+def stand_in_model() -> Iterator[str]:
+    """A stand-in OpenAI-compatible chat-completions server on 127.0.0.1; yields its /v1 base URL."""
+    _StandIn.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_aider_runs_for_real_through_the_runner(tmp_path: Path, rig_factory: Any, stand_in_model: str) -> None:
+    """The real aider CLI (scripts/agent-clis.sh), driven by the runner against the stand-in model server, which
+    answers with an edit in aider's `whole` format; the runner computes the diff, tests and commits it."""
+    require_cli("aider")
+    repo = calc_repo(tmp_path)
+    rig = rig_factory(repo, verify_calc(repo))
+    before = git(repo, "rev-parse", "HEAD").strip()
+    run_id, wo_id = rig.escalate()
+    fixed = CALC.replace("a * b", "a + b")
+    _StandIn.answer = f"The function multiplies instead of adding.\n\ncalc.py\n```python\n{fixed}```\n"
+    metadata = tmp_path / "model-metadata.json"
+    limits = {"max_input_tokens": 32000, "max_output_tokens": 4096, "max_tokens": 4096}
+    costs = {"input_cost_per_token": 0, "output_cost_per_token": 0}
+    entry = {**limits, **costs, "litellm_provider": "openai", "mode": "chat"}
+    metadata.write_text(json.dumps({"openai/stand-in": entry}))
+    home = tmp_path / "home"
+    home.mkdir()
+    environ = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "OPENAI_API_BASE": stand_in_model,
+        "OPENAI_API_KEY": "k-stand-in",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # litellm must not fetch its model list from the internet
+        "MENDLOOP_TOKEN": "never-for-the-agent",
+    }
+    flags = ["--model", "openai/stand-in", "--edit-format", "whole", "--model-metadata-file", str(metadata)]
+    aider = adapters.create("aider", [*flags, "--no-show-model-warnings", "--map-tokens", "0"])
+
+    started = time.monotonic()
+    outcome = rig.run_once([], adapter=aider, environ=environ, agent_timeout=120)
+    elapsed = time.monotonic() - started
+
+    assert outcome.status == "completed", (outcome.message, outcome.output_tail)
+    assert outcome.files == ["calc.py"]
+    assert "+    return a + b" in (outcome.diff or "")
+    assert outcome.tests is not None and outcome.tests.passed
+    assert git(repo, "rev-parse", "HEAD~1").strip() == before
+    assert f"Work-Order: {wo_id}" in git(repo, "log", "-1", "--format=%(trailers)")
+    assert git(repo, "status", "--porcelain") == ""  # no .aider* files left in the repository
+    assert _StandIn.requests, "aider never called the stand-in model"
+    request = _StandIn.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer k-stand-in"
+    assert request["body"]["model"] == "stand-in"
+    sent = json.dumps(request["body"]["messages"])
+    assert "return a * b" in sent  # calc.py was added to the chat
+    assert "never-for-the-agent" not in sent
+    agent = rig.work_order(wo_id)["patch_result"]["agent"]
+    assert agent["name"] == "aider" and "0.86.2" in agent.get("version", "")
+    wait_for(lambda: rig.run_status(run_id) == "completed", 20)
+    assert elapsed < 100
+
+
+def _embedded_settings(tmp_path: Path, port: int, repo: Path, runner: dict[str, Any]) -> Settings:
+    write_playbooks(
+        tmp_path / "pb",
+        {
+            "id": "patchy",
+            "type": "code_patch",
+            "description": "escalates a code bug, then verifies the repository",
+            "steps": [
+                {"id": "escalate", "action": "escalate", "with": {"description": "add() is wrong"}},
+                {
+                    "id": "verify",
+                    "action": "verify",
+                    "with": {"check": {"command": {"argv": verify_calc(repo)}}, "expect": "result.exit_code == 0"},
+                    "on_failure": "needs_human",
+                },
+            ],
+        },
+    )
+    return settings_for(
+        f"sqlite:///{tmp_path / 'mendloop.db'}",
+        tmp_path,
+        port=port,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"patchy": "patchy"},
+        targets={"svc": {"repository": str(repo), "test_command": UNITTEST}},
+        agent_runner={"enabled": True, "run_as": "none", **runner},
+    )
+
+
+def test_openai_adapter_through_the_runner_embedded_in_the_app(
+    tmp_path: Path, free_port: int, stand_in_model: str
+) -> None:
+    """The runner as `serve` embeds it (`agent_runner:`), here with the `openai` adapter against the stand-in."""
+    repo = calc_repo(tmp_path)
+    _StandIn.answer = (
+        "```diff\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n"
+        " def add(a, b):\n-    return a * b\n+    return a + b\n```\n"
+    )
+    argv = ["--base-url", stand_in_model, "--model", "stand-in"]
+    # The repository is relative to the config file.
+    settings = _embedded_settings(tmp_path, free_port, repo, {"repository": "calc", "adapter": "openai", "argv": argv})
+    assert settings.agent_runner.repository == str(repo)
+    plain = open_app(settings)  # as `worker` (or any App but serve's) opens it: no runner
+    assert plain.agent_runner is None
+    plain.close()
+
+    app = open_app(settings, start_workers=True, embedded_agent=True)
+    try:
+        assert app.agent_runner is not None and app.agent_runner.url == f"http://127.0.0.1:{free_port}"
+        assert app.agent_runner.agent_id == "embedded"
+        with api_server(app, free_port) as http:
+            body = http.post("/patches/trigger", json={"error_type": "patchy", "description": "d"}).json()
+            run_id, wo_id = body["run_id"], body["work_order_id"]
+            wait_for(lambda: http.get(f"/patches/runs/{run_id}").json()["status"] == "completed", 30)
+            result = http.get(f"/patches/work-orders/{wo_id}").json()["patch_result"]
+            assert result["agent"]["name"] == "openai" and result["tests_passed"] is True
+            assert result["applied_commit"] == git(repo, "rev-parse", "HEAD").strip()
+            assert f"Work-Order: {wo_id}" in git(repo, "log", "-1", "--format=%B")
+            assert "+    return a + b" in http.get(f"/patches/diffs/{wo_id}.diff").text
+            assert len(_StandIn.requests) == 1
+    finally:
+        app.close()
+    assert app.agent_runner is None
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"enabled": True, "adapter": "command", "argv": ["true"]}, "needs a repository"),
+        ({"enabled": True, "repository": "."}, "needs an adapter"),
+        ({"repository": ".", "adapter": "cursor"}, "unknown adapter 'cursor'"),
+        ({"repository": ".", "adapter": "aider", "run_as": "root"}, "run_as"),
+        ({"repository": ".", "adapter": "aider", "apply": "merge"}, "apply"),
+    ],
+)
+def test_agent_runner_config_is_checked_when_loaded(tmp_path: Path, section: dict[str, Any], message: str) -> None:
+    path = tmp_path / "mendloop.yaml"
+    path.write_text(json.dumps({"agent_runner": section}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "agent_runner" in caught.value.message and message in caught.value.message
+
+
+def test_app_close_stops_the_embedded_runner_and_kills_its_agent(tmp_path: Path, free_port: int) -> None:
+    repo = calc_repo(tmp_path)
+    pid_file = tmp_path / "child.pid"
+    hang = [PY, str(AGENTS / "hang.py"), str(pid_file)]
+    settings = _embedded_settings(
+        tmp_path, free_port, repo, {"repository": str(repo), "adapter": "command", "argv": hang, "timeout": 60}
+    )
+    app = open_app(settings, start_workers=True, embedded_agent=True)
+    try:
+        embedded = app.agent_runner
+        assert embedded is not None
+        with api_server(app, free_port) as http:
+            http.post("/patches/trigger", json={"error_type": "patchy", "description": "d"}).raise_for_status()
+            wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 20)
+            child = int(pid_file.read_text())
+            started = time.monotonic()
+            app.close()
+            assert time.monotonic() - started < 15
+            wait_for(lambda: _gone(child), 5)
+            assert embedded.runner.outcomes and embedded.runner.outcomes[0].stopped
+            assert embedded.runner.outcomes[0].status in ("failed", "lost")
+    finally:
+        app.close()
+    assert git(repo, "status", "--porcelain") == "" and (repo / "calc.py").read_text() == CALC
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------
@@ -710,11 +896,22 @@ def test_cli_adapters_build_their_documented_argv(tmp_path: Path) -> None:
     assert adapters.create("aider").passthrough_env(environ) == aider_env
 
 
+def require_cli(name: str) -> str:
+    """The CLI on PATH. Missing: a skip on a developer's machine, a failure in CI (CI set), where
+    scripts/test.sh installs the pinned CLIs with scripts/agent-clis.sh and puts them on PATH."""
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} is not on PATH (scripts/test.sh installs it into .agent-clis/ with scripts/agent-clis.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
 @pytest.mark.parametrize("name", ["aider", "claude", "codex"])
 def test_adapter_flags_exist_in_the_installed_cli(name: str, tmp_path: Path) -> None:
     """Each flag the adapter passes appears in the CLI's own --help (where the CLI is installed)."""
-    if shutil.which(name) is None:
-        pytest.skip(f"{name} is not installed here")
+    require_cli(name)
     help_argv = [name, "exec", "--help"] if name == "codex" else [name, "--help"]
     text = subprocess.run(help_argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL).stdout
     argv = adapters.create(name).build(_task(tmp_path)).argv

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support import wait_for
 
@@ -60,6 +61,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
 def test_story_exits_zero_and_commits_in_the_copy(tmp_path: Path) -> None:
     before = _snapshot(SAMPLE)
     state = tmp_path / "demo"
@@ -81,7 +86,7 @@ def test_story_exits_zero_and_commits_in_the_copy(tmp_path: Path) -> None:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=120,
         check=False,
     )
     output = proc.stdout + proc.stderr
@@ -89,14 +94,94 @@ def test_story_exits_zero_and_commits_in_the_copy(tmp_path: Path) -> None:
     wo = re.search(r"wo_\d{8}_\d{4}", output)
     assert wo is not None, output
     assert "Trust restored" in output
-    assert "stand-in for a real coding agent" in output
-    log = subprocess.run(
-        ["git", "log", "--format=%B"], cwd=state / "sample_service", capture_output=True, text=True, check=True
-    ).stdout
+    assert "stand-in for a real coding agent" in output and "examples/agents/demo_fix.py" in output
+    assert f"Work-Order: {wo.group(0)}" in output  # the commit, as the demo prints it
+    log = _git(state / "sample_service", "log", "--format=%B")
     assert f"Work-Order: {wo.group(0)}" in log
     assert "file_size_bytes // 200" in (state / "sample_service" / "ingestion_pipeline.py").read_text()
     assert _snapshot(SAMPLE) == before, "the checkout's sample service must not change"
     assert not (state / "demo.json").exists()
+
+
+def test_story_the_embedded_runner_commits_tests_and_the_run_completes(tmp_path: Path) -> None:
+    """The story without --exit: while the demo serves on, the API shows what the embedded runner did."""
+    state = tmp_path / "demo"
+    out_path = tmp_path / "demo.out"
+    out = out_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mendloop", "demo", "--port", str(_free_port()), "--state-dir", str(state)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    info: dict[str, Any] = {}
+    try:
+        wait_for(
+            lambda: (
+                "Story complete." in out_path.read_text()
+                or "did not end" in out_path.read_text()
+                or proc.poll() is not None
+            ),
+            timeout=120,
+            interval=0.1,
+        )
+        output = out_path.read_text()
+        assert "Story complete." in output, output
+        info = json.loads((state / "demo.json").read_text())
+        api, copy = info["mendloop"]["url"], Path(info["sample_service"]["repo"])
+        config = yaml.safe_load((state / "mendloop.yaml").read_text())
+        assert config["agent_runner"]["enabled"] is True and config["agent_runner"]["adapter"] == "command"
+        assert config["agent_runner"]["repository"] == str(copy)
+        assert config["targets"]["sample_service"]["repository"] == str(copy)
+
+        with httpx.Client(base_url=api, timeout=30, trust_env=False) as http:
+            (wo,) = http.get("/patches/work-orders").json()["work_orders"]
+            wo_id = wo["work_order_id"]
+            assert wo["status"] == "completed" and wo["attempts"] == 1, wo
+            result = wo["patch_result"]
+            # The runner's own figures: its tests passed, and it made the commit (the server had nothing to apply).
+            assert result["tests_passed"] is True and result["files_changed"] == 2, result
+            assert result["agent"]["name"] == "command" and "demo_fix.py" in result["agent"]["version"]
+            head = _git(copy, "rev-parse", "HEAD").strip()
+            assert result["applied_commit"] == head
+            assert _git(copy, "rev-parse", "HEAD~1").strip() == result["base_commit"]
+            assert _git(copy, "rev-list", "--count", "HEAD").strip() == "2"  # the demo's copy + the runner's fix
+            assert f"Work-Order: {wo_id}" in _git(copy, "log", "-1", "--format=%(trailers)")
+            assert "adaptive chunking" in _git(copy, "log", "-1", "--format=%B")  # the agent's summary
+            assert _git(copy, "status", "--porcelain") == ""
+            assert _git(copy, "worktree", "list", "--porcelain").count("worktree ") == 1  # none left behind
+            assert _git(copy, "show", "--name-only", "--format=", "HEAD").split() == [
+                "ingestion_pipeline.py",
+                "tests/test_large_files.py",
+            ]
+            run = http.get(f"/patches/runs/{wo['self_healing_run_id']}").json()
+            assert run["status"] == "completed", run
+            messages = [item["message"] for item in run["timeline"]]
+            assert any("Coding agent demo-runner analyzing" in m for m in messages), messages  # it claimed
+            assert any("Code patch already applied by the agent runner" in m for m in messages), messages
+            assert any("Trust restored" in m for m in messages), messages
+            served = http.get(f"/patches/diffs/{wo_id}.diff")
+            assert served.status_code == 200
+            assert "+    return max(1 * MB, file_size_bytes // 200)" in served.text
+            assert served.text == _git(copy, "diff", "HEAD~1", "HEAD")
+            assert f"/patches/diffs/{wo_id}.diff" in output
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in ("mendloop", "sample_service"):
+            pid = info.get(child, {}).get("pid")
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        out.close()
+    assert proc.returncode == 0
+    for child in ("mendloop", "sample_service"):
+        assert not _alive(info[child]["pid"]), f"{child} still running after the demo stopped"
 
 
 @pytest.fixture
@@ -146,6 +231,8 @@ def no_story_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dic
 def test_spec_curl_tests_against_no_story(no_story_demo: tuple[subprocess.Popen[bytes], dict[str, Any]]) -> None:
     proc, info = no_story_demo
     api, svc = info["mendloop"]["url"], info["sample_service"]["url"]
+    config = yaml.safe_load((Path(info["sample_service"]["repo"]).parent / "mendloop.yaml").read_text())
+    assert config["agent_runner"]["enabled"] is False
     with httpx.Client(timeout=60, trust_env=False) as http:
         # Test 1: a database fault that the retry playbook heals by itself.
         http.post(f"{svc}/admin/faults/db_disconnect", json={"reconnect_failures": 1}).raise_for_status()
@@ -172,6 +259,8 @@ def test_spec_curl_tests_against_no_story(no_story_demo: tuple[subprocess.Popen[
         assert [w["work_order_id"] for w in listing["work_orders"]] == [wo_id]
         assert listing["work_orders"][0]["self_healing_run_id"] == run_id
         assert listing["stats"]["total_work_orders"] == 1 and listing["stats"]["queued"] == 1
+        # No agent of any kind runs with --no-story: nothing claims the work order.
+        assert listing["work_orders"][0]["leased_to"] is None and listing["work_orders"][0]["attempts"] == 0
 
         # Test 4 as the spec writes it, with no fix behind the claim: verification must not believe it.
         done = http.post(f"{api}/patches/work-orders/{wo_id}/complete", json={"tests_passed": True, "files_changed": 2})

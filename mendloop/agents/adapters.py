@@ -248,7 +248,8 @@ class AiderAdapter(CliAdapter):
     name = "aider"
     program = "aider"
     env_keys = ("OPENAI_API_KEY", "OPENAI_API_BASE", "ANTHROPIC_API_KEY", "OPENROUTER_API_KEY", *_COMMON_KEYS)
-    env_prefixes = ("AIDER_",)
+    # LITELLM_*: aider talks to models through litellm (LITELLM_LOCAL_MODEL_COST_MAP=True keeps it offline).
+    env_prefixes = ("AIDER_", "LITELLM_")
     leftovers = (".aider*",)
 
     def build(self, task: AgentTask) -> Invocation:

@@ -531,6 +531,7 @@ class AgentRunner:
                 test_timeout=self.options.test_timeout,
                 message=message,
                 trailers={"Work-Order": wo_id},
+                checked_at_base=True,  # paths and `git apply --check` at `base`, in the test worktree above
             )
             outcome.commit = applied.commit
         elif self.options.apply == "branch":

@@ -327,8 +327,13 @@ def apply_patch(
     trailers: dict[str, str],
     env: Mapping[str, str] | None = None,
     worktree_parent: Path | None = None,
+    checked_at_base: bool = False,
 ) -> ApplyResult:
     """Validate, test in a fresh worktree, then commit `diff` on the repository's current branch.
+
+    `checked_at_base`: the caller has already checked the paths and `git apply --check`ed the diff in a checkout
+    of `base_commit` (the agent runner, in its test worktree); without a test command there is then nothing a
+    fresh worktree at the base would add. A branch that has moved since is checked where the patch lands as usual.
 
     PatchRejected (unsafe_patch, tests_failed) when the patch is at fault; MendloopError when the repository
     is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
@@ -341,14 +346,15 @@ def apply_patch(
     base = _resolve(root, base_commit or "HEAD")
 
     tests: TestResult | None = None
-    with worktree(root, base, parent=worktree_parent) as tree:
-        check_paths_in_worktree(tree, summary.files)
-        apply_check(tree, diff, expected=summary)
-        apply(tree, diff)
-        if test_command is not None:
-            tests = run_tests(tree, test_command, timeout=test_timeout, env=env or {})
-            if not tests.passed:
-                raise _tests_failed(tests)
+    if test_command is not None or not checked_at_base:
+        with worktree(root, base, parent=worktree_parent) as tree:
+            check_paths_in_worktree(tree, summary.files)
+            apply_check(tree, diff, expected=summary)
+            apply(tree, diff)
+            if test_command is not None:
+                tests = run_tests(tree, test_command, timeout=test_timeout, env=env or {})
+                if not tests.passed:
+                    raise _tests_failed(tests)
 
     with _repo_lock(root):
         current = head(root)

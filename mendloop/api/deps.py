@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from mendloop.app import App
 
 
-def get_app(request: Request) -> App:
+async def get_app(request: Request) -> App:
+    # async: FastAPI runs a plain `def` dependency in its threadpool, a thread hop on every request.
     app: App = request.app.state.mendloop
     return app
 

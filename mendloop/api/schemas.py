@@ -80,6 +80,7 @@ class EventIn(_Body):
     component: StrictStr | None = Field(default=None, max_length=200)
     event_id: StrictStr | None = Field(default=None, min_length=1, max_length=300)
     fingerprint: StrictStr | None = Field(default=None, min_length=1, max_length=64)
+    count: StrictInt = Field(default=1, ge=1, le=1_000_000_000, description="Occurrences this event stands for.")
 
 
 class RejectRequest(_Body):

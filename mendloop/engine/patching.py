@@ -87,27 +87,36 @@ class Patching:
             raise
         self.queue.settle_held(wo_id, patch_output=output)
         files = output.get("files_changed")
-        events = [
-            NewEvent(
-                type="coding_agent.tests_passed",
-                message=f"mendloop's own test run passed for {wo_id}"
-                if output.get("tests_passed")
-                else f"No test command configured for {run.context.get('target')}; applying {wo_id} untested",
-                payload={"work_order_id": wo_id, "tests_passed": output.get("tests_passed")},
-                run_id=run.id,
-                work_order_id=wo_id,
-                component=run.component,
-            ),
+        events: list[NewEvent] = []
+        if output.get("already_applied"):
+            # The agent runner checked, tested and committed it itself; there was nothing left to test or apply.
+            applied = f"Code patch already applied by the agent runner as commit {str(output['commit'])[:12]}"
+        else:
+            events.append(
+                NewEvent(
+                    type="coding_agent.tests_passed",
+                    message=f"mendloop's own test run passed for {wo_id}"
+                    if output.get("tests_passed")
+                    else f"No test command configured for {run.context.get('target')}; applying {wo_id} untested",
+                    payload={"work_order_id": wo_id, "tests_passed": output.get("tests_passed")},
+                    run_id=run.id,
+                    work_order_id=wo_id,
+                    component=run.component,
+                )
+            )
+            applied = f"Code patch applied as commit {str(output['commit'])[:12]}" + (
+                f" ({files} file{'s' if files != 1 else ''} changed)" if files is not None else ""
+            )
+        events.append(
             NewEvent(
                 type="self_healing.patch_applied",
-                message=f"Code patch applied as commit {str(output['commit'])[:12]}"
-                + (f" ({files} file{'s' if files != 1 else ''} changed)" if files is not None else ""),
+                message=applied,
                 payload={"work_order_id": wo_id, **output},
                 run_id=run.id,
                 work_order_id=wo_id,
                 component=run.component,
-            ),
-        ]
+            )
+        )
         return Applied(output=output, events=events)
 
     def overrule(self, run: Run, reason: str) -> list[NewEvent]:

@@ -66,6 +66,11 @@ class LogIntake:
         parsed = traceback.parse(m.line) if "Traceback" in m.line else None
         if parsed is not None:
             payload["traceback"] = m.line
+            payload["exception"] = {
+                "type": parsed.exception_type,
+                "message": parsed.message[:2000],
+                "frames": [{"file": f.file, "line": f.line, "function": f.function} for f in parsed.frames[-50:]],
+            }
             fp = fingerprint_traceback(parsed)
         else:
             fp = fingerprint(m.line, error_type=p.error_type)

@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from mendloop.config import Settings
 from mendloop.domain.records import Detection, DetectionOutcome
 from mendloop.intake.fingerprint import fingerprint
@@ -34,10 +36,13 @@ class Intake:
         self._wake = wake
         self._by_event_type = {e: pb.id for pb in playbooks.by_id.values() for e in pb.model.handles.event_types}
 
-    def ingest(self, detections: Sequence[Detection]) -> list[DetectionOutcome]:
+    def ingest(
+        self, detections: Sequence[Detection], *, also: Callable[[Connection], None] | None = None
+    ) -> list[DetectionOutcome]:
+        """One transaction; `also` writes in it too (a watcher's checkpoint)."""
         if not detections:
             return []
-        outcomes = self.incidents.record(detections, self.run_for)
+        outcomes = self.incidents.record(detections, self.run_for, also=also)
         if any(o.run_id for o in outcomes):
             self._wake()
         return outcomes

@@ -21,7 +21,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -366,16 +366,30 @@ class Tailer:
             self._read(new, None, out, now)
         return out
 
-    def checkpoint(self) -> None:
-        """Save how far every followed file has been delivered: call it only once the lines `poll` returned are
-        safely handled, since after a restart the tailer resumes exactly there."""
-        if not self._polled:
-            return  # nothing was read: keep what is stored
+    @property
+    def files(self) -> list[str]:
+        """The paths of the files followed now."""
+        return sorted(self._sources)
+
+    def checkpoints(self, hold: Mapping[str, int] | None = None) -> list[Checkpoint]:
+        """Where every followed file has been delivered. `hold` maps a path to an offset not to checkpoint past:
+        the start of lines the caller was given but has not handled yet (a traceback still being grouped)."""
         cps = []
         for src in self._sources.values():
-            head_hash = _sha1(src.head[: min(HEAD_BYTES, src.offset)])
-            cps.append(Checkpoint(src.path, FileIdentity(src.dev, src.inode, head_hash), src.offset))
-        self._store.save(self.name, cps)
+            offset = src.offset
+            held = hold.get(src.path) if hold else None
+            if held is not None and 0 <= held < offset:
+                offset = held
+            head_hash = _sha1(src.head[: min(HEAD_BYTES, offset)])
+            cps.append(Checkpoint(src.path, FileIdentity(src.dev, src.inode, head_hash), offset))
+        return cps
+
+    def checkpoint(self, hold: Mapping[str, int] | None = None) -> None:
+        """Save how far every followed file has been delivered: call it only once the lines `poll` returned are
+        safely handled, since after a restart the tailer resumes exactly there. `hold`: see `checkpoints`."""
+        if not self._polled:
+            return  # nothing was read: keep what is stored
+        self._store.save(self.name, self.checkpoints(hold))
 
     def close(self) -> None:
         for src in self._sources.values():
@@ -702,6 +716,7 @@ async def follow(
     use_inotify: bool = True,
     poll_interval: float = 0.25,
     checkpoint_every: float = 1.0,
+    hold: Callable[[], Mapping[str, int] | None] | None = None,
 ) -> None:
     """Deliver `tailer`'s lines to `on_lines` as they are written, until `stop` is set.
 
@@ -709,7 +724,8 @@ async def follow(
     every `poll_interval` seconds, which also covers what inotify cannot see (network filesystems, the watch limit,
     a directory that does not exist yet). Offsets are checkpointed every `checkpoint_every` seconds, only after
     `on_lines` has returned, and once more on a clean stop; if `on_lines` raises, nothing more is checkpointed and
-    the batch is read again after a restart.
+    the batch is read again after a restart. `hold` says, at each checkpoint, which delivered lines `on_lines` has
+    not handled yet (see `Tailer.checkpoints`); when it returns None, that checkpoint is skipped.
     """
     wake = asyncio.Event()
     halt = _Halt(stop)
@@ -731,13 +747,13 @@ async def follow(
                 await asyncio.sleep(0)  # a long backlog must not starve the rest of the loop
                 lines = tailer.poll()
             if loop.time() - last_checkpoint >= checkpoint_every:
-                tailer.checkpoint()
+                _checkpoint(tailer, hold)
                 last_checkpoint = loop.time()
             if stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), poll_interval)
-        tailer.checkpoint()
+        _checkpoint(tailer, hold)
     finally:
         # Setting halt first lets the watch thread return within a millisecond instead of at its timeout.
         halt.set()
@@ -747,6 +763,12 @@ async def follow(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def _checkpoint(tailer: Tailer, hold: Callable[[], Mapping[str, int] | None] | None) -> None:
+    held = hold() if hold is not None else None
+    if hold is None or held is not None:
+        tailer.checkpoint(held)
 
 
 class _Halt(asyncio.Event):

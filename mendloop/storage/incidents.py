@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,164 +16,80 @@ from mendloop.domain.states import RUN_FINAL, RunStatus
 from mendloop.errors import NotFound
 from mendloop.rules.storm import Situation, Verdict, decide
 from mendloop.storage import schema as t
-from mendloop.storage.store import Store, _stamp
+from mendloop.storage.store import Store, _stamp, sqlite_insert
 
 # What a new run needs from the caller, who knows playbooks and targets: insert_run's keyword arguments.
 RunSpec = dict[str, Any]
 RunFor = Callable[[Detection], RunSpec | None]
 
 
+# Event ids or fingerprints per IN (...) query: far below every backend's limit on bound parameters.
+_CHUNK = 500
+_SQLITE_INSERT_KEYS = sqlite_insert(t.idempotency)
+assert [c.name for c in t.idempotency.c] == ["scope", "key", "response", "created_at"]
+_SQLITE_INSERT_INCIDENTS = sqlite_insert(t.incidents)
+_incident_tuple = operator.itemgetter(*(c.name for c in t.incidents.c))
+_DUPLICATE = DetectionOutcome(event_id=None, incident_id=None, run_id=None, verdict="duplicate", duplicate=True)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Open:
+    """An open incident as one call of `record` sees it, with the counts it has yet to write."""
+
+    id: str
+    last_run_id: str | None
+    last_run_at: float | None
+    # Whether its last run is still going: read only when a decision needs it.
+    in_progress: bool | None = None
+    # Created in this transaction and not inserted yet.
+    row: dict[str, Any] | None = None
+    count: int = 0
+    absorbed: int = 0
+    sample: str | None = None
+
+
 class IncidentStore:
     def __init__(self, store: Store, storm: StormConfig) -> None:
         self.store = store
         self.storm = storm
-
-    def record(self, detections: Sequence[Detection], run_for: RunFor) -> list[DetectionOutcome]:
-        outcomes: list[DetectionOutcome] = []
-        with self.store._tx() as (conn, published):
-            for d in detections:
-                outcomes.append(self._one(conn, published, d, run_for))
-        return outcomes
-
-    def _one(self, conn: Connection, published: list[EventRecord], d: Detection, run_for: RunFor) -> DetectionOutcome:
-        now = self.store.clock()
-        if d.event_id is not None:
-            scope = f"event:{d.source}"
-            seen = conn.execute(
-                sa.select(t.idempotency.c.key).where(t.idempotency.c.scope == scope, t.idempotency.c.key == d.event_id)
-            ).first()
-            if seen is not None:
-                return DetectionOutcome(
-                    event_id=None, incident_id=None, run_id=None, verdict="duplicate", duplicate=True
-                )
-            conn.execute(t.idempotency.insert(), {"scope": scope, "key": d.event_id, "response": {}, "created_at": now})
-        row = conn.execute(
-            sa.select(t.incidents)
-            .where(t.incidents.c.fingerprint == d.fingerprint, t.incidents.c.status == "open")
-            .order_by(t.incidents.c.first_seen.desc())
-            .limit(1)
-            .with_for_update()
-        ).first()
-        incident = _incident(row) if row is not None else None
-        if d.resolved:
-            self.store._events(conn, published, [self._event(d, incident.id if incident else None)])
-            if incident is not None:
-                conn.execute(
-                    sa.update(t.incidents)
-                    .where(t.incidents.c.id == incident.id)
-                    .values(status="resolved", resolved_at=now, last_seen=now)
-                )
-            return DetectionOutcome(published[-1].id, incident.id if incident else None, None, "resolved")
-        if incident is None:
-            seq = self.store._next_seq(conn, "incident:" + _stamp(now).strftime("%Y%m%d"))
-            incident_id = f"inc_{_stamp(now):%Y%m%d}_{seq:04d}"
-            conn.execute(
-                t.incidents.insert(),
-                {
-                    "id": incident_id,
-                    "fingerprint": d.fingerprint,
-                    "status": "open",
-                    "error_type": d.error_type,
-                    "event_type": d.event_type,
-                    "component": d.component,
-                    "source": d.source,
-                    "title": (d.title or d.message)[:2000],
-                    "sample": d.message[:4000],
-                    "count": d.count,
-                    "first_seen": now,
-                    "last_seen": now,
-                    "resolved_at": None,
-                    "last_run_id": None,
-                    "last_run_at": None,
-                    "absorbed": 0,
-                },
-            )
-            last_run_id, last_run_at = None, None
-        else:
-            incident_id = incident.id
-            last_run_id, last_run_at = incident.last_run_id, incident.last_run_at
-            conn.execute(
-                sa.update(t.incidents)
-                .where(t.incidents.c.id == incident_id)
-                .values(count=t.incidents.c.count + d.count, last_seen=now, sample=d.message[:4000])
-            )
-        self.store._events(conn, published, [self._event(d, incident_id)])
-        event_id = published[-1].id
-        spec = run_for(d)
-        in_progress = False
-        if last_run_id is not None:
-            status = conn.execute(sa.select(t.runs.c.status).where(t.runs.c.id == last_run_id)).scalar()
-            in_progress = status is not None and RunStatus(status) not in RUN_FINAL
-        failures = 0
-        if spec is not None and d.component:
-            failures = int(
-                conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(t.runs)
-                    .where(
-                        t.runs.c.component == d.component,
-                        t.runs.c.status.in_([RunStatus.FAILED.value, RunStatus.NEEDS_HUMAN.value]),
-                        t.runs.c.finished_at >= now - self.storm.breaker_window_seconds,
-                    )
-                ).scalar_one()
-            )
-        verdict = decide(
-            Situation(
-                has_playbook=spec is not None,
-                run_in_progress=in_progress,
-                last_run_at=last_run_at,
-                recent_failures=failures,
-                now=now,
-            ),
-            self.storm,
+        # Built once, with bound parameters: the hot path neither rebuilds nor re-coerces them.
+        self._claim_keys = (
+            store._insert(t.idempotency).on_conflict_do_nothing().returning(t.idempotency.c.scope, t.idempotency.c.key)
         )
-        run_id = None
-        if spec is not None and verdict in (Verdict.RUN, Verdict.BREAKER_OPEN):
-            breaker = verdict is Verdict.BREAKER_OPEN
-            run = self.store.insert_run(
-                conn,
-                published,
-                **spec,
-                incident_id=incident_id,
-                mutex_key=d.component if self.storm.mutex_per_component and d.component else None,
-                status=RunStatus.NEEDS_HUMAN if breaker else RunStatus.QUEUED,
-                error=(
-                    f"circuit breaker open for {d.component}: {failures} failed runs in the last "
-                    f"{self.storm.breaker_window_seconds:g} s; auto-remediation stopped"
-                    if breaker
-                    else None
-                ),
+        self._known_keys = sa.select(t.idempotency.c.key).where(
+            t.idempotency.c.scope == sa.bindparam("scope"),
+            t.idempotency.c.key.in_(sa.bindparam("keys", expanding=True)),
+        )
+        c = t.incidents.c
+        self._open_by_fingerprint = (
+            sa.select(c.fingerprint, c.id, c.last_run_id, c.last_run_at)
+            .where(c.status == "open", c.fingerprint.in_(sa.bindparam("fps", expanding=True)))
+            .order_by(c.first_seen)
+            .with_for_update()
+        )
+        self._count = (
+            sa.update(t.incidents)
+            .where(c.id == sa.bindparam("_id"))
+            .values(
+                count=c.count + sa.bindparam("_n", type_=sa.BigInteger()),
+                absorbed=c.absorbed + sa.bindparam("_absorbed", type_=sa.BigInteger()),
+                last_seen=sa.bindparam("_now", type_=sa.Double()),
+                sample=sa.bindparam("_sample", type_=sa.Text()),
             )
-            run_id = run.id
-            conn.execute(
-                sa.update(t.incidents)
-                .where(t.incidents.c.id == incident_id)
-                .values(last_run_id=run.id, last_run_at=now)
-            )
-            # The detection is the run's trigger: it opens the run's timeline.
-            conn.execute(sa.update(t.events).where(t.events.c.id == event_id).values(run_id=run.id))
-            conn.execute(sa.update(t.runs).where(t.runs.c.id == run.id).values(trigger_event_id=event_id))
-            if breaker:
-                self.store._events(
-                    conn,
-                    published,
-                    [
-                        NewEvent(
-                            type="self_healing.circuit_open",
-                            message=f"Circuit breaker open for {d.component}: run {run.id} needs a human",
-                            payload={"failures": failures, "incident_id": incident_id},
-                            run_id=run.id,
-                            component=d.component,
-                        )
-                    ],
-                )
-        elif verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
-            conn.execute(
-                sa.update(t.incidents)
-                .where(t.incidents.c.id == incident_id)
-                .values(absorbed=t.incidents.c.absorbed + d.count)
-            )
-        return DetectionOutcome(event_id, incident_id, run_id, verdict.value)
+        )
+        self._run_status = sa.select(t.runs.c.status).where(t.runs.c.id == sa.bindparam("_id"))
+
+    def record(
+        self, detections: Sequence[Detection], run_for: RunFor, *, also: Callable[[Connection], None] | None = None
+    ) -> list[DetectionOutcome]:
+        """Count each detection on its open incident (or open one), store its event, and start a run where storm
+        control allows: one transaction for the whole list (and `also`), decided detection by detection in order,
+        written with a handful of statements however long the list is."""
+        with self.store._tx() as (conn, published):
+            outcomes = _Recording(self, conn, published, run_for).run(detections)
+            if also is not None:
+                also(conn)  # the caller's own writes in the same transaction (a watcher's checkpoint)
+        return outcomes
 
     @staticmethod
     def _event(d: Detection, incident_id: str | None) -> NewEvent:
@@ -209,7 +127,8 @@ class IncidentStore:
             conds.append(t.incidents.c.fingerprint == fingerprint)
         if error_type:
             conds.append(t.incidents.c.error_type == error_type)
-        q = sa.select(t.incidents).where(*conds).order_by(t.incidents.c.last_seen.desc()).limit(limit).offset(offset)
+        q = sa.select(t.incidents).where(*conds).order_by(t.incidents.c.last_seen.desc(), t.incidents.c.id.desc())
+        q = q.limit(limit).offset(offset)
         c = sa.select(sa.func.count()).select_from(t.incidents).where(*conds)
         with self.store._read() as conn:
             rows = conn.execute(q).all()
@@ -232,6 +151,287 @@ class IncidentStore:
         if not n:
             self.get(incident_id)
         return self.get(incident_id)
+
+
+class _Recording:
+    """One call of `IncidentStore.record`: reads what it needs in bulk (event ids already seen, open incidents),
+    decides detection by detection in order, and defers the common writes (events, new incidents, counts) to a
+    few multi-row statements. Anything that writes other events (a run, a resolution) first flushes what is
+    pending, so event ids keep the order the detections arrived in."""
+
+    def __init__(self, owner: IncidentStore, conn: Connection, published: list[EventRecord], run_for: RunFor):
+        self.owner = owner
+        self.store = owner.store
+        self.storm = owner.storm
+        self.conn = conn
+        self.published = published
+        self.run_for = run_for
+        self.now = self.store.clock()
+        self.day = _stamp(self.now).strftime("%Y%m%d")
+        self.open: dict[str, _Open | None] = {}  # by fingerprint; None: known to have no open incident
+        self.touched: dict[str, _Open] = {}  # by incident id: incidents with writes pending
+        self.events: list[NewEvent] = []
+        # (outcome index, pending event index, incident id, verdict): answered once the event has its id.
+        self.waiting: list[tuple[int, int, str | None, str]] = []
+        self.outcomes: list[DetectionOutcome | None] = []
+        self.numbers: list[int] = []  # incident numbers reserved for this call, in reverse order
+
+    def run(self, detections: Sequence[Detection]) -> list[DetectionOutcome]:
+        fresh = self._claim_event_ids(detections)
+        self._load([d.fingerprint for d, ok in zip(detections, fresh, strict=True) if ok])
+        wanted = {
+            d.fingerprint
+            for d, ok in zip(detections, fresh, strict=True)
+            if ok and not d.resolved and self.open.get(d.fingerprint) is None
+        }
+        if wanted:
+            last = self.store._take_seq(self.conn, self._sequence(), len(wanted))
+            self.numbers = list(range(last, last - len(wanted), -1))
+        for d, ok in zip(detections, fresh, strict=True):
+            if ok:
+                self._one(d)
+            else:
+                self.outcomes.append(_DUPLICATE)
+        self._flush()
+        counts = [
+            {"_id": inc.id, "_n": inc.count, "_absorbed": inc.absorbed, "_now": self.now, "_sample": inc.sample}
+            for inc in self.touched.values()
+            if inc.sample is not None
+        ]
+        if counts:
+            self.conn.execute(self.owner._count, counts)
+        done = [o for o in self.outcomes if o is not None]
+        assert len(done) == len(detections)
+        return done
+
+    def _claim_event_ids(self, detections: Sequence[Detection]) -> list[bool]:
+        """An event id seen before (in an earlier call or earlier in this list) makes its detection a duplicate;
+        the others are claimed (inserted) in this transaction, so a failed transaction leaves them unspent."""
+        fresh: list[bool] = []
+        rows: list[dict[str, Any]] = []
+        keys: set[tuple[str, str]] = set()
+        for d in detections:
+            if d.event_id is None:
+                fresh.append(True)
+                continue
+            key = (f"event:{d.source}", d.event_id)
+            fresh.append(key not in keys)
+            if key not in keys:
+                keys.add(key)
+                rows.append({"scope": key[0], "key": key[1], "response": {}, "created_at": self.now})
+        if not rows:
+            return fresh
+        if self.store.is_sqlite:
+            # This transaction holds SQLite's only write lock: what is not there now cannot appear before commit.
+            # Read in bulk, then a plain executemany (RETURNING would cost SQLAlchemy one INSERT per row).
+            seen: set[tuple[str, str]] = set()
+            by_scope: dict[str, list[str]] = {}
+            for row in rows:
+                by_scope.setdefault(row["scope"], []).append(row["key"])
+            for scope, names in by_scope.items():
+                for i in range(0, len(names), _CHUNK):
+                    found = self.conn.execute(self.owner._known_keys, {"scope": scope, "keys": names[i : i + _CHUNK]})
+                    seen.update((scope, str(k)) for (k,) in found)
+            if len(seen) < len(rows):
+                self.conn.exec_driver_sql(
+                    _SQLITE_INSERT_KEYS,
+                    [(r["scope"], r["key"], "{}", self.now) for r in rows if (r["scope"], r["key"]) not in seen],
+                )
+        else:
+            # A concurrent transaction claiming the same id makes this one wait, then skip it: never an error.
+            seen = keys - {(str(s), str(k)) for s, k in self.conn.execute(self.owner._claim_keys, rows)}
+        if seen:
+            for i, d in enumerate(detections):
+                if d.event_id is not None and fresh[i] and (f"event:{d.source}", d.event_id) in seen:
+                    fresh[i] = False
+        return fresh
+
+    def _load(self, fingerprints: Sequence[str]) -> None:
+        unique = [fp for fp in dict.fromkeys(fingerprints) if fp not in self.open]
+        for i in range(0, len(unique), _CHUNK):
+            chunk = unique[i : i + _CHUNK]
+            self.open.update(dict.fromkeys(chunk))
+            # Oldest first: with two open incidents for one fingerprint, the newest wins.
+            for fp, incident_id, last_run_id, last_run_at in self.conn.execute(
+                self.owner._open_by_fingerprint, {"fps": chunk}
+            ):
+                self.open[fp] = _Open(incident_id, last_run_id, last_run_at)
+
+    def _sequence(self) -> str:
+        return f"incident:{self.day}"
+
+    def _one(self, d: Detection) -> None:
+        if d.fingerprint not in self.open:
+            self._load([d.fingerprint])
+        incident = self.open[d.fingerprint]
+        if d.resolved:
+            self._resolve(d, incident)
+            return
+        if incident is None:
+            incident = self._create(d)
+        incident.count += d.count
+        incident.sample = d.message[:4000]
+        self.touched[incident.id] = incident
+        spec = self.run_for(d)
+        in_progress = spec is not None and self._in_progress(incident)
+        throttled = (
+            incident.last_run_at is not None and self.now - incident.last_run_at < self.storm.once_within_seconds
+        )
+        # Counted only when the breaker is what decides: absorbed detections never pay for the query.
+        failures = (
+            self._failures(d.component) if spec is not None and d.component and not in_progress and not throttled else 0
+        )
+        verdict = decide(
+            Situation(
+                has_playbook=spec is not None,
+                run_in_progress=in_progress,
+                last_run_at=incident.last_run_at,
+                recent_failures=failures,
+                now=self.now,
+            ),
+            self.storm,
+        )
+        if spec is not None and verdict in (Verdict.RUN, Verdict.BREAKER_OPEN):
+            self.outcomes.append(self._start_run(d, incident, spec, verdict, failures))
+            return
+        if verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
+            incident.absorbed += d.count
+        self._pend(IncidentStore._event(d, incident.id), incident.id, verdict.value)
+
+    def _pend(self, event: NewEvent, incident_id: str | None, verdict: str) -> None:
+        self.waiting.append((len(self.outcomes), len(self.events), incident_id, verdict))
+        self.events.append(event)
+        self.outcomes.append(None)
+
+    def _create(self, d: Detection) -> _Open:
+        number = self.numbers.pop() if self.numbers else self.store._take_seq(self.conn, self._sequence(), 1)
+        incident = _Open(f"inc_{self.day}_{number:04d}", None, None, in_progress=False)
+        incident.row = {
+            "id": incident.id,
+            "fingerprint": d.fingerprint,
+            "status": "open",
+            "error_type": d.error_type,
+            "event_type": d.event_type,
+            "component": d.component,
+            "source": d.source,
+            "title": (d.title or d.message)[:2000],
+            "first_seen": self.now,
+            "last_seen": self.now,
+            "resolved_at": None,
+            "last_run_id": None,
+            "last_run_at": None,
+        }
+        self.open[d.fingerprint] = incident
+        return incident
+
+    def _resolve(self, d: Detection, incident: _Open | None) -> None:
+        self._pend(
+            IncidentStore._event(d, incident.id if incident else None), incident.id if incident else None, "resolved"
+        )
+        if incident is None:
+            return
+        if incident.row is not None:
+            incident.row.update(status="resolved", resolved_at=self.now)
+        else:
+            self.conn.execute(
+                sa.update(t.incidents)
+                .where(t.incidents.c.id == incident.id)
+                .values(status="resolved", resolved_at=self.now, last_seen=self.now)
+            )
+        # The next detection of this fingerprint opens a new incident (or finds an older one still open).
+        del self.open[d.fingerprint]
+
+    def _in_progress(self, incident: _Open) -> bool:
+        if incident.in_progress is None:
+            status = None
+            if incident.last_run_id is not None:
+                status = self.conn.execute(self.owner._run_status, {"_id": incident.last_run_id}).scalar()
+            incident.in_progress = status is not None and RunStatus(status) not in RUN_FINAL
+        return incident.in_progress
+
+    def _failures(self, component: str) -> int:
+        runs = t.runs.c
+        return int(
+            self.conn.execute(
+                sa.select(sa.func.count())
+                .select_from(t.runs)
+                .where(
+                    runs.component == component,
+                    runs.status.in_([RunStatus.FAILED.value, RunStatus.NEEDS_HUMAN.value]),
+                    runs.finished_at >= self.now - self.storm.breaker_window_seconds,
+                )
+            ).scalar_one()
+        )
+
+    def _start_run(
+        self, d: Detection, incident: _Open, spec: RunSpec, verdict: Verdict, failures: int
+    ) -> DetectionOutcome:
+        # Everything before this detection first, so the run's trigger event keeps its place in the order.
+        self._flush()
+        breaker = verdict is Verdict.BREAKER_OPEN
+        start = len(self.published)
+        # The detection is the run's trigger: it opens the run's timeline.
+        run = self.store.insert_run(
+            self.conn,
+            self.published,
+            **{**spec, "trigger": IncidentStore._event(d, incident.id)},
+            incident_id=incident.id,
+            mutex_key=d.component if self.storm.mutex_per_component and d.component else None,
+            status=RunStatus.NEEDS_HUMAN if breaker else RunStatus.QUEUED,
+            error=(
+                f"circuit breaker open for {d.component}: {failures} failed runs in the last "
+                f"{self.storm.breaker_window_seconds:g} s; auto-remediation stopped"
+                if breaker
+                else None
+            ),
+        )
+        event_id = self.published[start].id
+        self.conn.execute(
+            sa.update(t.incidents)
+            .where(t.incidents.c.id == incident.id)
+            .values(last_run_id=run.id, last_run_at=self.now)
+        )
+        incident.last_run_id, incident.last_run_at = run.id, self.now
+        incident.in_progress = run.status not in RUN_FINAL
+        if breaker:
+            self.store._events(
+                self.conn,
+                self.published,
+                [
+                    NewEvent(
+                        type="self_healing.circuit_open",
+                        message=f"Circuit breaker open for {d.component}: run {run.id} needs a human",
+                        payload={"failures": failures, "incident_id": incident.id},
+                        run_id=run.id,
+                        component=d.component,
+                    )
+                ],
+            )
+        return DetectionOutcome(event_id, incident.id, run.id, verdict.value)
+
+    def _flush(self) -> None:
+        rows = []
+        for incident in self.touched.values():
+            if incident.row is not None:
+                rows.append(
+                    {
+                        **incident.row,
+                        "count": incident.count,
+                        "absorbed": incident.absorbed,
+                        "sample": incident.sample or "",
+                    }
+                )
+                incident.row, incident.count, incident.absorbed, incident.sample = None, 0, 0, None
+        if rows and self.store.is_sqlite:
+            self.conn.exec_driver_sql(_SQLITE_INSERT_INCIDENTS, [_incident_tuple(r) for r in rows])
+        elif rows:
+            self.conn.execute(t.incidents.insert(), rows)
+        if self.events:
+            start = len(self.published)
+            self.store._events(self.conn, self.published, self.events)
+            for at, index, incident_id, verdict in self.waiting:
+                self.outcomes[at] = DetectionOutcome(self.published[start + index].id, incident_id, None, verdict)
+            self.events, self.waiting = [], []
 
 
 def _incident(r: Row[Any]) -> Incident:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -130,18 +131,22 @@ async def publish(app: AppDep, request: Request) -> dict[str, Any]:
     else:
         raise InputError("body: expected an event object, {events: [...]}, or an array of records", field="body")
     for e in events:
-        detections.append(
-            intake.from_event(
-                event_type=e.event_type,
-                payload=e.payload,
-                source=e.source,
-                message=e.message,
-                component=e.component,
-                event_id=e.event_id,
-                fingerprint_hint=e.fingerprint,
-            )
+        d = intake.from_event(
+            event_type=e.event_type,
+            payload=e.payload,
+            source=e.source,
+            message=e.message,
+            component=e.component,
+            event_id=e.event_id,
+            fingerprint_hint=e.fingerprint,
         )
-    outcomes = await run_in_threadpool(intake.ingest, detections if events else aggregate(detections))
+        # An aggregated event (a forwarder's) counts every line it stands for.
+        detections.append(dataclasses.replace(d, count=e.count) if e.count != 1 else d)
+    if single:
+        # Group commit: committed (durable) before the 2xx, in one transaction shared with concurrent requests.
+        outcomes = [await app.batcher.submit(detections[0])]
+    else:
+        outcomes = await run_in_threadpool(intake.ingest, detections if events else aggregate(detections))
     answers = [
         {
             "event_id": o.event_id,

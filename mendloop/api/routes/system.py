@@ -32,6 +32,7 @@ async def health(app: AppDep) -> JSONResponse:
         "workers": app.workers.count,
         "playbooks": len(app.playbooks.by_id),
         "version": __version__,
+        "watchers": app.watchers.snapshot() if app.watchers is not None else {},
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 
