@@ -4,7 +4,9 @@ The sample service is copied into `<state>/sample_service` as its own git reposi
 the agent runner embedded in it (`agent_runner:` in the generated config): it claims the escalated work order and
 drives `examples/agents/demo_fix.py`, the stand-in for a real coding agent, through the `command` adapter; the
 runner computes the diff, checks it, runs the service's tests in a fresh worktree and commits to the copy, so the
-checkout is never touched. With `--no-story` no agent of any kind runs. Both processes are children of the demo:
+checkout is never touched. Each story run starts from the service's own log line, detected by the config's
+watchers of `serve.log` (or, with none, from POST /patches/trigger). With `--no-story` no agent of any kind runs
+and no watcher: the spec's curl triggers are the only ones. Both processes are children of the demo:
 it stops them (by PID, terminate then kill) however it ends: the story's end with `--exit`, Ctrl-C, SIGTERM or
 SIGHUP.
 """
@@ -12,6 +14,7 @@ SIGHUP.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -36,7 +39,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mendloop.config import AgentRunnerConfig, load_settings
+from mendloop.config import AgentRunnerConfig, Settings, load_settings
 from mendloop.domain.states import RUN_FINAL, RunStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +130,7 @@ class Demo:
     agent_python: str = sys.executable
     agent_run_as: str = "auto"
     runner: AgentRunnerConfig = field(default_factory=AgentRunnerConfig)
+    watched: bool = False
 
     @property
     def copy(self) -> Path:
@@ -139,6 +143,10 @@ class Demo:
     @property
     def config_path(self) -> Path:
         return self.state / "mendloop.yaml"
+
+    @property
+    def service_log(self) -> Path:
+        return self.state / "service_state" / "serve.log"
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -213,6 +221,9 @@ class Demo:
             "agent_id": AGENT_ID,
             "run_as": self.agent_run_as,
         }
+        if not self.story_mode:
+            # The spec's curl tests by hand are the triggers; a watcher would start a second run for each fault.
+            config["watchers"] = []
         config["database_url"] = f"sqlite:///{self.state / 'mendloop.db'}"
         header = "# Written by `mendloop demo` from examples/quickstart.yaml; MENDLOOP_* variables still override it.\n"
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -220,6 +231,7 @@ class Demo:
         self.database = settings.database_url
         self.trigger_timeout = settings.trigger_wait_seconds + 30
         self.runner = settings.agent_runner  # as MENDLOOP_AGENT_RUNNER__* may have changed it (a real agent)
+        self.watched = _watches(settings, self.service_log)
         if settings.api_tokens:
             self.headers = {"Authorization": f"Bearer {settings.api_tokens[0]}"}
         host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -323,29 +335,23 @@ class Demo:
         out = self.out
         with httpx.Client(timeout=30, trust_env=False) as client:
             out.rule("Test 1: a playbook that heals without escalation")
-            self._fault(client, "db_disconnect", {"reconnect_failures": 2})
-            t1 = self._api(
+            t1 = self._start_run(
                 client,
-                "POST",
-                "/patches/trigger",
-                json={"description": "Database connection lost", "error_type": "database_connection"},
-                timeout=self.trigger_timeout,
+                ("db_disconnect", {"reconnect_failures": 2}),
+                {"description": "Database connection lost", "error_type": "database_connection"},
+                "database_reconnect",
             )
-            out.print_json(data=t1)
             ok1 = t1.get("status") == RunStatus.COMPLETED and t1.get("escalated_to_coding") is False
             self._print_run(self._api(client, "GET", f"/patches/runs/{t1['run_id']}"))
             out.print("[green]completed without escalation[/]" if ok1 else "[red]did not complete as expected[/]")
 
             out.rule("Test 2: a playbook that escalates to a coding agent")
-            self._fault(client, "large_file", {})
-            t2 = self._api(
+            t2 = self._start_run(
                 client,
-                "POST",
-                "/patches/trigger",
-                json={"description": "Pipeline validation timeout", "error_type": "pipeline_timeout"},
-                timeout=self.trigger_timeout,
+                ("large_file", {}),
+                {"description": "Pipeline validation timeout", "error_type": "pipeline_timeout"},
+                "pipeline_timeout_fix",
             )
-            out.print_json(data=t2)
             wo_id, run_id = t2.get("work_order_id"), t2["run_id"]
             if not t2.get("escalated_to_coding") or not wo_id:
                 raise DemoError(f"run {run_id} did not escalate (status {t2.get('status')})")
@@ -398,6 +404,49 @@ class Demo:
             )
             return bool(ok1 and detail["status"] == RunStatus.COMPLETED)
 
+    def _start_run(
+        self, client: httpx.Client, fault: tuple[str, dict[str, Any]], trigger: dict[str, Any], playbook: str
+    ) -> dict[str, Any]:
+        """Inject the fault. When the config watches the service's serve.log, the run starts from the log line
+        the fault writes (a watcher detects it); otherwise from POST /patches/trigger, as the spec's tests do.
+        Returns once the run escalated or finished: {run_id, status, escalated_to_coding, work_order_id}."""
+        known = {r["run_id"] for r in self._api(client, "GET", "/patches/runs", params={"limit": 500})["runs"]}
+        self._fault(client, *fault)
+        if not self.watched:
+            answer: dict[str, Any] = self._api(
+                client, "POST", "/patches/trigger", json=trigger, timeout=self.trigger_timeout
+            )
+            self.out.print_json(data=answer)
+            return answer
+        line = _last_error_line(self.service_log)
+        self.out.print(f"[dim]serve.log:[/] {escape(line)}")
+        self.out.print(f"[dim]a watcher of serve.log starts the run ({playbook}); no trigger is posted[/]")
+        deadline = time.monotonic() + self.trigger_timeout
+        while True:
+            runs = self._api(client, "GET", "/patches/runs", params={"limit": 50})["runs"]
+            new = [r for r in runs if r["run_id"] not in known and r["playbook_id"] == playbook]
+            if new:
+                run = new[-1]
+                if run["status"] in RUN_FINAL or (run["escalated_to_coding"] and run["coding_work_order_id"]):
+                    summary = {
+                        "run_id": run["run_id"],
+                        "playbook_id": run["playbook_id"],
+                        "status": run["status"],
+                        "escalated_to_coding": run["escalated_to_coding"],
+                        "work_order_id": run["coding_work_order_id"],
+                        "description": run["description"],
+                    }
+                    self.out.print_json(data=summary)
+                    return summary
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"no {playbook} run started from serve.log within {self.trigger_timeout:.0f}s",
+                    "runs: " + json.dumps([(r["run_id"], r["playbook_id"], r["status"]) for r in new or runs][:5]),
+                )
+            for child in self.children:
+                child.check_alive()
+            time.sleep(POLL_SECONDS)
+
     def _print_patch(self, wo: dict[str, Any]) -> None:
         """What the runner reported (its own figures), and the commit it made in the copy."""
         out = self.out
@@ -446,7 +495,7 @@ class Demo:
         api, svc, p = self.api_url, self.service_url, self.out.print
         auth = ' -H "Authorization: Bearer $MENDLOOP_TOKEN"' if self.headers else ""
         json_h = ' -H "Content-Type: application/json"'
-        p("The spec's tests, by hand (no agent of any kind runs in this mode):", markup=False)
+        p("The spec's tests, by hand (no agent of any kind and no log watcher runs in this mode):", markup=False)
         lines = [
             "# Test 1: a fault the playbook heals by itself, then the trigger",
             f"curl -X POST {svc}/admin/faults/db_disconnect{json_h} -d '{{\"reconnect_failures\":2}}'",
@@ -580,6 +629,20 @@ def _agent_python() -> tuple[str, str]:
         if proc.returncode == 0:
             return candidate, "auto"
     return sys.executable, "none"
+
+
+def _watches(settings: Settings, log: Path) -> bool:
+    """Whether a watcher of the config follows `log`."""
+    return any(fnmatch.fnmatch(str(log), pattern) for w in settings.watchers for pattern in w.paths)
+
+
+def _last_error_line(log: Path) -> str:
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if " ERROR" in line]
+    return errors[-1] if errors else ""
 
 
 def _shown(path: Path) -> str:

@@ -157,6 +157,11 @@ def test_story_the_embedded_runner_commits_tests_and_the_run_completes(tmp_path:
             ]
             run = http.get(f"/patches/runs/{wo['self_healing_run_id']}").json()
             assert run["status"] == "completed", run
+            if config.get("watchers"):
+                # The story starts from the service's log line, detected by a watcher: no trigger is posted.
+                assert "no trigger is posted" in output
+                assert "ERROR: Pipeline timeout after 300 seconds" in run["description"], run["description"]
+                assert http.get("/patches/runs").json()["total"] == 2  # one run per fault, none from a trigger
             messages = [item["message"] for item in run["timeline"]]
             assert any("Coding agent demo-runner analyzing" in m for m in messages), messages  # it claimed
             assert any("Code patch already applied by the agent runner" in m for m in messages), messages
@@ -233,6 +238,7 @@ def test_spec_curl_tests_against_no_story(no_story_demo: tuple[subprocess.Popen[
     api, svc = info["mendloop"]["url"], info["sample_service"]["url"]
     config = yaml.safe_load((Path(info["sample_service"]["repo"]).parent / "mendloop.yaml").read_text())
     assert config["agent_runner"]["enabled"] is False
+    assert config.get("watchers", []) == []  # the curl triggers are the only ones: no second run per fault
     with httpx.Client(timeout=60, trust_env=False) as http:
         # Test 1: a database fault that the retry playbook heals by itself.
         http.post(f"{svc}/admin/faults/db_disconnect", json={"reconnect_failures": 1}).raise_for_status()
