@@ -189,6 +189,15 @@ def agent(
             help="auto (uid 65534 when root), none, or UID:GID: the user the agent and the tests run as.",
         ),
     ] = "auto",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            envvar="MENDLOOP_AGENT_WORKDIR",
+            file_okay=False,
+            help="Where worktrees go (default: /dev/shm when it has room, else the temp dir).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="MENDLOOP_LOG_LEVEL")] = "info",
 ) -> None:
     """The agent runner: claim work orders and drive a coding agent in a git worktree; test and apply its diff.
@@ -236,6 +245,7 @@ def agent(
             apply=cast(ApplyMode, apply),
             wait_seconds=wait,
             run_as=owner,
+            workdir=workdir,
         ),
     )
     signal.signal(signal.SIGTERM, lambda *_: runner.stop(timeout=0))

@@ -243,6 +243,9 @@ class RunnerOptions:
     wait_seconds: float = 20.0
     run_as: tuple[int, int] | Literal["auto"] | None = "auto"
     environ: Mapping[str, str] | None = None
+    # Where worktrees and scratch directories go; None: a tmpfs when there is one (checking out a large
+    # repository twice per work order is most of the runner's own time on a disk), else the system's temp dir.
+    workdir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.apply not in APPLY_MODES:
@@ -322,6 +325,7 @@ class AgentRunner:
         self.options = options
         self.adapter = options.adapter
         self.repo = Path(options.repo).resolve()
+        self.workdir = options.workdir or default_workdir()
         self.agent_id = options.agent_id or f"{socket.gethostname()}:{os.getpid()}:{self.adapter.name}"
         self._environ = dict(os.environ if options.environ is None else options.environ)
         if options.run_as == "auto":
@@ -344,7 +348,7 @@ class AgentRunner:
         if not git.is_repo(self.repo):
             raise MendloopError(f"{self.repo}: not a git repository")
         try:
-            removed = git.prune_stale(self.repo)
+            removed = git.prune_stale(self.repo, parent=self.workdir)
         except MendloopError as exc:
             log.warning("could not prune stale worktrees of %s: %s", self.repo, exc.message)
         else:
@@ -416,7 +420,7 @@ class AgentRunner:
             cancel.set()
         beat = _Heartbeat(self.client, claim, cancel)
         beat.start()
-        scratch = Path(tempfile.mkdtemp(prefix=f"mendloop-agent-{_safe(wo_id)}-"))
+        scratch = Path(tempfile.mkdtemp(prefix=f"mendloop-agent-{_safe(wo_id)}-", dir=self.workdir))
         outcome: Outcome
         try:
             outcome = self._work(claim, scratch, cancel, beat)
@@ -470,7 +474,7 @@ class AgentRunner:
                 os.chown(p, *self.run_as)
 
         beat.note = f"{self.adapter.name} working"
-        with git.worktree(self.repo, base) as wt:
+        with git.worktree(self.repo, base, parent=self.workdir) as wt:
             files = relevant_files(ctx, wt)
             prompt = build_prompt(
                 claim.work_order,
@@ -636,7 +640,7 @@ class AgentRunner:
     ) -> git.TestResult:
         home = scratch / "test-home"
         home.mkdir(exist_ok=True)
-        with git.worktree(self.repo, base) as twt:
+        with git.worktree(self.repo, base, parent=self.workdir) as twt:
             patch.check_paths_in_worktree(twt, summary.files)
             git.apply_check(twt, diff, expected=summary)
             git.apply(twt, diff)
@@ -673,7 +677,7 @@ class AgentRunner:
     def _commit_on_branch(self, wo_id: str, base: str, diff: str, message: str) -> tuple[str, str]:
         branch = f"mendloop/{_safe(wo_id)}"
         _git(self.repo, "check-ref-format", "--branch", branch)
-        with git.worktree(self.repo, base) as bwt:
+        with git.worktree(self.repo, base, parent=self.workdir) as bwt:
             git.apply(bwt, diff)
             _git(bwt, "add", "-A")
             sha = git.commit(bwt, message, trailers={"Work-Order": wo_id})
@@ -940,3 +944,16 @@ def running(runner: AgentRunner) -> Iterator[AgentRunner]:
         yield runner
     finally:
         runner.stop()
+
+
+def default_workdir(min_free_bytes: int = 2 << 30) -> Path:
+    """A tmpfs (/dev/shm) when it is writable and has room, else the system's temp directory."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+            st = os.statvfs(shm)
+            if st.f_bavail * st.f_frsize >= min_free_bytes:
+                return shm
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
