@@ -38,8 +38,10 @@ from mendloop.config import load_settings  # noqa: E402
 from mendloop.domain.states import RunStatus  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import detect as detect_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
 import runner as agent_runner_bench  # noqa: E402
+import scan as scan_bench  # noqa: E402
 
 
 def free_port() -> int:
@@ -248,7 +250,17 @@ def main() -> None:
         res = bench_resume(tmp / "c")
     agent = agent_runner_bench.run(files=5000, orders=args.runner_orders)
     intake = intake_bench.run(duration=args.intake_seconds)
-    result = {"throughput": tp, "latency": lat, "resume": res, "agent_runner": agent, "intake": intake}
+    scan = scan_bench.run()
+    detect = detect_bench.run()
+    result = {
+        "throughput": tp,
+        "latency": lat,
+        "resume": res,
+        "agent_runner": agent,
+        "intake": intake,
+        "scan": scan,
+        "detection": detect,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -267,6 +279,14 @@ def main() -> None:
     print(f"  interrupted run resumed {when} the restarted server reported ready (lease 300 s)   goal <= 1000 ms after")
     print("\n".join(agent_runner_bench.report(agent)))
     print("\n".join(intake_bench.report(intake)))
+    print("\n".join(scan_report(scan)))
+    print("\n".join(detect_bench.report(detect)))
+
+
+def scan_report(r: dict[str, Any]) -> list[str]:
+    return ["log scan throughput, MB/s on one core (bench/scan.py)"] + [
+        f"  {k:<40} {v:10.1f}" for k, v in r.items() if isinstance(v, int | float)
+    ]
 
 
 if __name__ == "__main__":
