@@ -12,18 +12,8 @@ from typing import Any
 
 import httpx
 
+from mendloop.domain.states import FAIL_REASONS
 from mendloop.errors import AuthError, Conflict, MendloopError, NotFound
-
-FAIL_REASONS = (
-    "cannot_reproduce",
-    "needs_human",
-    "out_of_scope",
-    "agent_error",
-    "timeout",
-    "tests_failed",
-    "unsafe_patch",
-    "verification_failed",
-)
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,16 @@ def check_run_move(run_id: str, old: RunStatus, new: RunStatus) -> None:
 def check_work_order_move(wo_id: str, old: WorkOrderStatus, new: WorkOrderStatus) -> None:
     if not work_order_can_move(old, new):
         raise Conflict(f"work order {wo_id} is {old}; it cannot become {new}", id=wo_id, status=str(old))
+
+
+# Why a work order failed (the pull API's `fail` reasons, and the patch pipeline's).
+FAIL_REASONS = (
+    "cannot_reproduce",
+    "needs_human",
+    "out_of_scope",
+    "agent_error",
+    "timeout",
+    "tests_failed",
+    "unsafe_patch",
+    "verification_failed",
+)

@@ -8,10 +8,10 @@ from typing import Any
 
 from mendloop.config import Settings
 from mendloop.domain.records import NewEvent, Run, WorkOrder
-from mendloop.domain.states import RunStatus, WorkOrderStatus
+from mendloop.domain.states import FAIL_REASONS, RunStatus, WorkOrderStatus
 from mendloop.errors import ConfigError, Conflict, InputError, NotFound, UnknownErrorType
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
-from mendloop.storage.queue import FAIL_REASONS, WorkOrderQueue
+from mendloop.storage.queue import WorkOrderQueue
 from mendloop.storage.store import APPROVAL_OWNER, MERGE_OWNER, Store
 
 

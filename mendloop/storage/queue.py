@@ -12,21 +12,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mendloop.domain.records import EventRecord, NewEvent, WorkOrder
-from mendloop.domain.states import RUN_FINAL, RunStatus, WorkOrderStatus, check_run_move, check_work_order_move
+from mendloop.domain.states import (
+    RUN_FINAL,
+    RunStatus,
+    WorkOrderStatus,
+    check_run_move,
+    check_work_order_move,
+)
 from mendloop.errors import Conflict, NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.store import Store, _run, _work_order
-
-FAIL_REASONS = (
-    "cannot_reproduce",
-    "needs_human",
-    "out_of_scope",
-    "agent_error",
-    "timeout",
-    "tests_failed",
-    "unsafe_patch",
-    "verification_failed",
-)
 
 
 class WorkOrderQueue:
@@ -112,31 +107,14 @@ class WorkOrderQueue:
             requeue = retryable and wo.attempts < wo.max_attempts and not _past(wo.deadline_at, now)
             if requeue:
                 check_work_order_move(wo.id, wo.status, WorkOrderStatus.QUEUED)
-                conn.execute(
-                    sa.update(t.work_orders)
-                    .where(t.work_orders.c.id == wo_id)
-                    .values(
-                        status=WorkOrderStatus.QUEUED.value,
-                        lease_id=None,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        note=f"{reason}: {details.get('message', '')}".strip(": "),
-                        updated_at=now,
-                    )
-                )
-                self.store._events(
+                self._requeue(
                     conn,
                     published,
-                    [
-                        NewEvent(
-                            type="coding_agent.work_order_updated",
-                            message=f"Work order {wo.id} back in the queue after {reason} (attempt {wo.attempts})",
-                            payload={"status": "queued", "reason": reason, "details": details},
-                            run_id=wo.self_healing_run_id,
-                            work_order_id=wo.id,
-                            component=wo.component,
-                        )
-                    ],
+                    wo,
+                    now=now,
+                    note=f"{reason}: {details.get('message', '')}".strip(": "),
+                    message=f"Work order {wo.id} back in the queue after {reason} (attempt {wo.attempts})",
+                    payload={"status": "queued", "reason": reason, "details": details},
                 )
             else:
                 self.fail_locked(conn, published, wo, reason=reason, details=details, run_status=run_status, now=now)
@@ -307,32 +285,53 @@ class WorkOrderQueue:
                         now=now,
                     )
                 else:
-                    conn.execute(
-                        sa.update(t.work_orders)
-                        .where(t.work_orders.c.id == wo.id)
-                        .values(
-                            status=WorkOrderStatus.QUEUED.value,
-                            lease_id=None,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            updated_at=now,
-                        )
-                    )
-                    self.store._events(
+                    self._requeue(
                         conn,
                         published,
-                        [
-                            NewEvent(
-                                type="coding_agent.work_order_updated",
-                                message=f"Work order {wo.id} back in the queue: {wo.lease_owner}'s lease lapsed",
-                                payload={"status": "queued", "reason": "lease_lapsed"},
-                                run_id=wo.self_healing_run_id,
-                                work_order_id=wo.id,
-                                component=wo.component,
-                            )
-                        ],
+                        wo,
+                        now=now,
+                        note=None,
+                        message=f"Work order {wo.id} back in the queue: {wo.lease_owner}'s lease lapsed",
+                        payload={"status": "queued", "reason": "lease_lapsed"},
                     )
         return touched
+
+    def _requeue(
+        self,
+        conn: Connection,
+        published: list[EventRecord],
+        wo: WorkOrder,
+        *,
+        now: float,
+        note: str | None,
+        message: str,
+        payload: dict[str, Any],
+    ) -> None:
+        """Back in the queue for the next agent: the lease is dropped, the attempt stays counted."""
+        values: dict[str, Any] = {
+            "status": WorkOrderStatus.QUEUED.value,
+            "lease_id": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if note is not None:
+            values["note"] = note
+        conn.execute(sa.update(t.work_orders).where(t.work_orders.c.id == wo.id).values(values))
+        self.store._events(
+            conn,
+            published,
+            [
+                NewEvent(
+                    type="coding_agent.work_order_updated",
+                    message=message,
+                    payload=payload,
+                    run_id=wo.self_healing_run_id,
+                    work_order_id=wo.id,
+                    component=wo.component,
+                )
+            ],
+        )
 
     def _locked(self, conn: Connection, wo_id: str) -> WorkOrder:
         row = conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id).with_for_update()).first()
@@ -361,4 +360,4 @@ def _past(ts: float | None, now: float) -> bool:
     return ts is not None and ts < now
 
 
-__all__: Sequence[str] = ("FAIL_REASONS", "WorkOrderQueue", "check_lease")
+__all__: Sequence[str] = ("WorkOrderQueue", "check_lease")
