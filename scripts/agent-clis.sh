@@ -55,6 +55,15 @@ step "aider-chat==$AIDER_VERSION (PyPI)" \
     env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
     "$DIR/aider-venv/bin/python" -m pip install -q "aider-chat==$AIDER_VERSION"
 
+if ! command -v npm >/dev/null 2>&1; then
+    # A fresh Debian has no Node.js; its packages are enough for both CLIs.
+    if [ "$(id -u)" = 0 ]; then
+        step "nodejs and npm (Debian)" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm'
+    else
+        echo "agent-clis: npm is missing; install Node.js (Debian: apt-get install nodejs npm)" >&2
+        exit 1
+    fi
+fi
 mkdir -p "$DIR/npm"
 step "@anthropic-ai/claude-code@$CLAUDE_VERSION @openai/codex@$CODEX_VERSION (npm)" \
     npm install --prefix "$DIR/npm" --no-audit --no-fund --no-save --loglevel=error \
