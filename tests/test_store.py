@@ -172,3 +172,39 @@ def test_recent_events_filters(store: Store, tmp_path: Path) -> None:
     assert [e.message for e in store.recent_events(event_type="a.x")] == ["one"]
     assert [e.message for e in store.recent_events(limit=1)] == ["two"]
     assert store.recent_events(since=4_000_000_000) == []
+
+
+def test_concurrent_claims_respect_the_mutex(store: Store) -> None:
+    for _ in range(12):
+        with store._tx() as (conn, published):
+            store.insert_run(
+                conn,
+                published,
+                playbook=PLAYBOOK,
+                playbook_version="1-x",
+                component="db",
+                error_type="e",
+                description="d",
+                context={},
+                trigger=None,
+                message="m",
+                mutex_key="db",
+            )
+    barrier = threading.Barrier(6)
+    won: list[str] = []
+    lock = threading.Lock()
+
+    def claim(owner: str) -> None:
+        barrier.wait()
+        run = store.claim_run(owner, 60)
+        if run is not None:
+            with lock:
+                won.append(run.id)
+
+    threads = [threading.Thread(target=claim, args=(f"o{i}",)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    # Six workers asked at once; only one run of the component may execute.
+    assert len(won) == 1

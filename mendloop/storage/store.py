@@ -41,6 +41,7 @@ from mendloop.storage import schema as t
 from mendloop.trust import TrustReason, describe, next_score
 
 Clock = Callable[[], float]
+_CLAIM_LOCK = sa.text("SELECT pg_advisory_xact_lock(7304815)")
 # Holds a work order whose diff the run's patch pipeline has yet to check, test and apply.
 PATCH_PIPELINE_OWNER = "mendloop:patch-pipeline"
 # Hold a verified patch until an operator approves it, or a review branch until an operator marks it merged.
@@ -389,6 +390,11 @@ class Store:
         if max_concurrent:
             params["cap"] = max_concurrent
         with self._tx() as (conn, _):
+            if not self.is_sqlite:
+                # The mutex and the cap read other runs' status: under READ COMMITTED two concurrent claims would
+                # not see each other's uncommitted claim. Claims are short, so they take turns (SQLite's
+                # BEGIN IMMEDIATE already does this); the claim statement then sees every committed claim.
+                conn.execute(_CLAIM_LOCK)
             row = conn.execute(self._claim_stmt(capped=bool(max_concurrent)), params).first()
         return _run(row) if row is not None else None
 
