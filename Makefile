@@ -1,6 +1,7 @@
 # mendloop developer entry points. Everything runs from .venv, created/refreshed by scripts/bootstrap.sh.
 #   make test ARGS='-k foo -x'     pass extra arguments to pytest
 #   make bench ARGS='...'          pass extra arguments to bench/run.py
+#   make fuzz ARGS='...'           the property tests with random seeds and 20x the examples
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test lint bench fmt
+.PHONY: all bootstrap demo test fuzz lint bench fmt
 
 all: lint test
 
@@ -21,10 +22,16 @@ demo: bootstrap
 test:
 	bash scripts/test.sh $(ARGS)
 
+# The same properties as `make test` (Hypothesis tests: `-m hypothesis`), with random seeds and more examples
+# (profile `fuzz` in tests/conftest.py); `make test` under CI runs them derandomized.
+fuzz: bootstrap
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m hypothesis -p no:cacheprovider $(ARGS)
+
 lint: bootstrap
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: bootstrap
 	$(PY) bench/run.py $(ARGS)

@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mendloop.agents import adapters, agent_runner, git, patch  # noqa: E402
+from mendloop.agents import adapters, agent_runner, patch_pipeline, patch_safety, worktrees  # noqa: E402
 from mendloop.agents.agent_runner import AgentRunner, RunnerOptions  # noqa: E402
-from mendloop.agents.client import AgentClient, Claim, Heartbeat  # noqa: E402
+from mendloop.infra import git, process  # noqa: E402
+from mendloop.infra.api_client import AgentClient, Claim, Heartbeat  # noqa: E402
 
 GOAL_SECONDS = 1.0
 GIT_ENV = {
@@ -184,15 +185,18 @@ class Timers:
 
             return inner
 
-        self._patch(git, "worktree", worktree)
-        self._patch(agent_runner, "run_process", run_process)
-        self._patch(git, "diff_worktree", self.timed("diff"))
-        self._patch(patch, "check_diff", self.timed("checks"))
-        self._patch(patch, "check_paths_in_worktree", self.timed("checks"))
-        self._patch(git, "apply_check", self.timed("checks"))
-        self._patch(git, "apply", self.timed("apply to the test worktree"))
-        self._patch(git, "_apply_and_commit", self.timed("commit"))
-        self._patch(agent_runner, "_give_tree", self.timed("chown (run as another user)"))
+        # Each is patched where the runner looks it up: module attributes (`worktrees.worktree(...)`) in their
+        # module, names the runner imported (`give_tree`) in agent_runner's namespace. The agent and test
+        # processes are timed at the runner's own `_run_process`: `process.run` also carries every git call.
+        self._patch(worktrees, "worktree", worktree)
+        self._patch(AgentRunner, "_run_process", run_process)
+        self._patch(patch_pipeline, "diff_worktree", self.timed("diff"))
+        self._patch(patch_safety, "check_diff", self.timed("checks"))
+        self._patch(patch_safety, "check_paths_in_worktree", self.timed("checks"))
+        self._patch(patch_pipeline, "apply_check", self.timed("checks"))
+        self._patch(patch_pipeline, "apply", self.timed("apply to the test worktree"))
+        self._patch(patch_pipeline, "_apply_and_commit", self.timed("commit"))
+        self._patch(agent_runner, "give_tree", self.timed("chown (run as another user)"))
 
     def start_order(self) -> None:
         self.current = defaultdict(float)
@@ -304,7 +308,7 @@ def run(files: int = 5000, orders: int = 7) -> dict[str, Any]:
 
 def _run_in(directory: str | None, files: int, orders: int, *, as_nobody: bool = True) -> dict[str, Any]:
     previous = tempfile.tempdir
-    tempfile.tempdir = directory  # where git.worktree() puts the runner's worktrees, and the bare ones go
+    tempfile.tempdir = directory  # where worktrees.worktree() puts the runner's worktrees, and the bare ones go
     try:
         with tempfile.TemporaryDirectory(prefix="mendloop-bench-runner-") as d:
             tmp = Path(d)
@@ -334,7 +338,7 @@ def _run_in(directory: str | None, files: int, orders: int, *, as_nobody: bool =
 
 
 def _nobody_can_enter() -> bool:
-    return agent_runner._blocked_for(Path(tempfile.gettempdir()), agent_runner.NOBODY) is None
+    return process.blocked_for(Path(tempfile.gettempdir()), agent_runner.NOBODY) is None
 
 
 def _report_one(result: dict[str, Any]) -> list[str]:

@@ -8,31 +8,30 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import httpx
 
-from mendloop.agents.redact import Redactor
+from mendloop.agents.embedded import EmbeddedRunner
 from mendloop.bus.bus import Bus
 from mendloop.config import Settings
-from mendloop.engine.patching import Patching
-from mendloop.engine.runner import Runner, RunnerDeps
+from mendloop.domain.records import PlaybookRef
+from mendloop.engine.held_patch import HeldPatches
 from mendloop.engine.service import Remediation
+from mendloop.engine.step_loop import StepLoop, StepLoopDeps
 from mendloop.engine.worker import WorkerPool
+from mendloop.infra.redact import Redactor
 from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
+from mendloop.intake.watcher import WatcherService
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
+from mendloop.rules.routing import Routing
 from mendloop.storage import migrate
 from mendloop.storage.incidents import IncidentStore
-from mendloop.storage.queue import WorkOrderQueue
+from mendloop.storage.offsets import DbOffsetStore
 from mendloop.storage.store import Store
-
-if TYPE_CHECKING:
-    from mendloop.agents.embedded import EmbeddedRunner
-    from mendloop.intake.watcher import WatcherService
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ class App:
     bus: Bus = field(init=False)
     store: Store = field(init=False)
     playbooks: PlaybookSet = field(init=False)
+    routing: Routing = field(init=False)
     capabilities: Capabilities = field(init=False)
     remediation: Remediation = field(init=False)
     workers: WorkerPool = field(init=False)
@@ -81,8 +81,8 @@ class App:
             migrate.upgrade(self.store.engine)
         compiled = CompiledCache(templates)
         self.http = httpx.Client(follow_redirects=False)
-        runner = Runner(
-            RunnerDeps(
+        step_loop = StepLoop(
+            StepLoopDeps(
                 store=self.store,
                 capabilities=self.capabilities,
                 compiled=compiled,
@@ -92,23 +92,31 @@ class App:
                 rnd=self.rnd,
                 targets=s.targets,
                 redactor=Redactor(s.secret_patterns),
-                patching=Patching(store=self.store, queue=WorkOrderQueue(self.store), targets=s.targets),
+                patches=HeldPatches(store=self.store, targets=s.targets),
             )
         )
         self.workers = WorkerPool(
             store=self.store,
-            runner=runner,
+            step_loop=step_loop,
             count=s.workers if workers is None else workers,
             lease_seconds=s.lease_seconds,
             poll_interval=s.poll_interval,
             clock=self.clock,
             max_concurrent=s.storm.max_concurrent_runs,
         )
+        self.routing = Routing(
+            s.routing_table(),
+            (
+                (PlaybookRef(pb.id, pb.version, pb.document), pb.model.handles.event_types)
+                for pb in self.playbooks.by_id.values()
+            ),
+        )
         self.remediation = Remediation(
             settings=s,
             store=self.store,
             playbooks=self.playbooks,
             compiled=compiled,
+            router=self.routing,
             wake=self.workers.notify,
         )
         self.workers.housekeeping.append(self.remediation.reap)
@@ -117,24 +125,18 @@ class App:
         self.intake = Intake(
             settings=s,
             incidents=self.incidents,
-            playbooks=self.playbooks,
-            routing=self.remediation.routing,
+            router=self.routing,
             wake=self.workers.notify,
         )
         self.batcher = IntakeBatcher(self.intake)
         embedded = None
         if self.embedded_agent and s.agent_runner.enabled:
-            from mendloop.agents.embedded import EmbeddedRunner
-
             embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
         if start_workers:
             self.workers.start()
         if embedded is not None:
             self.agent_runner = embedded.start()
         if s.watchers and (self.watch if start_watchers is None else start_watchers):
-            from mendloop.intake.watcher import WatcherService
-            from mendloop.storage.offsets import DbOffsetStore
-
             self.watchers = WatcherService(
                 settings=s, intake=self.intake, log_intake=self.log_intake, offsets=DbOffsetStore(self.store)
             ).start()

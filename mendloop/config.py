@@ -118,7 +118,7 @@ class TrustConfig(_Strict):
 
 
 class StormConfig(_Strict):
-    """Storm control for detected events; see mendloop/rules/storm.py."""
+    """Storm control for detected events; see mendloop/domain/storm.py."""
 
     once_within_seconds: float = Field(
         default=600, ge=0, description="At most one new run per fingerprint in this window."
@@ -152,6 +152,11 @@ class WatcherConfig(_Strict):
     max_line_bytes: int = Field(default=65536, ge=256)
 
 
+# The coding agent adapters `agent_runner.adapter` may name. Settings are checked when loaded, below the agents
+# package that implements them; its registry refuses an adapter that is not listed here.
+AGENT_ADAPTERS = frozenset({"aider", "claude", "codex", "openhands", "command", "openai"})
+
+
 class AgentRunnerConfig(_Strict):
     """The agent runner embedded in `serve` (the same runner as `mendloop agent`), claiming from the server's own
     URL on the loopback. `repository` is relative to the config file; `argv` goes to the adapter as the argv after
@@ -174,11 +179,8 @@ class AgentRunnerConfig(_Strict):
             raise ValueError("an enabled agent_runner needs a repository")
         if self.enabled and not self.adapter:
             raise ValueError("an enabled agent_runner needs an adapter")
-        if self.adapter:
-            from mendloop.agents.adapters import adapter_names
-
-            if self.adapter not in adapter_names():
-                raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(adapter_names())}")
+        if self.adapter and self.adapter not in AGENT_ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(sorted(AGENT_ADAPTERS))}")
         return self
 
 

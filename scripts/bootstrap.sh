@@ -5,7 +5,8 @@
 # - Fast no-op when .venv works and .venv/.bootstrap-stamp holds the sha256 of pyproject.toml.
 # - Re-installs when pyproject.toml changed; recreates .venv when its interpreter is broken.
 # - Interpreter: $PYTHON if set, else the first of python3.11/3.12/3.13/python3 that is >= 3.11.
-# - Quiet: prints one line when it installs, and pip's full output only when pip fails.
+# - Quiet when there is nothing to do. When it installs: a line per phase with its duration, and a line every 15 s
+#   while pip runs; pip's full output only when pip fails.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,6 +17,25 @@ STAMP=$VENV/.bootstrap-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 log() { echo "bootstrap: $*" >&2; }
+started=$(date +%s)
+
+# run_logged LOG CMD...: CMD with its output in LOG; a line every 15 s while it runs. Returns CMD's status.
+run_logged() {
+    local out=$1 pid t0 i rc=0
+    shift
+    t0=$(date +%s)
+    "$@" >"$out" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        for ((i = 0; i < 75; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -0 "$pid" 2>/dev/null && log "  ... still installing ($(($(date +%s) - t0)) s)"
+    done
+    wait "$pid" || rc=$?
+    return "$rc"
+}
 die() { echo "bootstrap: error: $*" >&2; exit 1; }
 
 # Serialise concurrent bootstraps (e.g. `make -j lint test`): lock this script's own file.
@@ -61,15 +81,19 @@ if ! venv_ok; then
         fi
         "$py" -m venv "$VENV" || die "'$py -m venv $VENV' failed"
     fi
+    log "created $VENV ($(($(date +%s) - started)) s)"
 fi
 
 rm -f "$STAMP"
 log "installing mendloop[dev] into $VENV (pyproject.toml changed or fresh venv)"
 pip_log=$(mktemp "${TMPDIR:-/tmp}/mendloop-pip.XXXXXX")
 trap 'rm -f "$pip_log"' EXIT
-if ! "$VENV/bin/python" -m pip install -q -e '.[dev]' >"$pip_log" 2>&1; then
+pip_started=$(date +%s)
+# --no-compile: Python byte-compiles what is imported, when it is first imported, instead of pip compiling all.
+if ! run_logged "$pip_log" "$VENV/bin/python" -m pip install -q --no-compile --progress-bar off -e '.[dev]'; then
     # The "Location ... is ignored" lines are noise from this machine's pip config.
     grep -v "WARNING: Location '.*' is ignored" "$pip_log" >&2 || true
     die "pip install -e '.[dev]' failed"
 fi
 echo "$want" >"$STAMP"
+log "installed mendloop[dev] ($(($(date +%s) - pip_started)) s; bootstrap $(($(date +%s) - started)) s)"

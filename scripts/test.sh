@@ -5,12 +5,16 @@
 # 2. unless MENDLOOP_TEST_POSTGRES_URL is already set, starts a throwaway PostgreSQL cluster in a fresh
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
-# 3. installs the real coding agent CLIs (aider, claude, codex; pinned) into .agent-clis/ with
-#    scripts/agent-clis.sh (idempotent: a stamp file; ~40 s the first time) and puts them on PATH, so the
-#    adapters' `--help` checks and the aider end-to-end test run (in CI they fail rather than skip without
-#    them). MENDLOOP_SKIP_AGENT_CLIS=1 skips the install; outside CI a failed install only warns;
-# 4. runs `.venv/bin/python -m pytest "$@"` and exits with its code. pytest's 5 ("no tests collected")
-#    is non-zero, so it fails the run too.
+# 3. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
+#    once per machine, in a cache outside the clone (~/.cache/mendloop/agent-clis; about a minute the first
+#    time, nothing after), linked as .agent-clis/bin, which goes on PATH, so the adapters' `--help` checks and the
+#    aider end-to-end test run (in CI they fail rather than skip without them). MENDLOOP_SKIP_AGENT_CLIS=1 skips
+#    it; outside CI a failed install only warns;
+# 4. runs `.venv/bin/python -m pytest -n 3 --dist worksteal "$@"` and exits with its code. pytest's 5 ("no tests
+#    collected") is non-zero, so it fails the run too. -n: tests run in parallel (pytest-xdist) in
+#    $MENDLOOP_TEST_WORKERS processes (3 unless set): most of their time is spent waiting on subprocesses, servers
+#    and the database, so more workers than cores still help. ARGS='-n 0' (or MENDLOOP_TEST_WORKERS=0) runs them in
+#    one process.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -92,7 +96,9 @@ if [ "${MENDLOOP_SKIP_AGENT_CLIS:-0}" != 1 ]; then
 fi
 
 rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
+pytest_started=$(date +%s)
+.venv/bin/python -m pytest -n "${MENDLOOP_TEST_WORKERS:-3}" --dist worksteal "$@" || rc=$?
+echo "test.sh: pytest took $(($(date +%s) - pytest_started)) s (exit $rc)" >&2
 if [ "$rc" -eq 5 ]; then
     echo "test.sh: pytest collected no tests (exit 5): treated as a failure" >&2
 fi

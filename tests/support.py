@@ -1,7 +1,15 @@
-"""Builders shared by the tests: an App on a given database, playbook files, a live API server."""
+"""Builders shared by the tests: pre-migrated databases, an App on a given database, playbook files, the API
+in process or on a live server."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +26,45 @@ from mendloop.config import Settings, load_settings
 from mendloop.domain.states import RunStatus
 
 
+def in_ci() -> bool:
+    """True when the environment variable CI says so (CI=true, CI=1, ...)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs every property with this many times its usual examples.
+FUZZ_FACTOR = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+
+
+def examples(n: int) -> int:
+    """A property's `max_examples`: `n` in `make test`, FUZZ_FACTOR * n under `make fuzz`."""
+    return n * FUZZ_FACTOR
+
+
+_ports_given: set[int] = set()
+_port_rnd = random.Random()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server the test starts next.
+
+    Picked at random below the kernel's ephemeral range (32768+), where no outgoing connection of this or another
+    process is given it as a source port meanwhile, and never twice in one process: parallel test sessions and
+    xdist workers rarely meet, and a test can ask for several before binding any.
+    """
+    for _ in range(1000):
+        port = _port_rnd.randrange(20000, 32000)
+        if port in _ports_given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError("no free TCP port found in 20000-31999")
+
+
 def write_playbooks(directory: Path, *playbooks: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for pb in playbooks:
@@ -32,8 +79,62 @@ def settings_for(database_url: str, tmp_path: Path, **extra: Any) -> Settings:
     return load_settings(path)
 
 
-def open_app(settings: Settings, *, start_workers: bool = False, **kw: Any) -> App:
-    return App(settings, **kw).open(start_workers=start_workers)
+# URLs of databases that are already migrated to head (the `database_url` fixture, `migrated_sqlite`): App.open
+# skips Alembic for them. Any other URL is migrated as `serve` would.
+_MIGRATED: set[str] = set()
+_sqlite_template: Path | None = None
+
+
+def mark_migrated(url: str) -> str:
+    _MIGRATED.add(url)
+    return url
+
+
+def migrate_with_app(url: str) -> None:
+    """Migrate `url` to head the way the service does (App.open), then close every connection."""
+    App(load_settings(None, database_url=url)).open(start_workers=False, start_watchers=False).close()
+
+
+def sqlite_template() -> Path:
+    """A SQLite file migrated to head, made once per process (per xdist worker) and removed at exit.
+
+    Checkpointed and with no connection left open, so the file alone holds the whole database (no -wal to carry).
+    """
+    global _sqlite_template
+    if _sqlite_template is None:
+        directory = Path(tempfile.mkdtemp(prefix="mendloop-template-"))
+        atexit.register(shutil.rmtree, directory, True)
+        path = directory / "template.db"
+        migrate_with_app(f"sqlite:///{path}")
+        conn = sqlite3.connect(path)
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+        wal = path.with_name(path.name + "-wal")
+        if busy or (wal.exists() and wal.stat().st_size):
+            raise RuntimeError(f"{path}: the WAL could not be checkpointed into the file")
+        _sqlite_template = path
+    return _sqlite_template
+
+
+def migrated_sqlite(path: Path) -> str:
+    """A SQLite database at `path`, migrated to head (a copy of the template: no Alembic run); returns its URL.
+
+    Asked again for the same path, it hands back the database already there.
+    """
+    url = f"sqlite:///{path}"
+    if url in _MIGRATED and path.exists():
+        return url
+    shutil.copyfile(sqlite_template(), path)
+    return mark_migrated(url)
+
+
+def open_app(settings: Settings, *, start_workers: bool = False, upgrade: bool | None = None, **kw: Any) -> App:
+    """Open an App; `upgrade=None` runs the migrations only when the database is not one handed out migrated."""
+    if upgrade is None:
+        upgrade = settings.database_url not in _MIGRATED
+    return App(settings, **kw).open(start_workers=start_workers, upgrade=upgrade)
 
 
 def drain(app: App, owner: str = "test:0:w", limit: int = 1000) -> int:
@@ -56,6 +157,46 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, interval: float
 def wait_status(app: App, run_id: str, *statuses: RunStatus, timeout: float = 20) -> RunStatus:
     wait_for(lambda: app.store.run_status(run_id) in statuses, timeout)
     return app.store.run_status(run_id)
+
+
+class _InProcess(httpx.BaseTransport):
+    """A sync httpx transport that hands each request to `httpx.ASGITransport` on an event loop in one thread.
+
+    Requests from several threads run concurrently on that loop, as on a server. Bodies are read whole each way.
+    """
+
+    def __init__(self, asgi: Any, portal: Any) -> None:
+        self._asgi = httpx.ASGITransport(app=asgi, raise_app_exceptions=False)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def call() -> httpx.Response:
+            forwarded = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            response = await self._asgi.handle_async_request(forwarded)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        response: httpx.Response = self._portal.call(call)
+        return response
+
+
+@contextmanager
+def api_client(app: App) -> Iterator[httpx.Client]:
+    """The API in process around an already open App: an httpx.Client over `httpx.ASGITransport`, with no socket or
+    server. An unhandled error is a 500, as from a real server.
+
+    Responses are buffered whole, so a test of a stream (SSE) or of a client in another process uses `api_server`.
+    """
+    import anyio.from_thread
+
+    from mendloop.api.server import create_api
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        transport = _InProcess(create_api(app, manage=False), portal)
+        with httpx.Client(transport=transport, base_url="http://mendloop.test", timeout=30) as client:
+            yield client
 
 
 @contextmanager
@@ -86,7 +227,6 @@ def mendloop_argv(*args: str) -> list[str]:
 @contextmanager
 def serve_process(config: Path, port: int, *, log: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
     """`mendloop serve` as a real subprocess; waits for /health and stops it by PID afterwards."""
-    import os
     import subprocess
 
     full_env = {**os.environ, **(env or {})}

@@ -23,11 +23,11 @@ import pytest
 from mendloop.agents import adapters
 from mendloop.agents.adapters import AgentTask, build_prompt, extract_diff
 from mendloop.agents.agent_runner import NOBODY, AgentRunner, Outcome, RunnerOptions
-from mendloop.agents.client import AgentClient, Claim, Heartbeat
 from mendloop.app import App
 from mendloop.config import Settings, load_settings
 from mendloop.errors import ConfigError, Conflict
-from tests.support import api_server, mendloop_argv, open_app, settings_for, wait_for, write_playbooks
+from mendloop.infra.api_client import AgentClient, Claim, Heartbeat
+from tests.support import api_server, mendloop_argv, migrated_sqlite, open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def rig_factory(tmp_path: Path, free_port: int) -> Iterator[Any]:
             },
         )
         settings = settings_for(
-            f"sqlite:///{tmp_path / 'mendloop.db'}",
+            migrated_sqlite(tmp_path / "mendloop.db"),
             tmp_path,
             playbook_dirs=[str(tmp_path / "pb")],
             routing={"patchy": "patchy"},
@@ -330,7 +330,7 @@ def test_agent_sees_a_minimal_environment_and_a_fenced_prompt_and_branch_mode_le
     assert f"Work-Order: {wo_id}" in git(repo, "log", "-1", "--format=%B", outcome.branch)
     assert (repo / "calc.py").read_text() == CALC
     wo = rig.work_order(wo_id)
-    assert wo["status"] == "in_progress" and wo["leased_to"] == "mendloop:awaiting-merge"
+    assert wo["status"] == "awaiting_merge" and wo["leased_to"] is None  # was in_progress + a magic owner
     assert wo["patch_result"]["branch"] == outcome.branch and wo["patch_result"]["applied_commit"] == outcome.commit
     run_id = wo["self_healing_run_id"]
     assert rig.run_status(run_id) == "awaiting_patch"
@@ -357,7 +357,7 @@ def test_approval_mode_holds_the_verified_diff_and_applies_nothing(tmp_path: Pat
     wo = rig.work_order(wo_id)
     result = wo["patch_result"]
     assert result["approval_required"] is True and result["tests_passed"] is True
-    assert wo["status"] == "in_progress" and wo["leased_to"] == "mendloop:awaiting-approval"
+    assert wo["status"] == "awaiting_approval" and wo["leased_to"] is None  # was in_progress + a magic owner
     assert rig.http.get(f"/patches/diffs/{wo_id}.diff").text == outcome.diff
     assert rig.run_status(wo["self_healing_run_id"]) == "awaiting_patch"
     # Nothing moves until an operator approves; then the server's patch pipeline applies it and the run verifies.
@@ -461,6 +461,60 @@ class FakeClient(AgentClient):
     def fail(self, work_order_id: str, **kw: Any) -> Any:
         self.calls.append(("fail", kw))
         return {"status": "failed"}
+
+
+class _SlowVersionAdapter(adapters.CommandAdapter):
+    """The command adapter whose version, like a real CLI's `--version` on a loaded machine, takes a while."""
+
+    name = "slow-version"  # not registered: built directly
+
+    def version(self) -> str | None:
+        time.sleep(1.0)  # five heartbeat intervals of the fake claim
+        return "slow 1.0"
+
+
+class _LeaseClient(FakeClient):
+    """A server that reaps a lease 0.5 s after its last heartbeat (the claim counts as one): a report that
+    comes later is refused with 409, as the real server's reaper does with a lapsed lease."""
+
+    def __init__(self, work_order: dict[str, Any]) -> None:
+        super().__init__(work_order, Heartbeat(lease_expires_at=None, cancel_requested=False))
+        self.last_beat = time.monotonic()
+
+    def claim(self, agent_id: str, *, repository: str | None = None, wait_seconds: float = 0) -> Claim | None:
+        self.last_beat = time.monotonic()
+        return super().claim(agent_id, repository=repository, wait_seconds=wait_seconds)
+
+    def heartbeat(self, work_order_id: str, lease_id: str, note: str | None = None) -> Heartbeat:
+        self._check_lease()
+        self.last_beat = time.monotonic()
+        return super().heartbeat(work_order_id, lease_id, note)
+
+    def complete(self, work_order_id: str, body: dict[str, Any], *, idempotency_key: str | None = None) -> Any:
+        self._check_lease()
+        return super().complete(work_order_id, body, idempotency_key=idempotency_key)
+
+    def _check_lease(self) -> None:
+        if time.monotonic() - self.last_beat > 0.5:
+            self.calls.append(("reaped", None))
+            raise Conflict(f"work order {self.work_order['work_order_id']} is failed; it cannot be completed")
+
+
+def test_the_lease_is_kept_alive_until_the_report_is_answered(tmp_path: Path) -> None:
+    """The aider flake's cause: the runner stopped heartbeating before it built its report, and building it runs
+    the agent CLI's `--version` (6-9 s for aider on a loaded 2-core machine, the rig's lease is 3 s), so the
+    reaper failed the work order and `complete` got 409. Heartbeats now go on until the report is answered."""
+    repo = calc_repo(tmp_path)
+    client = _LeaseClient(_fake_work_order(repo))
+    adapter = _SlowVersionAdapter([PY, str(AGENTS / "fix_calc.py")])
+    runner = AgentRunner(client, RunnerOptions(repo=repo, adapter=adapter, run_as=None))
+    outcome = runner.process_next(wait_seconds=0)
+    assert outcome is not None
+    assert ("reaped", None) not in client.calls
+    assert outcome.status == "completed", outcome.message
+    complete = next(body for name, body in client.calls if name == "complete")
+    assert complete["agent"] == {"name": "slow-version", "version": "slow 1.0"}
+    assert ("heartbeat", "reporting") in client.calls  # the lease was renewed while the report was built
 
 
 def _fake_work_order(repo: Path) -> dict[str, Any]:
@@ -649,7 +703,7 @@ def _embedded_settings(tmp_path: Path, port: int, repo: Path, runner: dict[str, 
         },
     )
     return settings_for(
-        f"sqlite:///{tmp_path / 'mendloop.db'}",
+        migrated_sqlite(tmp_path / "mendloop.db"),
         tmp_path,
         port=port,
         playbook_dirs=[str(tmp_path / "pb")],

@@ -11,15 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from mendloop.api.server import create_api
-from tests.support import open_app, settings_for
+from tests.support import examples, migrated_sqlite, open_app, settings_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.hypothesis]  # `make fuzz` runs it too
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> object:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    app = open_app(settings_for(f"sqlite:///{tmp}/fuzz.db", tmp, workers=1, trigger_wait_seconds=0), start_workers=True)
+    app = open_app(
+        settings_for(migrated_sqlite(tmp / "fuzz.db"), tmp, workers=1, trigger_wait_seconds=0), start_workers=True
+    )
     yield create_api(app, manage=False)
     app.close()
 
@@ -33,10 +35,8 @@ def test_api_never_errors(api: object) -> None:
             continue  # an endless stream
 
         @given(case=op.as_strategy())
-        # Derandomized so CI is reproducible; run with other seeds locally to explore further.
-        @settings(
-            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
-        )
+        # Seeds and database come from the profile (conftest.py): derandomized under CI, random under `make fuzz`.
+        @settings(max_examples=examples(25), deadline=None, suppress_health_check=list(HealthCheck))
         def check(case: schemathesis.Case) -> None:
             if case.path in ("/patches/trigger", "/patches/work-orders/claim") and isinstance(case.body, dict):
                 case.body["wait_seconds"] = 0  # long waits are for real clients, not for a fuzzer

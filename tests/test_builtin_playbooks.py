@@ -14,7 +14,6 @@ import itertools
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import yaml
 from mendloop.app import App
 from mendloop.domain.records import Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus, StepStatus, WorkOrderStatus
-from tests.support import open_app, settings_for, wait_for, wait_status
+from tests.support import free_port, open_app, settings_for, wait_for, wait_status
 
 pytestmark = pytest.mark.slow
 
@@ -40,17 +39,11 @@ TARGET = "sample_service"
 MB = 1024 * 1024
 # The idempotency key mendloop sends with every call: run_id:step_id:attempt.
 KEY = re.compile(r"^(?P<run>run_\d{8}_\d{6}_\d{6}):(?P<step>[a-z][a-z0-9_.-]*):(?P<attempt>[1-9]\d*)$")
-# Trust with the default weights (mendloop/trust.py): starts at 1.0; an incident multiplies it by 0.75, a verified
-# fix moves it halfway to 1, a failed verification multiplies it by 0.6.
+# Trust with the default weights (mendloop/domain/trust.py): starts at 1.0; an incident multiplies it by 0.75, a
+# verified fix moves it halfway to 1, a failed verification multiplies it by 0.6.
 AFTER_INCIDENT = 0.75
 AFTER_VERIFIED_FIX = 0.875
 AFTER_FAILED_VERIFICATION = 0.45
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sha12(path: Path) -> str:
@@ -74,7 +67,7 @@ class SampleService:
 
     def start(self) -> None:
         for _ in range(3):  # the probed port may be taken before the service binds it
-            self.port = _free_port()
+            self.port = free_port()
             with self.out_path.open("ab") as out:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-B", "service.py", "--port", str(self.port), "--state-dir", str(self.state_dir)],

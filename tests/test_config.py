@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mendloop.config import load_settings
+from mendloop.agents.adapters import adapter_names
+from mendloop.config import AGENT_ADAPTERS, load_settings
 from mendloop.errors import ConfigError
 
 
@@ -44,3 +45,8 @@ def test_bad_files_name_the_field(tmp_path: Path, text: str, field: str) -> None
 def test_an_invalid_override_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="port"):
         load_settings(None, port=70000)
+
+
+def test_the_settings_know_exactly_the_registered_adapters() -> None:
+    # config.py sits below agents/, so it keeps the list of names; the registry refuses one it doesn't list.
+    assert set(adapter_names()) == AGENT_ADAPTERS

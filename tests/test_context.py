@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mendloop.agents.redact import MASK, Redactor
-from mendloop.intake import traceback
+from mendloop.infra import traceback
+from mendloop.infra.redact import MASK, Redactor
 
 TB = """2026-11-26 10:00:00 ERROR ingestion crashed
 Traceback (most recent call last):

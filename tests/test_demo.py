@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,19 +19,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_service"
 WO_RE = re.compile(r"^wo_\d{8}_0001$")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -76,9 +69,9 @@ def test_story_exits_zero_and_commits_in_the_copy(tmp_path: Path) -> None:
             "demo",
             "--exit",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--service-port",
-            str(_free_port()),
+            str(free_port()),
             "--state-dir",
             str(state),
         ],
@@ -109,7 +102,7 @@ def test_story_the_embedded_runner_commits_tests_and_the_run_completes(tmp_path:
     out_path = tmp_path / "demo.out"
     out = out_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mendloop", "demo", "--port", str(_free_port()), "--state-dir", str(state)],
+        [sys.executable, "-m", "mendloop", "demo", "--port", str(free_port()), "--state-dir", str(state)],
         cwd=tmp_path,
         env=_env(),
         stdout=out,
@@ -201,7 +194,7 @@ def no_story_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dic
             "demo",
             "--no-story",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--state-dir",
             str(state),
         ],

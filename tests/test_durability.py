@@ -15,7 +15,9 @@ import httpx
 import pytest
 import yaml
 
+from mendloop.config import load_settings
 from mendloop.domain.states import RunStatus
+from mendloop.engine.step_loop import MAX_STALLED_CLAIMS
 from tests.support import mendloop_argv, open_app, serve_process, settings_for, wait_for, write_playbooks
 
 pytestmark = pytest.mark.slow
@@ -153,3 +155,61 @@ def test_two_worker_processes_share_200_runs_on_postgres(postgres_admin_url: str
         app.close()
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_step_that_kills_its_worker_every_time_goes_to_needs_human(database_url: str, tmp_path: Path) -> None:
+    """The step kills the worker process that runs it (kill -9 of its parent). Each restarted worker reclaims the
+    run and is killed again; after MAX_STALLED_CLAIMS such claims the next worker hands the run to a human."""
+
+    log = tmp_path / "kills.log"
+    killer = "import os,signal,sys; open(sys.argv[1],'a').write('kill\\n'); os.kill(os.getppid(), signal.SIGKILL)"
+    write_playbooks(
+        tmp_path / "pb",
+        {
+            "id": "killer",
+            "type": "retry",
+            "description": "d",
+            "steps": [{"id": "kill", "action": "command", "with": {"argv": [PY, "-c", killer, str(log)]}}],
+        },
+    )
+    cfg = tmp_path / "mendloop.yaml"
+    settings = {
+        "database_url": database_url,
+        "playbook_dirs": [str(tmp_path / "pb")],
+        "routing": {"killer": "killer"},
+        "poll_interval": 0.05,
+        # Longer than the test: each restart's reclaim of dead workers' leases brings the run back.
+        "lease_seconds": 300,
+    }
+    cfg.write_text(yaml.safe_dump(settings))
+    app = open_app(load_settings(cfg))  # no worker threads: only the worker processes run steps
+    try:
+        run, _ = app.remediation.trigger(error_type="killer", description="d")
+        for n in range(1, MAX_STALLED_CLAIMS + 1):
+            with (tmp_path / f"worker{n}.log").open("wb") as out:
+                proc = subprocess.Popen(
+                    mendloop_argv("worker", "--config", str(cfg), "--count", "1"), stdout=out, stderr=subprocess.STDOUT
+                )
+            assert proc.wait(60) == -signal.SIGKILL
+            assert log.read_text().count("kill") == n
+        with (tmp_path / "last.log").open("wb") as out:
+            last = subprocess.Popen(
+                mendloop_argv("worker", "--config", str(cfg), "--count", "1"), stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for(lambda: app.store.run_status(run.id) is RunStatus.NEEDS_HUMAN, timeout=30)
+        finally:
+            last.terminate()
+            last.wait(15)
+        assert log.read_text().count("kill") == MAX_STALLED_CLAIMS  # the step never ran a fourth time
+        done = app.store.get_run(run.id)
+        assert done.error is not None
+        assert done.error.startswith(f"gave up after {MAX_STALLED_CLAIMS} claims in a row crashed the worker: ")
+        assert "the worker stopped while it held the run" in done.error
+        (step,) = app.store.run_steps(run.id)
+        assert step.step_id == "kill" and step.status.value == "failed"
+        assert step.error is not None and "the worker stopped" in step.error
+        types = [e.type for e in app.store.run_events(run.id)]
+        assert "self_healing.step_failed" in types and types[-1] == "self_healing.completed"
+    finally:
+        app.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mendloop.intake import traceback
+from mendloop.infra import traceback
 from mendloop.intake.fingerprint import fingerprint, fingerprint_traceback, normalise
+from tests.support import examples
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ _TOKENS = st.sampled_from(
 _LINES = st.lists(st.one_of(_TOKENS, st.from_regex(r"[0-9]{1,12}", fullmatch=True)), max_size=40).map("".join)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(line=_LINES, data=st.data())
 def test_replacing_any_digit_run_never_changes_the_fingerprint(line: str, data: st.DataObject) -> None:
     runs = list(re.finditer(r"\d+", line))
@@ -172,15 +173,32 @@ def test_replacing_any_digit_run_never_changes_the_fingerprint(line: str, data: 
     assert fingerprint(changed) == fingerprint(line)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(text=st.text(max_size=200))
+# A later rule's placeholder must not open a boundary an earlier rule stopped at: `1/x` → `<n>/x`, not `<n><path>`.
+@example(text="0/@")
+@example(text="1g://b")
+@example(text="1'a'")
+@example(text="'a'1")
+@example(text="1./a")
+@example(text="/a//b")
+@example(text="C:\\a/b")
+@example(text="'a', 1/x")
+@example(text="a/b.c9/")
+# Whitespace collapses before quotes pair; a Windows path leaves a quote's escape alone; a stray escape goes.
+@example(text='"a\nb"')
+@example(text='"C:\\a\\"')
+@example(text="\x1b\x1b[m[m")
+# A normal form longer than MAX_CHARS would be cut when normalised again.
+@example(text="1 " * 40_000)
+@example(text="a" * 65_535 + "1")
 def test_normalise_is_total_and_idempotent(text: str) -> None:
     once = normalise(text)
     assert normalise(once) == once
     assert len(fingerprint(text)) == 16
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(line=st.text(max_size=120), data=st.data())
 def test_replacing_a_digit_run_in_any_text_never_changes_the_fingerprint(line: str, data: st.DataObject) -> None:
     runs = list(re.finditer(r"[0-9]+", line))

@@ -16,7 +16,7 @@ import pytest
 
 from mendloop.app import App
 from mendloop.domain.states import RunStatus
-from tests.support import api_server, open_app, settings_for, wait_for, write_playbooks
+from tests.support import api_client, open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
 
@@ -86,12 +86,6 @@ def app(database_url: str, tmp_path: Path) -> Any:
     a = _app(database_url, tmp_path)
     yield a
     a.close()
-
-
-@pytest.fixture
-def client(app: App, free_port: int) -> Any:
-    with api_server(app, free_port) as c:
-        yield c
 
 
 def test_a_retried_event_is_a_no_op(client: httpx.Client, app: App) -> None:
@@ -200,10 +194,10 @@ def test_runs_for_one_component_never_execute_at_once(client: httpx.Client, app:
 
 
 @pytest.mark.parametrize("auth", ["token", "hmac"])
-def test_intake_tokens_and_signatures(database_url: str, tmp_path: Path, free_port: int, auth: str) -> None:
+def test_intake_tokens_and_signatures(database_url: str, tmp_path: Path, auth: str) -> None:
     app = _app(database_url, tmp_path, intake_tokens=["in-tok"], webhook_hmac_secret="s3cret")
     try:
-        with api_server(app, free_port) as client:
+        with api_client(app) as client:
             body = json.dumps({"event_type": "app.info", "message": "hello"}).encode()
             assert client.post("/events", content=body).status_code == 401
             assert client.post("/events", content=body, headers={"Authorization": "Bearer wrong"}).status_code == 401

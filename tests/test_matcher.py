@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mendloop.errors import ConfigError
 from mendloop.intake.matcher import Engine, Match, Matcher, Pattern
+from tests.support import examples
 
 ENGINES: list[Engine] = ["hyperscan", "re2", "re"]
 _MODULES = {"hyperscan": "hyperscan", "re2": "re2", "re": "re"}
@@ -312,7 +313,7 @@ _PIECES = [b"a", b"b", b"x", b"ax", b"1", b"23", b" ", b"\t", b"\n", b"\n", b":"
 _PIECES += [b"\xc3\xa9", b"\xff", b"\xc3", "💥".encode(), b"\r", b"ab", b"E"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunk=st.lists(st.sampled_from(_PIECES), max_size=80).map(b"".join))
 def test_every_engine_finds_what_the_per_line_loop_finds(engine: Engine, chunk: bytes) -> None:
     assert found(_agreement_matcher(engine).scan(chunk)) == reference(AGREEMENT_PATTERNS, chunk)

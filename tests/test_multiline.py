@@ -6,9 +6,11 @@ import json
 import traceback
 from pathlib import Path
 
-from mendloop.intake import traceback as tb
+from mendloop.infra import traceback as tb
+from mendloop.intake.lines import Line
 from mendloop.intake.multiline import Grouper, Record, parse_json
-from mendloop.intake.tail import Line, MemoryOffsetStore, Tailer
+from mendloop.intake.offsets import MemoryOffsetStore
+from mendloop.intake.tail import Tailer
 
 
 def lines_of(text: str, *, path: str = "/var/log/app.log", ts: float = 100.0, start: int = 0) -> list[Line]:

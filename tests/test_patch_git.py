@@ -13,22 +13,21 @@ from typing import Any
 
 import pytest
 
-from mendloop.agents.git import (
+from mendloop.agents.patch_pipeline import (
     apply,
     apply_check,
     apply_patch,
     commit,
     diff_worktree,
-    head,
     is_applied,
-    is_repo,
-    prune_stale,
     revert,
     run_tests,
-    worktree,
 )
-from mendloop.agents.patch import Constraints, PatchSummary, check_diff
+from mendloop.agents.patch_safety import Constraints, PatchSummary, check_diff
+from mendloop.agents.worktrees import prune_stale, worktree
 from mendloop.errors import MendloopError, PatchRejected
+from mendloop.infra import git as infra_git
+from mendloop.infra.git import head, is_repo
 
 # Passes only when the patch below has been applied: tests judge the patched tree, not the original.
 CHECK_VALUE = [sys.executable, "-c", "import app, sys; print('value', app.VALUE); sys.exit(0 if app.VALUE == 2 else 1)"]
@@ -539,3 +538,62 @@ def test_output_tail_keeps_the_end(repo: Path) -> None:
 def test_missing_test_program_is_not_blamed_on_the_patch(repo: Path) -> None:
     with pytest.raises(MendloopError, match="cannot start test command"):
         run_tests(repo, ["definitely-not-a-program-xyz"], timeout=5, env={})
+
+
+# -- the one git environment policy (mendloop.infra.git) ---------------------------------------------------------
+
+
+def test_inherited_git_variables_are_dropped(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q")
+    expected = git(repo, "rev-parse", "HEAD").strip()
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(other))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(tmp_path / "elsewhere.index"))
+    monkeypatch.setenv("GIT_SOME_FUTURE_VARIABLE", "1")
+    monkeypatch.setenv("LANGUAGE", "de")
+    env = infra_git.environment()
+    assert not [k for k in env if k.startswith("GIT_") and k not in ("GIT_TERMINAL_PROMPT", "GIT_EDITOR", "GIT_PAGER")]
+    assert "LANGUAGE" not in env and env["LC_ALL"] == "C"
+    assert head(repo) == expected  # the repository asked for, not GIT_DIR's (which has no commit at all)
+    assert infra_git.toplevel(repo / "src").resolve() == repo.resolve()
+
+
+def test_a_caller_may_set_git_variables_deliberately(repo: Path, tmp_path: Path) -> None:
+    index = tmp_path / "scratch.index"
+    infra_git.run(repo, "read-tree", "HEAD", env={"GIT_INDEX_FILE": str(index)})
+    assert index.is_file()
+
+
+def test_repository_hooks_run_only_where_asked(repo: Path, parent: Path, tmp_path: Path) -> None:
+    ran = tmp_path / "post-checkout-ran"
+    hook = repo / ".git/hooks/post-checkout"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    hook.chmod(0o755)
+    with worktree(repo, "HEAD", parent=parent):
+        pass
+    assert not ran.exists()  # worktree add: no hooks from the repository
+    infra_git.run(repo, "checkout", "-q", "-b", "other", hooks=True)
+    assert ran.exists()
+
+
+def test_git_timeout_kills_and_raises(repo: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "sleeper.pid"
+    started = time.monotonic()
+    with pytest.raises(MendloopError, match=r"git slow timed out after 0\.5s"):
+        infra_git.run(repo, "-c", f"alias.slow=!sh -c 'echo $$ > {pid_file}; exec sleep 30'", "slow", timeout=0.5)
+    assert time.monotonic() - started < 10
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _running(pid):  # the alias's shell was in git's process group: killed with it
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -10,8 +10,14 @@ from typing import Any
 
 import pytest
 
-from mendloop.agents.git import apply_patch
-from mendloop.agents.patch import DEFAULT_FORBIDDEN, Constraints, PatchSummary, check_diff, check_paths_in_worktree
+from mendloop.agents.patch_pipeline import apply_patch
+from mendloop.agents.patch_safety import (
+    DEFAULT_FORBIDDEN,
+    Constraints,
+    PatchSummary,
+    check_diff,
+    check_paths_in_worktree,
+)
 from mendloop.errors import PatchRejected
 
 # --- diff builders ---------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mendloop.app import App
-from tests.support import api_server, open_app, settings_for, wait_for, write_playbooks
+from tests.support import open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
 
@@ -80,12 +79,6 @@ def app(database_url: str, tmp_path: Path, repo: Path) -> Any:
     a.close()
 
 
-@pytest.fixture
-def client(app: App, free_port: int) -> Any:
-    with api_server(app, free_port) as c:
-        yield c
-
-
 def escalate_and_complete(client: httpx.Client, diff: str) -> tuple[dict[str, Any], dict[str, Any]]:
     run = client.post("/patches/trigger", json={"description": "d", "error_type": "code", "component": "svc"}).json()
     assert run["status"] == "awaiting_patch"
@@ -94,7 +87,7 @@ def escalate_and_complete(client: httpx.Client, diff: str) -> tuple[dict[str, An
         json={"tests_passed": True, "files_changed": 1, "diff": diff},
     )
     assert done.status_code == 200, done.text
-    assert done.json()["status"] == "in_progress"
+    assert done.json()["status"] == "awaiting_apply"  # was in_progress with a magic lease owner (issue 7)
 
     def settled() -> bool:
         return client.get(f"/patches/runs/{run['run_id']}").json()["status"] in ("completed", "needs_human", "failed")

@@ -13,7 +13,7 @@ import pytest
 
 from mendloop.app import App
 from mendloop.testing import FakeClock
-from tests.support import api_server, open_app, settings_for, wait_for, write_playbooks
+from tests.support import open_app, settings_for, wait_for, write_playbooks
 
 PLAYBOOK = {
     "id": "patchy",
@@ -46,12 +46,6 @@ def app(database_url: str, tmp_path: Path, clock: FakeClock) -> Any:
     a = open_app(settings, start_workers=True, clock=clock)
     yield a
     a.close()
-
-
-@pytest.fixture
-def client(app: App, free_port: int) -> Any:
-    with api_server(app, free_port) as c:
-        yield c
 
 
 def escalate(client: httpx.Client) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import free_port
+
 pytestmark = pytest.mark.slow
 
 SERVICE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample_service"
@@ -30,12 +31,6 @@ MB = 1024 * 1024
 LOG_LINE = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} "
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never route 127.0.0.1 via a proxy
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sha12(path: Path) -> str:

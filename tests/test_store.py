@@ -14,19 +14,18 @@ from alembic.runtime.migration import MigrationContext
 from mendloop.config import TrustConfig
 from mendloop.domain.records import NewEvent
 from mendloop.domain.states import RunStatus, StepStatus
+from mendloop.domain.trust import TrustReason, next_score
 from mendloop.storage import migrate
 from mendloop.storage.schema import metadata
 from mendloop.storage.store import StepOutcome, Store
 from mendloop.testing import FakeClock
-from mendloop.trust import TrustReason, next_score
 
 PLAYBOOK = {"id": "pb", "type": "retry", "description": "d", "steps": [{"id": "a", "action": "sleep"}]}
 
 
 @pytest.fixture
 def store(database_url: str) -> Store:
-    s = Store(database_url, trust=TrustConfig())
-    migrate.upgrade(s.engine)
+    s = Store(database_url, trust=TrustConfig())  # migrated already (conftest)
     yield s  # type: ignore[misc]
     s.close()
 
@@ -46,7 +45,18 @@ def _new_run(store: Store, dedupe: str | None = None, component: str | None = "s
     return run.id, created
 
 
-def test_migrations_match_the_tables(store: Store) -> None:
+@pytest.fixture
+def migrated_here(empty_database_url: str) -> Store:
+    """A Store on an empty database that this test's own Alembic run migrates (not a copy of the template)."""
+    s = Store(empty_database_url, trust=TrustConfig())
+    assert migrate.current(s.engine) is None
+    migrate.upgrade(s.engine)
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_migrations_match_the_tables(migrated_here: Store) -> None:
+    store = migrated_here
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
@@ -121,7 +131,6 @@ def test_each_run_is_claimed_by_exactly_one_owner(store: Store) -> None:
 def test_a_lapsed_lease_is_claimed_again_and_the_old_owner_cannot_commit(database_url: str) -> None:
     clock = FakeClock()
     s = Store(database_url, clock=clock)
-    migrate.upgrade(s.engine)
     try:
         _new_run(s)
         first = s.claim_run("old", 30)
@@ -176,10 +185,9 @@ def test_recent_events_filters(store: Store, tmp_path: Path) -> None:
 
 def test_concurrent_claims_respect_the_mutex(store: Store) -> None:
     for _ in range(12):
-        with store._tx() as (conn, published):
-            store.insert_run(
-                conn,
-                published,
+        with store.db.write() as tx:
+            store.runs.insert(
+                tx,
                 playbook=PLAYBOOK,
                 playbook_version="1-x",
                 component="db",

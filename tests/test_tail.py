@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from mendloop.domain.offsets import Checkpoint, FileIdentity
 from mendloop.errors import ConfigError
-from mendloop.intake.tail import (
-    Checkpoint,
-    FileIdentity,
-    JsonFileOffsetStore,
-    Line,
-    MemoryOffsetStore,
-    OffsetStore,
-    Tailer,
-    follow,
-    strip_ansi,
-)
+from mendloop.intake.follow import follow
+from mendloop.intake.lines import Line, strip_ansi
+from mendloop.intake.offsets import JsonFileOffsetStore, MemoryOffsetStore, OffsetStore
+from mendloop.intake.tail import Tailer
 from mendloop.testing import FakeClock
 
 
@@ -218,6 +212,29 @@ def test_rotation_by_rename_and_create_finishes_the_old_file_first(tmp_path: Pat
         assert lines[-2].offset == 0  # the new file is read from its beginning
         append(log, "8\n")
         assert texts(t.poll()) == ["8"]
+
+
+def test_a_pass_between_the_rename_and_the_writes_still_reads_them(tmp_path: Path) -> None:
+    """The rename wakes the watcher before the writer's next line reaches the renamed file (tail -F): the old file
+    is kept and read under its path until a new file appears there, then finished before the new one is read."""
+    log = tmp_path / "app.log"
+    append(log, "1\n2\n")
+    store = MemoryOffsetStore()
+    with tailer(tmp_path, store) as t:
+        assert texts(t.poll()) == ["1", "2"]
+        os.rename(log, tmp_path / "app.log.1")
+        assert t.poll() == []  # the pass the rename woke: nothing has replaced the file yet
+        append(tmp_path / "app.log.1", "3\n4\n")
+        assert texts(t.poll()) == ["3", "4"]
+        t.checkpoint()
+        assert store.load("t")[str(log)].offset == 8  # still followed under its path, for a restart
+        append(tmp_path / "app.log.1", "5\nhalf")
+        append(log, "6\n")
+        lines = t.poll()
+        assert texts(lines) == ["5", "half", "6"]
+        assert {line.path for line in lines} == {str(log)}
+        append(log, "7\n")
+        assert texts(t.poll()) == ["7"]
 
 
 def test_rename_to_a_watched_name_continues_without_repeating(tmp_path: Path) -> None:

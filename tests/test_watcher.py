@@ -23,14 +23,24 @@ import yaml
 
 from mendloop.app import App
 from mendloop.config import WatcherConfig, load_settings
+from mendloop.domain.offsets import Checkpoint, FileIdentity
 from mendloop.domain.records import Incident
 from mendloop.domain.states import RunStatus
 from mendloop.errors import StorageError
 from mendloop.intake.logs import LogIntake
-from mendloop.intake.tail import MemoryOffsetStore, OffsetStore
+from mendloop.intake.offsets import MemoryOffsetStore, OffsetStore
 from mendloop.intake.watcher import Batch, Sink, WatchPipeline
 from mendloop.storage.offsets import DbOffsetStore
-from tests.support import api_server, drain, serve_process, settings_for, wait_for, write_playbooks
+from tests.support import (
+    api_client,
+    api_server,
+    drain,
+    open_app,
+    serve_process,
+    settings_for,
+    wait_for,
+    write_playbooks,
+)
 
 TIMEOUT_LINE = "ERROR: Pipeline timeout after 300 seconds"
 PATTERNS = [
@@ -88,7 +98,7 @@ def make_app(
         watchers=[{"name": "app", "paths": paths or ["logs/*.log"], "start_at": "beginning", "patterns": PATTERNS}],
         **extra,
     )
-    app = App(settings, watch=watch).open(start_workers=False)
+    app = open_app(settings, watch=watch)
     return app
 
 
@@ -114,7 +124,7 @@ def wait_counted(app: App, error_type: str, total: int, timeout: float = 30) -> 
 # -- the basics ------------------------------------------------------------------------------------------------------
 
 
-def test_a_matching_line_is_an_event_an_incident_and_a_run(database_url: str, tmp_path: Path, free_port: int) -> None:
+def test_a_matching_line_is_an_event_an_incident_and_a_run(database_url: str, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
     app = make_app(database_url, tmp_path)
@@ -133,7 +143,7 @@ def test_a_matching_line_is_an_event_an_incident_and_a_run(database_url: str, tm
         assert len(runs) == 1
         drain(app)
         assert app.store.run_status(runs[0][0]) is RunStatus.COMPLETED
-        with api_server(app, free_port) as client:
+        with api_client(app) as client:
             health = client.get("/health").json()
         assert health["watchers"]["app"]["lines"] == 2
         assert health["watchers"]["app"]["detections"] == 1
@@ -143,8 +153,6 @@ def test_a_matching_line_is_an_event_an_incident_and_a_run(database_url: str, tm
 
 
 def test_offsets_are_stored_per_watcher_and_replaced_whole(database_url: str, tmp_path: Path) -> None:
-    from mendloop.intake.tail import Checkpoint, FileIdentity
-
     app = make_app(database_url, tmp_path, watch=False)
     try:
         offsets = DbOffsetStore(app.store)

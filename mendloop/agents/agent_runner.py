@@ -7,9 +7,10 @@ For one work order:
 2. the prompt, the work order as JSON and the result file in a scratch directory *outside* the worktree;
 3. the adapter's argv run in the worktree with stdin closed, a minimal environment (never `MENDLOOP_*`), its own
    process group, a hard timeout, and - when the runner is root - as an unprivileged user; heartbeats go out in a
-   background thread meanwhile, and a cancel request or a lost lease stops the agent;
-4. the diff computed by the runner from the worktree (`git.diff_worktree`), never taken from the agent;
-5. the patch safety checks (`patch.check_diff`, `patch.check_paths_in_worktree`);
+   background thread meanwhile (`LeaseKeeper`, until the report is answered), and a cancel request or a lost
+   lease stops the agent;
+4. the diff computed by the runner from the worktree (`patch_pipeline.diff_worktree`), never taken from the agent;
+5. the patch safety checks (`patch_safety.check_diff`, `patch_safety.check_paths_in_worktree`);
 6. the test command in a fresh worktree with the diff applied, judged by its exit code alone;
 7. apply: `commit` (one commit on the checked-out branch with a `Work-Order:` trailer), `branch` (a commit on
    `mendloop/<work order id>` left for review) or `approval` (nothing applied; the verified diff is sent for an
@@ -22,38 +23,42 @@ exits. `AgentRunner` runs in a thread (`start`/`stop`) inside another process as
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
-import stat
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from mendloop.agents import git, patch
-from mendloop.agents.adapters import Adapter, AgentTask, build_prompt, relevant_files
-from mendloop.agents.client import AgentClient, Claim
+from mendloop.agents import patch_pipeline, patch_safety, worktrees
+from mendloop.agents.adapters import AgentTask, build_prompt, relevant_files
+from mendloop.agents.lease_keeper import LeaseKeeper
+from mendloop.agents.runner_options import APPLY_MODES, NOBODY, ApplyMode, Outcome, RunnerOptions, default_workdir
+from mendloop.agents.work_order_input import (
+    argv_of,
+    commit_message,
+    constraints_of,
+    read_result,
+    safe_name,
+    summary_text,
+)
+from mendloop.agents.worktree_access import check_reachable, give_tree, make_traversable, restore_file
 from mendloop.errors import AgentError, Conflict, MendloopError, NotFound, PatchRejected
+from mendloop.infra import git, process
+from mendloop.infra.api_client import AgentClient, Claim
+
+__all__ = ["APPLY_MODES", "NOBODY", "AgentRunner", "ApplyMode", "Outcome", "RunnerOptions", "running"]
 
 log = logging.getLogger(__name__)
 
-ApplyMode = Literal["commit", "branch", "approval"]
-APPLY_MODES: tuple[str, ...] = ("commit", "branch", "approval")
-NOBODY = (65534, 65534)
-OUTPUT_TAIL_CHARS = 4000
-MAX_RESULT_BYTES = 64 * 1024
+OUTPUT_TAIL_CHARS = process.DEFAULT_TAIL_CHARS
 
 # What an agent or a test command inherits from the runner's environment, besides the adapter's own keys.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
@@ -70,250 +75,9 @@ _RETRYABLE = {
     "verification_failed": False,
 }
 
-# Started between fork and exec of every agent and test process: it asks the kernel to SIGTERM it when the
-# runner thread that started it dies, then runs the real program as its child; on that SIGTERM it kills the
-# whole process group. So a runner killed with -9 takes its agents with it.
-_SHIM = r"""
-import ctypes, os, signal, sys
-parent, argv = int(sys.argv[1]), sys.argv[2:]
-def die(*_):
-    os.killpg(0, signal.SIGKILL)
-signal.signal(signal.SIGTERM, die)
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-except Exception:
-    pass
-if os.getppid() != parent:
-    die()
-pid = os.fork()
-if pid == 0:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        sys.stderr.write(f"cannot start {argv[0]!r}: {exc.strerror}\n")
-        os._exit(127)
-while True:
-    try:
-        _, status = os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
-code = os.waitstatus_to_exitcode(status)
-os._exit(128 - code if code < 0 else code)
-"""
-
-
-# -- process groups that must die with the runner -----------------------------------------------------------
-
-_live_lock = threading.Lock()
-_live_groups: set[int] = set()
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def kill_live_groups() -> None:
-    """Kill every agent and test process group still running (registered with atexit)."""
-    with _live_lock:
-        groups = list(_live_groups)
-    for pgid in groups:
-        _kill_group(pgid)
-
-
-atexit.register(kill_live_groups)
-
-
-@dataclass(frozen=True)
-class ProcessResult:
-    exit_code: int | None
-    output_tail: str
-    duration_seconds: float
-    timed_out: bool
-    cancelled: bool
-
-
-def run_process(
-    argv: Sequence[str],
-    *,
-    cwd: Path,
-    env: Mapping[str, str],
-    timeout: float,
-    cancel: threading.Event | None = None,
-    run_as: tuple[int, int] | None = None,
-    output: Path,
-) -> ProcessResult:
-    """Run `argv` (no shell) with stdin closed in its own session; kill its whole process group when it exits,
-    times out or `cancel` is set. Its output goes to the file `output` (never a pipe a child could hold)."""
-    if not argv:
-        raise AgentError("agent_error", "empty argv")
-    started = time.monotonic()
-    kwargs: dict[str, Any] = {}
-    if run_as is not None:
-        kwargs.update(user=run_as[0], group=run_as[1], extra_groups=[])
-    shim = _shim_interpreter(run_as)
-    full = [shim, "-c", _SHIM, str(os.getpid()), *argv] if shim else list(argv)
-    with output.open("wb") as out:
-        try:
-            proc = subprocess.Popen(
-                full,
-                cwd=cwd,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                **kwargs,
-            )
-        except OSError as exc:
-            raise AgentError("agent_error", f"cannot start {argv[0]!r}: {exc.strerror}") from exc
-    with _live_lock:
-        _live_groups.add(proc.pid)
-    timed_out = cancelled = False
-    deadline = started + timeout
-    try:
-        while True:
-            try:
-                proc.wait(timeout=0.05)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if time.monotonic() >= deadline:
-                timed_out = True
-                break
-            if cancel is not None and cancel.is_set():
-                cancelled = True
-                break
-    finally:
-        # Always: whatever the program left running in its group dies with it.
-        _kill_group(proc.pid)
-        proc.wait()
-        with _live_lock:
-            _live_groups.discard(proc.pid)
-    exited = not (timed_out or cancelled)
-    return ProcessResult(
-        exit_code=proc.returncode if exited else None,
-        output_tail=_read_tail(output),
-        duration_seconds=round(time.monotonic() - started, 3),
-        timed_out=timed_out,
-        cancelled=cancelled,
-    )
-
-
-def _shim_interpreter(run_as: tuple[int, int] | None) -> str | None:
-    """A Python the (possibly unprivileged) user can start, for the shim; None runs the program directly."""
-    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
-        if candidate and os.path.isfile(candidate):
-            if run_as is None or _blocked_for(Path(os.path.realpath(candidate)), run_as, file=True) is None:
-                return candidate
-    return None
-
-
-def _read_tail(path: Path, limit: int = OUTPUT_TAIL_CHARS) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - limit * 4))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
-# -- configuration and results --------------------------------------------------------------------------------
-
-
-@dataclass
-class RunnerOptions:
-    """How a runner works. `run_as`: "auto" drops to uid/gid 65534 when the runner is root; None never drops;
-    a (uid, gid) pair drops to that user."""
-
-    repo: Path
-    adapter: Adapter
-    agent_id: str | None = None
-    test_command: list[str] | None = None
-    test_timeout: float = 600.0
-    agent_timeout: float = 1800.0
-    apply: ApplyMode = "commit"
-    wait_seconds: float = 20.0
-    run_as: tuple[int, int] | Literal["auto"] | None = "auto"
-    environ: Mapping[str, str] | None = None
-    # Where worktrees and scratch directories go; None: a tmpfs when there is one (checking out a large
-    # repository twice per work order is most of the runner's own time on a disk), else the system's temp dir.
-    workdir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.apply not in APPLY_MODES:
-            raise ValueError(f"apply must be one of {', '.join(APPLY_MODES)}, got {self.apply!r}")
-        if self.agent_timeout <= 0 or self.test_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-
-
-@dataclass
-class Outcome:
-    """What the runner did with one work order, as reported to the server."""
-
-    work_order_id: str
-    status: Literal["completed", "failed", "lost"]
-    reason: str | None = None
-    message: str = ""
-    diff: str | None = None
-    files: list[str] = field(default_factory=list)
-    commit: str | None = None
-    branch: str | None = None
-    tests: git.TestResult | None = None
-    base_commit: str | None = None
-    agent_claims: dict[str, Any] = field(default_factory=dict)
-    stopped: bool = False
-    output_tail: str | None = None
-    answer: dict[str, Any] | None = None
-
 
 class _Cancelled(Exception):
-    pass
-
-
-class _Heartbeat(threading.Thread):
-    """Heartbeats every `interval` seconds; sets `cancel` when the server asks to stop or the lease is gone."""
-
-    def __init__(self, client: AgentClient, claim: Claim, cancel: threading.Event) -> None:
-        super().__init__(name=f"heartbeat-{claim.work_order_id}", daemon=True)
-        self.client = client
-        self.claim = claim
-        self.cancel = cancel
-        self.interval = max(0.2, claim.heartbeat_interval_seconds)
-        self.note = "claimed"
-        self.lease_lost = False
-        self.cancel_requested = False
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                beat = self.client.heartbeat(self.claim.work_order_id, self.claim.lease_id, self.note)
-            except Conflict as exc:
-                log.warning("work order %s: lease lost (%s); stopping the agent", self.claim.work_order_id, exc)
-                self.lease_lost = True
-                self.cancel.set()
-                return
-            except MendloopError as exc:
-                log.warning("work order %s: heartbeat failed: %s", self.claim.work_order_id, exc.message)
-                continue
-            if beat.cancel_requested:
-                log.warning("work order %s: cancel requested; stopping the agent", self.claim.work_order_id)
-                self.cancel_requested = True
-                self.cancel.set()
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(5)
+    """The agent was stopped: a cancel request, a lost lease or the runner shutting down."""
 
 
 # -- the runner -----------------------------------------------------------------------------------------------
@@ -348,7 +112,7 @@ class AgentRunner:
         if not git.is_repo(self.repo):
             raise MendloopError(f"{self.repo}: not a git repository")
         try:
-            removed = git.prune_stale(self.repo, parent=self.workdir)
+            removed = worktrees.prune_stale(self.repo, parent=self.workdir)
         except MendloopError as exc:
             log.warning("could not prune stale worktrees of %s: %s", self.repo, exc.message)
         else:
@@ -418,45 +182,56 @@ class AgentRunner:
         self._current_cancel = cancel
         if self._stop.is_set():
             cancel.set()
-        beat = _Heartbeat(self.client, claim, cancel)
+        beat = LeaseKeeper(self.client, claim, cancel)
         beat.start()
-        scratch = Path(tempfile.mkdtemp(prefix=f"mendloop-agent-{_safe(wo_id)}-", dir=self.workdir))
-        outcome: Outcome
         try:
-            outcome = self._work(claim, scratch, cancel, beat)
+            outcome = self._attempt(claim, cancel, beat)
+            # The lease is kept alive until the server has answered the report: building and sending it takes
+            # time (the agent's version comes from running its CLI, seconds on a loaded machine), and a lease
+            # that lapsed meanwhile would have the work order reaped (failed, once its attempts are used up) and
+            # the report refused with 409.
+            if beat.begin_reporting():
+                return self._lost(claim, outcome, "the lease was lost while working")
+            return self._report(claim, outcome, beat)
+        finally:
+            beat.stop()
+
+    def _attempt(self, claim: Claim, cancel: threading.Event, beat: LeaseKeeper) -> Outcome:
+        """Work on the claimed work order; every way it can end becomes an Outcome (never an exception)."""
+        wo_id = claim.work_order_id
+        scratch = Path(tempfile.mkdtemp(prefix=f"mendloop-agent-{safe_name(wo_id)}-", dir=self.workdir))
+        try:
+            return self._work(claim, scratch, cancel, beat)
         except _Cancelled:
-            outcome = Outcome(wo_id, "failed", "agent_error", "stopped: " + self._why_stopped(beat), stopped=True)
+            return Outcome(wo_id, "failed", "agent_error", "stopped: " + self._why_stopped(beat), stopped=True)
         except (AgentError, PatchRejected) as exc:
             outcome = Outcome(wo_id, "failed", exc.reason, exc.message)
             tail = exc.fields.get("output_tail")
             if tail:
                 outcome.output_tail = str(tail)[-OUTPUT_TAIL_CHARS:]
+            return outcome
         except MendloopError as exc:
-            outcome = Outcome(wo_id, "failed", "agent_error", f"runner error: {exc.message}")
+            return Outcome(wo_id, "failed", "agent_error", f"runner error: {exc.message}")
         except Exception as exc:  # a bug here must not leave the work order leased until the lease lapses
             log.exception("work order %s: unexpected error", wo_id)
-            outcome = Outcome(wo_id, "failed", "agent_error", f"runner error: {type(exc).__name__}: {exc}")
+            return Outcome(wo_id, "failed", "agent_error", f"runner error: {type(exc).__name__}: {exc}")
         finally:
-            beat.stop()
             self._current_cancel = None
             shutil.rmtree(scratch, ignore_errors=True)
-        if beat.lease_lost:
-            return self._lost(claim, outcome, "the lease was lost while working")
-        return self._report(claim, outcome, beat)
 
-    def _why_stopped(self, beat: _Heartbeat) -> str:
+    def _why_stopped(self, beat: LeaseKeeper) -> str:
         if beat.cancel_requested:
             return "cancel requested by the server"
         if beat.lease_lost:
             return "lease lost"
         return "the runner is shutting down"
 
-    def _work(self, claim: Claim, scratch: Path, cancel: threading.Event, beat: _Heartbeat) -> Outcome:
+    def _work(self, claim: Claim, scratch: Path, cancel: threading.Event, beat: LeaseKeeper) -> Outcome:
         wo_id = claim.work_order_id
         ctx = claim.context
         self._check_repository(ctx)
-        constraints = _constraints(ctx)
-        test_command = self.options.test_command or _argv(ctx.get("test_command"))
+        constraints = constraints_of(ctx)
+        test_command = self.options.test_command or argv_of(ctx.get("test_command"))
         if not test_command:
             raise AgentError(
                 "needs_human",
@@ -474,7 +249,7 @@ class AgentRunner:
                 os.chown(p, *self.run_as)
 
         beat.note = f"{self.adapter.name} working"
-        with git.worktree(self.repo, base, parent=self.workdir) as wt:
+        with worktrees.worktree(self.repo, base, parent=self.workdir) as wt:
             files = relevant_files(ctx, wt)
             prompt = build_prompt(
                 claim.work_order,
@@ -496,12 +271,12 @@ class AgentRunner:
                 files=tuple(files),
             )
             self._run_agent(task, cancel, home)
-            claims = _read_result(result_file)
-            diff = git.diff_worktree(wt, base=base)
+            claims = read_result(result_file)
+            diff = patch_pipeline.diff_worktree(wt, base=base)
             if not diff.strip():
                 raise AgentError("agent_error", "agent exited 0 with no change")
-            summary = patch.check_diff(diff, constraints)
-            patch.check_paths_in_worktree(wt, summary.files)
+            summary = patch_safety.check_diff(diff, constraints)
+            patch_safety.check_paths_in_worktree(wt, summary.files)
 
         if cancel.is_set():
             raise _Cancelled()
@@ -524,9 +299,9 @@ class AgentRunner:
         outcome = Outcome(
             wo_id, "completed", diff=diff, files=list(summary.files), tests=tests, base_commit=base, agent_claims=claims
         )
-        message = _commit_message(claim, claims)
+        message = commit_message(claim, claims)
         if self.options.apply == "commit":
-            applied = git.apply_patch(
+            applied = patch_pipeline.apply_patch(
                 self.repo,
                 diff,
                 base_commit=base,
@@ -540,7 +315,7 @@ class AgentRunner:
             outcome.commit = applied.commit
         elif self.options.apply == "branch":
             outcome.commit, outcome.branch = self._commit_on_branch(wo_id, base, diff, message)
-        outcome.message = _summary_text(self, outcome, summary)
+        outcome.message = summary_text(self.adapter.name, outcome, summary)
         return outcome
 
     # -- steps ----------------------------------------------------------------------------------------------
@@ -553,13 +328,7 @@ class AgentRunner:
     def _base_commit(self, ctx: Mapping[str, Any]) -> str:
         base = ctx.get("base_commit")
         if isinstance(base, str) and re.fullmatch(r"[0-9a-fA-F]{7,64}", base):
-            check = subprocess.run(
-                ["git", "-C", str(self.repo), "cat-file", "-e", f"{base}^{{commit}}"],
-                capture_output=True,
-                stdin=subprocess.DEVNULL,
-                timeout=30,
-            )
-            if check.returncode == 0:
+            if git.has_commit(self.repo, base):
                 return base
             log.warning("base commit %s is not in %s; using HEAD", base, self.repo)
         return git.head(self.repo)
@@ -593,100 +362,109 @@ class AgentRunner:
         dotgit = wt / ".git"
         saved_dotgit = dotgit.read_bytes()
         if self.run_as is not None:
-            _give_tree(wt, self.run_as)
-            _make_traversable(wt.parent)
+            give_tree(wt, self.run_as)
+            make_traversable(wt.parent)
             os.chown(task.prompt_file, *self.run_as)
-            _check_reachable(wt, self.run_as)
+            check_reachable(wt, self.run_as)
         log.info("work order %s: running %s", task.work_order_id, invocation.argv[0])
         try:
-            result = run_process(
-                invocation.argv,
-                cwd=wt,
-                env=env,
-                timeout=task.timeout,
-                cancel=cancel,
-                run_as=self.run_as,
-                output=task.scratch / "agent-output.log",
-            )
+            result = self._run_process(invocation.argv, cwd=wt, env=env, timeout=task.timeout, cancel=cancel)
         finally:
             if self.run_as is not None:
-                _give_tree(wt, (os.getuid(), os.getgid()))
+                give_tree(wt, (os.getuid(), os.getgid()))
             # The agent could have pointed .git elsewhere (a config with hooks the runner's git would run).
-            _restore_file(dotgit, saved_dotgit)
+            restore_file(dotgit, saved_dotgit)
         if result.cancelled:
             raise _Cancelled()
+        tail = result.stdout_text(OUTPUT_TAIL_CHARS)
         if result.timed_out:
             raise AgentError(
                 "timeout",
                 f"agent did not finish within {task.timeout:g}s; its process group was killed",
-                output_tail=result.output_tail,
+                output_tail=tail,
             )
         self.adapter.remove_leftovers(wt, existed)
-        if result.exit_code != 0:
+        if result.returncode != 0:
             raise AgentError(
                 "agent_error",
-                f"agent exited with {result.exit_code}; output tail:\n{result.output_tail}",
-                output_tail=result.output_tail,
+                f"agent exited with {result.returncode}; output tail:\n{tail}",
+                output_tail=tail,
             )
+
+    def _run_process(
+        self, argv: list[str], *, cwd: Path, env: Mapping[str, str], timeout: float, cancel: threading.Event
+    ) -> process.Completed:
+        """An agent or test process: stdin closed, output merged and kept as a tail, run as `run_as`, its group
+        killed when it exits, times out or `cancel` is set, and - through the shim - when the runner dies."""
+        if not argv:
+            raise AgentError("agent_error", "empty argv")
+        try:
+            return process.run(
+                argv,
+                cwd=cwd,
+                env=env,
+                timeout=timeout,
+                cancel=cancel,
+                merge_stderr=True,
+                keep_bytes=OUTPUT_TAIL_CHARS * 4,
+                run_as=self.run_as,
+                die_with_parent=True,
+            )
+        except process.CannotStart as exc:
+            raise AgentError("agent_error", f"cannot start {argv[0]!r}: {exc.strerror}") from exc
 
     def _run_tests(
         self,
         base: str,
         diff: str,
-        summary: patch.PatchSummary,
+        summary: patch_safety.PatchSummary,
         argv: list[str],
         scratch: Path,
         cancel: threading.Event,
-    ) -> git.TestResult:
+    ) -> patch_pipeline.TestResult:
         home = scratch / "test-home"
         home.mkdir(exist_ok=True)
-        with git.worktree(self.repo, base, parent=self.workdir) as twt:
-            patch.check_paths_in_worktree(twt, summary.files)
-            git.apply_check(twt, diff, expected=summary)
-            git.apply(twt, diff)
+        with worktrees.worktree(self.repo, base, parent=self.workdir) as twt:
+            patch_safety.check_paths_in_worktree(twt, summary.files)
+            patch_pipeline.apply_check(twt, diff, expected=summary)
+            patch_pipeline.apply(twt, diff)
             dotgit = twt / ".git"
             saved_dotgit = dotgit.read_bytes()
             if self.run_as is not None:
                 os.chown(home, *self.run_as)
-                _give_tree(twt, self.run_as)
-                _make_traversable(twt.parent)
-                _check_reachable(twt, self.run_as)
+                give_tree(twt, self.run_as)
+                make_traversable(twt.parent)
+                check_reachable(twt, self.run_as)
             try:
-                result = run_process(
-                    argv,
-                    cwd=twt,
-                    env=self._environment(home, {}),
-                    timeout=self.options.test_timeout,
-                    cancel=cancel,
-                    run_as=self.run_as,
-                    output=scratch / "tests-output.log",
+                result = self._run_process(
+                    argv, cwd=twt, env=self._environment(home, {}), timeout=self.options.test_timeout, cancel=cancel
                 )
             finally:
                 # The tests ran the patched code: git must not follow a .git they rewrote when removing the tree.
-                _restore_file(dotgit, saved_dotgit)
+                restore_file(dotgit, saved_dotgit)
         if result.cancelled:
             raise _Cancelled()
-        return git.TestResult(
-            passed=result.exit_code == 0,
-            exit_code=result.exit_code,
-            output_tail=result.output_tail,
-            duration_seconds=result.duration_seconds,
+        return patch_pipeline.TestResult(
+            passed=result.returncode == 0,
+            exit_code=result.returncode,
+            output_tail=result.stdout_text(OUTPUT_TAIL_CHARS),
+            duration_seconds=result.duration,
             timed_out=result.timed_out,
         )
 
     def _commit_on_branch(self, wo_id: str, base: str, diff: str, message: str) -> tuple[str, str]:
-        branch = f"mendloop/{_safe(wo_id)}"
-        _git(self.repo, "check-ref-format", "--branch", branch)
-        with git.worktree(self.repo, base, parent=self.workdir) as bwt:
-            git.apply(bwt, diff)
-            _git(bwt, "add", "-A")
-            sha = git.commit(bwt, message, trailers={"Work-Order": wo_id})
-        _git(self.repo, "branch", "--force", branch, sha)
+        branch = f"mendloop/{safe_name(wo_id)}"
+        git.run(self.repo, "check-ref-format", "--branch", branch)
+        with worktrees.worktree(self.repo, base, parent=self.workdir) as bwt:
+            patch_pipeline.apply(bwt, diff)
+            git.run(bwt, "add", "-A")
+            sha = patch_pipeline.commit(bwt, message, trailers={"Work-Order": wo_id})
+        git.run(self.repo, "branch", "--force", branch, sha)
         return sha, branch
 
     # -- reporting ------------------------------------------------------------------------------------------
 
-    def _report(self, claim: Claim, outcome: Outcome, beat: _Heartbeat) -> Outcome:
+    def _report(self, claim: Claim, outcome: Outcome, beat: LeaseKeeper) -> Outcome:
         wo_id = claim.work_order_id
         try:
             if outcome.status == "completed":
@@ -765,7 +543,7 @@ class AgentRunner:
         log.warning("work order %s: %s", claim.work_order_id, why)
         if outcome.commit and outcome.branch is None and self.options.apply == "commit":
             try:
-                revert = git.revert(self.repo, outcome.commit, trailers={"Work-Order": claim.work_order_id})
+                revert = patch_pipeline.revert(self.repo, outcome.commit, trailers={"Work-Order": claim.work_order_id})
                 log.warning("reverted %s with %s", outcome.commit[:12], revert[:12])
             except MendloopError as exc:
                 log.error("could not revert %s: %s", outcome.commit[:12], exc.message)
@@ -782,160 +560,6 @@ class AgentRunner:
         )
 
 
-# -- helpers --------------------------------------------------------------------------------------------------
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100] or "wo"
-
-
-def _argv(value: Any) -> list[str] | None:
-    if isinstance(value, list) and value and all(isinstance(a, str) for a in value):
-        return list(value)
-    return None
-
-
-def _constraints(ctx: Mapping[str, Any]) -> patch.Constraints:
-    given = ctx.get("constraints")
-    data = dict(given) if isinstance(given, Mapping) else {}
-    known = {f.name for f in fields(patch.Constraints)}
-    data = {k: v for k, v in data.items() if k in known and v is not None}
-    # The target's forbidden paths add to the built-in list; they never replace it.
-    data["forbidden_paths"] = [*patch.DEFAULT_FORBIDDEN, *(data.get("forbidden_paths") or [])]
-    try:
-        return patch.Constraints.from_mapping(data)
-    except ValueError as exc:
-        raise AgentError("needs_human", f"the work order's constraints are invalid: {exc}") from exc
-
-
-def _read_result(path: Path) -> dict[str, Any]:
-    """The agent's own report, if any: a small JSON object, read without following a symlink. Only claims."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return {}
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
-        data = os.read(fd, MAX_RESULT_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RESULT_BYTES:
-        return {"error": "result file too large"}
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return {"error": "result file is not JSON"}
-    if not isinstance(parsed, dict):
-        return {}
-    out: dict[str, Any] = {}
-    if isinstance(parsed.get("summary"), str):
-        out["summary"] = parsed["summary"][:4000]
-    if isinstance(parsed.get("tests_passed"), bool):
-        out["tests_passed"] = parsed["tests_passed"]
-    return out
-
-
-def _commit_message(claim: Claim, claims: Mapping[str, Any]) -> str:
-    title = str(claim.work_order.get("description") or f"Fix for {claim.work_order_id}").splitlines()[0][:200]
-    body = str(claims.get("summary") or "").strip()
-    return f"{title}\n\n{body}\n" if body else f"{title}\n"
-
-
-def _summary_text(runner: AgentRunner, outcome: Outcome, summary: patch.PatchSummary) -> str:
-    parts = [
-        f"{runner.adapter.name} changed {len(summary.files)} file(s) (+{summary.added}/-{summary.removed}): "
-        + ", ".join(summary.files),
-    ]
-    if outcome.tests is not None:
-        parts.append(f"mendloop's own test run passed in {outcome.tests.duration_seconds:g}s")
-    if outcome.commit and outcome.branch:
-        parts.append(f"committed {outcome.commit[:12]} on branch {outcome.branch} for review (not merged)")
-    elif outcome.commit:
-        parts.append(f"applied as commit {outcome.commit[:12]}")
-    else:
-        parts.append("held for approval: nothing applied")
-    if outcome.agent_claims.get("summary"):
-        parts.append(f"agent's summary: {outcome.agent_claims['summary']}")
-    return "; ".join(parts)
-
-
-def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(
-        ["git", "-C", str(cwd), *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, "LC_ALL": "C"},
-    )
-    if proc.returncode != 0:
-        raise MendloopError(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip()[:500]}")
-    return proc.stdout
-
-
-def _give_tree(root: Path, owner: tuple[int, int]) -> None:
-    """chown -R without following symlinks."""
-    uid, gid = owner
-    os.lchown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in (*dirnames, *filenames):
-            try:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
-            except FileNotFoundError:
-                pass
-
-
-def _make_traversable(directory: Path) -> None:
-    mode = directory.stat().st_mode
-    os.chmod(directory, stat.S_IMODE(mode) | 0o111)
-
-
-def _blocked_for(path: Path, owner: tuple[int, int], *, file: bool = False) -> Path | None:
-    """The first directory on the way to `path` that `owner` cannot search (or `path` itself when `file` and it
-    cannot execute it); None when nothing blocks."""
-    uid, gid = owner
-
-    def allowed(st: os.stat_result) -> bool:
-        if st.st_uid == uid:
-            return bool(st.st_mode & stat.S_IXUSR)
-        if st.st_gid == gid:
-            return bool(st.st_mode & stat.S_IXGRP)
-        return bool(st.st_mode & stat.S_IXOTH)
-
-    resolved = path.resolve()
-    for parent in reversed(resolved.parents):
-        if not allowed(parent.stat()):
-            return parent
-    if (file or resolved.is_dir()) and not allowed(resolved.stat()):
-        return resolved
-    return None
-
-
-def _check_reachable(path: Path, owner: tuple[int, int]) -> None:
-    """The worktree must be reachable by the agent's user, or the agent cannot even start there."""
-    blocked = _blocked_for(path, owner)
-    if blocked is not None:
-        raise AgentError(
-            "agent_error",
-            f"{blocked} is not searchable by uid {owner[0]}: the agent cannot reach its worktree; "
-            "set TMPDIR to a directory others can enter, or run without dropping privileges",
-        )
-
-
-def _restore_file(path: Path, content: bytes) -> None:
-    try:
-        if path.is_symlink() or path.is_file():
-            if path.read_bytes() == content and not path.is_symlink():
-                return
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-    except OSError:
-        pass
-    path.write_bytes(content)
-
-
 @contextmanager
 def running(runner: AgentRunner) -> Iterator[AgentRunner]:
     """`with running(runner):` starts it in a thread and always stops it."""
@@ -944,16 +568,3 @@ def running(runner: AgentRunner) -> Iterator[AgentRunner]:
         yield runner
     finally:
         runner.stop()
-
-
-def default_workdir(min_free_bytes: int = 2 << 30) -> Path:
-    """A tmpfs (/dev/shm) when it is writable and has room, else the system's temp directory."""
-    shm = Path("/dev/shm")
-    try:
-        if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-            st = os.statvfs(shm)
-            if st.f_bavail * st.f_frsize >= min_free_bytes:
-                return shm
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir())

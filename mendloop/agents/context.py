@@ -4,29 +4,14 @@ Everything passes through the redactor before it is stored."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mendloop.agents.redact import Redactor
 from mendloop.config import TargetConfig
 from mendloop.domain.records import EventRecord, Run
-from mendloop.intake import traceback
-
-
-def git_head(repository: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repository), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+from mendloop.infra import git, traceback
+from mendloop.infra.redact import Redactor
 
 
 def build(
@@ -42,7 +27,7 @@ def build(
     """Returns (context, repository, base_commit)."""
     trigger = dict(run.context.get("event") or {})
     repository = Path(target.repository).resolve() if target and target.repository else None
-    base_commit = git_head(repository) if repository and repository.is_dir() else None
+    base_commit = git.head_or_none(repository, timeout=10) if repository and repository.is_dir() else None
     lines = trigger.get("lines") or ([trigger["line"]] if isinstance(trigger.get("line"), str) else [])
     context: dict[str, Any] = {
         "error_type": run.error_type,

@@ -15,9 +15,9 @@ import httpx
 
 from mendloop.agents import adapters
 from mendloop.agents.agent_runner import AgentRunner, RunnerOptions
-from mendloop.agents.client import AgentClient
 from mendloop.config import AgentRunnerConfig, Settings
 from mendloop.errors import ConfigError, MendloopError
+from mendloop.infra.api_client import AgentClient
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from mendloop.app import App
 
@@ -16,3 +16,7 @@ async def get_app(request: Request) -> App:
 
 
 AppDep = Annotated[App, Depends(get_app)]
+
+# Paging, the same on every list.
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from mendloop.api.responses import ErrorOut
+from mendloop.domain.states import FAIL_REASONS
 
 
 class _Body(BaseModel):
@@ -53,16 +56,11 @@ class HeartbeatRequest(_Body):
     note: StrictStr | None = Field(default=None, max_length=2000)
 
 
-FailReason = Literal[
-    "cannot_reproduce",
-    "needs_human",
-    "out_of_scope",
-    "agent_error",
-    "timeout",
-    "tests_failed",
-    "unsafe_patch",
-    "verification_failed",
-]
+if TYPE_CHECKING:
+    FailReason = str
+else:
+    # The domain's one list, as a Literal: the schema lists the reasons and anything else is a 422 naming `reason`.
+    FailReason = Literal[FAIL_REASONS]
 
 
 class FailRequest(_Body):
@@ -91,9 +89,21 @@ class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 
 
+_ERRORS = {
+    400: "Malformed JSON",
+    404: "Not found",
+    409: "Not allowed in the current state",
+    422: "Invalid input; `field` names the problem",
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed JSON"},
-    404: {"description": "Not found"},
-    409: {"description": "Not allowed in the current state"},
-    422: {"description": "Invalid input; `field` names the problem"},
+    code: {"description": text, "model": ErrorOut} for code, text in _ERRORS.items()
+}
+# For a route whose own answer is not JSON (a diff, an event stream): FastAPI would document a `model` in the
+# route's media type, but errors are JSON there too.
+JSON_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {
+        "description": text,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorOut.__name__}"}}},
+    }
+    for code, text in _ERRORS.items()
 }

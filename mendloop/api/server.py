@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +15,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from mendloop import __version__
-from mendloop.api import errors
-from mendloop.api.routes import events, incidents, patches, system
+from mendloop.api import auth, errors
+from mendloop.api.routes import events, incidents, runs, stats, system, work_orders
 from mendloop.app import App
 
 # Reachable without a token: liveness checks and the docs.
@@ -64,7 +63,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
             swagger_favicon_url="/_static/swagger/favicon-32x32.png",
         )
 
-    tokens = [t.encode() for t in app.settings.api_tokens]
+    tokens = list(app.settings.api_tokens)
     if tokens:
 
         @api.middleware("http")
@@ -74,9 +73,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
                 return await call_next(request)
             if request.method == "POST" and path in ("/events", "/events/alertmanager"):
                 return await call_next(request)  # intake checks intake tokens and signatures itself
-            given = request.headers.get("authorization", "")
-            token = given[7:].encode() if given.lower().startswith("bearer ") else b""
-            if not any(hmac.compare_digest(token, t) for t in tokens):
+            if not auth.token_accepted(request.headers.get("authorization"), tokens):
                 return JSONResponse(
                     {"detail": "a valid bearer token is required", "field": "Authorization"},
                     status_code=401,
@@ -84,7 +81,9 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
                 )
             return await call_next(request)
 
-    api.include_router(patches.router)
+    api.include_router(work_orders.router)
+    api.include_router(runs.router)
+    api.include_router(stats.router)
     api.include_router(events.router)
     api.include_router(incidents.router)
     api.include_router(system.router)

@@ -1,10 +1,10 @@
-"""Records → the spec's JSON shapes (its fields exactly, plus a few more)."""
+"""Records → the answer models of `responses.py`: the spec's JSON shapes (its fields exactly, plus a few more)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
+from mendloop.api import responses as out
 from mendloop.domain.records import EventRecord, Incident, Run, StepRecord, TrustChange, WorkOrder
 
 
@@ -14,36 +14,40 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def work_order(wo: WorkOrder) -> dict[str, Any]:
-    return {
-        "work_order_id": wo.id,
-        "type": wo.type,
-        "description": wo.description,
-        "context": wo.context,
-        "status": wo.status.value,
-        "self_healing_run_id": wo.self_healing_run_id,
-        "estimated_complexity": wo.estimated_complexity,
-        "priority": wo.priority,
-        "created_at": iso(wo.created_at),
-        "patch_result": wo.patch_result,
-        "playbook_id": wo.playbook_id,
-        "component": wo.component,
-        "updated_at": iso(wo.updated_at),
-        "completed_at": iso(wo.completed_at),
-        "attempts": wo.attempts,
-        "max_attempts": wo.max_attempts,
-        "fail_reason": wo.fail_reason,
-        "repository": wo.repository,
-        "base_commit": wo.base_commit,
-        "leased_to": wo.lease_owner,
-        "lease_expires_at": iso(wo.lease_expires_at),
-        "deadline_at": iso(wo.deadline_at),
-        "cancel_requested": wo.cancel_requested,
-        "note": wo.note,
-    }
+def work_order(wo: WorkOrder) -> out.WorkOrderOut:
+    return out.WorkOrderOut(
+        work_order_id=wo.id,
+        type=wo.type,
+        description=wo.description,
+        context=wo.context,
+        status=wo.status.value,
+        self_healing_run_id=wo.self_healing_run_id,
+        estimated_complexity=wo.estimated_complexity,
+        priority=wo.priority,
+        created_at=iso(wo.created_at),
+        patch_result=wo.patch_result,
+        playbook_id=wo.playbook_id,
+        component=wo.component,
+        updated_at=iso(wo.updated_at),
+        completed_at=iso(wo.completed_at),
+        attempts=wo.attempts,
+        max_attempts=wo.max_attempts,
+        fail_reason=wo.fail_reason,
+        repository=wo.repository,
+        base_commit=wo.base_commit,
+        leased_to=wo.lease_owner,
+        lease_expires_at=iso(wo.lease_expires_at),
+        deadline_at=iso(wo.deadline_at),
+        cancel_requested=wo.cancel_requested,
+        note=wo.note,
+    )
 
 
-def run(r: Run) -> dict[str, Any]:
+def run(r: Run) -> out.RunOut:
+    return out.RunOut.model_validate(_run_fields(r))
+
+
+def _run_fields(r: Run) -> dict[str, object]:
     steps = r.playbook.get("steps", [])
     current = steps[r.step_index]["id"] if r.step_index < len(steps) else None
     return {
@@ -67,35 +71,58 @@ def run(r: Run) -> dict[str, Any]:
     }
 
 
-def step(s: StepRecord) -> dict[str, Any]:
-    return {
-        "step_index": s.step_index,
-        "step_id": s.step_id,
-        "action": s.action,
-        "attempt": s.attempt,
-        "status": s.status.value,
-        "started_at": iso(s.started_at),
-        "finished_at": iso(s.finished_at),
-        "duration_ms": round((s.finished_at - s.started_at) * 1000, 1),
-        "output": s.output,
-        "error": s.error,
-        "idempotency_key": s.idempotency_key,
-    }
+def run_detail(
+    r: Run,
+    steps: list[StepRecord],
+    events: list[EventRecord],
+    *,
+    trust_score: float | None,
+    trust_changes: list[TrustChange],
+    wo: WorkOrder | None,
+) -> out.RunDetail:
+    return out.RunDetail.model_validate(
+        {
+            **_run_fields(r),
+            "steps": [step(s) for s in steps],
+            "timeline": timeline(r, steps, events),
+            "context": r.context,
+            "trust": out.RunTrust(
+                component=r.component, score=trust_score, changes=[trust_change(c) for c in trust_changes]
+            ),
+            "work_order": work_order(wo) if wo is not None else None,
+        }
+    )
 
 
-def event(e: EventRecord) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "event_type": e.type,
-        "source": e.source,
-        "message": e.message,
-        "payload": e.payload,
-        "run_id": e.run_id,
-        "work_order_id": e.work_order_id,
-        "component": e.component,
-        "timestamp": iso(e.created_at),
-        "created_at": e.created_at,
-    }
+def step(s: StepRecord) -> out.StepOut:
+    return out.StepOut(
+        step_index=s.step_index,
+        step_id=s.step_id,
+        action=s.action,
+        attempt=s.attempt,
+        status=s.status.value,
+        started_at=iso(s.started_at),
+        finished_at=iso(s.finished_at),
+        duration_ms=round((s.finished_at - s.started_at) * 1000, 1),
+        output=s.output,
+        error=s.error,
+        idempotency_key=s.idempotency_key,
+    )
+
+
+def event(e: EventRecord) -> out.EventOut:
+    return out.EventOut(
+        id=e.id,
+        event_type=e.type,
+        source=e.source,
+        message=e.message,
+        payload=e.payload,
+        run_id=e.run_id,
+        work_order_id=e.work_order_id,
+        component=e.component,
+        timestamp=iso(e.created_at),
+        created_at=e.created_at,
+    )
 
 
 def _step_line(s: StepRecord, names: dict[str, str]) -> str:
@@ -112,39 +139,37 @@ def _step_line(s: StepRecord, names: dict[str, str]) -> str:
     return f"Step failed: {title} (attempt {s.attempt}): {s.error}"
 
 
-def timeline(r: Run, steps: list[StepRecord], events: list[EventRecord]) -> list[dict[str, Any]]:
+def timeline(r: Run, steps: list[StepRecord], events: list[EventRecord]) -> list[out.EventLine | out.StepLine]:
     names = {st["id"]: st.get("name") or st["id"].replace("_", " ") for st in r.playbook.get("steps", [])}
-    items: list[tuple[float, int, dict[str, Any]]] = []
+    items: list[tuple[float, int, out.EventLine | out.StepLine]] = []
     for e in events:
-        items.append(
-            (e.created_at, 0, {"time": iso(e.created_at), "kind": "event", "event_type": e.type, "message": e.message})
-        )
+        line = out.EventLine(time=iso(e.created_at), kind="event", event_type=e.type, message=e.message)
+        items.append((e.created_at, 0, line))
     for s in steps:
         if s.action == "escalate" and s.status.value == "succeeded":
             continue  # the escalation event says it better
-        items.append(
-            (
-                s.finished_at,
-                1,
-                {"time": iso(s.finished_at), "kind": "step", "step_id": s.step_id, "message": _step_line(s, names)},
-            )
-        )
+        step_line = out.StepLine(time=iso(s.finished_at), kind="step", step_id=s.step_id, message=_step_line(s, names))
+        items.append((s.finished_at, 1, step_line))
     items.sort(key=lambda i: (i[0], i[1]))
     return [i[2] for i in items]
 
 
-def trust_change(c: TrustChange) -> dict[str, Any]:
-    return {
-        "component": c.component,
-        "old": c.old,
-        "new": c.new,
-        "reason": c.reason,
-        "run_id": c.run_id,
-        "time": iso(c.created_at),
-    }
+def trust_change(c: TrustChange) -> out.TrustChangeOut:
+    return out.TrustChangeOut(
+        component=c.component, old=c.old, new=c.new, reason=c.reason, run_id=c.run_id, time=iso(c.created_at)
+    )
 
 
-def incident(i: Incident) -> dict[str, Any]:
+def incident(i: Incident) -> out.IncidentOut:
+    return out.IncidentOut.model_validate(_incident_fields(i))
+
+
+def incident_detail(i: Incident, runs: list[tuple[str, str]]) -> out.IncidentDetail:
+    fields = {**_incident_fields(i), "runs": [out.IncidentRun(run_id=run_id, status=status) for run_id, status in runs]}
+    return out.IncidentDetail.model_validate(fields)
+
+
+def _incident_fields(i: Incident) -> dict[str, object]:
     return {
         "incident_id": i.id,
         "fingerprint": i.fingerprint,

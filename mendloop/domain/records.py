@@ -63,6 +63,9 @@ class Run:
     dedupe_key: str | None
     incident_id: str | None = None
     mutex_key: str | None = None
+    # Claims since the run last committed progress (this one included): a run whose claims keep crashing the
+    # worker is stopped after a bounded number (the step loop decides), instead of being re-claimed forever.
+    stalled_claims: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +168,12 @@ class DetectionOutcome:
     run_id: str | None
     verdict: str
     duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybookRef:
+    """What a new run needs of its playbook: the document it keeps, so a parked run survives an edit."""
+
+    id: str
+    version: str
+    document: dict[str, Any]

@@ -20,7 +20,11 @@ class RunStatus(StrEnum):
 
 class WorkOrderStatus(StrEnum):
     QUEUED = "queued"
-    IN_PROGRESS = "in_progress"
+    IN_PROGRESS = "in_progress"  # leased to an agent
+    # Held: the agent's part is done and the work order waits on mendloop or an operator, holding no lease.
+    AWAITING_APPLY = "awaiting_apply"  # its diff waits for the run's patch pipeline (check, test, commit)
+    AWAITING_APPROVAL = "awaiting_approval"  # a verified patch waits for an operator's approval
+    AWAITING_MERGE = "awaiting_merge"  # a review branch waits for an operator to mark it merged
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -37,6 +41,13 @@ RUN_FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HU
 RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH}
 WORK_ORDER_FINAL = frozenset({WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED})
 # The agent's job is over in these; COMPLETED can still turn FAILED when verification overrules the claim.
+WORK_ORDER_HELD = frozenset(
+    {WorkOrderStatus.AWAITING_APPLY, WorkOrderStatus.AWAITING_APPROVAL, WorkOrderStatus.AWAITING_MERGE}
+)
+# Held for an operator: the run stays parked in awaiting_patch until the operator acts.
+WORK_ORDER_OPERATOR_HOLDS = frozenset({WorkOrderStatus.AWAITING_APPROVAL, WorkOrderStatus.AWAITING_MERGE})
+# Not yet over: an agent or an operator can still move it; cancelling its run cancels it.
+WORK_ORDER_OPEN = frozenset({WorkOrderStatus.QUEUED, WorkOrderStatus.IN_PROGRESS}) | WORK_ORDER_HELD
 
 _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.VERIFYING, RunStatus.CANCELLED}),
@@ -73,17 +84,33 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.CANCELLED: frozenset(),
 }
 
+_AGENT_DONE = frozenset(
+    {
+        WorkOrderStatus.COMPLETED,
+        WorkOrderStatus.FAILED,
+        WorkOrderStatus.CANCELLED,
+        *WORK_ORDER_HELD,
+    }
+)
 _WORK_ORDER_TRANSITIONS: dict[WorkOrderStatus, frozenset[WorkOrderStatus]] = {
-    WorkOrderStatus.QUEUED: frozenset(
+    # A completion needs no lease: an agent may work without the pull API and only report.
+    WorkOrderStatus.QUEUED: frozenset({WorkOrderStatus.IN_PROGRESS, *_AGENT_DONE}),
+    WorkOrderStatus.IN_PROGRESS: frozenset({WorkOrderStatus.QUEUED, *_AGENT_DONE}),
+    # The patch pipeline applied the diff, or rejected it (unsafe, tests failed).
+    WorkOrderStatus.AWAITING_APPLY: frozenset(
+        {WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED}
+    ),
+    # Approved: the diff goes to the patch pipeline (or straight to verification without a repository).
+    WorkOrderStatus.AWAITING_APPROVAL: frozenset(
         {
-            WorkOrderStatus.IN_PROGRESS,
+            WorkOrderStatus.AWAITING_APPLY,
             WorkOrderStatus.COMPLETED,
             WorkOrderStatus.FAILED,
             WorkOrderStatus.CANCELLED,
         }
     ),
-    WorkOrderStatus.IN_PROGRESS: frozenset(
-        {WorkOrderStatus.QUEUED, WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED}
+    WorkOrderStatus.AWAITING_MERGE: frozenset(
+        {WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED}
     ),
     # A completion is a claim: verification that fails afterwards overrules it.
     WorkOrderStatus.COMPLETED: frozenset({WorkOrderStatus.FAILED}),

@@ -1,5 +1,6 @@
-"""The short commands the API and CLI give: trigger a run, complete or fail a work order, cancel a run.
-Each is one transaction; none runs a step (workers do)."""
+"""The short commands the API and CLI give: trigger a run, complete or fail a work order, approve, reject,
+cancel a run. Each is one transaction; none runs a step (workers do). The decisions are `domain`'s: this module
+finds what they need and hands them to storage."""
 
 from __future__ import annotations
 
@@ -7,12 +8,33 @@ from collections.abc import Callable
 from typing import Any
 
 from mendloop.config import Settings
-from mendloop.domain.records import NewEvent, Run, WorkOrder
-from mendloop.domain.states import FAIL_REASONS, RunStatus, WorkOrderStatus
+from mendloop.domain import runs
+from mendloop.domain import work_orders as decide
+from mendloop.domain.records import NewEvent, PlaybookRef, Run, WorkOrder
+from mendloop.domain.states import FAIL_REASONS, WORK_ORDER_OPERATOR_HOLDS, RunStatus, WorkOrderStatus
+from mendloop.domain.work_orders import Completion
+from mendloop.engine.held_patch import on_patch_failure
 from mendloop.errors import ConfigError, Conflict, InputError, NotFound, UnknownErrorType
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
-from mendloop.storage.queue import WorkOrderQueue
-from mendloop.storage.store import APPROVAL_OWNER, MERGE_OWNER, Store
+from mendloop.rules.routing import Routing
+from mendloop.storage.store import Store
+
+# A trigger's context is stored as JSON and rendered into templates: far deeper than any real one, and shallow
+# enough that neither the JSON encoder nor the database driver recurses out of its stack.
+MAX_CONTEXT_DEPTH = 32
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Iterative, so a hostile depth can't exhaust the stack while it is being measured."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 class Remediation:
@@ -23,35 +45,30 @@ class Remediation:
         store: Store,
         playbooks: PlaybookSet,
         compiled: CompiledCache,
+        router: Routing,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.store = store
-        self.queue = WorkOrderQueue(store)
         self.playbooks = playbooks
         self.compiled = compiled
+        self.router = router
         self._wake = wake
+        # error type → playbook id, as `GET /playbooks` shows it.
         self.routing = settings.routing_table()
-        missing = {e: p for e, p in self.routing.items() if playbooks.get(p) is None}
-        if missing:
-            error_type, missing_id = next(iter(missing.items()))
-            raise ConfigError(
-                f"routing.{error_type}: no playbook {missing_id!r} is loaded", field=f"routing.{error_type}"
-            )
         for pb in playbooks.by_id.values():
             compiled.put(pb)
             if pb.model.target and pb.model.target not in settings.targets:
                 raise ConfigError(f"{pb.source}: target {pb.model.target!r} is not among the config's targets")
 
     def known_error_types(self) -> list[str]:
-        return sorted(self.routing)
+        return self.router.known_error_types()
 
     def playbook_for(self, error_type: str) -> CompiledPlaybook:
-        pb_id = self.routing.get(error_type)
-        if pb_id is None:
+        ref = self.router.for_error_type(error_type)
+        pb = self.playbooks.get(ref.id) if ref is not None else None
+        if pb is None:
             raise UnknownErrorType(error_type, self.known_error_types())
-        pb = self.playbooks.get(pb_id)
-        assert pb is not None  # checked at construction
         return pb
 
     def trigger(
@@ -69,6 +86,8 @@ class Remediation:
         event_payload: dict[str, Any] | None = None,
         event_message: str | None = None,
     ) -> tuple[Run, bool]:
+        if context is not None and _deeper_than(context, MAX_CONTEXT_DEPTH):
+            raise InputError(f"context is nested deeper than {MAX_CONTEXT_DEPTH} levels", field="context")
         if playbook_id is not None:
             found = self.playbooks.get(playbook_id)
             if found is None:
@@ -79,49 +98,33 @@ class Remediation:
             pb = found
         else:
             pb = self.playbook_for(error_type)
-        target = self._target(pb, component)
-        component = component or target
         payload = {
             "error_type": error_type,
             "description": description,
             **({"file_path": file_path} if file_path else {}),
             **(event_payload or {}),
         }
-        run_context: dict[str, Any] = {
-            **(context or {}),
-            "error_type": error_type,
-            "description": description,
-            "target": target,
-            "event": payload,
-        }
-        if file_path:
-            run_context["file_path"] = file_path
+        columns = runs.plan(
+            PlaybookRef(pb.id, pb.version, pb.document),
+            error_type=error_type,
+            description=description,
+            component=component,
+            context={**(context or {}), **({"file_path": file_path} if file_path else {})},
+            event=payload,
+            targets=self.settings.targets,
+            default_target=self.settings.target_for(None),
+        )
         trigger = NewEvent(
             type=event_type,
             message=event_message or f"Self-healing detected {error_type.replace('_', ' ')}: {description}",
             source=source,
             payload=payload,
-            component=component,
+            component=columns["component"],
         )
-        run, created = self.store.create_run(
-            playbook=pb.document,
-            playbook_version=pb.version,
-            component=component,
-            error_type=error_type,
-            description=description,
-            context=run_context,
-            trigger=trigger,
-            dedupe_key=dedupe_key,
-            message=f"Running playbook: {pb.id}",
-        )
+        run, created = self.store.create_run(**columns, trigger=trigger, dedupe_key=dedupe_key)
         if created:
             self._wake()
         return run, created
-
-    def _target(self, pb: CompiledPlaybook, component: str | None) -> str | None:
-        if component and component in self.settings.targets:
-            return component
-        return pb.model.target or self.settings.target_for(None)
 
     # -- work orders ----------------------------------------------------------------------------------------
 
@@ -144,133 +147,36 @@ class Remediation:
         """The agent's claim. It is never proof: with tests passed the run is requeued to deploy, rerun and verify,
         and verification decides. With tests failed the work order fails and the run stops as its playbook says."""
         wo = self.store.get_work_order(wo_id)
-        if wo.status in (WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED):
-            raise Conflict(
-                f"work order {wo_id} is {wo.status}; it cannot be completed", id=wo_id, status=str(wo.status)
-            )
-        patch_result: dict[str, Any] = {
-            "tests_passed": tests_passed,
-            "files_changed": files_changed,
-            "diff_url": diff_url or (f"/patches/diffs/{wo_id}.diff" if diff else None),
-            **({"summary": summary} if summary else {}),
-            **(extra or {}),
-        }
-        on_failure = self._patch_failure_status(wo)
-        # A diff is checked, tested and applied by the run's patch pipeline before anything is deployed; without
-        # a repository to apply it to, it is kept and the agent's claim goes to verification as it is.
-        hold = bool(diff) and tests_passed and self._repository_of(wo) is not None
-        # A patch waiting for an operator (approval, or a review branch to merge) parks the work order; the run
-        # stays parked too until the operator acts.
-        hold_owner = None
-        if tests_passed and not release_hold:
-            if branch:
-                hold_owner, hold = MERGE_OWNER, False
-                patch_result["branch"] = branch
-            elif approval_required:
-                hold_owner, hold = APPROVAL_OWNER, False
-
-        def events(updated: WorkOrder, run: Run | None) -> list[NewEvent]:
-            common: dict[str, Any] = {
-                "run_id": updated.self_healing_run_id,
-                "work_order_id": wo_id,
-                "component": updated.component,
-            }
-            files = (
-                f"{files_changed} file{'s' if files_changed != 1 else ''} changed"
-                if files_changed is not None
-                else "files changed: not reported"
-            )
-            if tests_passed:
-                out = [
-                    NewEvent(
-                        type="coding_agent.work_order_updated",
-                        message=f"Work order {wo_id} completed by the coding agent ({files})",
-                        payload={"status": updated.status.value, "patch_result": patch_result},
-                        **common,
-                    ),
-                ]
-                if diff:
-                    out.append(
-                        NewEvent(
-                            type="coding_agent.patch_generated",
-                            message=f"Patch for {wo_id} stored ({files})",
-                            payload={"diff_url": patch_result["diff_url"]},
-                            **common,
-                        )
-                    )
-                out.append(
-                    NewEvent(
-                        type="coding_agent.tests_passed",
-                        message=f"Coding agent reports tests passed for {wo_id}",
-                        payload={"files_changed": files_changed},
-                        **common,
-                    )
-                )
-                if run is not None:
-                    out.append(
-                        NewEvent(
-                            type="self_healing.patch_applied",
-                            message=f"Code patch applied ({files}). Running verification...",
-                            payload={"work_order_id": wo_id, "files_changed": files_changed},
-                            **common,
-                        )
-                    )
-                return out
-            out = [
-                NewEvent(
-                    type="coding_agent.work_order_updated",
-                    message=f"Work order {wo_id} failed: the coding agent's tests did not pass",
-                    payload={"status": updated.status.value, "patch_result": patch_result},
-                    **common,
-                )
-            ]
-            if run is not None:
-                out.append(
-                    NewEvent(
-                        type="self_healing.completed",
-                        message=f"Run {run.id} → {on_failure.value}: work order {wo_id} failed (tests failed)",
-                        payload={
-                            "status": on_failure.value,
-                            "playbook_id": run.playbook_id,
-                            "escalated": True,
-                        },
-                        **common,
-                    )
-                )
-            return out
-
-        def answer(updated: WorkOrder) -> dict[str, Any]:
-            return {
-                "success": True,
-                "work_order_id": updated.id,
-                "status": updated.status.value,
-                "self_healing_run_id": updated.self_healing_run_id,
-                "patch_result": updated.patch_result,
-                "message": _complete_message(updated, on_failure),
-            }
-
-        response, changed = self.store.finish_work_order(
-            wo_id,
-            succeeded=tests_passed,
-            patch_result=patch_result,
-            fail_reason=None if tests_passed else "tests_failed",
-            run_status_on_failure=on_failure,
+        claim = Completion(
+            tests_passed=tests_passed,
+            files_changed=files_changed,
+            diff_url=diff_url,
             diff=diff,
-            events=events,
-            idempotency_key=idempotency_key,
-            answer=answer,
+            summary=summary,
+            extra=dict(extra or {}),
             lease_id=lease_id,
-            hold_for_patch=hold,
-            hold_owner=hold_owner,
+            approval_required=approval_required,
+            branch=branch,
             release_hold=release_hold,
         )
-        if changed and tests_passed:
+        # Without a repository to apply it to, a diff is kept and the claim goes to verification as it is.
+        has_repository = self._repository_of(wo) is not None
+        on_failure = self._patch_failure_status(wo)
+        transition, _ = self.store.work_orders.change(
+            wo_id,
+            lambda wo, run, now: decide.complete(
+                wo, run, claim, has_repository=has_repository, on_failure=on_failure, now=now
+            ),
+            idempotency_key=idempotency_key,
+        )
+        if transition.changed and tests_passed:
             self._wake()
-        return response
+        assert transition.answer is not None
+        return transition.answer
 
     def approve(self, wo_id: str) -> dict[str, Any]:
         """An operator approves a held, verified patch: it goes through the patch pipeline and the run resumes."""
-        wo = self._held(wo_id, APPROVAL_OWNER, "approval")
+        wo = self._held(wo_id, WorkOrderStatus.AWAITING_APPROVAL, "approval")
         result = wo.patch_result or {}
         try:
             diff: str | None = self.store.get_diff(wo_id)
@@ -288,7 +194,7 @@ class Remediation:
 
     def merged(self, wo_id: str) -> dict[str, Any]:
         """An operator merged the review branch: the run resumes to deploy and verify, and verification decides."""
-        wo = self._held(wo_id, MERGE_OWNER, "a merge")
+        wo = self._held(wo_id, WorkOrderStatus.AWAITING_MERGE, "a merge")
         result = wo.patch_result or {}
         return self.complete_work_order(
             wo_id,
@@ -301,19 +207,12 @@ class Remediation:
 
     def reject(self, wo_id: str, reason: str) -> WorkOrder:
         self._held(wo_id, None, "an operator")
-        return self.queue.fail(
-            wo_id,
-            lease_id=None,
-            reason="needs_human",
-            retryable=False,
-            details={"message": f"rejected by an operator: {reason}"},
-            run_status=RunStatus.NEEDS_HUMAN,
-        )
+        return self._change(wo_id, lambda wo, run, now: decide.reject(wo, run, reason=reason, now=now))
 
-    def _held(self, wo_id: str, owner: str | None, what: str) -> WorkOrder:
+    def _held(self, wo_id: str, status: WorkOrderStatus | None, what: str) -> WorkOrder:
         wo = self.store.get_work_order(wo_id)
-        held = wo.lease_owner in (APPROVAL_OWNER, MERGE_OWNER) if owner is None else wo.lease_owner == owner
-        if wo.status is not WorkOrderStatus.IN_PROGRESS or not held:
+        held = wo.status in WORK_ORDER_OPERATOR_HOLDS if status is None else wo.status is status
+        if not held:
             raise Conflict(f"work order {wo_id} is not waiting for {what}", id=wo_id, status=str(wo.status))
         return wo
 
@@ -323,13 +222,20 @@ class Remediation:
         target = self.settings.targets.get(wo.component or "")
         return target.repository if target else None
 
+    def _change(self, wo_id: str, decision: Callable[[WorkOrder, Run | None, float], decide.Transition]) -> WorkOrder:
+        return self.store.work_orders.change(wo_id, decision)[1]
+
     # -- the pull API -----------------------------------------------------------------------------------------
 
     def claim_work_order(self, agent_id: str, repository: str | None) -> WorkOrder | None:
-        return self.queue.claim(agent_id, repository=repository, lease_seconds=self.settings.agent_lease_seconds)
+        return self.store.work_orders.claim(
+            agent_id, repository=repository, lease_seconds=self.settings.agent_lease_seconds
+        )
 
     def heartbeat(self, wo_id: str, lease_id: str, note: str | None) -> WorkOrder:
-        return self.queue.heartbeat(wo_id, lease_id, note=note, lease_seconds=self.settings.agent_lease_seconds)
+        return self.store.work_orders.heartbeat(
+            wo_id, lease_id, note=note, lease_seconds=self.settings.agent_lease_seconds
+        )
 
     def fail_work_order(
         self, wo_id: str, *, lease_id: str | None, reason: str, retryable: bool, details: dict[str, Any]
@@ -339,17 +245,25 @@ class Remediation:
         wo = self.store.get_work_order(wo_id)
         if wo.status not in (WorkOrderStatus.QUEUED, WorkOrderStatus.IN_PROGRESS):
             raise Conflict(f"work order {wo_id} is {wo.status}; it cannot fail", id=wo_id, status=str(wo.status))
-        return self.queue.fail(
+        run_status = self._patch_failure_status(wo)
+        return self._change(
             wo_id,
-            lease_id=lease_id,
-            reason=reason,
-            retryable=retryable,
-            details=details,
-            run_status=self._patch_failure_status(wo),
+            lambda wo, run, now: decide.give_up(
+                wo,
+                run,
+                lease_id=lease_id,
+                reason=reason,
+                retryable=retryable,
+                details=details,
+                run_status=run_status,
+                now=now,
+            ),
         )
 
     def reap(self) -> list[str]:
-        return self.queue.reap()
+        return self.store.work_orders.reap(
+            lambda wo, run, now: decide.reap(wo, run, run_status=RunStatus.NEEDS_HUMAN, now=now)
+        )
 
     def _patch_failure_status(self, wo: WorkOrder) -> RunStatus:
         """What the escalating step says to do when the patch fails (`with.on_patch_failure`): `fail`, or a
@@ -358,26 +272,13 @@ class Remediation:
             return RunStatus.NEEDS_HUMAN
         try:
             run = self.store.get_run(wo.self_healing_run_id)
-        except Exception:
+        except NotFound:
             return RunStatus.NEEDS_HUMAN
         pb = self.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
-        for cs in pb.steps:
-            if cs.step.action == "escalate" and cs.step.params.get("on_patch_failure") == "fail":
-                return RunStatus.FAILED
-        return RunStatus.NEEDS_HUMAN
+        return RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)
 
 
-def _complete_message(wo: WorkOrder, on_failure: RunStatus) -> str:
-    run = wo.self_healing_run_id
-    if wo.lease_owner == APPROVAL_OWNER:
-        return f"Work order {wo.id}: verified patch held until an operator approves it (run {run} waits)"
-    if wo.lease_owner == MERGE_OWNER:
-        return f"Work order {wo.id}: review branch waits until an operator marks it merged (run {run} waits)"
-    if wo.status is WorkOrderStatus.IN_PROGRESS:
-        return f"Work order {wo.id}: patch received; run {run} checks, tests and applies it, then deploys and verifies"
-    if wo.status is WorkOrderStatus.COMPLETED:
-        return f"Work order {wo.id} completed; run {run} resumes to deploy and verify"
-    return f"Work order {wo.id} failed; run {run} → {on_failure.value}"
+__all__ = ["Remediation"]

@@ -3,6 +3,10 @@
 A lease keeper renews the leases of the runs this process is working on, so a long step never loses its run
 while its worker is alive, and a killed worker's runs come back after `lease_seconds` at the latest.
 At start, leases held by dead processes on this host are released at once.
+
+An exception out of the step loop (the database, a bug: a step's own errors never get here) is recorded on the
+run, whose lease is released for a prompt retry; the step loop hands a run whose claims keep crashing to a human
+(`MAX_STALLED_CLAIMS`), so no run is re-claimed forever.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from mendloop.engine.runner import Runner
+from mendloop.engine.step_loop import StepLoop, describe_error
 from mendloop.errors import StorageError
 from mendloop.storage.store import Store, default_owner, process_token
 
@@ -25,7 +29,7 @@ class WorkerPool:
         self,
         *,
         store: Store,
-        runner: Runner,
+        step_loop: StepLoop,
         count: int,
         lease_seconds: float,
         poll_interval: float,
@@ -35,7 +39,7 @@ class WorkerPool:
         max_concurrent: int = 0,
     ) -> None:
         self.store = store
-        self.runner = runner
+        self.step_loop = step_loop
         self.count = count
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
@@ -105,11 +109,23 @@ class WorkerPool:
         with self._held_lock:
             self._held[run.id] = owner
         try:
-            self.runner.advance(run, owner)
+            self.step_loop.advance(run, owner)
+        except Exception as exc:
+            # A bug must not kill the worker, nor be retried silently forever: the run keeps the error, and its
+            # claims are counted (`Run.stalled_claims`) until the step loop gives up on it.
+            log.exception("worker %s: advancing run %s crashed", owner, run.id)
+            self._record_crash(run.id, owner, describe_error(exc))
         finally:
             with self._held_lock:
                 self._held.pop(run.id, None)
         return True
+
+    def _record_crash(self, run_id: str, owner: str, error: str) -> None:
+        try:
+            self.store.record_crash(run_id, owner, error)
+        except Exception:
+            # The database may be what failed; the lease then lapses and the next claim is counted all the same.
+            log.exception("worker %s: could not record the crash of run %s", owner, run_id)
 
     def _loop(self, owner: str) -> None:
         while not self._stop.is_set():

@@ -35,10 +35,11 @@ from typing import Any
 import httpx
 
 from mendloop.config import Settings
+from mendloop.domain.offsets import Checkpoint
 from mendloop.errors import ConfigError
 from mendloop.intake.logs import LogIntake
+from mendloop.intake.offsets import JsonFileOffsetStore, OffsetStore, checkpoint_json, checkpoint_of_json
 from mendloop.intake.service import aggregate
-from mendloop.intake.tail import Checkpoint, FileIdentity, JsonFileOffsetStore, OffsetStore
 from mendloop.intake.watcher import Batch, Sink, WatcherStats, WatchPipeline, supervise
 
 log = logging.getLogger(__name__)
@@ -57,37 +58,17 @@ class CachedOffsetStore:
 
     def load(self, watcher: str) -> dict[str, Checkpoint]:
         out = self.inner.load(watcher)
-        self._saved[watcher] = sorted(_key(c) for c in out.values())
+        self._saved[watcher] = sorted(c.key() for c in out.values())
         return out
 
     def save(self, watcher: str, checkpoints: Iterable[Checkpoint]) -> None:
         cps = list(checkpoints)
-        keys = sorted(_key(c) for c in cps)
+        keys = sorted(c.key() for c in cps)
         if self._saved.get(watcher) == keys:
             return
         self._saved.pop(watcher, None)
         self.inner.save(watcher, cps)
         self._saved[watcher] = keys
-
-
-def _key(c: Checkpoint) -> tuple[str, int, int, str, int]:
-    return (c.path, c.identity.dev, c.identity.inode, c.identity.head_hash, c.offset)
-
-
-def _cp_json(c: Checkpoint) -> dict[str, Any]:
-    return {
-        "path": c.path,
-        "dev": c.identity.dev,
-        "inode": c.identity.inode,
-        "head_hash": c.identity.head_hash,
-        "offset": c.offset,
-    }
-
-
-def _cp_of(row: Any) -> Checkpoint:
-    return Checkpoint(
-        str(row["path"]), FileIdentity(int(row["dev"]), int(row["inode"]), str(row["head_hash"])), int(row["offset"])
-    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +121,7 @@ class Spool:
             "created_at": time.time(),
             "watcher": watcher,
             "events": events,
-            "checkpoints": [_cp_json(c) for c in checkpoints],
+            "checkpoints": [checkpoint_json(c) for c in checkpoints],
         }
         final = self.dir / f"{seq:012d}.json"
         fd, tmp = tempfile.mkstemp(prefix=".spool.", suffix=".tmp", dir=self.dir)
@@ -169,7 +150,7 @@ class Spool:
                 seq=int(data["seq"]),
                 watcher=str(data["watcher"]),
                 events=list(data["events"]),
-                checkpoints=[_cp_of(c) for c in data.get("checkpoints") or []],
+                checkpoints=[checkpoint_of_json(c) for c in data.get("checkpoints") or []],
             )
         except FileNotFoundError:
             return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from mendloop.config import PatternConfig, Settings
 from mendloop.domain.records import Detection
-from mendloop.intake import traceback
+from mendloop.infra import traceback
 from mendloop.intake.fingerprint import fingerprint, fingerprint_traceback
 from mendloop.intake.matcher import Match, Matcher, Pattern
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mendloop.intake.tail import Line, strip_ansi
-from mendloop.intake.traceback import _EXC as _PY_EXCEPTION_LINE
+from mendloop.infra.traceback import EXCEPTION_LINE as _PY_EXCEPTION_LINE
+from mendloop.intake.lines import Line, strip_ansi
 
 _PY_START = "Traceback (most recent call last):"
 _PY_GROUP = "Exception Group Traceback"

@@ -7,15 +7,27 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
 from mendloop.config import Settings
-from mendloop.domain.records import Detection, DetectionOutcome
+from mendloop.domain import runs
+from mendloop.domain.records import Detection, DetectionOutcome, PlaybookRef
 from mendloop.intake.fingerprint import fingerprint
-from mendloop.playbooks.loader import PlaybookSet
 from mendloop.storage.incidents import IncidentStore, RunSpec
+
+
+class Router(Protocol):
+    """Which playbook handles a detection (`mendloop.rules.routing.Routing`)."""
+
+    def for_detection(self, error_type: str | None, event_type: str) -> PlaybookRef | None:
+        """The playbook routed for `error_type`, else the one that handles `event_type`; None: no run."""
+        ...
+
+    def knows_error_type(self, error_type: str) -> bool:
+        """`error_type` has a route of its own (an Alertmanager alert's name counts as its error type then)."""
+        ...
 
 
 class Intake:
@@ -24,17 +36,14 @@ class Intake:
         *,
         settings: Settings,
         incidents: IncidentStore,
-        playbooks: PlaybookSet,
-        routing: Mapping[str, str],
+        router: Router,
         wake: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.incidents = incidents
-        self.playbooks = playbooks
-        self.routing = routing
+        self.router = router
         self.event_errors = settings.event_error_table()
         self._wake = wake
-        self._by_event_type = {e: pb.id for pb in playbooks.by_id.values() for e in pb.model.handles.event_types}
 
     def ingest(
         self, detections: Sequence[Detection], *, also: Callable[[Connection], None] | None = None
@@ -54,32 +63,24 @@ class Intake:
         return self.event_errors.get(event_type)
 
     def run_for(self, d: Detection) -> RunSpec | None:
-        playbook_id = self.routing.get(d.error_type or "") or self._by_event_type.get(d.event_type)
-        pb = self.playbooks.get(playbook_id) if playbook_id else None
+        pb = self.router.for_detection(d.error_type, d.event_type)
         if pb is None:
             return None
-        target = (
-            d.component if d.component in self.settings.targets else pb.model.target or self.settings.target_for(None)
-        )
-        component = d.component or target
-        error_type = d.error_type or d.event_type.replace(".", "_")
-        context: dict[str, Any] = {
-            **{k: v for k, v in d.payload.items() if k not in ("error_type", "description")},
-            "error_type": error_type,
-            "description": d.message,
-            "target": target,
-            "event": {**d.payload, "event_type": d.event_type, "line": d.message},
-            "fingerprint": d.fingerprint,
-        }
         return {
-            "playbook": pb.document,
-            "playbook_version": pb.version,
-            "component": component,
-            "error_type": error_type,
-            "description": d.message,
-            "context": context,
+            **runs.plan(
+                pb,
+                error_type=d.error_type or d.event_type.replace(".", "_"),
+                description=d.message,
+                component=d.component,
+                context={
+                    **{k: v for k, v in d.payload.items() if k not in ("error_type", "description")},
+                    "fingerprint": d.fingerprint,
+                },
+                event={**d.payload, "event_type": d.event_type, "line": d.message},
+                targets=self.settings.targets,
+                default_target=self.settings.target_for(None),
+            ),
             "trigger": None,
-            "message": f"Running playbook: {pb.id}",
         }
 
     # -- shapes that arrive over HTTP -----------------------------------------------------------------------
@@ -118,7 +119,7 @@ class Intake:
             annotations = dict(alert.get("annotations") or {})
             status = str(alert.get("status") or body.get("status") or "firing")
             name = str(labels.get("alertname") or "alert")
-            error_type = labels.get("error_type") or (name if name in self.routing else None)
+            error_type = labels.get("error_type") or (name if self.router.knows_error_type(name) else None)
             stable = json.dumps(labels, sort_keys=True)
             text = str(annotations.get("summary") or annotations.get("description") or name)
             out.append(

@@ -4,183 +4,34 @@ nor repeats a line.
 Files are known by identity (device, inode and a hash of their first bytes), not by name, so a file renamed by a
 rotation is finished through the handle already open before its replacement is read, a copytruncated file is told
 from a fresh one, and a recycled inode is not mistaken for the file that was checkpointed.
+
+Around it: `discovery` (which files, and what a rotation left behind), `lines` (what a line is), `offsets` (where
+checkpoints are kept) and `follow` (the loop that polls on inotify changes and checkpoints).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
-import glob
-import hashlib
-import inspect
-import json
 import logging
 import os
-import re
-import stat
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
-from mendloop.errors import ConfigError, StorageError
+from mendloop.domain.offsets import HEAD_BYTES, Checkpoint, FileIdentity, head_hash
+from mendloop.errors import ConfigError
+from mendloop.intake.discovery import expand, head_matches, pattern_roots, rotated_copy, siblings
+from mendloop.intake.lines import Line, strip_ansi
+from mendloop.intake.offsets import OffsetStore
 
 log = logging.getLogger(__name__)
-
-HEAD_BYTES = 1024
-"""How much of a file's beginning its identity hashes."""
 
 _TAIL_BYTES = 64
 # How much of what was read just before the current position is kept to recognise the copy of a copytruncated file.
 
 _RECENT_NS = 2_000_000_000
-
-_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
-
-_ANSI = re.compile(
-    r"""
-    \x1b\[[0-?]*[ -/]*[@-~]              # CSI: colours, cursor movement
-    | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)  # OSC: window titles, hyperlinks
-    | \x1b[PX^_][^\x1b]*\x1b\\           # DCS, SOS, PM, APC strings
-    | \x1b[ -/]*[0-~]                    # other escapes: charset selection, save/restore cursor
-    | \x9b[0-?]*[ -/]*[@-~]              # 8-bit CSI
-    | \x1b                               # a lone ESC left by a line cut short
-    """,
-    re.VERBOSE,
-)
-
-
-def strip_ansi(text: str) -> str:
-    """`text` without terminal escape sequences (colours, cursor movement, hyperlinks)."""
-    if "\x1b" not in text and "\x9b" not in text:
-        return text
-    return _ANSI.sub("", text)
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """Which file, whatever its name: `head_hash` is the sha1 hex of its first `min(HEAD_BYTES, offset)` bytes, where
-    offset is the checkpoint's, so the hash of a growing file is stable once it has 1 KiB and a file whose inode was
-    recycled, or that was truncated and rewritten in place, does not match."""
-
-    dev: int
-    inode: int
-    head_hash: str
-
-
-@dataclass
-class Checkpoint:
-    """Everything before `offset` in the file `identity` at `path` has been delivered; `offset` is a line boundary."""
-
-    path: str
-    identity: FileIdentity
-    offset: int
-
-
-class OffsetStore(Protocol):
-    """Where a watcher's checkpoints survive a restart. `save` replaces the watcher's whole set: a file no longer
-    followed (deleted) loses its checkpoint."""
-
-    def load(self, watcher: str) -> dict[str, Checkpoint]: ...
-
-    def save(self, watcher: str, checkpoints: Iterable[Checkpoint]) -> None: ...
-
-
-class MemoryOffsetStore:
-    """Checkpoints held in memory: for tests, and for a watcher that may re-read or skip after a restart."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, dict[str, Checkpoint]] = {}
-
-    def load(self, watcher: str) -> dict[str, Checkpoint]:
-        # Copies: a caller's changes must not leak into what was saved.
-        return {p: Checkpoint(c.path, c.identity, c.offset) for p, c in self._data.get(watcher, {}).items()}
-
-    def save(self, watcher: str, checkpoints: Iterable[Checkpoint]) -> None:
-        self._data[watcher] = {c.path: Checkpoint(c.path, c.identity, c.offset) for c in checkpoints}
-
-
-class JsonFileOffsetStore:
-    """Checkpoints of every watcher in one JSON file, replaced atomically (write, fsync, rename) so a crash leaves
-    either the old set or the new one, never half of either. One process per file."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            raw = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {"version": 1, "watchers": {}}
-        except OSError as e:
-            raise StorageError(f"cannot read the offsets file {self.path}: {e}", path=str(self.path)) from e
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise StorageError(f"the offsets file {self.path} is not valid JSON: {e}", path=str(self.path)) from e
-        if not isinstance(data, dict) or not isinstance(data.get("watchers"), dict):
-            raise StorageError(f"the offsets file {self.path} has an unknown layout", path=str(self.path))
-        return data
-
-    def load(self, watcher: str) -> dict[str, Checkpoint]:
-        rows = self._read()["watchers"].get(watcher, [])
-        out: dict[str, Checkpoint] = {}
-        try:
-            for row in rows:
-                ident = FileIdentity(int(row["dev"]), int(row["inode"]), str(row["head_hash"]))
-                out[str(row["path"])] = Checkpoint(str(row["path"]), ident, int(row["offset"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise StorageError(f"the offsets file {self.path} has a bad entry: {e!r}", path=str(self.path)) from e
-        return out
-
-    def save(self, watcher: str, checkpoints: Iterable[Checkpoint]) -> None:
-        data = self._read()
-        data["watchers"][watcher] = [
-            {
-                "path": c.path,
-                "dev": c.identity.dev,
-                "inode": c.identity.inode,
-                "head_hash": c.identity.head_hash,
-                "offset": c.offset,
-            }
-            for c in checkpoints
-        ]
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # The rename is durable only once the directory entry is.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-@dataclass(frozen=True)
-class Line:
-    """One line of a file. `offset` is where it starts, `end_offset` just past its newline. `text` has no newline,
-    no terminal escapes, no NUL bytes, and U+FFFD for bytes that are not UTF-8; `truncated` says it was longer than
-    `max_line_bytes` and only its beginning is here. `ts` is when it was read."""
-
-    path: str
-    text: str
-    offset: int
-    end_offset: int
-    truncated: bool
-    ts: float
 
 
 @dataclass(eq=False)
@@ -213,6 +64,22 @@ class _Source:
             os.close(self.fd)
 
 
+def _still_linked(src: _Source) -> bool:
+    """The file still has a name somewhere (renamed, not deleted): a deleted one is finished at once."""
+    try:
+        return os.fstat(src.fd).st_nlink > 0
+    except OSError:
+        return False
+
+
+def _holds_what_was_read(fd: int, src: _Source) -> bool:
+    """The file open at `fd` has `src`'s first bytes and, just before `src.read_pos`, the bytes read last: the file
+    `src` was reading, unchanged (or its copy, after a copytruncate)."""
+    if src.head and os.pread(fd, len(src.head), 0) != src.head:
+        return False
+    return not src.tail or os.pread(fd, len(src.tail), src.read_pos - len(src.tail)) == src.tail
+
+
 def _utf8_keep(data: bytes | bytearray) -> int:
     """How many bytes of `data` to keep so that a cut does not leave half a UTF-8 character at its end."""
     n = len(data)
@@ -224,13 +91,6 @@ def _utf8_keep(data: bytes | bytearray) -> int:
     lead = data[i]
     need = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 1
     return i if need > n - i else n
-
-
-def _sha1(data: bytes) -> str:
-    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
-
-
-_MAGIC = re.compile(r"[*?\[]")
 
 
 class Tailer:
@@ -296,17 +156,7 @@ class Tailer:
     def watch_dirs(self) -> list[tuple[str, bool]]:
         """(directory, recursive) pairs whose changes can concern the patterns: the fixed part of each pattern, and
         the directories of symlink targets (writes to a target do not show up in the link's directory)."""
-        dirs: dict[str, bool] = {}
-        for pattern in self.patterns:
-            parts = Path(pattern).parts
-            fixed: list[str] = []
-            for part in parts:
-                if _MAGIC.search(part):
-                    break
-                fixed.append(part)
-            globbed_dirs = len(fixed) < len(parts) - 1
-            root = str(Path(*fixed)) if len(fixed) < len(parts) else str(Path(*fixed).parent)
-            dirs[root] = dirs.get(root, False) or globbed_dirs
+        dirs = pattern_roots(self.patterns)
         for path, src in self._sources.items():
             if src.real_dir != os.path.dirname(path):
                 dirs.setdefault(src.real_dir, False)
@@ -318,7 +168,7 @@ class Tailer:
         now = self._clock()
         out: list[Line] = []
         self._backlog = False
-        found = self._expand()
+        found = expand(self.patterns)
         first = not self._polled
         self._polled = True
         by_inode: dict[tuple[int, int], str] = {}
@@ -338,6 +188,11 @@ class Tailer:
             if target is not None and target not in kept:
                 src.path = target
                 kept[target] = src
+            elif now_at is None and _still_linked(src):
+                # tail -F: rotated away and nothing has replaced it yet, so its writer may still be appending
+                # through its own handle (the rename wakes us before the writes that follow it): keep reading it
+                # under its path until a new file appears there.
+                kept[path] = src
             else:
                 orphans.append(src)
         for src in orphans:
@@ -350,7 +205,7 @@ class Tailer:
         if first and self._saved:
             self._recover_rotated(found, out, now)
         for path in sorted(self._sources):
-            self._read(self._sources[path], found[path], out, now)
+            self._read(self._sources[path], found.get(path), out, now)
         # Only the very first run honours start_at: a file without a checkpoint on a later run appeared while the
         # watcher was down, and one that appears while it runs is new; both are read from their beginning.
         policy: Literal["end", "beginning"] = self._start_at if first and not self._resuming else "beginning"
@@ -380,8 +235,8 @@ class Tailer:
             held = hold.get(src.path) if hold else None
             if held is not None and 0 <= held < offset:
                 offset = held
-            head_hash = _sha1(src.head[: min(HEAD_BYTES, offset)])
-            cps.append(Checkpoint(src.path, FileIdentity(src.dev, src.inode, head_hash), offset))
+            identity = FileIdentity(src.dev, src.inode, head_hash(src.head[: min(HEAD_BYTES, offset)]))
+            cps.append(Checkpoint(src.path, identity, offset))
         return cps
 
     def checkpoint(self, hold: Mapping[str, int] | None = None) -> None:
@@ -404,21 +259,6 @@ class Tailer:
 
     # -- discovery ---------------------------------------------------------------------------------------------
 
-    def _expand(self) -> dict[str, os.stat_result]:
-        found: dict[str, os.stat_result] = {}
-        for pattern in self.patterns:
-            for p in glob.glob(pattern, recursive=True):
-                path = os.path.normpath(p)
-                if path in found:
-                    continue
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue  # vanished between the listing and the stat: the next pass sees what replaced it
-                if stat.S_ISREG(st.st_mode):
-                    found[path] = st
-        return found
-
     def _match_checkpoints(
         self, found: dict[str, os.stat_result], fresh: list[str], taken: set[tuple[int, int]]
     ) -> dict[str, int]:
@@ -433,7 +273,7 @@ class Tailer:
                 c for p, c in self._saved.items() if p != path
             ]
             for cp in candidates:
-                if (cp.identity.dev, cp.identity.inode) == (st.st_dev, st.st_ino) and self._head_matches(path, cp):
+                if (cp.identity.dev, cp.identity.inode) == (st.st_dev, st.st_ino) and head_matches(path, cp):
                     starts[path] = cp.offset
                     del self._saved[cp.path]
                     break
@@ -447,7 +287,7 @@ class Tailer:
                 del self._saved[cp_path]  # the configuration no longer watches it
                 continue
             current = found.get(cp_path)
-            rotated = self._rotated_copy(cp_path, cp, current, exclude=set(found))
+            rotated = rotated_copy(cp_path, cp, current, exclude=set(found))
             if rotated is not None:
                 del self._saved[cp_path]
                 self._drain_path(cp_path, rotated, cp.offset, out, now)
@@ -463,52 +303,6 @@ class Tailer:
             else:
                 # Kept in memory only: if the file comes back (a directory remounted), it resumes where it was.
                 log.info("watcher %s: checkpointed %s is gone and was not found rotated", self.name, cp_path)
-
-    def _head_matches(self, path: str, cp: Checkpoint) -> bool:
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(min(HEAD_BYTES, cp.offset))
-                size = os.fstat(fh.fileno()).st_size
-        except OSError:
-            return False
-        return size >= cp.offset and _sha1(head) == cp.identity.head_hash
-
-    def _siblings(self, path: str, exclude: set[str]) -> list[tuple[str, os.stat_result]]:
-        """Regular files next to `path` that a rotation could have produced, newest first."""
-        directory, base = os.path.split(path)
-        out: list[tuple[str, os.stat_result]] = []
-        try:
-            with os.scandir(directory) as it:
-                for entry in it:
-                    if entry.name == base or entry.path in exclude or entry.name.endswith(_COMPRESSED):
-                        continue
-                    try:
-                        st = entry.stat()
-                    except OSError:
-                        continue
-                    if stat.S_ISREG(st.st_mode):
-                        out.append((os.path.normpath(entry.path), st))
-        except OSError:
-            return []
-        out.sort(key=lambda item: item[1].st_mtime_ns, reverse=True)
-        return out
-
-    def _rotated_copy(
-        self, path: str, cp: Checkpoint, current: os.stat_result | None, *, exclude: set[str]
-    ) -> str | None:
-        """The file that holds what was at `path` when `cp` was taken: renamed (same inode) or, if the file at
-        `path` is the checkpointed inode truncated in place, copied (same first bytes)."""
-        siblings = self._siblings(path, exclude)
-        for sib, st in siblings:
-            if (st.st_dev, st.st_ino) == (cp.identity.dev, cp.identity.inode) and self._head_matches(sib, cp):
-                return sib
-        if current is None or (current.st_dev, current.st_ino) != (cp.identity.dev, cp.identity.inode):
-            return None
-        stem = os.path.basename(path).split(".", 1)[0]
-        for sib, _st in siblings:
-            if os.path.basename(sib).startswith(stem) and self._head_matches(sib, cp):
-                return sib
-        return None
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -569,7 +363,7 @@ class Tailer:
                 or st.st_mtime_ns != src.last_mtime_ns
                 or time.time_ns() - st.st_mtime_ns < _RECENT_NS
             )
-            if size < src.read_pos or (written and not self._unchanged(src)):
+            if size < src.read_pos or (written and not _holds_what_was_read(src.fd, src)):
                 # Truncated (copytruncate or `> file`), maybe already rewritten: what was written before the
                 # truncation and never read is in the copy, if there is one; then the file restarts at 0.
                 self._from_copy(src, out, now)
@@ -580,11 +374,6 @@ class Tailer:
             self._flush_stale_partial(src, out, now)
         except OSError as e:
             log.warning("watcher %s: cannot read %s: %s", self.name, src.path, e)
-
-    def _unchanged(self, src: _Source) -> bool:
-        if src.head and os.pread(src.fd, len(src.head), 0) != src.head:
-            return False
-        return not src.tail or os.pread(src.fd, len(src.tail), src.read_pos - len(src.tail)) == src.tail
 
     def _read_to_eof(self, src: _Source, out: list[Line], now: float, budget: int | None) -> None:
         while budget is None or budget > 0:
@@ -670,7 +459,7 @@ class Tailer:
         """After a truncation: read the rest of what we had been reading from the copy a copytruncate made."""
         if not src.head or src.read_pos == 0:
             return
-        for sib, st in self._siblings(src.path, set()):
+        for sib, st in siblings(src.path, set()):
             if (st.st_dev, st.st_ino) == (src.dev, src.inode) or st.st_size <= src.read_pos:
                 continue
             try:
@@ -678,10 +467,7 @@ class Tailer:
             except OSError:
                 continue
             try:
-                same = os.pread(fd, len(src.head), 0) == src.head and (
-                    not src.tail or os.pread(fd, len(src.tail), src.read_pos - len(src.tail)) == src.tail
-                )
-                if not same:
+                if not _holds_what_was_read(fd, src):
                     continue
                 copy = _Source(src.path, fd, st.st_dev, st.st_ino, src.read_pos, src.offset, src.head, src.tail)
                 copy.buf, copy.skipping = src.buf, src.skipping
@@ -706,128 +492,3 @@ class Tailer:
             "watcher %s: finishing %s (rotated from %s while stopped) from offset %d", self.name, file, path, offset
         )
         self._finish(_Source(path, fd, fst.st_dev, fst.st_ino, offset, offset, head), out, now)
-
-
-async def follow(
-    tailer: Tailer,
-    *,
-    on_lines: Callable[[list[Line]], Awaitable[None] | None],
-    stop: asyncio.Event,
-    use_inotify: bool = True,
-    poll_interval: float = 0.25,
-    checkpoint_every: float = 1.0,
-    hold: Callable[[], Mapping[str, int] | None] | None = None,
-) -> None:
-    """Deliver `tailer`'s lines to `on_lines` as they are written, until `stop` is set.
-
-    A pass runs on every inotify change (through watchfiles, without debounce: ~2 ms from an append) and at least
-    every `poll_interval` seconds, which also covers what inotify cannot see (network filesystems, the watch limit,
-    a directory that does not exist yet). Offsets are checkpointed every `checkpoint_every` seconds, only after
-    `on_lines` has returned, and once more on a clean stop; if `on_lines` raises, nothing more is checkpointed and
-    the batch is read again after a restart. `hold` says, at each checkpoint, which delivered lines `on_lines` has
-    not handled yet (see `Tailer.checkpoints`); when it returns None, that checkpoint is skipped.
-    """
-    wake = asyncio.Event()
-    halt = _Halt(stop)
-    relay = asyncio.create_task(_relay(stop, wake))
-    watcher = asyncio.create_task(_watch(tailer, wake, halt, poll_interval)) if use_inotify else None
-    loop = asyncio.get_running_loop()
-    last_checkpoint = loop.time()
-    try:
-        while True:
-            wake.clear()
-            lines = tailer.poll()
-            while True:
-                if lines:
-                    result = on_lines(lines)
-                    if inspect.isawaitable(result):
-                        await result
-                if not tailer.backlog:
-                    break
-                await asyncio.sleep(0)  # a long backlog must not starve the rest of the loop
-                lines = tailer.poll()
-            if loop.time() - last_checkpoint >= checkpoint_every:
-                _checkpoint(tailer, hold)
-                last_checkpoint = loop.time()
-            if stop.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), poll_interval)
-        _checkpoint(tailer, hold)
-    finally:
-        # Setting halt first lets the watch thread return within a millisecond instead of at its timeout.
-        halt.set()
-        relay.cancel()
-        for task in (relay, watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-
-def _checkpoint(tailer: Tailer, hold: Callable[[], Mapping[str, int] | None] | None) -> None:
-    held = hold() if hold is not None else None
-    if hold is None or held is not None:
-        tailer.checkpoint(held)
-
-
-class _Halt(asyncio.Event):
-    """Set when it is, or when any of `others` is: the watch thread polls `is_set()` on every step, so one event
-    stops it both for the caller's stop and for a restart of the watch."""
-
-    def __init__(self, *others: asyncio.Event) -> None:
-        super().__init__()
-        self._others = others
-
-    def is_set(self) -> bool:
-        return super().is_set() or any(e.is_set() for e in self._others)
-
-
-async def _relay(stop: asyncio.Event, wake: asyncio.Event) -> None:
-    await stop.wait()
-    wake.set()
-
-
-async def _watch(tailer: Tailer, wake: asyncio.Event, halt: asyncio.Event, poll_interval: float) -> None:
-    """Set `wake` on every change inotify reports in the watched directories; restart the watch when the set of
-    directories changes (one appears, a followed file is a symlink elsewhere). If inotify fails, polling remains."""
-    from watchfiles import awatch  # here: a watcher that only polls never loads the inotify machinery
-
-    # The watch thread returns this often even without changes, so a new directory is noticed.
-    timeout_ms = max(10, int(poll_interval * 1000))
-    failures = 0
-    while not halt.is_set():
-        wanted = [(d, r) for d, r in tailer.watch_dirs() if os.path.isdir(d)]
-        if not wanted:
-            await asyncio.sleep(poll_interval)
-            continue
-        restart = _Halt(halt)
-        try:
-            changes = awatch(
-                *(d for d, _ in wanted),
-                watch_filter=None,
-                debounce=0,
-                step=1,
-                stop_event=restart,
-                rust_timeout=timeout_ms,
-                yield_on_timeout=True,
-                recursive=any(r for _, r in wanted),
-                ignore_permission_denied=True,
-            )
-            async with contextlib.aclosing(changes):
-                async for batch in changes:
-                    failures = 0
-                    if batch:
-                        wake.set()
-                    if [(d, r) for d, r in tailer.watch_dirs() if os.path.isdir(d)] != wanted:
-                        restart.set()
-                        break
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            # Any failure of the watch (no inotify, the watch limit reached, a directory removed under it) leaves
-            # the periodic pass to do the work until a retry succeeds; said loudly once, not on every retry.
-            failures += 1
-            level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "watcher %s: inotify failed (%s); polling every %.2fs", tailer.name, e, poll_interval)
-            await asyncio.sleep(min(30.0, poll_interval * 2**failures))

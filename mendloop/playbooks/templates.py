@@ -81,7 +81,11 @@ def _guard(fn: Renderer, source: str) -> Renderer:
             return fn(ctx)
         except TemplateError as exc:
             raise TemplateRenderError(f"template {source!r}: {exc}") from exc
-        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as exc:
             raise TemplateRenderError(f"template {source!r}: {exc}") from exc
+        except RecursionError as exc:
+            # Values nested deeper than Python recurses (a context thousands of levels deep) fail the render,
+            # not the worker; the stack has unwound by the time this runs.
+            raise TemplateRenderError(f"template {source!r}: value nested too deeply to render ({exc})") from exc
 
     return render

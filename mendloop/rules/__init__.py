@@ -1,1 +1,1 @@
-"""Event → playbook routing and storm control: decides, never acts."""
+"""Event → playbook routing: decides, never acts. (The storm decision is `domain.storm`.)"""

@@ -11,12 +11,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from mendloop.config import StormConfig
-from mendloop.domain.records import Detection, DetectionOutcome, EventRecord, Incident, NewEvent
+from mendloop.domain import storm
+from mendloop.domain.records import Detection, DetectionOutcome, Incident, NewEvent
+from mendloop.domain.runs import stamp
 from mendloop.domain.states import RUN_FINAL, RunStatus
+from mendloop.domain.storm import Situation, Verdict, decide
 from mendloop.errors import NotFound
-from mendloop.rules.storm import Situation, Verdict, decide
 from mendloop.storage import schema as t
-from mendloop.storage.store import Store, _stamp, sqlite_insert
+from mendloop.storage.db import Tx, sqlite_insert
+from mendloop.storage.store import Store
 
 # What a new run needs from the caller, who knows playbooks and targets: insert_run's keyword arguments.
 RunSpec = dict[str, Any]
@@ -54,7 +57,9 @@ class IncidentStore:
         self.storm = storm
         # Built once, with bound parameters: the hot path neither rebuilds nor re-coerces them.
         self._claim_keys = (
-            store._insert(t.idempotency).on_conflict_do_nothing().returning(t.idempotency.c.scope, t.idempotency.c.key)
+            store.db.insert(t.idempotency)
+            .on_conflict_do_nothing()
+            .returning(t.idempotency.c.scope, t.idempotency.c.key)
         )
         self._known_keys = sa.select(t.idempotency.c.key).where(
             t.idempotency.c.scope == sa.bindparam("scope"),
@@ -85,27 +90,16 @@ class IncidentStore:
         """Count each detection on its open incident (or open one), store its event, and start a run where storm
         control allows: one transaction for the whole list (and `also`), decided detection by detection in order,
         written with a handful of statements however long the list is."""
-        with self.store._tx() as (conn, published):
-            outcomes = _Recording(self, conn, published, run_for).run(detections)
+        with self.store.db.write() as tx:
+            outcomes = _Recording(self, tx, run_for).run(detections)
             if also is not None:
-                also(conn)  # the caller's own writes in the same transaction (a watcher's checkpoint)
+                also(tx.conn)  # the caller's own writes in the same transaction (a watcher's checkpoint)
         return outcomes
-
-    @staticmethod
-    def _event(d: Detection, incident_id: str | None) -> NewEvent:
-        payload = {**d.payload, "fingerprint": d.fingerprint, "incident_id": incident_id, "severity": d.severity}
-        if d.count != 1:
-            payload["count"] = d.count
-        if d.error_type:
-            payload.setdefault("error_type", d.error_type)
-        return NewEvent(
-            type=d.event_type, message=d.message[:4000], source=d.source, payload=payload, component=d.component
-        )
 
     # -- queries --------------------------------------------------------------------------------------------
 
     def get(self, incident_id: str) -> Incident:
-        with self.store._read() as conn:
+        with self.store.db.read() as conn:
             row = conn.execute(sa.select(t.incidents).where(t.incidents.c.id == incident_id)).first()
         if row is None:
             raise NotFound("incident", incident_id)
@@ -130,23 +124,22 @@ class IncidentStore:
         q = sa.select(t.incidents).where(*conds).order_by(t.incidents.c.last_seen.desc(), t.incidents.c.id.desc())
         q = q.limit(limit).offset(offset)
         c = sa.select(sa.func.count()).select_from(t.incidents).where(*conds)
-        with self.store._read() as conn:
+        with self.store.db.read() as conn:
             rows = conn.execute(q).all()
             total = int(conn.execute(c).scalar_one())
         return [_incident(r) for r in rows], total
 
     def runs_of(self, incident_id: str) -> list[tuple[str, str]]:
         q = sa.select(t.runs.c.id, t.runs.c.status).where(t.runs.c.incident_id == incident_id).order_by(t.runs.c.id)
-        with self.store._read() as conn:
+        with self.store.db.read() as conn:
             return [(str(i), str(s)) for i, s in conn.execute(q)]
 
     def resolve(self, incident_id: str) -> Incident:
-        now = self.store.clock()
-        with self.store._tx() as (conn, _):
-            n = conn.execute(
+        with self.store.db.write() as tx:
+            n = tx.conn.execute(
                 sa.update(t.incidents)
                 .where(t.incidents.c.id == incident_id, t.incidents.c.status == "open")
-                .values(status="resolved", resolved_at=now)
+                .values(status="resolved", resolved_at=tx.now)
             ).rowcount
         if not n:
             self.get(incident_id)
@@ -159,15 +152,16 @@ class _Recording:
     few multi-row statements. Anything that writes other events (a run, a resolution) first flushes what is
     pending, so event ids keep the order the detections arrived in."""
 
-    def __init__(self, owner: IncidentStore, conn: Connection, published: list[EventRecord], run_for: RunFor):
+    def __init__(self, owner: IncidentStore, tx: Tx, run_for: RunFor):
         self.owner = owner
         self.store = owner.store
         self.storm = owner.storm
-        self.conn = conn
-        self.published = published
+        self.tx = tx
+        self.conn = tx.conn
+        self.published = tx.published
         self.run_for = run_for
-        self.now = self.store.clock()
-        self.day = _stamp(self.now).strftime("%Y%m%d")
+        self.now = tx.now
+        self.day = stamp(self.now).strftime("%Y%m%d")
         self.open: dict[str, _Open | None] = {}  # by fingerprint; None: known to have no open incident
         self.touched: dict[str, _Open] = {}  # by incident id: incidents with writes pending
         self.events: list[NewEvent] = []
@@ -185,7 +179,7 @@ class _Recording:
             if ok and not d.resolved and self.open.get(d.fingerprint) is None
         }
         if wanted:
-            last = self.store._take_seq(self.conn, self._sequence(), len(wanted))
+            last = self.tx.take_seq(self._sequence(), len(wanted))
             self.numbers = list(range(last, last - len(wanted), -1))
         for d, ok in zip(detections, fresh, strict=True):
             if ok:
@@ -273,21 +267,13 @@ class _Recording:
         incident.sample = d.message[:4000]
         self.touched[incident.id] = incident
         spec = self.run_for(d)
-        in_progress = spec is not None and self._in_progress(incident)
-        throttled = (
-            incident.last_run_at is not None and self.now - incident.last_run_at < self.storm.once_within_seconds
-        )
-        # Counted only when the breaker is what decides: absorbed detections never pay for the query.
-        failures = (
-            self._failures(d.component) if spec is not None and d.component and not in_progress and not throttled else 0
-        )
-        verdict = decide(
+        verdict, failures = decide(
             Situation(
                 has_playbook=spec is not None,
-                run_in_progress=in_progress,
                 last_run_at=incident.last_run_at,
-                recent_failures=failures,
                 now=self.now,
+                run_in_progress=lambda: self._in_progress(incident),
+                recent_failures=lambda: self._failures(d.component) if d.component else 0,
             ),
             self.storm,
         )
@@ -296,7 +282,7 @@ class _Recording:
             return
         if verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
             incident.absorbed += d.count
-        self._pend(IncidentStore._event(d, incident.id), incident.id, verdict.value)
+        self._pend(storm.detection_event(d, incident.id), incident.id, verdict.value)
 
     def _pend(self, event: NewEvent, incident_id: str | None, verdict: str) -> None:
         self.waiting.append((len(self.outcomes), len(self.events), incident_id, verdict))
@@ -304,7 +290,7 @@ class _Recording:
         self.outcomes.append(None)
 
     def _create(self, d: Detection) -> _Open:
-        number = self.numbers.pop() if self.numbers else self.store._take_seq(self.conn, self._sequence(), 1)
+        number = self.numbers.pop() if self.numbers else self.tx.take_seq(self._sequence(), 1)
         incident = _Open(f"inc_{self.day}_{number:04d}", None, None, in_progress=False)
         incident.row = {
             "id": incident.id,
@@ -326,7 +312,7 @@ class _Recording:
 
     def _resolve(self, d: Detection, incident: _Open | None) -> None:
         self._pend(
-            IncidentStore._event(d, incident.id if incident else None), incident.id if incident else None, "resolved"
+            storm.detection_event(d, incident.id if incident else None), incident.id if incident else None, "resolved"
         )
         if incident is None:
             return
@@ -368,22 +354,16 @@ class _Recording:
     ) -> DetectionOutcome:
         # Everything before this detection first, so the run's trigger event keeps its place in the order.
         self._flush()
-        breaker = verdict is Verdict.BREAKER_OPEN
+        start_as = storm.run_start(d, verdict, failures, self.storm)
         start = len(self.published)
         # The detection is the run's trigger: it opens the run's timeline.
-        run = self.store.insert_run(
-            self.conn,
-            self.published,
-            **{**spec, "trigger": IncidentStore._event(d, incident.id)},
+        run = self.store.runs.insert(
+            self.tx,
+            **{**spec, "trigger": storm.detection_event(d, incident.id)},
             incident_id=incident.id,
-            mutex_key=d.component if self.storm.mutex_per_component and d.component else None,
-            status=RunStatus.NEEDS_HUMAN if breaker else RunStatus.QUEUED,
-            error=(
-                f"circuit breaker open for {d.component}: {failures} failed runs in the last "
-                f"{self.storm.breaker_window_seconds:g} s; auto-remediation stopped"
-                if breaker
-                else None
-            ),
+            mutex_key=start_as.mutex_key,
+            status=start_as.status,
+            error=start_as.error,
         )
         event_id = self.published[start].id
         self.conn.execute(
@@ -393,20 +373,8 @@ class _Recording:
         )
         incident.last_run_id, incident.last_run_at = run.id, self.now
         incident.in_progress = run.status not in RUN_FINAL
-        if breaker:
-            self.store._events(
-                self.conn,
-                self.published,
-                [
-                    NewEvent(
-                        type="self_healing.circuit_open",
-                        message=f"Circuit breaker open for {d.component}: run {run.id} needs a human",
-                        payload={"failures": failures, "incident_id": incident.id},
-                        run_id=run.id,
-                        component=d.component,
-                    )
-                ],
-            )
+        if verdict is Verdict.BREAKER_OPEN:
+            self.tx.emit([storm.circuit_open_event(d.component, run.id, failures, incident.id)])
         return DetectionOutcome(event_id, incident.id, run.id, verdict.value)
 
     def _flush(self) -> None:
@@ -428,7 +396,7 @@ class _Recording:
             self.conn.execute(t.incidents.insert(), rows)
         if self.events:
             start = len(self.published)
-            self.store._events(self.conn, self.published, self.events)
+            self.tx.emit(self.events)
             for at, index, incident_id, verdict in self.waiting:
                 self.outcomes[at] = DetectionOutcome(self.published[start + index].id, incident_id, None, verdict)
             self.events, self.waiting = [], []

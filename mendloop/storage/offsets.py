@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mendloop.intake.tail import Checkpoint, FileIdentity
+from mendloop.domain.offsets import Checkpoint, FileIdentity
 from mendloop.storage import schema as t
 from mendloop.storage.store import Store
 
@@ -27,7 +27,7 @@ def _unsigned(value: int) -> int:
 
 
 class DbOffsetStore:
-    """The OffsetStore of `mendloop.intake.tail` on `watcher_offsets`. `save` replaces the watcher's whole set in one
+    """The OffsetStore of `mendloop.intake.offsets` on `watcher_offsets`. `save` replaces the watcher's whole set in one
     transaction, and is skipped when the set is what this store last saved (an idle watcher writes nothing).
     `write` does the same inside a caller's transaction, so a checkpoint commits together with what was read."""
 
@@ -38,24 +38,24 @@ class DbOffsetStore:
 
     def load(self, watcher: str) -> dict[str, Checkpoint]:
         q = sa.select(t.watcher_offsets).where(t.watcher_offsets.c.watcher == watcher)
-        with self.store._read() as conn:
+        with self.store.db.read() as conn:
             rows = conn.execute(q).all()
         out: dict[str, Checkpoint] = {}
         for r in rows:
             ident = FileIdentity(_unsigned(int(r.dev)), _unsigned(int(r.inode)), str(r.head_hash))
             out[str(r.path)] = Checkpoint(str(r.path), ident, int(r.offset))
         with self._lock:
-            self._saved[watcher] = sorted(_key(c) for c in out.values())
+            self._saved[watcher] = sorted(c.key() for c in out.values())
         return out
 
     def save(self, watcher: str, checkpoints: Iterable[Checkpoint]) -> None:
         cps = list(checkpoints)
-        keys = sorted(_key(c) for c in cps)
+        keys = sorted(c.key() for c in cps)
         with self._lock:
             if self._saved.get(watcher) == keys:
                 return
-        with self.store._tx() as (conn, _):
-            self._replace(conn, watcher, cps)
+        with self.store.db.write() as tx:
+            self._replace(tx.conn, watcher, cps)
         with self._lock:
             self._saved[watcher] = keys
 
@@ -85,7 +85,3 @@ class DbOffsetStore:
             for c in cps
         }
         conn.execute(sa.insert(t.watcher_offsets), list(rows.values()))
-
-
-def _key(c: Checkpoint) -> tuple[str, int, int, str, int]:
-    return (c.path, c.identity.dev, c.identity.inode, c.identity.head_hash, c.offset)

@@ -66,6 +66,8 @@ runs = sa.Table(
     sa.Column("incident_id", sa.String(64), nullable=True),
     # Runs with the same key never run at once (storm control's per-component mutex); NULL: no mutex.
     sa.Column("mutex_key", sa.String(300), nullable=True),
+    # Claims since the run last committed progress: bounded, so a run that crashes its worker can't loop forever.
+    sa.Column("stalled_claims", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Index("ix_runs_status_next_run_at", "status", "next_run_at"),
     sa.Index("ix_runs_incident_id", "incident_id"),
     sa.Index("ix_runs_mutex_key", "mutex_key", "status"),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,9 +13,17 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from mendloop.api import views
+from mendloop.api import auth, views
 from mendloop.api.deps import AppDep
-from mendloop.api.schemas import ERROR_RESPONSES, EventIn
+from mendloop.api.responses import (
+    AlertOutcome,
+    AlertsPublished,
+    EventList,
+    EventOutcome,
+    PublishedBatch,
+    PublishedEvent,
+)
+from mendloop.api.schemas import ERROR_RESPONSES, JSON_ERROR_RESPONSES, EventIn
 from mendloop.app import App
 from mendloop.domain.records import Detection
 from mendloop.errors import AuthError, InputError
@@ -32,9 +38,9 @@ async def recent(
     event_type: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     since: Annotated[float | None, Query(description="Only events at or after this Unix time", ge=0)] = None,
-) -> dict[str, Any]:
+) -> EventList:
     events = await run_in_threadpool(lambda: app.store.recent_events(event_type=event_type, limit=limit, since=since))
-    return {"events": [views.event(e) for e in events], "count": len(events)}
+    return EventList(events=[views.event(e) for e in events], count=len(events))
 
 
 _EVENT_BODY = {
@@ -65,15 +71,10 @@ def _check_intake_auth(app: App, request: Request, raw: bytes) -> None:
     s = app.settings
     if not (s.api_tokens or s.intake_tokens or s.webhook_hmac_secret):
         return
-    given = request.headers.get("authorization", "")
-    token = given[7:].encode() if given.lower().startswith("bearer ") else b""
-    if token and any(hmac.compare_digest(token, t.encode()) for t in (*s.api_tokens, *s.intake_tokens)):
+    if auth.token_accepted(request.headers.get("authorization"), (*s.api_tokens, *s.intake_tokens)):
         return
-    signature = request.headers.get("x-mendloop-signature", "")
-    if s.webhook_hmac_secret and signature.startswith("sha256="):
-        expected = hmac.new(s.webhook_hmac_secret.encode(), raw, hashlib.sha256).hexdigest()
-        if hmac.compare_digest(signature[7:], expected):
-            return
+    if auth.signature_accepted(request.headers.get("x-mendloop-signature"), s.webhook_hmac_secret, raw):
+        return
     raise AuthError("a valid intake token (Authorization: Bearer) or X-Mendloop-Signature is required")
 
 
@@ -101,7 +102,7 @@ def _event_in(item: Any, where: str) -> EventIn:
 
 
 @router.post("", status_code=202, openapi_extra=_EVENT_BODY)
-async def publish(app: AppDep, request: Request) -> dict[str, Any]:
+async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBatch:
     """Publish events: one `{event_type, payload, event_id?}`, a batch `{"events": [...]}`, or the JSON array
     (or NDJSON) of log records that Fluent Bit's and Vector's HTTP outputs send, matched against the configured
     patterns. An `event_id` makes a retried event a no-op. Detected errors open or count on incidents and start
@@ -148,28 +149,33 @@ async def publish(app: AppDep, request: Request) -> dict[str, Any]:
     else:
         outcomes = await run_in_threadpool(intake.ingest, detections if events else aggregate(detections))
     answers = [
-        {
-            "event_id": o.event_id,
-            "incident_id": o.incident_id,
-            "run_id": o.run_id,
-            "verdict": o.verdict,
-            "duplicate": o.duplicate,
-        }
+        EventOutcome(
+            event_id=o.event_id, incident_id=o.incident_id, run_id=o.run_id, verdict=o.verdict, duplicate=o.duplicate
+        )
         for o in outcomes
     ]
     if single:
         d = detections[0]
-        playbook = intake.routing.get(d.error_type or "") if answers[0]["run_id"] else None
-        return {"accepted": True, **answers[0], "playbook_id": playbook}
-    return {
-        "accepted": sum(1 for a in answers if not a["duplicate"]),
-        "duplicates": sum(1 for a in answers if a["duplicate"]),
-        "events": answers,
-    }
+        one = answers[0]
+        playbook = app.remediation.routing.get(d.error_type or "") if one.run_id else None
+        return PublishedEvent(
+            accepted=True,
+            event_id=one.event_id,
+            incident_id=one.incident_id,
+            run_id=one.run_id,
+            verdict=one.verdict,
+            duplicate=one.duplicate,
+            playbook_id=playbook,
+        )
+    return PublishedBatch(
+        accepted=sum(1 for a in answers if not a.duplicate),
+        duplicates=sum(1 for a in answers if a.duplicate),
+        events=answers,
+    )
 
 
 @router.post("/alertmanager", status_code=202)
-async def alertmanager(app: AppDep, request: Request) -> dict[str, Any]:
+async def alertmanager(app: AppDep, request: Request) -> AlertsPublished:
     """Prometheus Alertmanager webhook (v4): each alert is its own event; `resolved` closes its incident."""
     raw = await request.body()
     _check_intake_auth(app, request, raw)
@@ -178,16 +184,22 @@ async def alertmanager(app: AppDep, request: Request) -> dict[str, Any]:
         raise InputError("alerts: an Alertmanager webhook body has a list of alerts", field="alerts")
     detections = app.intake.from_alertmanager(body)
     outcomes = await run_in_threadpool(app.intake.ingest, detections)
-    return {
-        "accepted": len(outcomes),
-        "events": [
-            {"event_id": o.event_id, "incident_id": o.incident_id, "run_id": o.run_id, "verdict": o.verdict}
+    return AlertsPublished(
+        accepted=len(outcomes),
+        events=[
+            AlertOutcome(event_id=o.event_id, incident_id=o.incident_id, run_id=o.run_id, verdict=o.verdict)
             for o in outcomes
         ],
-    }
+    )
 
 
-@router.get("/stream")
+_STREAM: dict[int | str, dict[str, Any]] = {
+    **JSON_ERROR_RESPONSES,
+    200: {"description": "Server-sent events", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
+
+
+@router.get("/stream", response_class=EventSourceResponse, responses=_STREAM)
 async def stream(request: Request, app: AppDep) -> EventSourceResponse:
     """Server-sent events: every event as it is committed, newest state first for a reconnecting client."""
     loop = asyncio.get_running_loop()
@@ -200,7 +212,7 @@ async def stream(request: Request, app: AppDep) -> EventSourceResponse:
                     event = await asyncio.wait_for(queue.get(), 15)
                 except TimeoutError:
                     continue
-                yield {"event": event.type, "id": str(event.id), "data": json.dumps(views.event(event))}
+                yield {"event": event.type, "id": str(event.id), "data": json.dumps(views.event(event).model_dump())}
         finally:
             unsubscribe()
 

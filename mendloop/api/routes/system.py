@@ -2,73 +2,80 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop import __version__
 from mendloop.api import views
 from mendloop.api.deps import AppDep
+from mendloop.api.responses import (
+    ComponentTrust,
+    Handles,
+    HealthOut,
+    PlaybookList,
+    PlaybookOut,
+    PlaybookStep,
+    TrustList,
+    TrustScore,
+)
 from mendloop.api.schemas import ERROR_RESPONSES
 from mendloop.errors import StorageError
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 
-@router.get("/health", tags=["system"])
-async def health(app: AppDep) -> JSONResponse:
+@router.get("/health", tags=["system"], responses={503: {"model": HealthOut, "description": "Not ready"}})
+async def health(app: AppDep, response: Response) -> HealthOut:
     try:
         await run_in_threadpool(app.store.ping)
         db = "ok"
     except StorageError as exc:
         db = f"error: {exc.message}"
     ok = db == "ok" and app.ready
-    body = {
-        "status": "ok" if ok else "degraded",
-        "database": db,
-        "dialect": app.store.engine.dialect.name,
-        "workers": app.workers.count,
-        "playbooks": len(app.playbooks.by_id),
-        "version": __version__,
-        "watchers": app.watchers.snapshot() if app.watchers is not None else {},
-    }
-    return JSONResponse(body, status_code=200 if ok else 503)
+    response.status_code = 200 if ok else 503
+    return HealthOut(
+        status="ok" if ok else "degraded",
+        database=db,
+        dialect=app.store.engine.dialect.name,
+        workers=app.workers.count,
+        playbooks=len(app.playbooks.by_id),
+        version=__version__,
+        watchers=app.watchers.snapshot() if app.watchers is not None else {},
+    )
 
 
 @router.get("/playbooks", tags=["playbooks"])
-async def playbooks(app: AppDep) -> dict[str, Any]:
+async def playbooks(app: AppDep) -> PlaybookList:
     routing = app.remediation.routing
     items = []
     for pb in sorted(app.playbooks.by_id.values(), key=lambda p: p.id):
         m = pb.model
         items.append(
-            {
-                "id": m.id,
-                "type": m.type,
-                "description": m.description,
-                "version": pb.version,
-                "target": m.target,
-                "handles": {
-                    "error_types": sorted({*m.handles.error_types, *(e for e, p in routing.items() if p == m.id)}),
-                    "event_types": m.handles.event_types,
-                },
-                "steps": [{"id": s.id, "name": s.title, "action": s.action, "when": s.when} for s in m.steps],
-                "source": pb.source,
-            }
+            PlaybookOut(
+                id=m.id,
+                type=m.type,
+                description=m.description,
+                version=pb.version,
+                target=m.target,
+                handles=Handles(
+                    error_types=sorted({*m.handles.error_types, *(e for e, p in routing.items() if p == m.id)}),
+                    event_types=m.handles.event_types,
+                ),
+                steps=[PlaybookStep(id=s.id, name=s.title, action=s.action, when=s.when) for s in m.steps],
+                source=pb.source,
+            )
         )
-    return {"playbooks": items, "count": len(items), "routing": routing}
+    return PlaybookList(playbooks=items, count=len(items), routing=routing)
 
 
 @router.get("/trust", tags=["trust"])
-async def trust(app: AppDep) -> dict[str, Any]:
+async def trust(app: AppDep) -> TrustList:
     scores = await run_in_threadpool(app.store.trust_scores)
-    return {"components": [{"component": c, "score": s} for c, s in sorted(scores.items())]}
+    return TrustList(components=[TrustScore(component=c, score=s) for c, s in sorted(scores.items())])
 
 
 @router.get("/trust/{component}", tags=["trust"])
-async def trust_component(app: AppDep, component: str) -> dict[str, Any]:
+async def trust_component(app: AppDep, component: str) -> ComponentTrust:
     score = await run_in_threadpool(app.store.trust_score, component)
     history = await run_in_threadpool(lambda: app.store.trust_history(component=component))
-    return {"component": component, "score": score, "history": [views.trust_change(c) for c in history]}
+    return ComponentTrust(component=component, score=score, history=[views.trust_change(c) for c in history])

@@ -1,15 +1,14 @@
-"""Run a program from an argv list: never a shell, stdin closed, the whole process group killed on timeout."""
+"""Run a program from an argv list: never a shell, stdin closed, the whole process group killed on timeout
+(all of it done by `mendloop.infra.process`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Mapping
 from typing import Any
 
 from mendloop.errors import ActionError
+from mendloop.infra import process
 from mendloop.playbooks.actions.base import ActionContext, tail
 
 # What a command inherits from mendloop's own environment: enough to find programs, never mendloop's secrets.
@@ -26,42 +25,34 @@ def run_command(
 ) -> dict[str, Any]:
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ActionError("argv must be a non-empty list of strings", retryable=False)
-    child_env = {k: os.environ[k] for k in _INHERITED if k in os.environ}
+    if timeout <= 0:
+        raise ActionError(f"the timeout must be positive, got {timeout:g}", retryable=False)
+    child_env = process.pick_env(_INHERITED)
     child_env.update({str(k): str(v) for k, v in env.items()})
     child_env["MENDLOOP_IDEMPOTENCY_KEY"] = idempotency_key
     try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as exc:
+        # kill_leftovers=False: a daemon the command starts on purpose outlives it; on a timeout the whole
+        # group is killed all the same.
+        done = process.run(argv, cwd=cwd, env=child_env, timeout=timeout, kill_leftovers=False)
+    except process.CannotStart as exc:
         raise ActionError(f"cannot start {argv[0]!r}: {exc.strerror}", retryable=False) from exc
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
+    stdout = done.stdout_text()
+    if done.timed_out:
         raise ActionError(
             f"{argv[0]} timed out after {timeout:g}s",
-            output={"exit_code": None, "stdout_tail": tail(out.decode(errors="replace")), "timed_out": True},
-        ) from None
-    stdout = out.decode(errors="replace")
+            output={"exit_code": None, "stdout_tail": tail(stdout), "timed_out": True},
+        )
     output: dict[str, Any] = {
-        "exit_code": proc.returncode,
+        "exit_code": done.returncode,
         "stdout_tail": tail(stdout),
-        "stderr_tail": tail(err.decode(errors="replace")),
+        "stderr_tail": tail(done.stderr_text()),
     }
     facts = _facts(stdout)
     if facts is not None:
         output["json"] = facts
         output["facts"] = facts
-    if proc.returncode != 0:
-        raise ActionError(f"{argv[0]} exited with {proc.returncode}", output=output)
+    if done.returncode != 0:
+        raise ActionError(f"{argv[0]} exited with {done.returncode}", output=output)
     return output
 
 
@@ -73,13 +64,6 @@ def _facts(stdout: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def command_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 An agent's diff is hostile input. `check_diff` parses it with unidiff, and also reads the git extended header
 lines (modes, renames, copies, binary markers) that unidiff keeps as free text, so a patch cannot hide a
-symlink, a chmod or a rename target behind the parser. `mendloop.agents.git` then cross-checks the paths with
-git's own reading of the same diff before anything is applied.
+symlink, a chmod or a rename target behind the parser. `mendloop.agents.patch_pipeline` then cross-checks the
+paths with git's own reading of the same diff before anything is applied.
 """
 
 from __future__ import annotations

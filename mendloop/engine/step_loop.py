@@ -1,5 +1,12 @@
-"""Advances one leased run, step by step. Each step's outcome is committed before the next step starts; a step
-that was in flight when its worker died runs again with the same idempotency key (`run_id:step_id:attempt`)."""
+"""The engine's step loop: advances one leased run, step by step. Each step's outcome is committed before the next
+step starts; a step that was in flight when its worker died runs again with the same idempotency key
+(`run_id:step_id:attempt`).
+
+No error can loop a run forever. Any exception while a step runs (an ActionError, or anything else: a git error, a
+RecursionError) ends that step as failed, and its `on_failure` decides what follows. A run whose claims keep
+crashing the worker outside a step (a bug here, a process killed mid-step) goes to needs_human after
+MAX_STALLED_CLAIMS tries, naming the last error.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +19,52 @@ from typing import Any
 import httpx
 
 from mendloop.agents import context as agent_context
-from mendloop.agents.redact import Redactor
 from mendloop.config import TargetConfig, WorkOrderPolicy
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import RunStatus, StepStatus
-from mendloop.engine.patching import Patching
-from mendloop.errors import ActionError, PatchRejected
-from mendloop.playbooks.actions.base import ActionContext
+from mendloop.domain.trust import TrustMove, TrustReason
+from mendloop.engine.held_patch import HeldPatches, on_patch_failure
+from mendloop.errors import ActionError, PatchRejected, StorageError
+from mendloop.infra.redact import Redactor
+from mendloop.playbooks.actions.base import ActionContext, storable
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.actions.registry import ACTIONS
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, CompiledStep
 from mendloop.playbooks.templates import TemplateRenderError
-from mendloop.storage.store import StepOutcome, Store, TrustMove
-from mendloop.trust import TrustReason
+from mendloop.storage.store import StepOutcome, Store
 
 log = logging.getLogger(__name__)
 
 # A goto loop is stopped after this many jumps in one run.
 MAX_GOTOS = 20
+# A run claimed this many times in a row without committing progress (each claim crashed the worker or the worker
+# died) goes to needs_human at the next claim. A constant rather than a setting: 3 tries tell a crash that repeats
+# from a one-off (a deploy, an OOM kill), and no operator needs to tune that.
+MAX_STALLED_CLAIMS = 3
+# Recorded error messages of unexpected exceptions are cut to this many characters.
+MAX_ERROR_CHARS = 500
+
+
+def describe_error(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """`Type: message`, bounded; never raises (some exceptions fail in their own str())."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(the error's message could not be read)"
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class UnexpectedError(ActionError):
+    """An exception a step's action did not turn into an ActionError; the step fails with it, not the worker."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(describe_error(exc), retryable=False)
+        self.type_name = type(exc).__name__
 
 
 @dataclass
-class RunnerDeps:
+class StepLoopDeps:
     store: Store
     capabilities: Capabilities
     compiled: CompiledCache
@@ -43,19 +74,25 @@ class RunnerDeps:
     rnd: random.Random
     targets: Mapping[str, TargetConfig]
     redactor: Redactor
-    patching: Patching
+    patches: HeldPatches
 
 
-class Runner:
-    def __init__(self, deps: RunnerDeps) -> None:
+class StepLoop:
+    def __init__(self, deps: StepLoopDeps) -> None:
         self.d = deps
 
     def advance(self, run: Run, owner: str) -> None:
-        """Run steps until the run finishes, parks (escalation, sleep, backoff) or the lease is lost."""
+        """Run steps until the run finishes, parks (escalation, sleep, backoff) or the lease is lost.
+
+        Raises only when the loop itself fails (the database, a bug); the worker then records the crash on the
+        run, and the claim after MAX_STALLED_CLAIMS such crashes hands the run to a human."""
+        if run.stalled_claims > MAX_STALLED_CLAIMS:
+            self._give_up(run, owner)
+            return
         pb = self.d.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
         current: Run | None = run
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
-            if _patch_pending(current):
+            if self.d.patches.pending(current):
                 current = self._apply_patch(current, pb, owner)
                 continue
             current = self._step(current, pb, owner)
@@ -69,9 +106,9 @@ class Runner:
             return StepOutcome(run.step_index, "apply_patch", "apply_patch", 1, status, started, output, error, key)
 
         try:
-            applied = self.d.patching.apply(run)
+            applied = self.d.patches.apply(run)
         except PatchRejected as exc:
-            status = RunStatus.FAILED if _on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
+            status = RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
             return self._finish(
                 run,
                 owner,
@@ -80,11 +117,29 @@ class Runner:
                 outcome(StepStatus.FAILED, {"reason": exc.reason}, exc.message),
                 changes={"outputs": {**run.outputs, "apply_patch": {"rejected": exc.reason, "message": exc.message}}},
             )
+        except StorageError:
+            raise
+        except Exception as exc:
+            # Not the patch's fault: the repository cannot take it now (a detached HEAD, an operation in progress)
+            # or the pipeline broke. Nothing was applied; a human looks at the repository.
+            log.warning("run %s: the patch pipeline failed", run.id, exc_info=True)
+            error = describe_error(exc)
+            status = RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
+            return self._finish(
+                run,
+                owner,
+                status,
+                f"patch pipeline failed: {error}",
+                outcome(StepStatus.FAILED, {"error_type": type(exc).__name__}, error),
+                changes={"outputs": {**run.outputs, "apply_patch": {"failed": type(exc).__name__, "message": error}}},
+                events=[_step_failed_event(run, "apply_patch", exc, error)],
+            )
+        output = storable(applied.output)
         return self.d.store.advance(
             run,
             owner,
-            outcome=outcome(StepStatus.SUCCEEDED, applied.output, None),
-            changes={"outputs": {**run.outputs, "apply_patch": applied.output}},
+            outcome=outcome(StepStatus.SUCCEEDED, output, None),
+            changes={"outputs": {**run.outputs, "apply_patch": output}},
             events=applied.events,
             lease_seconds=self.d.lease_seconds,
         )
@@ -133,6 +188,15 @@ class Runner:
         except (ActionError, TemplateRenderError) as exc:
             err = exc if isinstance(exc, ActionError) else ActionError(str(exc), retryable=False)
             return self._failed(run, owner, pb, cs, attempt, started, key, scope, err)
+        except StorageError:
+            # The database, not the step: the claim is retried (and bounded by MAX_STALLED_CLAIMS).
+            raise
+        except Exception as exc:
+            # Anything else an action raised (a git error, a RecursionError, a bug) fails this step, not the
+            # worker: left to escape, the run would be re-claimed every lease, forever.
+            log.warning("run %s: step %r raised %s", run.id, step.id, type(exc).__name__, exc_info=True)
+            return self._failed(run, owner, pb, cs, attempt, started, key, scope, UnexpectedError(exc))
+        output = storable(output)
         trust = None
         events: list[NewEvent] = []
         if step.action == "verify" and run.component:
@@ -280,7 +344,10 @@ class Runner:
         exc: ActionError,
     ) -> Run | None:
         step = cs.step
-        outcome = _outcome(cs, run, attempt, started, key, StepStatus.FAILED, exc.output, exc.message)
+        failed_output = storable(exc.output)
+        outcome = _outcome(cs, run, attempt, started, key, StepStatus.FAILED, failed_output, exc.message)
+        # An unexpected error is reported as an event of its own, whatever on_failure then does.
+        reported = [_step_failed_event(run, step.id, exc, exc.message)] if isinstance(exc, UnexpectedError) else []
         retry = step.retry
         if exc.retryable and retry is not None and attempt < retry.max_attempts:
             delay = retry.delay(attempt, self.d.rnd)
@@ -293,6 +360,7 @@ class Runner:
                     "attempt": attempt,
                     "next_run_at": self.d.clock() + delay,
                 },
+                events=reported,
                 lease_seconds=self.d.lease_seconds,
             )
         # Only a check that answered and was judged lowers trust; one that could not run says nothing about the fix.
@@ -306,7 +374,8 @@ class Runner:
                 pb,
                 run.step_index + 1,
                 outcome,
-                {"outputs": {**run.outputs, step.id: exc.output}},
+                {"outputs": {**run.outputs, step.id: failed_output}},
+                events=reported,
                 trust=trust,
             )
         if policy.startswith("goto:"):
@@ -318,23 +387,79 @@ class Runner:
                     pb,
                     pb.model.step_index(policy[5:]),
                     outcome,
-                    {"outputs": {**run.outputs, step.id: exc.output}, "pending": {"gotos": gotos}},
+                    {"outputs": {**run.outputs, step.id: failed_output}, "pending": {"gotos": gotos}},
+                    events=reported,
                     trust=trust,
                 )
             exc = ActionError(f"{exc.message} (stopped after {MAX_GOTOS} goto jumps)")
         if policy == "escalate" and not run.escalated:
-            self.d.store.advance(
-                run, owner, outcome=outcome, changes={}, trust=trust, lease_seconds=self.d.lease_seconds
+            kept = self.d.store.advance(
+                run,
+                owner,
+                outcome=outcome,
+                changes={},
+                events=reported,
+                trust=trust,
+                lease_seconds=self.d.lease_seconds,
             )
+            if kept is None:
+                return None
             refreshed = self.d.store.get_run(run.id)
-            return self._escalate(refreshed, owner, cs, attempt, started, key + ":escalate", scope, failure=exc)
+            try:
+                return self._escalate(refreshed, owner, cs, attempt, started, key + ":escalate", scope, failure=exc)
+            except StorageError:
+                raise
+            except Exception as esc:
+                # The escalation itself failed (e.g. a context that cannot be built): a human takes over.
+                log.warning("run %s: escalating step %r failed", run.id, step.id, exc_info=True)
+                return self._finish(
+                    refreshed,
+                    owner,
+                    RunStatus.NEEDS_HUMAN,
+                    f"step {step.id!r} failed: {exc.message}; escalating failed: {describe_error(esc)}",
+                    None,
+                )
         status = RunStatus.NEEDS_HUMAN if policy in ("needs_human", "escalate") else RunStatus.FAILED
-        events: list[NewEvent] = []
+        events: list[NewEvent] = list(reported)
         if verify_failed and run.escalated:
             # The agent's completion was a claim; verification overrules it.
-            events = self.d.patching.overrule(run, exc.message)
+            events += self.d.patches.overrule(run, exc.message)
         return self._finish(
             run, owner, status, f"step {step.id!r} failed: {exc.message}", outcome, trust=trust, events=events
+        )
+
+    def _give_up(self, run: Run, owner: str) -> Run | None:
+        """The run's last claims all ended without committing anything: stop it, naming the last recorded error."""
+        tries = run.stalled_claims - 1
+        error = run.error or "the worker stopped while it held the run (killed, or a crash it could not record)"
+        step_id, action = _current_step(run, pending_patch=self.d.patches.pending(run))
+        attempt = run.attempt + 1
+        outcome = StepOutcome(
+            step_index=run.step_index,
+            step_id=step_id,
+            action=action,
+            attempt=attempt,
+            status=StepStatus.FAILED,
+            started_at=self.d.clock(),
+            output={"stalled_claims": tries},
+            error=error,
+            idempotency_key=f"{run.id}:{step_id}:{attempt}",
+        )
+        stalled = NewEvent(
+            type="self_healing.step_failed",
+            message=f"Run {run.id}: step {step_id!r} crashed the worker {tries} times in a row: {error}",
+            payload={"step_id": step_id, "error": error, "stalled_claims": tries},
+            run_id=run.id,
+            work_order_id=run.coding_work_order_id,
+            component=run.component,
+        )
+        return self._finish(
+            run,
+            owner,
+            RunStatus.NEEDS_HUMAN,
+            f"gave up after {tries} claims in a row crashed the worker: {error}",
+            outcome,
+            events=[stalled],
         )
 
     # -- transitions ----------------------------------------------------------------------------------------
@@ -447,15 +572,25 @@ def _outcome(
     )
 
 
-def _patch_pending(run: Run) -> bool:
-    held = run.outputs.get("patch")
-    return bool(
-        run.escalated and isinstance(held, dict) and held.get("pending_apply") and "apply_patch" not in run.outputs
+def _step_failed_event(run: Run, step_id: str, exc: BaseException, error: str) -> NewEvent:
+    type_name = exc.type_name if isinstance(exc, UnexpectedError) else type(exc).__name__
+    return NewEvent(
+        type="self_healing.step_failed",
+        message=f"Run {run.id}: step {step_id!r} failed with an unexpected error: {error}",
+        payload={"step_id": step_id, "error_type": type_name, "error": error},
+        run_id=run.id,
+        work_order_id=run.coding_work_order_id,
+        component=run.component,
     )
 
 
-def _on_patch_failure(pb: CompiledPlaybook) -> str:
-    for cs in pb.steps:
-        if cs.step.action == "escalate":
-            return str(cs.step.params.get("on_patch_failure", "needs_human"))
-    return "needs_human"
+def _current_step(run: Run, *, pending_patch: bool) -> tuple[str, str]:
+    """The id and action of the step the run stands at, read from its document without compiling it (the
+    document may be what crashes)."""
+    if pending_patch:
+        return "apply_patch", "apply_patch"
+    try:
+        step = run.playbook["steps"][run.step_index]
+        return str(step["id"]), str(step["action"])
+    except (KeyError, IndexError, TypeError):
+        return f"step_{run.step_index}", "unknown"

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?\s*$')
-_EXC = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|[A-Z]\w*))(?::\s?(?P<msg>.*))?$")
+# The last line of a traceback, `KeyError: 'x'`: the exception's type and, after a colon, its message.
+EXCEPTION_LINE = re.compile(
+    r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|[A-Z]\w*))(?::\s?(?P<msg>.*))?$"
+)
 
 
 @dataclass
@@ -66,7 +69,7 @@ def parse(text: str) -> ParsedTraceback | None:
         if not stripped or set(stripped) <= {"^", "~", " "}:
             i += 1
             continue
-        e = _EXC.match(stripped)
+        e = EXCEPTION_LINE.match(stripped)
         if e and not lines[i].startswith(" "):
             message = e["msg"] or ""
             # A multi-line message continues until a blank line.

@@ -1,4 +1,4 @@
-"""The run's side of a coding agent's patch: a diff that came with a `complete` is checked, tested in a fresh
+"""A held patch, the run's side of it: a diff that came with a `complete` is checked, tested in a fresh
 worktree and applied as one commit before the run deploys anything; if verification then fails, the commit is
 reverted and the work order is marked failed (`verification_failed`)."""
 
@@ -10,24 +10,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mendloop.agents import git, patch
+from mendloop.agents import patch_pipeline, patch_safety
 from mendloop.config import PatchPolicy, TargetConfig
+from mendloop.domain import work_orders as decide
 from mendloop.domain.records import NewEvent, Run
+from mendloop.domain.states import WorkOrderStatus
 from mendloop.errors import MendloopError, NotFound, PatchRejected
-from mendloop.storage.queue import WorkOrderQueue
+from mendloop.infra import git
+from mendloop.playbooks.loader import CompiledPlaybook
 from mendloop.storage.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def constraints_for(policy: PatchPolicy) -> patch.Constraints:
-    return patch.Constraints(
+def constraints_for(policy: PatchPolicy) -> patch_safety.Constraints:
+    return patch_safety.Constraints(
         allowed_paths=tuple(policy.allowed_paths),
-        forbidden_paths=(*patch.DEFAULT_FORBIDDEN, *policy.forbidden_paths),
+        forbidden_paths=(*patch_safety.DEFAULT_FORBIDDEN, *policy.forbidden_paths),
         max_files=policy.max_files,
         max_changed_lines=policy.max_changed_lines,
         tests_may_change=policy.tests_may_change,
     )
+
+
+def on_patch_failure(pb: CompiledPlaybook) -> str:
+    """The escalating step's `on_patch_failure`: `needs_human` (the default) or `fail`."""
+    for cs in pb.steps:
+        if cs.step.action == "escalate":
+            return str(cs.step.params.get("on_patch_failure", "needs_human"))
+    return "needs_human"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +47,9 @@ class Applied:
     events: list[NewEvent]
 
 
-class Patching:
-    def __init__(self, *, store: Store, queue: WorkOrderQueue, targets: Mapping[str, TargetConfig]) -> None:
+class HeldPatches:
+    def __init__(self, *, store: Store, targets: Mapping[str, TargetConfig]) -> None:
         self.store = store
-        self.queue = queue
         self.targets = targets
 
     def _repo_and_target(self, run: Run) -> tuple[Path | None, TargetConfig | None]:
@@ -61,11 +71,11 @@ class Patching:
         if repo is None or target is None:
             raise PatchRejected("unsafe_patch", f"no repository configured for target {run.context.get('target')!r}")
         try:
-            if git.is_applied(repo, diff):
+            if patch_pipeline.is_applied(repo, diff):
                 # A runner that applied its own verified patch sends the same diff: nothing to do twice.
                 output: dict[str, Any] = {"commit": git.head(repo), "already_applied": True}
             else:
-                result = git.apply_patch(
+                result = patch_pipeline.apply_patch(
                     repo,
                     diff,
                     base_commit=wo.base_commit,
@@ -83,9 +93,14 @@ class Patching:
                     "tests_output": result.tests.output_tail if result.tests else None,
                 }
         except PatchRejected as exc:
-            self.queue.mark_failed(wo_id, reason=exc.reason, details={"message": exc.message})
+            self._overrule(wo_id, exc.reason, exc.message)
             raise
-        self.queue.settle_held(wo_id, patch_output=output)
+        except MendloopError as exc:
+            # Not the patch's fault (a detached HEAD, an operation in progress): nothing was applied, and the held
+            # work order must not wait forever for a pipeline that gave up; a human looks at the repository.
+            self._overrule(wo_id, "needs_human", exc.message)
+            raise
+        self.store.work_orders.change(wo_id, lambda wo, _run, now: decide.settle(wo, applied=output, now=now))
         files = output.get("files_changed")
         events: list[NewEvent] = []
         if output.get("already_applied"):
@@ -130,7 +145,7 @@ class Patching:
         repo, _ = self._repo_and_target(run)
         if commit and repo is not None and not applied.get("reverted"):
             try:
-                revert = git.revert(repo, str(commit), trailers={"Work-Order": wo_id})
+                revert = patch_pipeline.revert(repo, str(commit), trailers={"Work-Order": wo_id})
                 events.append(
                     NewEvent(
                         type="self_healing.patch_reverted",
@@ -153,8 +168,20 @@ class Patching:
                         component=run.component,
                     )
                 )
-        self.queue.mark_failed(wo_id, reason="verification_failed", details={"message": reason})
+        self._overrule(wo_id, "verification_failed", reason)
         return events
 
+    def _overrule(self, wo_id: str, reason: str, message: str) -> None:
+        self.store.work_orders.change(
+            wo_id,
+            lambda wo, run, now: decide.overrule(wo, run, reason=reason, details={"message": message}, now=now),
+        )
 
-__all__: list[str] = ["Applied", "Patching", "constraints_for"]
+    def pending(self, run: Run) -> bool:
+        """The run's work order holds a diff for the patch pipeline (`awaiting_apply`), not applied yet."""
+        if not (run.escalated and run.coding_work_order_id) or "apply_patch" in run.outputs:
+            return False
+        return self.store.get_work_order(run.coding_work_order_id).status is WorkOrderStatus.AWAITING_APPLY
+
+
+__all__: list[str] = ["Applied", "HeldPatches", "constraints_for", "on_patch_failure"]

@@ -1,0 +1,440 @@
+"""The patch pipeline: a diff that passed the patch safety checks is applied with `git apply` that never skips
+silently, tested in a fresh worktree (judged by exit code), and committed as one commit with trailers on the
+repository's branch; nothing is left behind when a step fails, and a landed commit can be reverted.
+
+Every git call goes through `mendloop.infra.git` (its environment policy; no repository hooks except on the
+commits onto the operator's branch) and every test command through `mendloop.infra.process`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mendloop.agents import worktrees
+from mendloop.agents.patch_safety import Constraints, PatchSummary, check_diff, check_paths_in_worktree
+from mendloop.agents.worktrees import is_within
+from mendloop.errors import InputError, MendloopError, PatchRejected
+from mendloop.infra import git, process
+from mendloop.infra.git import CHECKOUT_TIMEOUT
+
+LOCK_TIMEOUT = 120.0
+OUTPUT_TAIL_CHARS = process.DEFAULT_TAIL_CHARS
+
+_LOCK_NAME = "mendloop-apply.lock"
+_TRAILER_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge", "rebase-apply", "sequencer")
+
+# What a test command inherits from mendloop's environment: enough to find programs, never mendloop's secrets.
+_TEST_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+
+
+@dataclass(frozen=True)
+class TestResult:
+    __test__ = False  # a result type, not a pytest test class
+
+    passed: bool
+    exit_code: int | None
+    output_tail: str
+    duration_seconds: float
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    commit: str
+    files_changed: int
+    summary: PatchSummary
+    tests: TestResult | None
+
+
+def apply_check(worktree: Path, diff: str, *, expected: PatchSummary | None = None) -> None:
+    """Reject a diff that `git apply` would not apply completely at the worktree's root.
+
+    With `expected` (check_diff's summary), also reject a diff git reads differently from check_diff: a path
+    git would touch that the summary lacks, or different line counts, means the two parsers disagree.
+    """
+    root = git.toplevel(worktree)
+    _apply(root, diff, "--check")
+    if expected is not None:
+        _cross_check(root, diff, expected)
+
+
+def apply(worktree: Path, diff: str) -> None:
+    """Apply to the worktree's files (not its index); checked first, so it is all or nothing."""
+    root = git.toplevel(worktree)
+    _apply(root, diff, "--check")
+    _apply(root, diff)
+
+
+def diff_worktree(worktree: Path, *, base: str) -> str:
+    """Everything in the worktree that differs from `base`, new untracked files included, as a git diff.
+
+    Computed here rather than taken from the agent, and with --binary, so symlinks, executables, binaries
+    and nested repositories show up for check_diff to reject instead of vanishing from the diff.
+    """
+    root = git.toplevel(worktree)
+    base_sha = git.resolve(root, base)
+    git.run(root, "-c", "core.fileMode=true", "add", "-A", timeout=CHECKOUT_TIMEOUT)
+    proc = git.run(
+        root,
+        "diff",
+        "--cached",
+        "--binary",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        "--no-relative",
+        "--ignore-submodules=none",
+        "--find-renames",
+        # Explicit prefixes: diff.noprefix or diff.mnemonicPrefix in the user's config would change them.
+        "--src-prefix=a/",
+        "--dst-prefix=b/",
+        base_sha,
+        timeout=CHECKOUT_TIMEOUT,
+    )
+    try:
+        return proc.stdout.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PatchRejected("unsafe_patch", "the change contains text that is not valid UTF-8") from None
+
+
+def commit(
+    repo_or_worktree: Path,
+    message: str,
+    *,
+    trailers: Mapping[str, str],
+    paths: Sequence[str] | None = None,
+    hooks: bool = True,
+) -> str:
+    """Commit with `trailers` appended to `message`; return the new commit's sha.
+
+    With `paths`, exactly those paths are committed (`git commit --only`) and anything else already staged
+    stays staged; without, whatever is staged is committed. The repository's commit hooks run (its own policy
+    for what may be committed applies to mendloop too) unless `hooks` is False.
+    """
+    root = git.toplevel(repo_or_worktree)
+    text = _with_trailers(message, trailers)
+    args = ["commit", "--quiet", "--cleanup=whitespace", "-m", text]
+    if paths is not None:
+        if not paths:
+            raise InputError("commit: paths must not be empty", field="paths")
+        args = ["--literal-pathspecs", *args, "--only", "--", *paths]
+    git.run(root, *git.identity_flags(root), *args, timeout=CHECKOUT_TIMEOUT, hooks=hooks)
+    return git.head(root)
+
+
+def revert(repo: Path, sha: str, *, trailers: Mapping[str, str]) -> str:
+    """Revert `sha` on the current branch as a new commit carrying `trailers`; return that commit's sha.
+    Like `commit`, it lets the repository's commit hooks run."""
+    root = git.toplevel(repo)
+    _require_branch(root)
+    target = git.resolve(root, sha)
+    _with_trailers("check", trailers)  # refuse bad trailers before anything changes
+    before = git.head(root)
+    identity = git.identity_flags(root)
+    proc = git.run(root, *identity, "revert", "--no-edit", target, check=False, timeout=CHECKOUT_TIMEOUT, hooks=True)
+    if proc.returncode != 0:
+        git.run(root, "revert", "--abort", check=False)
+        raise MendloopError(
+            f"cannot revert {target[:12]}: {process.tail(git.text(proc.stderr) or git.text(proc.stdout))}",
+            commit=target,
+        )
+    original = git.text(git.run(root, "log", "-1", "--format=%B", "HEAD").stdout)
+    amend = git.run(
+        root,
+        *identity,
+        "commit",
+        "--amend",
+        "--only",  # rewrite the message only, never sweep in whatever else is staged
+        "--quiet",
+        "--cleanup=whitespace",
+        "-m",
+        _with_trailers(original, trailers),
+        check=False,
+        timeout=CHECKOUT_TIMEOUT,
+        hooks=True,
+    )
+    if amend.returncode != 0:
+        # --keep moves HEAD back and keeps unrelated local changes: the caller gets an error, not half a revert.
+        git.run(root, "reset", "--quiet", "--keep", before, check=False)
+        raise MendloopError(
+            f"cannot add trailers to the revert of {target[:12]}: {process.tail(git.text(amend.stderr))}"
+        )
+    return git.head(root)
+
+
+def is_applied(repo: Path, diff: str) -> bool:
+    """True when HEAD already contains `diff`, i.e. it reverse-applies to HEAD's tree.
+
+    Checked against a scratch index read from HEAD, so neither the working tree nor the real index matters.
+    """
+    root = git.toplevel(repo)
+    with tempfile.TemporaryDirectory(prefix="mendloop-index-") as scratch:
+        env = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        git.run(root, "read-tree", "HEAD", env=env)
+        proc = git.run(
+            root, "apply", "--cached", "--check", "--reverse", "-v", input=_diff_bytes(diff), env=env, check=False
+        )
+    return proc.returncode == 0 and not _skipped(proc)
+
+
+def run_tests(worktree: Path, argv: list[str], *, timeout: float, env: Mapping[str, str]) -> TestResult:
+    """Run the test command in `worktree`; passed means exit code 0 within `timeout`, nothing else.
+
+    Output goes to a file, not a pipe, so a background child holding the pipe cannot stall the wait; the whole
+    process group is killed when the command exits or times out, so nothing it started outlives it.
+    """
+    if not argv or not all(isinstance(a, str) and a for a in argv):
+        raise InputError("the test command must be a non-empty list of strings", field="test_command")
+    if timeout <= 0:
+        raise InputError("the test timeout must be positive", field="test_timeout")
+    child_env = process.pick_env(_TEST_INHERITED)
+    child_env.update({str(k): str(v) for k, v in env.items()})
+    try:
+        # A few bytes more than the tail needs, so a multi-byte character cut at the start only costs one "?".
+        done = process.run(
+            argv, cwd=worktree, env=child_env, timeout=timeout, merge_stderr=True, keep_bytes=OUTPUT_TAIL_CHARS * 4
+        )
+    except process.CannotStart as exc:
+        # The configured command is broken, not the patch: not a test failure to blame on the agent.
+        raise MendloopError(f"cannot start test command {argv[0]!r}: {exc.strerror}") from exc
+    return TestResult(
+        passed=done.returncode == 0,
+        exit_code=done.returncode,
+        output_tail=done.stdout_text(OUTPUT_TAIL_CHARS),
+        duration_seconds=done.duration,
+        timed_out=done.timed_out,
+    )
+
+
+def apply_patch(
+    repo: Path,
+    diff: str,
+    *,
+    base_commit: str | None,
+    constraints: Constraints,
+    test_command: list[str] | None,
+    test_timeout: float,
+    message: str,
+    trailers: dict[str, str],
+    env: Mapping[str, str] | None = None,
+    worktree_parent: Path | None = None,
+    checked_at_base: bool = False,
+) -> ApplyResult:
+    """Validate, test in a fresh worktree, then commit `diff` on the repository's current branch.
+
+    `checked_at_base`: the caller has already checked the paths and `git apply --check`ed the diff in a checkout
+    of `base_commit` (the agent runner, in its test worktree); without a test command there is then nothing a
+    fresh worktree at the base would add. A branch that has moved since is checked where the patch lands as usual.
+
+    PatchRejected (unsafe_patch, tests_failed) when the patch is at fault; MendloopError when the repository
+    is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
+    way the repository's branch, index and working tree are as they were.
+    """
+    summary = check_diff(diff, constraints)
+    _with_trailers(message, trailers)
+    root = git.toplevel(repo)
+    _require_branch(root)
+    base = git.resolve(root, base_commit or "HEAD")
+
+    tests: TestResult | None = None
+    if test_command is not None or not checked_at_base:
+        with worktrees.worktree(root, base, parent=worktree_parent) as tree:
+            check_paths_in_worktree(tree, summary.files)
+            apply_check(tree, diff, expected=summary)
+            apply(tree, diff)
+            if test_command is not None:
+                tests = run_tests(tree, test_command, timeout=test_timeout, env=env or {})
+                if not tests.passed:
+                    raise _tests_failed(tests)
+
+    with _repo_lock(root):
+        current = git.head(root)
+        if current != base:
+            # The tests ran on base; the branch has moved since, so the patch must still apply where it lands.
+            with worktrees.worktree(root, current, parent=worktree_parent) as tree:
+                check_paths_in_worktree(tree, summary.files)
+                apply_check(tree, diff, expected=summary)
+        sha = _apply_and_commit(root, diff, summary, message, trailers)
+    return ApplyResult(commit=sha, files_changed=len(summary.files), summary=summary, tests=tests)
+
+
+def _apply_and_commit(root: Path, diff: str, summary: PatchSummary, message: str, trailers: Mapping[str, str]) -> str:
+    _require_branch(root)
+    _require_no_operation_in_progress(root)
+    check_paths_in_worktree(root, summary.files)
+    dirty = _status(root, summary.files)
+    if dirty:
+        raise MendloopError(
+            "the repository has local changes in files the patch touches: " + ", ".join(dirty),
+            paths=dirty,
+        )
+    # --index: the patch must match both the index and the files, and only the touched paths get staged.
+    _apply(root, diff, "--check", "--index")
+    new_dirs = {d for rel in summary.files for d in (root / rel).parents if is_within(d, root) and not d.exists()}
+    try:
+        _apply(root, diff, "--index")
+        return commit(root, message, trailers=trailers, paths=summary.files)
+    except BaseException:
+        _restore(root, summary.files, new_dirs)
+        raise
+
+
+def _restore(root: Path, paths: Sequence[str], new_dirs: set[Path]) -> None:
+    """Put `paths` back as HEAD has them (they were clean before the patch, so that is exactly how they were)
+    and remove the directories the patch created."""
+    tracked = set(
+        git.nul_split(
+            git.run(root, "--literal-pathspecs", "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", *paths).stdout
+        )
+    )
+    if tracked:
+        git.run(root, "--literal-pathspecs", "checkout", "HEAD", "--", *sorted(tracked), check=False)
+    for rel in paths:
+        if rel in tracked:
+            continue
+        git.run(root, "--literal-pathspecs", "rm", "--quiet", "--cached", "--ignore-unmatch", "--", rel, check=False)
+        target = root / rel
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    for directory in sorted(new_dirs, key=lambda d: len(d.parts), reverse=True):
+        try:
+            directory.rmdir()  # only ever removes an empty directory
+        except OSError:
+            pass
+
+
+def _tests_failed(tests: TestResult) -> PatchRejected:
+    if tests.timed_out:
+        what = f"tests timed out after {tests.duration_seconds:g}s"
+    else:
+        what = f"tests failed with exit code {tests.exit_code}"
+    return PatchRejected(
+        "tests_failed",
+        f"{what}; output tail:\n{tests.output_tail}",
+        exit_code=tests.exit_code,
+        timed_out=tests.timed_out,
+        duration_seconds=tests.duration_seconds,
+        output_tail=tests.output_tail,
+    )
+
+
+def _apply(root: Path, diff: str, *flags: str) -> None:
+    proc = git.run(root, "apply", "-v", *flags, input=_diff_bytes(diff), check=False)
+    skipped = _skipped(proc)
+    if proc.returncode != 0 or skipped:
+        detail = "; ".join(skipped) if skipped else process.tail(git.text(proc.stderr).strip(), 2000)
+        raise PatchRejected("unsafe_patch", f"does not apply: {detail}")
+
+
+def _skipped(proc: git.Completed) -> list[str]:
+    # git apply leaves out files outside the directory it runs in and still exits 0: a partial apply.
+    lines = (git.text(proc.stdout) + "\n" + git.text(proc.stderr)).splitlines()
+    return [line for line in lines if line.startswith("Skipped patch")]
+
+
+def _cross_check(root: Path, diff: str, expected: PatchSummary) -> None:
+    proc = git.run(root, "apply", "--numstat", "-z", input=_diff_bytes(diff), check=False)
+    if proc.returncode != 0:
+        raise PatchRejected(
+            "unsafe_patch", f"git cannot read the diff: {process.tail(git.text(proc.stderr).strip(), 2000)}"
+        )
+    records = git.nul_split(proc.stdout)
+    seen: list[str] = []
+    added = removed = 0
+    i = 0
+    while i < len(records):
+        plus, minus, path = [*records[i].split("\t", 2), "", ""][:3]
+        i += 1
+        if path:
+            seen.append(path)
+        else:  # a rename or copy is written as "added\tremoved\t\0old\0new"
+            seen.extend(records[i : i + 2])
+            i += 2
+        if not (plus.isdigit() and minus.isdigit()):
+            raise PatchRejected("unsafe_patch", f"git reads {seen[-1] if seen else '?'!r} as a binary change")
+        added += int(plus)
+        removed += int(minus)
+    unknown = sorted(set(seen) - set(expected.files))
+    if unknown:
+        raise PatchRejected("unsafe_patch", f"git reads paths the safety check did not see: {', '.join(unknown)}")
+    if (added, removed) != (expected.added, expected.removed):
+        raise PatchRejected(
+            "unsafe_patch",
+            f"git counts +{added}/-{removed} lines, the safety check +{expected.added}/-{expected.removed}",
+        )
+
+
+def _status(root: Path, paths: Sequence[str]) -> list[str]:
+    proc = git.run(
+        root,
+        "--literal-pathspecs",
+        "status",
+        "--porcelain=v1",
+        "-z",
+        "--untracked-files=all",
+        "--ignored=matching",
+        "--",
+        *paths,
+        env={"GIT_OPTIONAL_LOCKS": "0"},
+    )
+    return [entry[3:] for entry in git.nul_split(proc.stdout) if len(entry) > 3]
+
+
+def _require_branch(root: Path) -> None:
+    proc = git.run(root, "symbolic-ref", "--quiet", "HEAD", check=False)
+    if proc.returncode != 0:
+        raise MendloopError(f"{root}: HEAD is detached; mendloop commits only onto a checked-out branch")
+
+
+def _require_no_operation_in_progress(root: Path) -> None:
+    git_dir = Path(git.text(git.run(root, "rev-parse", "--absolute-git-dir").stdout).strip())
+    busy = [name for name in _IN_PROGRESS if (git_dir / name).exists()]
+    if busy:
+        raise MendloopError(f"{root}: a git operation is in progress ({', '.join(busy)})")
+
+
+@contextmanager
+def _repo_lock(root: Path) -> Iterator[None]:
+    # Two workers applying to one repository must not interleave their dirty-check, apply and commit.
+    fd = os.open(git.common_dir(root) / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MendloopError(f"{root}: another patch is being applied; gave up waiting") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _with_trailers(message: str, trailers: Mapping[str, str]) -> str:
+    body = message.strip()
+    if not body:
+        raise InputError("the commit message is empty", field="message")
+    lines = []
+    for key, value in trailers.items():
+        if not _TRAILER_KEY.fullmatch(key):
+            raise InputError(f"invalid trailer key {key!r}", field="trailers")
+        if not value or value != value.strip() or any(ch in value for ch in "\r\n\x00"):
+            raise InputError(f"invalid value for trailer {key!r}: {value!r}", field="trailers")
+        lines.append(f"{key}: {value}")
+    return body + "\n\n" + "\n".join(lines) + "\n" if lines else body + "\n"
+
+
+def _diff_bytes(diff: str) -> bytes:
+    # git apply calls a last line without its newline a corrupt patch.
+    return (diff if diff.endswith("\n") else diff + "\n").encode("utf-8")

@@ -1,0 +1,355 @@
+"""Answer bodies: what every route returns, so `/openapi.json` describes every answer.
+
+The field names and their order are the spec's JSON shapes (plus a few more); `views.py` builds them from records.
+Statuses are plain strings: the states are the domain's (`domain/states.py`), and that list grows.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mendloop.domain.states import RunStatus, WorkOrderStatus
+
+
+class _Answer(BaseModel):
+    # forbid: a field a view adds without declaring it here fails loudly instead of vanishing from the answer.
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of(states: type[RunStatus] | type[WorkOrderStatus]) -> str:
+    return "One of the domain's states, at the time of writing: " + ", ".join(s.value for s in states) + "."
+
+
+Timestamp = str | None  # ISO 8601 in UTC, seconds: 2024-05-01T12:00:00Z
+
+# -- work orders -------------------------------------------------------------------------------------------------
+
+
+class WorkOrderOut(_Answer):
+    work_order_id: str
+    type: str
+    description: str
+    context: dict[str, Any]
+    status: str = Field(description=_one_of(WorkOrderStatus))
+    self_healing_run_id: str | None
+    estimated_complexity: str
+    priority: str
+    created_at: Timestamp
+    patch_result: dict[str, Any] | None
+    playbook_id: str | None
+    component: str | None
+    updated_at: Timestamp
+    completed_at: Timestamp
+    attempts: int
+    max_attempts: int
+    fail_reason: str | None
+    repository: str | None
+    base_commit: str | None
+    leased_to: str | None
+    lease_expires_at: Timestamp
+    deadline_at: Timestamp
+    cancel_requested: bool
+    note: str | None
+
+
+class WorkOrderList(_Answer):
+    work_orders: list[WorkOrderOut]
+    count: int
+    total: int
+    stats: dict[str, int] = Field(description="total_work_orders, and the number of work orders in each status")
+
+
+class CompleteOut(BaseModel):
+    """What completing (or approving, or merging) a work order answers; a replay with the same Idempotency-Key
+    answers the same."""
+
+    model_config = ConfigDict(extra="allow")  # the engine writes this answer; a newer field passes through
+
+    success: bool
+    work_order_id: str
+    status: str = Field(description=_one_of(WorkOrderStatus))
+    self_healing_run_id: str | None
+    patch_result: dict[str, Any] | None
+    message: str
+
+
+class ClaimOut(_Answer):
+    work_order: WorkOrderOut
+    lease_id: str | None
+    lease_expires_at: Timestamp
+    heartbeat_interval_seconds: float
+
+
+class HeartbeatOut(_Answer):
+    lease_expires_at: Timestamp
+    cancel_requested: bool
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+
+
+class RunOut(_Answer):
+    run_id: str
+    playbook_id: str
+    playbook_type: str
+    playbook_version: str
+    status: str = Field(description=_one_of(RunStatus))
+    component: str | None
+    error_type: str | None
+    description: str
+    escalated_to_coding: bool
+    coding_work_order_id: str | None
+    steps_completed: int
+    steps_total: int
+    current_step: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    finished_at: Timestamp
+    error: str | None
+
+
+class RunList(_Answer):
+    runs: list[RunOut]
+    count: int
+    total: int
+
+
+class StepOut(_Answer):
+    step_index: int
+    step_id: str
+    action: str
+    attempt: int
+    status: str
+    started_at: Timestamp
+    finished_at: Timestamp
+    duration_ms: float
+    output: dict[str, Any]
+    error: str | None
+    idempotency_key: str
+
+
+class EventLine(_Answer):
+    time: Timestamp
+    kind: Literal["event"]
+    event_type: str
+    message: str
+
+
+class StepLine(_Answer):
+    time: Timestamp
+    kind: Literal["step"]
+    step_id: str
+    message: str
+
+
+TimelineItem = Annotated[EventLine | StepLine, Field(discriminator="kind")]
+
+
+class TrustChangeOut(_Answer):
+    component: str
+    old: float
+    new: float
+    reason: str
+    run_id: str | None
+    time: Timestamp
+
+
+class RunTrust(_Answer):
+    component: str | None
+    score: float | None
+    changes: list[TrustChangeOut]
+
+
+class RunDetail(RunOut):
+    steps: list[StepOut]
+    timeline: list[TimelineItem]
+    context: dict[str, Any]
+    trust: RunTrust
+    work_order: WorkOrderOut | None
+
+
+class TriggerOut(_Answer):
+    success: bool
+    message: str
+    run_id: str
+    playbook_id: str
+    status: str = Field(description=_one_of(RunStatus))
+    escalated_to_coding: bool
+    work_order_id: str | None
+    created: bool
+
+
+class StatsOut(_Answer):
+    total_playbook_runs: int
+    work_orders: dict[str, int]
+    escalation_rate: float
+    auto_fix_rate: float
+    average_patch_time_minutes: float | None
+    runs_by_status: dict[str, int]
+    definitions: dict[str, str]
+
+
+# -- events ------------------------------------------------------------------------------------------------------
+
+
+class EventOut(_Answer):
+    id: int
+    event_type: str
+    source: str
+    message: str
+    payload: dict[str, Any]
+    run_id: str | None
+    work_order_id: str | None
+    component: str | None
+    timestamp: Timestamp
+    created_at: float = Field(description="Unix time, for `since`")
+
+
+class EventList(_Answer):
+    events: list[EventOut]
+    count: int
+
+
+class EventOutcome(_Answer):
+    event_id: int | None
+    incident_id: str | None
+    run_id: str | None
+    verdict: str
+    duplicate: bool
+
+
+class PublishedEvent(_Answer):
+    """One event published."""
+
+    accepted: Literal[True]
+    event_id: int | None
+    incident_id: str | None
+    run_id: str | None
+    verdict: str
+    duplicate: bool
+    playbook_id: str | None
+
+
+class PublishedBatch(_Answer):
+    """A batch, or log records, published."""
+
+    accepted: int
+    duplicates: int
+    events: list[EventOutcome]
+
+
+class AlertOutcome(_Answer):
+    event_id: int | None
+    incident_id: str | None
+    run_id: str | None
+    verdict: str
+
+
+class AlertsPublished(_Answer):
+    accepted: int
+    events: list[AlertOutcome]
+
+
+# -- incidents ---------------------------------------------------------------------------------------------------
+
+
+class IncidentOut(_Answer):
+    incident_id: str
+    fingerprint: str
+    status: str
+    error_type: str | None
+    event_type: str
+    component: str | None
+    source: str
+    title: str
+    sample: str
+    count: int
+    absorbed: int
+    first_seen: Timestamp
+    last_seen: Timestamp
+    resolved_at: Timestamp
+    last_run_id: str | None
+
+
+class IncidentRun(_Answer):
+    run_id: str
+    status: str
+
+
+class IncidentDetail(IncidentOut):
+    runs: list[IncidentRun]
+
+
+class IncidentList(_Answer):
+    incidents: list[IncidentOut]
+    count: int
+    total: int
+
+
+# -- system ------------------------------------------------------------------------------------------------------
+
+
+class HealthOut(_Answer):
+    status: Literal["ok", "degraded"]
+    database: str
+    dialect: str
+    workers: int
+    playbooks: int
+    version: str
+    watchers: dict[str, dict[str, Any]]
+
+
+class Handles(_Answer):
+    error_types: list[str]
+    event_types: list[str]
+
+
+class PlaybookStep(_Answer):
+    id: str
+    name: str
+    action: str
+    when: str | None
+
+
+class PlaybookOut(_Answer):
+    id: str
+    type: str
+    description: str
+    version: str
+    target: str | None
+    handles: Handles
+    steps: list[PlaybookStep]
+    source: str
+
+
+class PlaybookList(_Answer):
+    playbooks: list[PlaybookOut]
+    count: int
+    routing: dict[str, str] = Field(description="error type → playbook id")
+
+
+class TrustScore(_Answer):
+    component: str
+    score: float
+
+
+class TrustList(_Answer):
+    components: list[TrustScore]
+
+
+class ComponentTrust(_Answer):
+    component: str
+    score: float
+    history: list[TrustChangeOut]
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: `detail` says what went wrong; `field` names the input at fault, where one is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: Any
+    field: str | None = None
+    error: str | None = None

@@ -1,0 +1,112 @@
+"""/patches/runs and /patches/trigger: playbook runs, a run's detail (steps, timeline, trust, work order), cancel,
+and starting a run for an error type."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from mendloop.api import views
+from mendloop.api.deps import AppDep, Limit, Offset
+from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
+from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, TriggerRequest
+from mendloop.app import App
+from mendloop.domain.records import EventRecord
+from mendloop.domain.states import RUN_SETTLED, RunStatus
+
+router = APIRouter(prefix="/patches", tags=["runs"], responses=ERROR_RESPONSES)
+
+RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this status")]
+
+
+@router.get("/runs")
+async def list_runs(app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0) -> RunList:
+    def query() -> RunList:
+        items, total = app.store.list_runs(status=status.value if status else None, limit=limit, offset=offset)
+        return RunList(runs=[views.run(r) for r in items], count=len(items), total=total)
+
+    return await run_in_threadpool(query)
+
+
+def run_detail(app: App, run_id: str) -> RunDetail:
+    r = app.store.get_run(run_id)
+    return views.run_detail(
+        r,
+        app.store.run_steps(run_id),
+        app.store.run_events(run_id),
+        trust_score=app.store.trust_score(r.component) if r.component else None,
+        trust_changes=app.store.trust_history(run_id=run_id),
+        wo=app.store.get_work_order(r.coding_work_order_id) if r.coding_work_order_id else None,
+    )
+
+
+@router.get("/runs/{run_id}")
+async def get_run(app: AppDep, run_id: str) -> RunDetail:
+    return await run_in_threadpool(run_detail, app, run_id)
+
+
+@router.post("/runs/{run_id}/cancel")
+async def cancel_run(app: AppDep, run_id: str, body: CancelRequest | None = None) -> RunOut:
+    reason = body.reason if body else "cancelled by an operator"
+    r = await run_in_threadpool(app.remediation.cancel_run, run_id, reason)
+    return views.run(r)
+
+
+async def wait_settled(app: App, run_id: str, timeout: float) -> RunStatus:
+    """Until the run escalates or finishes, or `timeout` passes. Woken by the bus; the periodic check covers
+    workers in other processes, whose events this process does not see."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def on_event(event: EventRecord) -> None:
+        if event.run_id == run_id:
+            loop.call_soon_threadsafe(changed.set)
+
+    unsubscribe = app.bus.subscribe(on_event)
+    try:
+        deadline = loop.time() + timeout
+        while True:
+            changed.clear()
+            status = await run_in_threadpool(app.store.run_status, run_id)
+            remaining = deadline - loop.time()
+            if status in RUN_SETTLED or remaining <= 0:
+                return status
+            try:
+                await asyncio.wait_for(changed.wait(), min(0.5, remaining))
+            except TimeoutError:
+                pass
+    finally:
+        unsubscribe()
+
+
+@router.post("/trigger")
+async def trigger(app: AppDep, body: TriggerRequest) -> TriggerOut:
+    """Start the playbook routed for an error type; answers once the run escalated or finished, or after
+    `wait_seconds`."""
+    r, created = await run_in_threadpool(
+        lambda: app.remediation.trigger(
+            error_type=body.error_type,
+            description=body.description,
+            file_path=body.file_path,
+            component=body.component,
+            context=body.context,
+            playbook_id=body.playbook_id,
+            dedupe_key=body.dedupe_key,
+        )
+    )
+    wait = app.settings.trigger_wait_seconds if body.wait_seconds is None else body.wait_seconds
+    await wait_settled(app, r.id, wait)
+    r = await run_in_threadpool(app.store.get_run, r.id)
+    return TriggerOut(
+        success=True,
+        message=f"Playbook '{r.playbook_id}' triggered" if created else f"Run {r.id} already exists for this key",
+        run_id=r.id,
+        playbook_id=r.playbook_id,
+        status=r.status.value,
+        escalated_to_coding=r.escalated,
+        work_order_id=r.coding_work_order_id,
+        created=created,
+    )

@@ -1,0 +1,186 @@
+"""/patches/work-orders: coding agent work orders, the pull API (claim, heartbeat, complete, fail), the operator's
+approve/merged/reject, and /patches/diffs: a work order's stored diff."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from mendloop.api import views
+from mendloop.api.deps import AppDep, Limit, Offset
+from mendloop.api.responses import ClaimOut, CompleteOut, HeartbeatOut, WorkOrderList, WorkOrderOut
+from mendloop.api.schemas import (
+    ERROR_RESPONSES,
+    JSON_ERROR_RESPONSES,
+    ClaimRequest,
+    CompleteRequest,
+    FailRequest,
+    HeartbeatRequest,
+    RejectRequest,
+)
+from mendloop.domain.records import EventRecord
+from mendloop.domain.states import WorkOrderStatus
+
+router = APIRouter(prefix="/patches", tags=["work orders"], responses=ERROR_RESPONSES)
+
+
+class DiffResponse(PlainTextResponse):
+    media_type = "text/x-diff"
+
+
+WorkOrderStatusQ = Annotated[WorkOrderStatus | None, Query(description="Only work orders in this status")]
+_WAKE_ON = ("coding_agent.work_order_created", "coding_agent.work_order_updated")
+
+
+@router.get("/work-orders")
+async def list_work_orders(
+    app: AppDep,
+    status: WorkOrderStatusQ = None,
+    self_healing_run_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 20,
+    offset: Offset = 0,
+) -> WorkOrderList:
+    def query() -> WorkOrderList:
+        items, total = app.store.list_work_orders(
+            status=status.value if status else None, run_id=self_healing_run_id, limit=limit, offset=offset
+        )
+        return WorkOrderList(
+            work_orders=[views.work_order(w) for w in items],
+            count=len(items),
+            total=total,
+            stats=app.store.work_order_stats(),
+        )
+
+    return await run_in_threadpool(query)
+
+
+@router.get("/work-orders/{work_order_id}")
+async def get_work_order(app: AppDep, work_order_id: str) -> WorkOrderOut:
+    wo = await run_in_threadpool(app.store.get_work_order, work_order_id)
+    return views.work_order(wo)
+
+
+@router.post("/work-orders/{work_order_id}/complete")
+async def complete_work_order(
+    app: AppDep,
+    work_order_id: str,
+    body: CompleteRequest,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=300)] = None,
+) -> CompleteOut:
+    extra: dict[str, Any] = {}
+    if body.base_commit:
+        extra["base_commit"] = body.base_commit
+    if body.agent:
+        extra["agent"] = body.agent.model_dump(exclude_none=True)
+    if body.applied_commit:
+        extra["applied_commit"] = body.applied_commit
+    if body.approval_required:
+        extra["approval_required"] = True
+    answer = await run_in_threadpool(
+        lambda: app.remediation.complete_work_order(
+            work_order_id,
+            tests_passed=body.tests_passed,
+            files_changed=body.files_changed,
+            diff_url=body.diff_url,
+            diff=body.diff,
+            summary=body.summary,
+            extra=extra,
+            idempotency_key=idempotency_key,
+            lease_id=body.lease_id,
+            approval_required=body.approval_required,
+            branch=body.branch,
+        )
+    )
+    return CompleteOut.model_validate(answer)
+
+
+@router.post("/work-orders/{work_order_id}/approve")
+async def approve_work_order(app: AppDep, work_order_id: str) -> CompleteOut:
+    """Apply a verified patch held for approval (`--apply approval`); the run resumes."""
+    return CompleteOut.model_validate(await run_in_threadpool(app.remediation.approve, work_order_id))
+
+
+@router.post("/work-orders/{work_order_id}/merged")
+async def merged_work_order(app: AppDep, work_order_id: str) -> CompleteOut:
+    """Mark a review branch (`--apply branch`) merged; the run resumes to deploy and verify."""
+    return CompleteOut.model_validate(await run_in_threadpool(app.remediation.merged, work_order_id))
+
+
+@router.post("/work-orders/{work_order_id}/reject")
+async def reject_work_order(app: AppDep, work_order_id: str, body: RejectRequest | None = None) -> WorkOrderOut:
+    wo = await run_in_threadpool(app.remediation.reject, work_order_id, body.reason if body else "rejected")
+    return views.work_order(wo)
+
+
+@router.post(
+    "/work-orders/claim",
+    response_model=ClaimOut,
+    responses={204: {"description": "No work within wait_seconds"}},
+)
+async def claim_work_order(app: AppDep, body: ClaimRequest) -> ClaimOut | Response:
+    """Lease the oldest queued work order to an agent; long-polls up to `wait_seconds` for one to appear."""
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+
+    def on_event(event: EventRecord) -> None:
+        if event.type in _WAKE_ON:
+            loop.call_soon_threadsafe(arrived.set)
+
+    unsubscribe = app.bus.subscribe(on_event)
+    try:
+        deadline = loop.time() + body.wait_seconds
+        while True:
+            arrived.clear()
+            wo = await run_in_threadpool(app.remediation.claim_work_order, body.agent_id, body.repository)
+            remaining = deadline - loop.time()
+            if wo is not None or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(arrived.wait(), min(0.5, remaining))
+            except TimeoutError:
+                pass
+    finally:
+        unsubscribe()
+    if wo is None:
+        return Response(status_code=204)
+    lease = app.settings.agent_lease_seconds
+    return ClaimOut(
+        work_order=views.work_order(wo),
+        lease_id=wo.lease_id,
+        lease_expires_at=views.iso(wo.lease_expires_at),
+        heartbeat_interval_seconds=max(1.0, round(lease / 3, 1)),
+    )
+
+
+@router.post("/work-orders/{work_order_id}/heartbeat")
+async def heartbeat(app: AppDep, work_order_id: str, body: HeartbeatRequest) -> HeartbeatOut:
+    wo = await run_in_threadpool(app.remediation.heartbeat, work_order_id, body.lease_id, body.note)
+    cancel = wo.cancel_requested or wo.status is WorkOrderStatus.CANCELLED
+    return HeartbeatOut(lease_expires_at=views.iso(wo.lease_expires_at), cancel_requested=cancel)
+
+
+@router.post("/work-orders/{work_order_id}/fail")
+async def fail_work_order(app: AppDep, work_order_id: str, body: FailRequest) -> WorkOrderOut:
+    wo = await run_in_threadpool(
+        lambda: app.remediation.fail_work_order(
+            work_order_id, lease_id=body.lease_id, reason=body.reason, retryable=body.retryable, details=body.details
+        )
+    )
+    return views.work_order(wo)
+
+
+@router.get(
+    "/diffs/{work_order_id}.diff",
+    response_class=DiffResponse,
+    responses={
+        **JSON_ERROR_RESPONSES,
+        200: {"description": "The work order's diff", "content": {"text/x-diff": {"schema": {"type": "string"}}}},
+    },
+)
+async def get_diff(app: AppDep, work_order_id: str) -> DiffResponse:
+    text = await run_in_threadpool(app.store.get_diff, work_order_id)
+    return DiffResponse(text)

@@ -1,0 +1,246 @@
+"""The long-running commands: serve, worker, watch (the forwarder), agent (the agent runner), demo."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Literal, cast
+
+import typer
+
+from mendloop.cli.common import (
+    DEFAULT_URL,
+    ConfigOpt,
+    LogLevelOpt,
+    TokenOpt,
+    UrlOpt,
+    err,
+    fail,
+    is_loopback,
+    out,
+    setup_logging,
+)
+
+# The heavy imports (the App, uvicorn, the agent adapters) wait until a command needs them, so that `--help` and
+# the HTTP client commands start quickly.
+
+
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(envvar="MENDLOOP_HOST", help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(envvar="MENDLOOP_PORT", help="Listen port.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker threads (0: API only).")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """API + workers in one process. Upgrades an empty database itself."""
+    import uvicorn
+
+    from mendloop.api.server import create_api
+    from mendloop.app import App
+    from mendloop.config import load_settings
+
+    setup_logging(log_level)
+    settings = load_settings(config, host=host, port=port, workers=workers)
+    if not is_loopback(settings.host) and not settings.api_tokens:
+        fail(f"refusing to listen on {settings.host} without api_tokens; set MENDLOOP_API_TOKENS or use 127.0.0.1")
+    app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
+    api = create_api(app)
+    server = uvicorn.Server(
+        uvicorn.Config(api, host=settings.host, port=settings.port, log_level=log_level, access_log=False)
+    )
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def worker(
+    config: ConfigOpt = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="Worker threads.")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Workers only, no API: run as many as needed against one PostgreSQL database."""
+    from mendloop.app import App
+    from mendloop.config import load_settings
+
+    setup_logging(log_level)
+    settings = load_settings(config, workers=count)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    app = App(settings).open()
+    err.print(f"mendloop worker ready: {app.workers.count} thread(s) on {app.store.engine.dialect.name}")
+    try:
+        stop.wait()
+    finally:
+        app.close()
+
+
+def watch(
+    config: ConfigOpt = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    spool: Annotated[
+        Path,
+        typer.Option(
+            "--spool",
+            envvar="MENDLOOP_SPOOL",
+            file_okay=False,
+            help="Where events wait while the server is unreachable, and the files' offsets.",
+        ),
+    ] = Path(".mendloop/spool"),
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Forwarder: run the config's `watchers:` on this host and ship their events to the server's POST /events,
+    buffering on disk while it is unreachable."""
+    from mendloop.config import load_settings
+    from mendloop.intake.forwarder import Forwarder, run_forwarder
+
+    setup_logging(log_level)
+    settings = load_settings(config)
+    forwarder = Forwarder(settings, url=url, token=token, spool_dir=spool)
+    names = ", ".join(w.name for w in settings.watchers)
+    err.print(f"mendloop watch: {names} → {url}/events (spool {spool})", markup=False)
+    run_forwarder(forwarder)
+
+
+def agent(
+    ctx: typer.Context,
+    repo: Annotated[
+        Path,
+        typer.Option("--repo", envvar="MENDLOOP_AGENT_REPO", help="The git repository to patch.", file_okay=False),
+    ],
+    adapter: Annotated[
+        str,
+        typer.Option(
+            "--adapter",
+            envvar="MENDLOOP_AGENT_ADAPTER",
+            help="aider, claude, codex, openhands, command (the program after --) or openai.",
+        ),
+    ],
+    test_command: Annotated[
+        str | None,
+        typer.Option(
+            "--test-command",
+            envvar="MENDLOOP_AGENT_TEST_COMMAND",
+            help="Test argv as one string (split like a shell would, never run by one); default: the work order's.",
+        ),
+    ] = None,
+    apply: Annotated[
+        str, typer.Option("--apply", envvar="MENDLOOP_AGENT_APPLY", help="commit | branch | approval.")
+    ] = "commit",
+    once: Annotated[
+        bool, typer.Option("--once", help="Process one work order (if any within --wait), then exit.")
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    agent_id: Annotated[str | None, typer.Option("--agent-id", envvar="MENDLOOP_AGENT_ID")] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", envvar="MENDLOOP_AGENT_TIMEOUT", min=1, help="Seconds the agent may run.")
+    ] = 1800,
+    test_timeout: Annotated[
+        float, typer.Option("--test-timeout", envvar="MENDLOOP_AGENT_TEST_TIMEOUT", min=1, help="Seconds for tests.")
+    ] = 600,
+    wait: Annotated[
+        float, typer.Option("--wait", envvar="MENDLOOP_AGENT_WAIT", min=0, max=120, help="Long-poll seconds per claim.")
+    ] = 20,
+    run_as: Annotated[
+        str,
+        typer.Option(
+            "--run-as",
+            envvar="MENDLOOP_AGENT_RUN_AS",
+            help="auto (uid 65534 when root), none, or UID:GID: the user the agent and the tests run as.",
+        ),
+    ] = "auto",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            envvar="MENDLOOP_AGENT_WORKDIR",
+            file_okay=False,
+            help="Where worktrees go (default: /dev/shm when it has room, else the temp dir).",
+        ),
+    ] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """The agent runner: claim work orders and drive a coding agent in a git worktree; test and apply its diff.
+
+    Anything after `--` goes to the adapter: extra flags for aider/claude/codex/openhands, the program for
+    `command`, `--base-url/--model/--api-key-env` for `openai`.
+    """
+    import shlex
+
+    from mendloop.agents import adapters
+    from mendloop.agents.agent_runner import APPLY_MODES, AgentRunner, ApplyMode, RunnerOptions
+    from mendloop.infra.api_client import AgentClient
+
+    setup_logging(log_level)
+    if apply not in APPLY_MODES:
+        fail(f"--apply: {apply!r} is not one of {', '.join(APPLY_MODES)}")
+    tests: list[str] | None = None
+    if test_command:
+        try:
+            tests = shlex.split(test_command)
+        except ValueError as exc:
+            fail(f"--test-command: {exc}")
+    owner: tuple[int, int] | Literal["auto"] | None = "auto"
+    if run_as == "auto":
+        pass
+    elif run_as == "none":
+        owner = None
+    else:
+        try:
+            uid, _, gid = run_as.partition(":")
+            owner = (int(uid), int(gid or uid))
+        except ValueError:
+            fail(f"--run-as: {run_as!r} is not auto, none or UID:GID")
+    chosen = adapters.create(adapter, list(ctx.args))
+    client = AgentClient(url, token)
+    runner = AgentRunner(
+        client,
+        RunnerOptions(
+            repo=repo,
+            adapter=chosen,
+            agent_id=agent_id,
+            test_command=tests,
+            test_timeout=test_timeout,
+            agent_timeout=timeout,
+            apply=cast(ApplyMode, apply),
+            wait_seconds=wait,
+            run_as=owner,
+            workdir=workdir,
+        ),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop(timeout=0))
+    signal.signal(signal.SIGINT, lambda *_: runner.stop(timeout=0))
+    err.print(f"mendloop agent runner {runner.agent_id}: {adapter} on {runner.repo}, claiming from {url}")
+    try:
+        done = runner.run(once=once)
+    finally:
+        client.close()
+    if once:
+        if done == 0:
+            out.print(f"no work order within {wait:g}s")
+            return
+        outcome = runner.outcomes[-1]
+        out.print(f"{outcome.work_order_id}: {outcome.status}: {outcome.reason or ''} {outcome.message}", markup=False)
+        if outcome.status != "completed":
+            raise typer.Exit(1)
+
+
+def demo(
+    port: Annotated[int, typer.Option("--port", envvar="MENDLOOP_DEMO_PORT", help="mendloop's port.")] = 8000,
+    service_port: Annotated[int | None, typer.Option("--service-port", help="The sample service's port.")] = None,
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the demo keeps its copy and database.")] = Path(
+        ".mendloop/demo"
+    ),
+    exit_after: Annotated[bool, typer.Option("--exit", help="Stop after the story.")] = False,
+    no_story: Annotated[bool, typer.Option("--no-story", help="Only start both and serve.")] = False,
+) -> None:
+    """Start the sample service and mendloop, and walk the spec's four tests."""
+    from mendloop import demo as demo_mod
+
+    code = demo_mod.run(
+        port=port, service_port=service_port, state_dir=state_dir, exit_after=exit_after, story=not no_story, out=out
+    )
+    raise typer.Exit(code)

@@ -1,0 +1,45 @@
+"""The root command: every group and command registered in the order `--help` shows them, and `main()`, the
+console script, which turns mendloop's errors and click's into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from mendloop import errors
+from mendloop.cli import admin, playbooks, processes, runs, work_orders
+from mendloop.cli.common import err
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="mendloop: self-healing with coding agents.")
+cli.add_typer(runs.runs_cli, name="runs")
+cli.add_typer(work_orders.wo_cli, name="work-orders")
+cli.add_typer(playbooks.pb_cli, name="playbooks")
+cli.add_typer(admin.db_cli, name="db")
+cli.add_typer(admin.config_cli, name="config")
+
+cli.command()(processes.serve)
+cli.command()(processes.worker)
+cli.command()(processes.watch)
+cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(processes.agent)
+cli.command()(runs.trigger)
+cli.command()(processes.demo)
+
+
+def main() -> None:
+    try:
+        # Without standalone mode click returns the code of a typer.Exit instead of raising it.
+        code = cli(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except errors.MendloopError as exc:
+        err.print(f"error: {exc.message}", markup=False)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors and the like
+        exc.show()
+        sys.exit(exc.exit_code)

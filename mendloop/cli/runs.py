@@ -1,0 +1,77 @@
+"""`mendloop trigger` and `mendloop runs ...`: start a run, list runs, show one's timeline (over the HTTP API)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, out, print_json
+
+runs_cli = typer.Typer(no_args_is_help=True, help="Playbook runs.")
+
+
+def trigger(
+    error_type: Annotated[str, typer.Option("--error-type", "-e", help="e.g. database_connection")],
+    description: Annotated[str, typer.Option("--description", "-d")],
+    file_path: Annotated[str | None, typer.Option("--file-path")] = None,
+    component: Annotated[str | None, typer.Option("--component")] = None,
+    wait: Annotated[float | None, typer.Option("--wait", help="Seconds to wait for escalation or the end.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Trigger the playbook routed for an error type (POST /patches/trigger)."""
+    body: dict[str, Any] = {"error_type": error_type, "description": description}
+    for k, v in (("file_path", file_path), ("component", component), ("wait_seconds", wait)):
+        if v is not None:
+            body[k] = v
+    answer = call("POST", url, "/patches/trigger", token, json=body, timeout=(wait or 30) + 30)
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{answer['message']}: run {answer['run_id']} is {answer['status']}")
+    if answer.get("work_order_id"):
+        out.print(f"escalated to coding agent: work order {answer['work_order_id']}")
+
+
+@runs_cli.command("list")
+def runs_list(
+    status: Annotated[str | None, typer.Option("--status")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 20,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    answer = call("GET", url, "/patches/runs", token, params=params)
+    if as_json:
+        print_json(answer)
+        return
+    table = Table("run", "playbook", "status", "steps", "work order", "created")
+    for r in answer["runs"]:
+        table.add_row(
+            r["run_id"],
+            r["playbook_id"],
+            r["status"],
+            f"{r['steps_completed']}/{r['steps_total']}",
+            r["coding_work_order_id"] or "",
+            r["created_at"],
+        )
+    out.print(table)
+
+
+@runs_cli.command("show")
+def runs_show(run_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    answer = call("GET", url, f"/patches/runs/{run_id}", token)
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{answer['run_id']}  {answer['playbook_id']} ({answer['playbook_type']})  status: {answer['status']}")
+    if answer.get("error"):
+        out.print(f"error: {answer['error']}", markup=False)
+    for item in answer["timeline"]:
+        out.print(f"  [{item['time'][11:19]}] {item['message']}", markup=False)

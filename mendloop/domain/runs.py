@@ -1,0 +1,195 @@
+"""Run decisions that storage persists: what a new run, an escalation and a cancellation change and report.
+
+Pure functions: the columns that change and the events to publish, never a clock or a database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mendloop.domain.records import NewEvent, PlaybookRef, Run
+from mendloop.domain.states import RunStatus, WorkOrderStatus, check_run_move
+
+
+def stamp(now: float) -> datetime:
+    return datetime.fromtimestamp(now, tz=UTC)
+
+
+def run_id(now: float, seq: int) -> str:
+    """Readable and unique: the time of creation and a per-day counter."""
+    return f"run_{stamp(now):%Y%m%d_%H%M%S}_{seq:06d}"
+
+
+def run_counter(now: float) -> str:
+    return "run:" + stamp(now).strftime("%Y%m%d")
+
+
+def work_order_id(now: float, seq: int) -> str:
+    return f"wo_{stamp(now):%Y%m%d}_{seq:04d}"
+
+
+def work_order_counter(now: float) -> str:
+    return "wo:" + stamp(now).strftime("%Y%m%d")
+
+
+def plan(
+    pb: PlaybookRef,
+    *,
+    error_type: str,
+    description: str,
+    component: str | None,
+    context: Mapping[str, Any],
+    event: dict[str, Any],
+    targets: Collection[str],
+    default_target: str | None,
+) -> dict[str, Any]:
+    """What a new run is made of, whoever starts it (a trigger, a detection): the columns of `RunStore.create`.
+
+    The target is the named component when it is a configured target, else the playbook's own, else the default;
+    the run's component is the one named, or its target. The context carries the caller's facts, then the error,
+    the target and the triggering event, which templates read as `event`."""
+    named = pb.document.get("target")
+    if component and component in targets:
+        target: str | None = component
+    else:
+        target = (named if isinstance(named, str) else None) or default_target
+    return {
+        "playbook": pb.document,
+        "playbook_version": pb.version,
+        "component": component or target,
+        "error_type": error_type,
+        "description": description,
+        "context": {
+            **context,
+            "error_type": error_type,
+            "description": description,
+            "target": target,
+            "event": event,
+        },
+        "message": f"Running playbook: {pb.id}",
+    }
+
+
+def triggered_event(
+    *,
+    run_id: str,
+    playbook_id: str,
+    error_type: str | None,
+    incident_id: str | None,
+    component: str | None,
+    message: str,
+) -> NewEvent:
+    return NewEvent(
+        type="self_healing.triggered",
+        message=message,
+        payload={"playbook_id": playbook_id, "error_type": error_type, "incident_id": incident_id},
+        run_id=run_id,
+        component=component,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """A step handed the fix to a coding agent: the work order to create, and the run parks in awaiting_patch."""
+
+    work_order: dict[str, Any]
+    run: dict[str, Any]
+    events: list[NewEvent]
+
+
+def escalate(
+    run: Run,
+    *,
+    wo_id: str,
+    step_id: str,
+    next_index: int,
+    description: str,
+    context: dict[str, Any],
+    estimated_complexity: str,
+    priority: str,
+    repository: str | None,
+    base_commit: str | None,
+    max_attempts: int,
+    deadline_at: float | None,
+    now: float,
+) -> Escalation:
+    check_run_move(run.id, run.status, RunStatus.AWAITING_PATCH)
+    work_order = {
+        "id": wo_id,
+        "type": "self_healing_patch",
+        "description": description,
+        "context": context,
+        "status": WorkOrderStatus.QUEUED.value,
+        "self_healing_run_id": run.id,
+        "playbook_id": run.playbook_id,
+        "component": run.component,
+        "estimated_complexity": estimated_complexity,
+        "priority": priority,
+        "created_at": now,
+        "updated_at": now,
+        "completed_at": None,
+        "patch_result": None,
+        "attempts": 0,
+        "fail_reason": None,
+        "lease_id": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "max_attempts": max_attempts,
+        "deadline_at": deadline_at,
+        "cancel_requested": False,
+        "repository": repository,
+        "base_commit": base_commit,
+        "note": None,
+    }
+    run_changes = {
+        "status": RunStatus.AWAITING_PATCH.value,
+        "step_index": next_index,
+        "attempt": 0,
+        "escalated": True,
+        "coding_work_order_id": wo_id,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+        "stalled_claims": 0,
+        "outputs": {**run.outputs, step_id: {"work_order_id": wo_id}},
+    }
+    common: dict[str, Any] = {"run_id": run.id, "work_order_id": wo_id, "component": run.component}
+    events = [
+        NewEvent(
+            type="coding_agent.work_order_created",
+            message=f"Work order {wo_id} created: {description}",
+            payload={"work_order_id": wo_id, "estimated_complexity": estimated_complexity},
+            **common,
+        ),
+        NewEvent(
+            type="self_healing.escalated",
+            message=f"Escalated to coding agent (work order {wo_id})",
+            payload={"work_order_id": wo_id, "playbook_id": run.playbook_id},
+            **common,
+        ),
+    ]
+    return Escalation(work_order=work_order, run=run_changes, events=events)
+
+
+def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], list[NewEvent]]:
+    """An operator cancels a run (its open work order is cancelled with it)."""
+    check_run_move(run.id, run.status, RunStatus.CANCELLED)
+    changes = {
+        "status": RunStatus.CANCELLED.value,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "finished_at": now,
+        "updated_at": now,
+        "error": reason,
+    }
+    event = NewEvent(
+        type="self_healing.completed",
+        message=f"Run {run.id} cancelled: {reason}",
+        payload={"status": RunStatus.CANCELLED.value},
+        run_id=run.id,
+        component=run.component,
+    )
+    return changes, [event]

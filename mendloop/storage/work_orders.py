@@ -1,0 +1,231 @@
+"""Work orders: the queue behind the pull API (claim by lease, heartbeat), the diffs, and `change`, which
+persists a decision of `domain.work_orders` with the work order and its run locked.
+
+Same dialect rules as runs: `FOR UPDATE SKIP LOCKED` on PostgreSQL, one writer at a time on SQLite.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from mendloop.domain import work_orders as decide
+from mendloop.domain.records import Run, WorkOrder
+from mendloop.domain.states import WorkOrderStatus
+from mendloop.domain.work_orders import Transition
+from mendloop.errors import NotFound
+from mendloop.storage import schema as t
+from mendloop.storage.db import Database, Tx
+from mendloop.storage.rows import run_of, work_order_of
+
+# A decision: the locked work order, its run (if any) and the transaction's time → what changes.
+Decide = Callable[[WorkOrder, Run | None, float], Transition]
+
+
+def _column_values(changes: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, WorkOrderStatus) else v) for k, v in changes.items()}
+
+
+class WorkOrderStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- the pull API ---------------------------------------------------------------------------------------
+
+    def claim(self, agent_id: str, *, repository: str | None, lease_seconds: float) -> WorkOrder | None:
+        lease_id = uuid.uuid4().hex
+        with self.db.write() as tx:
+            now = tx.now
+            q = (
+                sa.select(t.work_orders.c.id)
+                .where(
+                    t.work_orders.c.status == WorkOrderStatus.QUEUED.value,
+                    t.work_orders.c.cancel_requested.is_(False),
+                    sa.or_(t.work_orders.c.deadline_at.is_(None), t.work_orders.c.deadline_at > now),
+                )
+                .order_by(t.work_orders.c.created_at, t.work_orders.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if repository:
+                q = q.where(sa.or_(t.work_orders.c.repository == repository, t.work_orders.c.repository.is_(None)))
+            row = tx.conn.execute(
+                sa.update(t.work_orders)
+                .where(t.work_orders.c.id == q.scalar_subquery())
+                .values(
+                    status=WorkOrderStatus.IN_PROGRESS.value,
+                    lease_id=lease_id,
+                    lease_owner=agent_id,
+                    lease_expires_at=now + lease_seconds,
+                    attempts=t.work_orders.c.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(*t.work_orders.c)
+            ).first()
+            if row is None:
+                return None
+            wo = work_order_of(row)
+            tx.emit([decide.claimed_event(wo, agent_id)])
+        return wo
+
+    def heartbeat(self, wo_id: str, lease_id: str, *, note: str | None, lease_seconds: float) -> WorkOrder:
+        with self.db.write() as tx:
+            wo = self._locked(tx, wo_id)
+            decide.check_lease(wo, lease_id, required=True, now=tx.now)
+            values: dict[str, Any] = {"lease_expires_at": tx.now + lease_seconds, "updated_at": tx.now}
+            if note is not None:
+                values["note"] = note
+            row = tx.conn.execute(
+                sa.update(t.work_orders).where(t.work_orders.c.id == wo_id).values(values).returning(*t.work_orders.c)
+            ).one()
+        return work_order_of(row)
+
+    # -- decisions ------------------------------------------------------------------------------------------
+
+    def change(
+        self, wo_id: str, decision: Decide, *, idempotency_key: str | None = None, scope: str = "complete"
+    ) -> tuple[Transition, WorkOrder]:
+        """Lock the work order and its run, take the decision, persist what it returns, in one transaction.
+        With an idempotency key already used for this work order, the first answer is returned again."""
+        with self.db.write() as tx:
+            key_scope = f"{scope}:{wo_id}"
+            if idempotency_key:
+                prior = tx.conn.execute(
+                    sa.select(t.idempotency.c.response).where(
+                        t.idempotency.c.scope == key_scope, t.idempotency.c.key == idempotency_key
+                    )
+                ).scalar()
+                if prior is not None:
+                    return Transition(answer=dict(prior)), self._get(tx, wo_id)
+            wo = self._locked(tx, wo_id)
+            run = self._run_of(tx, wo)
+            transition = decision(wo, run, tx.now)
+            self.persist(tx, wo, run, transition)
+            if idempotency_key and transition.answer is not None:
+                tx.conn.execute(
+                    sa.insert(t.idempotency).values(
+                        scope=key_scope, key=idempotency_key, response=transition.answer, created_at=tx.now
+                    )
+                )
+            updated = self._get(tx, wo_id)
+        return transition, updated
+
+    def persist(self, tx: Tx, wo: WorkOrder, run: Run | None, transition: Transition) -> None:
+        if transition.work_order:
+            tx.conn.execute(
+                sa.update(t.work_orders)
+                .where(t.work_orders.c.id == wo.id)
+                .values(_column_values(transition.work_order))
+            )
+        if transition.run and run is not None:
+            values = {k: (v.value if hasattr(v, "value") else v) for k, v in transition.run.items()}
+            tx.conn.execute(sa.update(t.runs).where(t.runs.c.id == run.id).values(values))
+        if transition.diff:
+            tx.conn.execute(
+                self.db.insert(t.diffs)
+                .values(work_order_id=wo.id, diff=transition.diff, created_at=tx.now)
+                .on_conflict_do_update(
+                    index_elements=["work_order_id"], set_={"diff": transition.diff, "created_at": tx.now}
+                )
+            )
+        tx.emit(transition.events)
+
+    def reap(self, decision: Decide) -> list[str]:
+        """Apply `decision` to every work order whose lease lapsed or whose deadline passed. The search is a read,
+        so an idle server doesn't take the write lock every second."""
+        now = self.db.clock()
+        due = sa.or_(
+            sa.and_(
+                t.work_orders.c.status == WorkOrderStatus.IN_PROGRESS.value,
+                t.work_orders.c.lease_expires_at < sa.bindparam("now"),
+            ),
+            sa.and_(
+                t.work_orders.c.status.in_([WorkOrderStatus.QUEUED.value, WorkOrderStatus.IN_PROGRESS.value]),
+                t.work_orders.c.deadline_at < sa.bindparam("now"),
+            ),
+        )
+        with self.db.read() as conn:
+            if conn.execute(sa.select(t.work_orders.c.id).where(due).limit(1), {"now": now}).first() is None:
+                return []
+        touched: list[str] = []
+        with self.db.write() as tx:
+            rows = tx.conn.execute(
+                sa.select(t.work_orders).where(due).with_for_update(skip_locked=True), {"now": tx.now}
+            ).all()
+            for row in rows:
+                wo = work_order_of(row)
+                if not decide.needs_reaping(wo, tx.now):
+                    continue
+                touched.append(wo.id)
+                run = self._run_of(tx, wo)
+                self.persist(tx, wo, run, decision(wo, run, tx.now))
+        return touched
+
+    # -- reads ----------------------------------------------------------------------------------------------
+
+    def get(self, wo_id: str) -> WorkOrder:
+        with self.db.read() as conn:
+            row = conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id)).first()
+        if row is None:
+            raise NotFound("work order", wo_id)
+        return work_order_of(row)
+
+    def find(
+        self, *, status: str | None = None, run_id: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[WorkOrder], int]:
+        q = sa.select(t.work_orders).order_by(t.work_orders.c.created_at.desc(), t.work_orders.c.id.desc())
+        c = sa.select(sa.func.count()).select_from(t.work_orders)
+        conds = []
+        if status:
+            conds.append(t.work_orders.c.status == status)
+        if run_id:
+            conds.append(t.work_orders.c.self_healing_run_id == run_id)
+        if conds:
+            q = q.where(*conds)
+            c = c.where(*conds)
+        with self.db.read() as conn:
+            rows = conn.execute(q.limit(limit).offset(offset)).all()
+            total = int(conn.execute(c).scalar_one())
+        return [work_order_of(r) for r in rows], total
+
+    def stats(self) -> dict[str, int]:
+        with self.db.read() as conn:
+            counts = {
+                str(s): int(n)
+                for s, n in conn.execute(
+                    sa.select(t.work_orders.c.status, sa.func.count()).group_by(t.work_orders.c.status)
+                )
+            }
+        stats = {"total_work_orders": sum(counts.values())}
+        for s in WorkOrderStatus:
+            stats[s.value] = counts.get(s.value, 0)
+        return stats
+
+    def diff(self, wo_id: str) -> str:
+        with self.db.read() as conn:
+            value = conn.execute(sa.select(t.diffs.c.diff).where(t.diffs.c.work_order_id == wo_id)).scalar()
+        if value is None:
+            raise NotFound("diff", wo_id)
+        return str(value)
+
+    def _locked(self, tx: Tx, wo_id: str) -> WorkOrder:
+        row = tx.conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id).with_for_update()).first()
+        if row is None:
+            raise NotFound("work order", wo_id)
+        return work_order_of(row)
+
+    def _get(self, tx: Tx, wo_id: str) -> WorkOrder:
+        row = tx.conn.execute(sa.select(t.work_orders).where(t.work_orders.c.id == wo_id)).first()
+        if row is None:
+            raise NotFound("work order", wo_id)
+        return work_order_of(row)
+
+    @staticmethod
+    def _run_of(tx: Tx, wo: WorkOrder) -> Run | None:
+        if not wo.self_healing_run_id:
+            return None
+        row = tx.conn.execute(sa.select(t.runs).where(t.runs.c.id == wo.self_healing_run_id).with_for_update()).first()
+        return run_of(row) if row is not None else None
