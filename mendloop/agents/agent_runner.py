@@ -50,6 +50,7 @@ from mendloop.agents.work_order_input import (
     summary_text,
 )
 from mendloop.agents.worktree_access import check_reachable, give_tree, make_traversable, restore_file
+from mendloop.domain.states import RETRYABLE_FAIL_REASONS
 from mendloop.errors import AgentError, Conflict, MendloopError, NotFound, PatchRejected
 from mendloop.infra import git, process
 from mendloop.infra.api_client import AgentClient, Claim
@@ -62,18 +63,6 @@ OUTPUT_TAIL_CHARS = process.DEFAULT_TAIL_CHARS
 
 # What an agent or a test command inherits from the runner's environment, besides the adapter's own keys.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
-
-# Retry policy per fail reason: may another attempt (by this or another runner) do better?
-_RETRYABLE = {
-    "agent_error": True,
-    "timeout": True,
-    "tests_failed": True,
-    "unsafe_patch": False,
-    "out_of_scope": False,
-    "needs_human": True,
-    "cannot_reproduce": False,
-    "verification_failed": False,
-}
 
 
 class _Cancelled(Exception):
@@ -482,7 +471,7 @@ class AgentRunner:
                 if outcome.output_tail:
                     details["output_tail"] = outcome.output_tail
                 # Cancelled by the server: never again. Stopped because this runner shuts down: another may.
-                retryable = False if beat.cancel_requested else outcome.stopped or _RETRYABLE.get(reason, False)
+                retryable = False if beat.cancel_requested else outcome.stopped or reason in RETRYABLE_FAIL_REASONS
                 outcome.answer = self._with_retries(
                     lambda: self.client.fail(
                         wo_id, lease_id=claim.lease_id, reason=reason, retryable=retryable, details=details

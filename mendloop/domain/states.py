@@ -148,3 +148,6 @@ FAIL_REASONS = (
     "unsafe_patch",
     "verification_failed",
 )
+# The reasons another attempt (by this agent or another) may do better: the agent runner's default for `retryable`.
+RETRYABLE_FAIL_REASONS = frozenset({"agent_error", "timeout", "tests_failed", "needs_human"})
+assert RETRYABLE_FAIL_REASONS <= set(FAIL_REASONS)

@@ -54,8 +54,6 @@ class Remediation:
         self.compiled = compiled
         self.router = router
         self._wake = wake
-        # error type → playbook id, as `GET /playbooks` shows it.
-        self.routing = settings.routing_table()
         for pb in playbooks.by_id.values():
             compiled.put(pb)
             if pb.model.target and pb.model.target not in settings.targets:

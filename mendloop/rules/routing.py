@@ -33,6 +33,10 @@ class Routing:
                 )
         self._by_error_type = dict(error_types)
 
+    def table(self) -> dict[str, str]:
+        """Error type → playbook id, as `GET /playbooks` shows it."""
+        return dict(self._by_error_type)
+
     def known_error_types(self) -> list[str]:
         return sorted(self._by_error_type)
 

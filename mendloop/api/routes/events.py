@@ -157,7 +157,7 @@ async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBa
     if single:
         d = detections[0]
         one = answers[0]
-        playbook = app.remediation.routing.get(d.error_type or "") if one.run_id else None
+        routed = app.routing.for_detection(d.error_type, d.event_type) if one.run_id else None
         return PublishedEvent(
             accepted=True,
             event_id=one.event_id,
@@ -165,7 +165,7 @@ async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBa
             run_id=one.run_id,
             verdict=one.verdict,
             duplicate=one.duplicate,
-            playbook_id=playbook,
+            playbook_id=routed.id if routed is not None else None,
         )
     return PublishedBatch(
         accepted=sum(1 for a in answers if not a.duplicate),

@@ -46,7 +46,7 @@ async def health(app: AppDep, response: Response) -> HealthOut:
 
 @router.get("/playbooks", tags=["playbooks"])
 async def playbooks(app: AppDep) -> PlaybookList:
-    routing = app.remediation.routing
+    routing = app.routing.table()
     items = []
     for pb in sorted(app.playbooks.by_id.values(), key=lambda p: p.id):
         m = pb.model
