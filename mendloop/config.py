@@ -35,6 +35,10 @@ DEFAULT_EVENT_ERROR_TYPES: dict[str, str] = {
 }
 
 
+# `api_tokens` and `intake_tokens`: anything shorter is a config error.
+MIN_TOKEN_LENGTH = 16
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -84,6 +88,10 @@ class PatchPolicy(_Strict):
     max_files: int = Field(default=10, ge=1, le=1000)
     max_changed_lines: int = Field(default=400, ge=1, le=100_000)
     tests_may_change: bool = False
+    test_config_allowed: list[str] = Field(
+        default_factory=list,
+        description="Test-runner configuration a patch may change anyway (globs: conftest.py, pyproject.toml, ...).",
+    )
 
 
 class WorkOrderPolicy(_Strict):
@@ -96,6 +104,11 @@ class TargetConfig(_Strict):
 
     description: str = ""
     base_url: str | None = None
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host or host:port (no port: the scheme's default). When set, a playbook URL may take its "
+        "host from event data, and every URL must reach base_url's host or one of these.",
+    )
     repository: str | None = Field(default=None, description="Path of the target's git repository.")
     test_command: list[str] | None = Field(default=None, description="argv of the repository's tests.")
     test_timeout: float = Field(default=600, gt=0)
@@ -248,6 +261,20 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("api_tokens", "intake_tokens")
+    @classmethod
+    def _strong_tokens(cls, tokens: list[str]) -> list[str]:
+        # An empty or guessable token must never pass for authentication (nor for "tokens are configured"). The
+        # message names the entry, never the token.
+        for i, token in enumerate(tokens):
+            if not token.strip():
+                raise ValueError(f"entry {i} is empty or whitespace")
+            if token != token.strip() or any(c.isspace() or not c.isprintable() for c in token):
+                raise ValueError(f"entry {i} contains whitespace or control characters")
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"entry {i} is shorter than {MIN_TOKEN_LENGTH} characters")
+        return tokens
 
     @model_validator(mode="after")
     def _default_target_exists(self) -> Settings:

@@ -436,10 +436,12 @@ def test_cancelling_the_run_stops_the_agent(tmp_path: Path, rig_factory: Any) ->
 class FakeClient(AgentClient):
     """The pull API as a script: one claim, then heartbeats that say `beat` (a Heartbeat or an exception)."""
 
-    def __init__(self, work_order: dict[str, Any], beat: Heartbeat | Exception) -> None:
+    def __init__(self, work_order: dict[str, Any], beat: Heartbeat | Exception, *, once: Path | None = None) -> None:
         super().__init__("http://127.0.0.1:9")
         self.work_order = work_order
         self.beat = beat
+        # With `once`, heartbeats are ordinary until that file exists (the agent is up and has a child to kill).
+        self.once = once
         self.calls: list[tuple[str, Any]] = []
 
     def claim(self, agent_id: str, *, repository: str | None = None, wait_seconds: float = 0) -> Claim | None:
@@ -450,6 +452,8 @@ class FakeClient(AgentClient):
 
     def heartbeat(self, work_order_id: str, lease_id: str, note: str | None = None) -> Heartbeat:
         self.calls.append(("heartbeat", note))
+        if self.once is not None and not (self.once.exists() and self.once.read_text().strip()):
+            return Heartbeat(lease_expires_at=None, cancel_requested=False)
         if isinstance(self.beat, Exception):
             raise self.beat
         return self.beat
@@ -537,7 +541,8 @@ def test_lost_lease_or_cancel_request_stops_the_agent_and_its_children(tmp_path:
     answer: Heartbeat | Exception = (
         Conflict("lease gone") if beat == "lease_lost" else Heartbeat(lease_expires_at=None, cancel_requested=True)
     )
-    client = FakeClient(_fake_work_order(repo), answer)
+    # The stop comes once the agent runs and has started its child: before, there would be no child to kill.
+    client = FakeClient(_fake_work_order(repo), answer, once=pid_file)
     adapter = adapters.create("command", [PY, str(AGENTS / "hang.py"), str(pid_file)])
     runner = AgentRunner(client, RunnerOptions(repo=repo, adapter=adapter, agent_timeout=60, run_as=None))
     started = time.monotonic()

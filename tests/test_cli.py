@@ -65,6 +65,16 @@ def test_serve_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
     assert r.returncode == 1 and "api_tokens" in r.stderr
 
 
+@pytest.mark.parametrize("command", [["serve", "--port", "1"], ["db", "upgrade"], ["worker"]])
+def test_a_database_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    url = f"sqlite:///{tmp_path}/missing/dir/x.db"
+    r = run_cli(*command, env={"MENDLOOP_DATABASE_URL": url})
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: cannot open or upgrade the database {url}: unable to open database file"]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
 def test_client_commands_against_a_running_server(tmp_path: Path, free_port: int) -> None:
     write_playbooks(
         tmp_path / "pb",

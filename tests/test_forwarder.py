@@ -42,7 +42,7 @@ def server_config(tmp_path: Path, database_url: str) -> Path:
         "poll_interval": 0.05,
         "playbook_dirs": [str(tmp_path / "pb")],
         "routing": {"quick": "quick"},
-        "intake_tokens": ["fwd-token"],
+        "intake_tokens": ["fwd-token-for-tests-01"],
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -105,7 +105,7 @@ def same_counts(seen: dict[str, int], expected: dict[str, int]) -> bool:
 @contextmanager
 def forwarding(settings: Settings, url: str, spool: Path, **kw: Any) -> Iterator[Forwarder]:
     """A Forwarder on its own thread and loop, as `mendloop watch` runs it; stopped (cleanly) on exit."""
-    fwd = Forwarder(settings, url=url, spool_dir=spool, token="fwd-token", retry_max=0.3, **kw)
+    fwd = Forwarder(settings, url=url, spool_dir=spool, token="fwd-token-for-tests-01", retry_max=0.3, **kw)
     ready = threading.Event()
     box: dict[str, Any] = {}
 
@@ -193,7 +193,7 @@ def test_a_forwarder_delivers_every_line_once_across_a_server_outage(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "MENDLOOP_TOKEN": "fwd-token"},
+            env={**os.environ, "MENDLOOP_TOKEN": "fwd-token-for-tests-01"},
         )
     try:
         with serve_process(config, free_port, log=server_log) as server, httpx.Client(base_url=url) as client:

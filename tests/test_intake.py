@@ -195,14 +195,14 @@ def test_runs_for_one_component_never_execute_at_once(client: httpx.Client, app:
 
 @pytest.mark.parametrize("auth", ["token", "hmac"])
 def test_intake_tokens_and_signatures(database_url: str, tmp_path: Path, auth: str) -> None:
-    app = _app(database_url, tmp_path, intake_tokens=["in-tok"], webhook_hmac_secret="s3cret")
+    app = _app(database_url, tmp_path, intake_tokens=["in-tok-for-tests-0001"], webhook_hmac_secret="s3cret")
     try:
         with api_client(app) as client:
             body = json.dumps({"event_type": "app.info", "message": "hello"}).encode()
             assert client.post("/events", content=body).status_code == 401
             assert client.post("/events", content=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
             if auth == "token":
-                headers = {"Authorization": "Bearer in-tok"}
+                headers = {"Authorization": "Bearer in-tok-for-tests-0001"}
             else:
                 headers = {"X-Mendloop-Signature": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()}
             assert client.post("/events", content=body, headers=headers).status_code == 202

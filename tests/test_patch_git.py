@@ -246,9 +246,9 @@ def test_local_changes_elsewhere_are_kept_out_of_the_commit(repo: Path, parent: 
 
 def test_failed_commit_rolls_back_the_apply(repo: Path, parent: Path) -> None:
     before = head(repo)
-    hook = repo / ".git/hooks/pre-commit"
-    hook.write_text("#!/bin/sh\necho 'refused by hook' >&2\nexit 1\n")
-    hook.chmod(0o755)
+    # A commit git itself refuses (signing with a program that fails); hooks can't refuse it: they never run.
+    git(repo, "config", "commit.gpgSign", "true")
+    git(repo, "config", "gpg.program", "false")
     (repo / "empty_before").mkdir()  # untracked and empty: invisible to git status, and must survive
     diff = FIX + (
         "diff --git a/pkg/deep/new.py b/pkg/deep/new.py\nnew file mode 100644\nindex 0000000..1111111\n"
@@ -256,7 +256,7 @@ def test_failed_commit_rolls_back_the_apply(repo: Path, parent: Path) -> None:
         "diff --git a/empty_before/x.py b/empty_before/x.py\nnew file mode 100644\nindex 0000000..1111111\n"
         "--- /dev/null\n+++ b/empty_before/x.py\n@@ -0,0 +1 @@\n+X = 1\n"
     )
-    with pytest.raises(MendloopError, match="refused by hook"):
+    with pytest.raises(MendloopError, match="failed to sign"):
         run_apply(repo, diff, parent)
     assert not (repo / "pkg").exists()
     assert (repo / "empty_before").is_dir() and not any((repo / "empty_before").iterdir())
@@ -554,7 +554,9 @@ def test_inherited_git_variables_are_dropped(repo: Path, tmp_path: Path, monkeyp
     monkeypatch.setenv("GIT_SOME_FUTURE_VARIABLE", "1")
     monkeypatch.setenv("LANGUAGE", "de")
     env = infra_git.environment()
-    assert not [k for k in env if k.startswith("GIT_") and k not in ("GIT_TERMINAL_PROMPT", "GIT_EDITOR", "GIT_PAGER")]
+    # The policy's own: no prompt, no editor, no pager, no system config or attributes.
+    FIXED = ("GIT_TERMINAL_PROMPT", "GIT_EDITOR", "GIT_PAGER", "GIT_CONFIG_NOSYSTEM", "GIT_ATTR_NOSYSTEM")
+    assert not [k for k in env if k.startswith("GIT_") and k not in FIXED]
     assert "LANGUAGE" not in env and env["LC_ALL"] == "C"
     assert head(repo) == expected  # the repository asked for, not GIT_DIR's (which has no commit at all)
     assert infra_git.toplevel(repo / "src").resolve() == repo.resolve()
@@ -566,7 +568,7 @@ def test_a_caller_may_set_git_variables_deliberately(repo: Path, tmp_path: Path)
     assert index.is_file()
 
 
-def test_repository_hooks_run_only_where_asked(repo: Path, parent: Path, tmp_path: Path) -> None:
+def test_repository_hooks_never_run(repo: Path, parent: Path, tmp_path: Path) -> None:
     ran = tmp_path / "post-checkout-ran"
     hook = repo / ".git/hooks/post-checkout"
     hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
@@ -574,8 +576,8 @@ def test_repository_hooks_run_only_where_asked(repo: Path, parent: Path, tmp_pat
     with worktree(repo, "HEAD", parent=parent):
         pass
     assert not ran.exists()  # worktree add: no hooks from the repository
-    infra_git.run(repo, "checkout", "-q", "-b", "other", hooks=True)
-    assert ran.exists()
+    infra_git.run(repo, "checkout", "-q", "-b", "other")
+    assert not ran.exists()  # nor anywhere else: there is no way left to ask for them
 
 
 def test_git_timeout_kills_and_raises(repo: Path, tmp_path: Path) -> None:

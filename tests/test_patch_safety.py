@@ -141,7 +141,14 @@ HOSTILE: list[tuple[str, str, Constraints, str]] = [
     ),
     ("test_creation_nested", create("pkg/tests/test_new.py"), DEFAULT, r"test file"),
     ("test_module_anywhere", modify("src/app_test.py"), DEFAULT, r"test file"),
-    ("conftest_edit", modify("conftest.py"), DEFAULT, r"'conftest\.py': test file"),
+    ("conftest_edit", modify("conftest.py"), DEFAULT, r"'conftest\.py': test-runner configuration"),
+    # Was accepted as a good diff: it changes no content, so it is now refused like any mode-only diff.
+    (
+        "exec_bit_removed_only",
+        "diff --git a/run.sh b/run.sh\nold mode 100755\nnew mode 100644\n",
+        DEFAULT,
+        r"'run\.sh': no content change",
+    ),
     ("outside_allowed_paths", modify("docs/readme.md"), ONLY_SRC, r"'docs/readme\.md': not in allowed_paths"),
     (
         "too_many_files",
@@ -271,12 +278,6 @@ GOOD: list[tuple[str, str, Constraints, PatchSummary]] = [
         "+++ b/db/q.sql\n@@ -1,2 +1,2 @@\n--- old comment\n+++ new comment\n select 1;\n",
         DEFAULT,
         PatchSummary(("db/q.sql",), 1, 1, (), ()),
-    ),
-    (
-        "exec_bit_removed",
-        "diff --git a/run.sh b/run.sh\nold mode 100755\nnew mode 100644\n",
-        DEFAULT,
-        PatchSummary(("run.sh",), 0, 0, (), ()),
     ),
     (
         "edit_in_executable_file",

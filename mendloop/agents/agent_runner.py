@@ -10,7 +10,7 @@ For one work order:
    background thread meanwhile (`LeaseKeeper`, until the report is answered), and a cancel request or a lost
    lease stops the agent;
 4. the diff computed by the runner from the worktree (`patch_pipeline.diff_worktree`), never taken from the agent;
-5. the patch safety checks (`patch_safety.check_diff`, `patch_safety.check_paths_in_worktree`);
+5. the patch safety checks (`patch_pipeline.check_patch`, `patch_safety.check_paths_in_worktree`);
 6. the test command in a fresh worktree with the diff applied, judged by its exit code alone;
 7. apply: `commit` (one commit on the checked-out branch with a `Work-Order:` trailer), `branch` (a commit on
    `mendloop/<work order id>` left for review) or `approval` (nothing applied; the verified diff is sent for an
@@ -264,7 +264,8 @@ class AgentRunner:
             diff = patch_pipeline.diff_worktree(wt, base=base)
             if not diff.strip():
                 raise AgentError("agent_error", "agent exited 0 with no change")
-            summary = patch_safety.check_diff(diff, constraints)
+            # The diff's text, the repository's hooks directory and the test-runner sections, against `base`.
+            summary = patch_pipeline.check_patch(wt, diff, constraints, base=base)
             patch_safety.check_paths_in_worktree(wt, summary.files)
 
         if cancel.is_set():

@@ -2,14 +2,17 @@
 silently, tested in a fresh worktree (judged by exit code), and committed as one commit with trailers on the
 repository's branch; nothing is left behind when a step fails, and a landed commit can be reverted.
 
-Every git call goes through `mendloop.infra.git` (its environment policy; no repository hooks except on the
-commits onto the operator's branch) and every test command through `mendloop.infra.process`.
+Every git call goes through `mendloop.infra.git` (its environment policy: no repository hooks, filters or external
+diff drivers, not even on the commits onto the operator's branch, because a patch may have edited a hook) and every
+test command through `mendloop.infra.process`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
+import posixpath
 import re
 import tempfile
 import time
@@ -19,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mendloop.agents import worktrees
-from mendloop.agents.patch_safety import Constraints, PatchSummary, check_diff, check_paths_in_worktree
+from mendloop.agents.patch_safety import (
+    Constraints,
+    PatchSummary,
+    check_config_sections,
+    check_diff,
+    check_paths_in_worktree,
+)
 from mendloop.agents.worktrees import is_within
 from mendloop.errors import InputError, MendloopError, PatchRejected
 from mendloop.infra import git, process
@@ -53,6 +62,90 @@ class ApplyResult:
     files_changed: int
     summary: PatchSummary
     tests: TestResult | None
+
+
+# With core.hooksPath ".", the hooks are files at the top of the repository.
+_HOOK_NAMES = (
+    "applypatch-msg",
+    "pre-applypatch",
+    "post-applypatch",
+    "pre-commit",
+    "pre-merge-commit",
+    "prepare-commit-msg",
+    "commit-msg",
+    "post-commit",
+    "pre-rebase",
+    "post-checkout",
+    "post-merge",
+    "pre-push",
+    "post-rewrite",
+    "reference-transaction",
+    "push-to-checkout",
+    "pre-auto-gc",
+    "fsmonitor-watchman",
+    "post-index-change",
+)
+
+
+def check_patch(
+    repo: Path, diff: str, constraints: Constraints, *, base: str | None = None, applied: bool = False
+) -> PatchSummary:
+    """Every safety check that needs the repository but no worktree; the first thing done with any diff.
+
+    `check_diff`, with the repository's own `core.hooksPath` added to the forbidden paths; then, with `base`, the
+    test-runner sections of pyproject.toml, setup.cfg and package.json compared between `base` and the patched
+    tree (read through a scratch index, so nothing is checked out). `applied`: `base` already contains the diff
+    (a commit the agent runner made), so the other side is computed by applying it in reverse.
+    """
+    root = git.toplevel(repo)
+    summary = check_diff(diff, hooks_forbidden(root, constraints))
+    if base is not None and summary.sectioned:
+        _check_sections(root, git.resolve(root, base), diff, summary, applied=applied)
+    return summary
+
+
+def hooks_forbidden(root: Path, constraints: Constraints) -> Constraints:
+    """`constraints` with the repository's configured hooks directory forbidden, when it lies inside the
+    repository (`.git/hooks`, `.githooks/` and `.husky/` are in the default list already)."""
+    configured = git.configured_hooks_path(root)
+    if not configured:
+        return constraints
+    if os.path.isabs(configured):
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(configured)
+        if not is_within(Path(real), Path(real_root)):
+            return constraints  # outside the repository: no patch can write there
+        rel = os.path.relpath(real, real_root).replace(os.sep, "/")
+    else:
+        rel = posixpath.normpath(configured.replace("\\", "/"))
+        if rel == ".." or rel.startswith("../"):
+            return constraints
+    if rel in ("", "."):
+        extra = tuple(f"/{name}" for name in _HOOK_NAMES)
+    else:
+        extra = (f"/{rel}", f"/{rel}/**")
+    return dataclasses.replace(constraints, forbidden_paths=(*constraints.forbidden_paths, *extra))
+
+
+def _check_sections(root: Path, base: str, diff: str, summary: PatchSummary, *, applied: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="mendloop-index-") as scratch:
+        env = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        git.run(root, "read-tree", base, env=env)
+        at_base = {path: _blob(root, f"{base}:{path}") for path in summary.sectioned}
+        flags = ["--cached", *(["--reverse"] if applied else [])]
+        proc = git.run(root, "apply", *flags, input=_diff_bytes(diff), env=env, check=False)
+        if proc.returncode != 0:
+            detail = process.tail(git.text(proc.stderr).strip(), 2000)
+            raise PatchRejected("unsafe_patch", f"does not apply at {base[:12]}: {detail}")
+        other = {path: _blob(root, f":{path}", env) for path in summary.sectioned}
+    before, after = (other, at_base) if applied else (at_base, other)
+    for path in summary.sectioned:
+        check_config_sections(path, before[path], after[path])
+
+
+def _blob(root: Path, spec: str, env: Mapping[str, str] | None = None) -> str | None:
+    proc = git.run(root, "cat-file", "blob", spec, env=env, check=False)
+    return git.text(proc.stdout) if proc.returncode == 0 else None
 
 
 def apply_check(worktree: Path, diff: str, *, expected: PatchSummary | None = None) -> None:
@@ -112,13 +205,13 @@ def commit(
     *,
     trailers: Mapping[str, str],
     paths: Sequence[str] | None = None,
-    hooks: bool = True,
 ) -> str:
     """Commit with `trailers` appended to `message`; return the new commit's sha.
 
     With `paths`, exactly those paths are committed (`git commit --only`) and anything else already staged
-    stays staged; without, whatever is staged is committed. The repository's commit hooks run (its own policy
-    for what may be committed applies to mendloop too) unless `hooks` is False.
+    stays staged; without, whatever is staged is committed. The repository's hooks never run: the patch being
+    committed may have edited one (an existing file under `core.hooksPath`), and it would run with mendloop's
+    rights; the repository's policy is enforced by its CI and by the operator, not inside mendloop's commit.
     """
     root = git.toplevel(repo_or_worktree)
     text = _with_trailers(message, trailers)
@@ -127,20 +220,20 @@ def commit(
         if not paths:
             raise InputError("commit: paths must not be empty", field="paths")
         args = ["--literal-pathspecs", *args, "--only", "--", *paths]
-    git.run(root, *git.identity_flags(root), *args, timeout=CHECKOUT_TIMEOUT, hooks=hooks)
+    git.run(root, *git.identity_flags(root), *args, timeout=CHECKOUT_TIMEOUT)
     return git.head(root)
 
 
 def revert(repo: Path, sha: str, *, trailers: Mapping[str, str]) -> str:
     """Revert `sha` on the current branch as a new commit carrying `trailers`; return that commit's sha.
-    Like `commit`, it lets the repository's commit hooks run."""
+    Like `commit`, it runs none of the repository's hooks."""
     root = git.toplevel(repo)
     _require_branch(root)
     target = git.resolve(root, sha)
     _with_trailers("check", trailers)  # refuse bad trailers before anything changes
     before = git.head(root)
     identity = git.identity_flags(root)
-    proc = git.run(root, *identity, "revert", "--no-edit", target, check=False, timeout=CHECKOUT_TIMEOUT, hooks=True)
+    proc = git.run(root, *identity, "revert", "--no-edit", target, check=False, timeout=CHECKOUT_TIMEOUT)
     if proc.returncode != 0:
         git.run(root, "revert", "--abort", check=False)
         raise MendloopError(
@@ -160,7 +253,6 @@ def revert(repo: Path, sha: str, *, trailers: Mapping[str, str]) -> str:
         _with_trailers(original, trailers),
         check=False,
         timeout=CHECKOUT_TIMEOUT,
-        hooks=True,
     )
     if amend.returncode != 0:
         # --keep moves HEAD back and keeps unrelated local changes: the caller gets an error, not half a revert.
@@ -239,11 +331,13 @@ def apply_patch(
     is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
     way the repository's branch, index and working tree are as they were.
     """
-    summary = check_diff(diff, constraints)
+    summary = check_patch(repo, diff, constraints)
     _with_trailers(message, trailers)
     root = git.toplevel(repo)
     _require_branch(root)
     base = git.resolve(root, base_commit or "HEAD")
+    if summary.sectioned:
+        _check_sections(root, base, diff, summary, applied=False)
 
     tests: TestResult | None = None
     if test_command is not None or not checked_at_base:

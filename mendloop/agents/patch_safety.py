@@ -8,8 +8,11 @@ paths with git's own reading of the same diff before anything is applied.
 
 from __future__ import annotations
 
+import configparser
+import json
 import os
 import re
+import tomllib
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -53,7 +56,51 @@ DEFAULT_FORBIDDEN: tuple[str, ...] = (
     "**/mendloop*.yml",
     # Submodule URLs make git fetch from wherever the patch says.
     ".gitmodules",
+    # Code that runs by itself: git hooks (mendloop reads the repository's own core.hooksPath too, see
+    # patch_pipeline.check_patch), pre-commit, attributes naming filter/diff drivers, and Python start-up files.
+    ".githooks/**",
+    ".husky/**",
+    ".pre-commit-config.yaml",
+    ".pre-commit-hooks.yaml",
+    ".gitattributes",
+    "sitecustomize.py",
+    "usercustomize.py",
+    "*.pth",
 )
+
+# How tests are found or run: a patch that changes these can make a test command exit 0 without testing anything.
+# Forbidden unless a target's `patch.test_config_allowed` names them. pyproject.toml, setup.cfg and package.json are
+# checked by section instead (SECTION_CONFIG): only their test-runner parts are forbidden.
+DEFAULT_TEST_CONFIG: tuple[str, ...] = (
+    "conftest.py",
+    "pytest.ini",
+    ".pytest.ini",
+    "tox.ini",
+    "noxfile.py",
+    ".coveragerc",
+    "hatch.toml",
+    "Makefile",
+    "GNUmakefile",
+    "*.mk",
+    "justfile",
+    ".justfile",
+)
+
+# File name → the top-level keys (TOML / JSON, dotted) or section names (INI, `*` as a glob) that configure tests.
+SECTION_CONFIG: dict[str, tuple[str, ...]] = {
+    "pyproject.toml": (
+        "tool.pytest",
+        "tool.coverage",
+        "tool.tox",
+        "tool.nox",
+        "tool.hatch.envs",
+        "tool.pdm.scripts",
+        "tool.poe",
+        "tool.setuptools.cmdclass",
+    ),
+    "setup.cfg": ("tool:pytest", "pytest", "coverage:*", "tox", "tox:*", "testenv", "testenv:*", "aliases"),
+    "package.json": ("scripts", "jest", "mocha", "ava", "vitest", "nyc", "c8"),
+}
 
 DEFAULT_TEST_PATHS: tuple[str, ...] = (
     "tests/**",
@@ -64,11 +111,6 @@ DEFAULT_TEST_PATHS: tuple[str, ...] = (
     "spec/**",
     "**/test_*.py",
     "**/*_test.py",
-    # conftest.py and the runners' config can skip or neuter tests without touching a test file.
-    "**/conftest.py",
-    "pytest.ini",
-    "tox.ini",
-    "noxfile.py",
     "**/*_test.go",
     "**/*.spec.ts",
     "**/*.spec.tsx",
@@ -116,9 +158,12 @@ class Constraints:
     max_changed_lines: int = 400
     tests_may_change: bool = False
     test_paths: tuple[str, ...] = DEFAULT_TEST_PATHS
+    test_config_paths: tuple[str, ...] = DEFAULT_TEST_CONFIG
+    # Test-runner configuration this target lets a patch change anyway (e.g. "conftest.py", "pyproject.toml").
+    test_config_allowed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("allowed_paths", "forbidden_paths", "test_paths"):
+        for name in ("allowed_paths", "forbidden_paths", "test_paths", "test_config_paths", "test_config_allowed"):
             _validate_patterns(name, getattr(self, name))
         for name in ("max_files", "max_changed_lines"):
             value = getattr(self, name)
@@ -137,7 +182,7 @@ class Constraints:
             if key not in known:
                 raise ValueError(f"{key}: unknown constraint; known: {', '.join(known)}")
         kwargs: dict[str, Any] = {}
-        for key in ("allowed_paths", "forbidden_paths", "test_paths"):
+        for key in ("allowed_paths", "forbidden_paths", "test_paths", "test_config_paths", "test_config_allowed"):
             if key in data:
                 value = data[key]
                 # A bare string would otherwise be iterated as one pattern per character.
@@ -160,6 +205,8 @@ class PatchSummary:
     removed: int
     created: tuple[str, ...]
     deleted: tuple[str, ...]
+    # Files whose test-runner sections must be compared at the base and patched (check_config_sections).
+    sectioned: tuple[str, ...] = ()
 
 
 def check_diff(diff: str, constraints: Constraints) -> PatchSummary:
@@ -198,6 +245,14 @@ def check_diff(diff: str, constraints: Constraints) -> PatchSummary:
             files.append(path)
         created.extend(entry.created)
         deleted.extend(entry.deleted)
+        _require_content(patched, entry)
+
+    sectioned = tuple(
+        path
+        for path in files
+        if path.rsplit("/", 1)[-1].lower() in SECTION_CONFIG
+        and _first_match(path, constraints.test_config_allowed, ignore_case=True) is None
+    )
 
     if len(files) > constraints.max_files:
         _reject(f"too many files: {len(files)} > max_files {constraints.max_files}", rule="max_files")
@@ -208,8 +263,84 @@ def check_diff(diff: str, constraints: Constraints) -> PatchSummary:
             rule="max_changed_lines",
         )
     return PatchSummary(
-        files=tuple(files), added=added, removed=removed, created=tuple(created), deleted=tuple(deleted)
+        files=tuple(files),
+        added=added,
+        removed=removed,
+        created=tuple(created),
+        deleted=tuple(deleted),
+        sectioned=sectioned,
     )
+
+
+def check_config_sections(path: str, before: str | None, after: str | None) -> None:
+    """Reject a change to the test-runner sections (SECTION_CONFIG) of `path` between `before` and `after` (None:
+    the file does not exist on that side). A change elsewhere in the file is fine; a file that cannot be read on the
+    patched side is rejected, since what the test runner would make of it is unknown."""
+    name = path.rsplit("/", 1)[-1].lower()
+    keys = SECTION_CONFIG.get(name)
+    if keys is None:
+        return
+    try:
+        old = _sections(name, before, keys) if before is not None else {}
+    except ValueError:
+        old = {}  # unreadable at the base: every test-runner section the patch leaves counts as its change
+    if after is None:
+        new: dict[str, Any] = {}
+    else:
+        try:
+            new = _sections(name, after, keys)
+        except ValueError as exc:
+            _reject(f"{path!r}: cannot read the patched file ({exc})", path=path, rule="test_config")
+    changed = sorted(key for key in {*old, *new} if old.get(key) != new.get(key))
+    if changed:
+        _reject(
+            f"{path!r}: changes test-runner configuration ({', '.join(changed)}); "
+            "allow it with the target's patch.test_config_allowed",
+            path=path,
+            rule="test_config",
+        )
+
+
+def _sections(name: str, text: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The parts of a config file that SECTION_CONFIG names, by key; ValueError when it does not parse."""
+    if name == "setup.cfg":
+        parser = configparser.RawConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read_string(text)
+        except configparser.Error as exc:
+            raise ValueError(str(exc).splitlines()[0]) from None
+        found: dict[str, Any] = {}
+        for section in parser.sections():
+            if any(_compile(key, True).fullmatch(section.strip()) for key in keys):
+                found[section.strip().lower()] = dict(parser.items(section))
+        return found
+    try:
+        data: Any = tomllib.loads(text) if name == "pyproject.toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError("not a table at the top level")
+    found = {}
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            found[key] = node
+    return found
+
+
+def _require_content(patched: Any, entry: _Entry) -> None:
+    """A file entry must change what the file holds or where it is: a mode-only entry, one whose hunks hold only
+    context, or a rename onto itself changes nothing a test could judge, and is_applied would call it applied."""
+    if entry.created or entry.deleted or len(set(entry.paths)) > 1:
+        return
+    info = [str(line) for line in (patched.patch_info or [])]
+    if any(line.startswith(("new file mode", "deleted file mode")) for line in info):
+        return
+    if int(patched.added) + int(patched.removed) == 0:
+        path = entry.paths[0]
+        _reject(f"{path!r}: no content change (mode-only or empty hunks)", path=path, rule="no_content")
 
 
 def check_paths_in_worktree(worktree: Path, files: Iterable[str]) -> None:
@@ -433,6 +564,14 @@ def _check_path(path: str, constraints: Constraints) -> None:
         _reject(f"{path!r}: forbidden path (matches {pattern!r})", path=path, rule="forbidden")
     if _first_match(path, constraints.allowed_paths, ignore_case=False) is None:
         _reject(f"{path!r}: not in allowed_paths", path=path, rule="not_allowed")
+    pattern = _first_match(path, constraints.test_config_paths, ignore_case=True)
+    if pattern is not None and _first_match(path, constraints.test_config_allowed, ignore_case=True) is None:
+        _reject(
+            f"{path!r}: test-runner configuration (matches {pattern!r}); "
+            "allow it with the target's patch.test_config_allowed",
+            path=path,
+            rule="test_config",
+        )
     if not constraints.tests_may_change:
         pattern = _first_match(path, constraints.test_paths, ignore_case=True)
         if pattern is not None:

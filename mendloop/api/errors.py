@@ -47,6 +47,9 @@ def install(app: FastAPI) -> None:
             log.error("%s: %s", type(exc).__name__, exc.message)
         body: dict[str, Any] = {"detail": exc.message, "error": type(exc).__name__}
         body.update({k: v for k, v in exc.fields.items() if v is not None})
+        if status < 500 and isinstance(body.get("field"), str):
+            # The same shape as a request validation error: `detail`, `field` and the list of `errors`.
+            body.setdefault("errors", [{"field": body["field"], "message": exc.message, "type": type(exc).__name__}])
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)

@@ -1,7 +1,15 @@
-"""Request bodies. Strict types: a mistyped field is a 422 naming it, never a silent coercion."""
+"""Request bodies. Strict types: a mistyped field is a 422 naming it, never a silent coercion.
+
+And what every request must satisfy before a route sees it (`unstorable_body`, `text_problem`): no string that a
+database refuses (a NUL character: PostgreSQL; a lone surrogate: any UTF-8 encoder) and no number JSON can't
+carry back (NaN, Infinity, a float literal that overflows), anywhere in a body, a path, a query or a header.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -11,7 +19,7 @@ from mendloop.domain.states import FAIL_REASONS
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TriggerRequest(_Body):
@@ -31,9 +39,13 @@ class AgentInfo(_Body):
     model: StrictStr | None = None
 
 
+# More files than any patch policy allows (`max_files` is at most 1000), well inside every integer column.
+MAX_FILES_CHANGED = 100_000
+
+
 class CompleteRequest(_Body):
     tests_passed: StrictBool
-    files_changed: StrictInt | None = Field(default=None, ge=0)
+    files_changed: StrictInt | None = Field(default=None, ge=0, le=MAX_FILES_CHANGED)
     diff_url: StrictStr | None = Field(default=None, max_length=2000)
     diff: StrictStr | None = Field(default=None, max_length=5_000_000)
     summary: StrictStr | None = Field(default=None, max_length=20_000)
@@ -87,6 +99,108 @@ class RejectRequest(_Body):
 
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
+
+
+# -- every inbound value ------------------------------------------------------------------------------------
+
+NUL_MESSAGE = "must not contain a NUL character"
+SURROGATE_MESSAGE = "must be valid Unicode (no lone surrogates)"
+NONFINITE_MESSAGE = "must be a finite number"
+
+# A JSON escape that decodes to NUL or to half of a surrogate pair; searched before any string is walked.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+class _NonFinite:
+    """Stands in the parsed body for NaN, Infinity or an overflowing float literal, so the walk can name it."""
+
+
+_NONFINITE = _NonFinite()
+
+
+def text_problem(value: str) -> str | None:
+    """Why no database can store `value`; None when it is fine."""
+    if "\x00" in value:
+        return NUL_MESSAGE
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return SURROGATE_MESSAGE
+    return None
+
+
+def _float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NONFINITE
+
+
+def _first_problem(doc: Any, prefix: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first value in document order no database could store, as (dotted field, message)."""
+    stack: list[tuple[tuple[str, ...], Any]] = [(prefix, doc)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem:
+                return ".".join(where) or "body", problem
+        elif value is _NONFINITE:
+            return ".".join(where) or "body", NONFINITE_MESSAGE
+        elif isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                problem = text_problem(key)
+                if problem:
+                    return ".".join(where) or "body", f"a key {problem}"
+                children.append(((*where, key), item))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(reversed([((*where, str(i)), item) for i, item in enumerate(value)]))
+    return None
+
+
+def unstorable_body(raw: bytes) -> tuple[str, str] | None:
+    """(field, message) for the first string or number in a JSON (or NDJSON) body that can't be stored.
+
+    None when there is none, or when the body is not JSON at all (the route answers that). Parsed in C once; the
+    strings are walked only when the raw bytes hold a suspect escape or a NUL byte (a UTF-16 or UTF-32 body)."""
+    if not raw:
+        return None
+    nonfinite = False
+
+    def constant(_name: str) -> _NonFinite:
+        nonlocal nonfinite
+        nonfinite = True
+        return _NONFINITE
+
+    def number(text: str) -> float | _NonFinite:
+        nonlocal nonfinite
+        value = _float(text)
+        nonfinite = nonfinite or value is _NONFINITE
+        return value
+
+    docs: list[tuple[tuple[str, ...], Any]]
+    try:
+        docs = [((), json.loads(raw, parse_constant=constant, parse_float=number))]
+    except (ValueError, RecursionError):
+        try:  # NDJSON: one document a line, named by its index as the events route names them
+            lines = [line for line in raw.splitlines() if line.strip()]
+            docs = [
+                ((str(i),), json.loads(line, parse_constant=constant, parse_float=number))
+                for i, line in enumerate(lines)
+            ]
+        except (ValueError, RecursionError):
+            return None
+    suspect = b"\x00" in raw or (b"\\u" in raw and _SUSPECT_ESCAPE.search(raw) is not None)
+    if not (suspect or nonfinite):
+        return None
+    for prefix, doc in docs:
+        try:
+            found = _first_problem(doc, prefix)
+        except RecursionError:  # pragma: no cover - the walk keeps its own stack
+            return None
+        if found:
+            return found
+    return None
 
 
 _ERRORS = {

@@ -3,24 +3,92 @@
 from __future__ import annotations
 
 import gc
+import math
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import swagger_ui_bundle
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from mendloop import __version__
-from mendloop.api import auth, errors
+from mendloop.api import auth, errors, schemas
 from mendloop.api.routes import events, incidents, runs, stats, system, work_orders
 from mendloop.app import App
+from mendloop.errors import ConfigError, InputError
 
-# Reachable without a token: liveness checks and the docs.
-_PUBLIC = ("/health", "/docs", "/openapi.json", "/_static/")
+# Reachable without a token: liveness checks and the docs (exact paths), and the docs' static files (a prefix).
+_PUBLIC = frozenset({"/health", "/docs", "/openapi.json"})
+_PUBLIC_PREFIX = "/_static/"
+# Longer than any id, component or file name mendloop hands out (the widest such column holds 300).
+MAX_PATH_PARAM = 300
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _header_name(key: str) -> str:
+    return "-".join(part.capitalize() for part in key.split("-"))
+
+
+def _float_queries(request: Request) -> frozenset[str]:
+    """The query parameters the matched route reads as floats (NaN and Infinity parse as floats)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return frozenset()
+    names = set()
+    for param in route.dependant.query_params:
+        annotation = param.field_info.annotation
+        if annotation is float or float in typing.get_args(annotation):
+            names.add(param.alias)
+    return frozenset(names)
+
+
+async def check_inbound(request: Request) -> None:
+    """Every route's first dependency: nothing a database can't store or JSON can't carry reaches a route.
+
+    A NUL character (PostgreSQL refuses it in text and JSON), a lone surrogate (no UTF-8 encoder takes it), or a
+    non-finite number, in a path parameter, a query parameter, a header or anywhere in the body, is a 422 naming
+    the field. Routes then need no check of their own, and a database error is never what answers bad input."""
+    for name, value in request.path_params.items():
+        if not isinstance(value, str):
+            continue
+        problem = schemas.text_problem(value)
+        if problem is None and len(value) > MAX_PATH_PARAM:
+            problem = f"must be at most {MAX_PATH_PARAM} characters"
+        if problem:
+            raise InputError(f"{name}: {problem}", field=name)
+    floats = None
+    for name, value in request.query_params.multi_items():
+        problem = schemas.text_problem(name) or schemas.text_problem(value)
+        if problem is None:
+            floats = _float_queries(request) if floats is None else floats
+            if name in floats and _non_finite(value):
+                problem = schemas.NONFINITE_MESSAGE
+        if problem:
+            field = name if schemas.text_problem(name) is None else "query"
+            raise InputError(f"{field}: {problem}", field=field)
+    for key, value in request.headers.items():
+        problem = schemas.text_problem(key) or schemas.text_problem(value)
+        if problem:
+            field = _header_name(key)
+            raise InputError(f"{field}: {problem}", field=field)
+    if request.method in _BODY_METHODS:
+        found = schemas.unstorable_body(await request.body())
+        if found is not None:
+            field, problem = found
+            raise InputError(f"{field}: {problem}", field=field)
+
+
+def _non_finite(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False  # not a number: the route's own validation answers
 
 
 def create_api(app: App, *, manage: bool = True) -> FastAPI:
@@ -48,6 +116,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        dependencies=[Depends(check_inbound)],
     )
     api.state.mendloop = app
     errors.install(api)
@@ -63,13 +132,16 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
             swagger_favicon_url="/_static/swagger/favicon-32x32.png",
         )
 
-    tokens = list(app.settings.api_tokens)
+    tokens = [t for t in app.settings.api_tokens if t.strip()]
+    if len(tokens) != len(app.settings.api_tokens):
+        # Settings refuse these when loaded; a Settings built around that check must not open the API either.
+        raise ConfigError("api_tokens: an entry is empty or whitespace", field="api_tokens")
     if tokens:
 
         @api.middleware("http")
         async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
             path = request.url.path
-            if path == "/health" or path.startswith(_PUBLIC[1:]):
+            if path in _PUBLIC or path.startswith(_PUBLIC_PREFIX):
                 return await call_next(request)
             if request.method == "POST" and path in ("/events", "/events/alertmanager"):
                 return await call_next(request)  # intake checks intake tokens and signatures itself

@@ -39,11 +39,20 @@ def serve(
     from mendloop.api.server import create_api
     from mendloop.app import App
     from mendloop.config import load_settings
+    from mendloop.storage import migrate
+    from mendloop.storage.store import Store
 
     setup_logging(log_level)
     settings = load_settings(config, host=host, port=port, workers=workers)
     if not is_loopback(settings.host) and not settings.api_tokens:
         fail(f"refusing to listen on {settings.host} without api_tokens; set MENDLOOP_API_TOKENS or use 127.0.0.1")
+    # The database first, before the server starts: one that can't be opened or upgraded is a one-line error
+    # (exit 2), not a traceback from the server's startup.
+    probe = Store(settings.database_url)
+    try:
+        migrate.upgrade(probe.engine)
+    finally:
+        probe.close()
     app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
     api = create_api(app)
     server = uvicorn.Server(

@@ -34,7 +34,8 @@ def main() -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except errors.MendloopError as exc:
         err.print(f"error: {exc.message}", markup=False)
-        sys.exit(1)
+        # 2: the database can't be used (a different fix than a bad request or config).
+        sys.exit(2 if isinstance(exc, errors.StorageError) else 1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

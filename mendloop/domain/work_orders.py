@@ -129,11 +129,16 @@ def complete(
     With tests failed it fails, and its run stops as the playbook says. A repeated claim changes nothing."""
     if wo.status in (WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED):
         raise Conflict(f"work order {wo.id} is {wo.status}; it cannot be completed", id=wo.id, status=str(wo.status))
-    repeated = wo.status in (WorkOrderStatus.COMPLETED, WorkOrderStatus.AWAITING_APPLY) or (
-        wo.status in WORK_ORDER_OPERATOR_HOLDS and not claim.release_hold
-    )
-    if claim.tests_passed and repeated:
-        return Transition(answer=completion_answer(wo, on_failure))
+    if wo.status not in (WorkOrderStatus.QUEUED, WorkOrderStatus.IN_PROGRESS) and not (
+        claim.release_hold and wo.status in WORK_ORDER_OPERATOR_HOLDS
+    ):
+        # The agent's part is over: the same claim again is answered as before; a different one (a late "tests
+        # failed") cannot undo what was decided. Only verification overrules a completion.
+        if claim.tests_passed:
+            return Transition(answer=completion_answer(wo, on_failure))
+        raise Conflict(
+            f"work order {wo.id} is {wo.status}; a completion can no longer be changed", id=wo.id, status=str(wo.status)
+        )
     check_lease(wo, claim.lease_id, required=False, now=now)
     patch_result: dict[str, Any] = {
         "tests_passed": claim.tests_passed,
@@ -318,6 +323,9 @@ def give_up(
 ) -> Transition:
     """An agent gives a work order up: back in the queue while attempts and the deadline allow a retry, else
     failed for good."""
+    if wo.status not in (WorkOrderStatus.QUEUED, WorkOrderStatus.IN_PROGRESS):
+        # Held (its diff may be under test right now), completed or over: no longer the agent's to give up.
+        raise Conflict(f"work order {wo.id} is {wo.status}; it cannot fail", id=wo.id, status=str(wo.status))
     check_lease(wo, lease_id, required=wo.lease_id is not None, now=now)
     if retryable and wo.attempts < wo.max_attempts and not _past(wo.deadline_at, now):
         return requeue(

@@ -30,6 +30,7 @@ def constraints_for(policy: PatchPolicy) -> patch_safety.Constraints:
         max_files=policy.max_files,
         max_changed_lines=policy.max_changed_lines,
         tests_may_change=policy.tests_may_change,
+        test_config_allowed=tuple(policy.test_config_allowed),
     )
 
 
@@ -70,16 +71,22 @@ class HeldPatches:
             raise PatchRejected("agent_error", f"work order {wo_id} has no stored diff") from None
         if repo is None or target is None:
             raise PatchRejected("unsafe_patch", f"no repository configured for target {run.context.get('target')!r}")
+        constraints = constraints_for(target.patch)
         try:
+            # The safety checks come first, before any shortcut: a diff with no content change (mode-only,
+            # context-only hunks) reverse-applies to any tree and would otherwise count as applied and tested.
+            patch_pipeline.check_patch(repo, diff, constraints)
             if patch_pipeline.is_applied(repo, diff):
-                # A runner that applied its own verified patch sends the same diff: nothing to do twice.
+                # A runner that applied its own verified patch sends the same diff: nothing to do twice, once the
+                # test-runner configuration it touches is checked too (HEAD holds the patched side).
+                patch_pipeline.check_patch(repo, diff, constraints, base="HEAD", applied=True)
                 output: dict[str, Any] = {"commit": git.head(repo), "already_applied": True}
             else:
                 result = patch_pipeline.apply_patch(
                     repo,
                     diff,
                     base_commit=wo.base_commit,
-                    constraints=constraints_for(target.patch),
+                    constraints=constraints,
                     test_command=target.test_command,
                     test_timeout=target.test_timeout,
                     message=f"{wo.description}\n\nApplied by mendloop for run {run.id}.",

@@ -4,6 +4,9 @@ finds what they need and hands them to storage."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +38,12 @@ def _deeper_than(value: Any, limit: int) -> bool:
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def _digest(claim: Completion) -> str:
+    """What an Idempotency-Key is bound to: the request's content, whatever its field order."""
+    body = json.dumps(dataclasses.asdict(claim), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 class Remediation:
@@ -166,6 +175,7 @@ class Remediation:
                 wo, run, claim, has_repository=has_repository, on_failure=on_failure, now=now
             ),
             idempotency_key=idempotency_key,
+            request=_digest(claim),
         )
         if transition.changed and tests_passed:
             self._wake()

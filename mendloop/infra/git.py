@@ -5,8 +5,14 @@
 - every inherited `GIT_*` variable is dropped (one could point git at another repository, index, object store or
   config), and so is `LANGUAGE`; git runs in the C locale (its messages are parsed), never prompts, never pages
   and never opens an editor; a caller may set `GIT_*` variables deliberately through `env`;
-- the repository's hooks do not run (`core.hooksPath=/dev/null`) unless the caller asks with `hooks=True`, which
-  is for commits onto the operator's own branch, where the repository's commit policy deliberately applies;
+- nothing of the repository's runs inside a git call mendloop makes, not even on the operator's branch (a patch
+  could have edited a hook, and an agent's worktree is its to write): hooks are off (`core.hooksPath=/dev/null`),
+  so is `core.fsmonitor`, the system config and the system and global attribute files are not read
+  (`GIT_CONFIG_NOSYSTEM`, `GIT_ATTR_NOSYSTEM`, `core.attributesFile=/dev/null`), and every filter driver the
+  configuration defines is emptied (`filter.<x>.clean=`, `.smudge=`, `.process=`, `.required=false`) for the
+  commands that read or write file content, so a `.gitattributes` naming a driver runs nothing. git 2.39 has no
+  switch that ignores in-tree `.gitattributes` (`--attr-source` came in 2.41), hence the per-driver overrides.
+  Diffs are made with `--no-ext-diff --no-textconv` (an empty `diff.external` makes git fail, not skip it);
 - an identity is supplied only where the repository has none configured (`identity_flags`).
 
 The queries every part needs (is this a repository, its top level, HEAD, does a commit exist) live here too;
@@ -29,6 +35,7 @@ __all__ = [
     "GIT_TIMEOUT",
     "Completed",
     "common_dir",
+    "configured_hooks_path",
     "describe",
     "environment",
     "has_commit",
@@ -48,8 +55,27 @@ GIT_TIMEOUT = 120.0
 CHECKOUT_TIMEOUT = 600.0
 FALLBACK_IDENTITY: tuple[tuple[str, str], ...] = (("user.name", "mendloop"), ("user.email", "mendloop@localhost"))
 
-_FIXED_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_EDITOR": "true", "GIT_PAGER": "cat"}
-_NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
+_FIXED_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "LC_ALL": "C",
+    "GIT_EDITOR": "true",
+    "GIT_PAGER": "cat",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_ATTR_NOSYSTEM": "1",
+}
+SAFE_FLAGS: tuple[str, ...] = (
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "core.attributesFile=/dev/null",
+)
+# Subcommands that never read or write file content through a filter: no need to look up the filter drivers.
+_NO_CONTENT = frozenset(
+    {"rev-parse", "config", "symbolic-ref", "cat-file", "check-ref-format", "branch", "log", "ls-tree", "version"}
+)
+_FILTER_KEY = r"^filter\..+\.(clean|smudge|process)$"
 
 
 def environment(extra: Mapping[str, str] | None = None, source: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -69,13 +95,15 @@ def run(
     check: bool = True,
     timeout: float = GIT_TIMEOUT,
     env: Mapping[str, str] | None = None,
-    hooks: bool = False,
 ) -> Completed:
-    """`git -C cwd args...`. With `check`, a non-zero exit raises MendloopError naming the subcommand and the
-    tail of its message; a timeout always raises (the process group is killed first). `env` adds to the policy's
-    environment; `hooks` lets the repository's hooks run."""
-    argv = ["git", "-C", str(cwd), *(() if hooks else _NO_HOOKS), *args]
+    """`git -C cwd args...` under the policy above. With `check`, a non-zero exit raises MendloopError naming the
+    subcommand and the tail of its message; a timeout always raises (the process group is killed first). `env`
+    adds to the policy's environment."""
     command = describe(args)
+    flags = [*SAFE_FLAGS]
+    if command.removeprefix("git ") not in _NO_CONTENT:
+        flags += _no_filters(cwd, env)
+    argv = ["git", "-C", str(cwd), *flags, *args]
     try:
         proc = process.run(argv, timeout=timeout, env=environment(env), input=input)
     except process.CannotStart as exc:
@@ -86,6 +114,35 @@ def run(
         detail = process.tail(text(proc.stderr).strip() or text(proc.stdout).strip(), 2000)
         raise MendloopError(f"{command} failed (exit {proc.returncode}): {detail}", exit_code=proc.returncode)
     return proc
+
+
+def _no_filters(cwd: str | os.PathLike[str], env: Mapping[str, str] | None) -> list[str]:
+    """`-c` overrides that empty every filter driver the configuration in effect at `cwd` defines."""
+    argv = ["git", "-C", str(cwd), *SAFE_FLAGS, "config", "-z", "--name-only", "--get-regexp", _FILTER_KEY]
+    try:
+        proc = process.run(argv, timeout=GIT_TIMEOUT, env=environment(env))
+    except process.CannotStart as exc:
+        raise MendloopError(f"cannot run git: {exc.strerror}") from exc
+    if proc.timed_out:
+        raise MendloopError(f"git config timed out after {GIT_TIMEOUT:g}s")
+    if proc.returncode not in (0, 1):  # 1: no such key, i.e. no filter configured
+        detail = process.tail(text(proc.stderr).strip(), 2000)
+        raise MendloopError(f"git config failed (exit {proc.returncode}): {detail}", exit_code=proc.returncode)
+    drivers = sorted({key.rsplit(".", 1)[0] for key in nul_split(proc.stdout)})
+    flags: list[str] = []
+    for driver in drivers:
+        for key in ("clean", "smudge", "process"):
+            flags += ["-c", f"{driver}.{key}="]
+        flags += ["-c", f"{driver}.required=false"]
+    return flags
+
+
+def configured_hooks_path(root: Path) -> str | None:
+    """The repository's own `core.hooksPath` (mendloop's override on the command line aside), or None."""
+    proc = run(root, "config", "--show-scope", "--get-all", "core.hooksPath", check=False)
+    values = [line.split("\t", 1) for line in text(proc.stdout).splitlines() if "\t" in line]
+    configured = [value for scope, value in values if scope != "command"]
+    return configured[-1] if configured else None
 
 
 def describe(args: Sequence[str]) -> str:

@@ -7,15 +7,63 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from sqlalchemy.engine import Connection
 
 from mendloop.config import Settings
 from mendloop.domain import runs
 from mendloop.domain.records import Detection, DetectionOutcome, PlaybookRef
+from mendloop.errors import InputError
 from mendloop.intake.fingerprint import fingerprint
 from mendloop.storage.incidents import IncidentStore, RunSpec
+
+# What an Alertmanager alert's labels become: the component and error type columns hold 200 characters, an
+# incident's fingerprint 64.
+MAX_NAME = 200
+MAX_FINGERPRINT = 64
+MAX_ALERTS = 10_000
+
+
+class _Alert(BaseModel):
+    """One alert of an Alertmanager webhook (v4). Fields mendloop doesn't read are let through; the ones it reads
+    must have their documented types: labels and annotations map strings to strings, times are strings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"] | None = None
+    labels: dict[StrictStr, StrictStr] | None = None
+    annotations: dict[StrictStr, StrictStr] | None = None
+    startsAt: StrictStr | None = Field(default=None, max_length=64)
+    endsAt: StrictStr | None = Field(default=None, max_length=64)
+    generatorURL: StrictStr | None = Field(default=None, max_length=4000)
+    fingerprint: StrictStr | None = Field(default=None, max_length=MAX_FINGERPRINT)
+
+
+class _AlertmanagerBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"] | None = None
+    alerts: list[_Alert] = Field(max_length=MAX_ALERTS)
+
+
+def parse_alertmanager(body: Any) -> _AlertmanagerBody:
+    """The webhook body checked field by field; InputError naming the first bad one (`alerts.0.labels`)."""
+    if not isinstance(body, Mapping):
+        raise InputError("body: an Alertmanager webhook body is a JSON object", field="body")
+    try:
+        parsed = _AlertmanagerBody.model_validate(dict(body))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InputError(f"{field}: {first['msg']}", field=field) from exc
+    for i, alert in enumerate(parsed.alerts):
+        for key, value in (alert.labels or {}).items():
+            if key in ("alertname", "error_type", "component", "service", "job") and len(value) > MAX_NAME:
+                field = f"alerts.{i}.labels.{key}"
+                raise InputError(f"{field}: at most {MAX_NAME} characters", field=field)
+    return parsed
 
 
 class Router(Protocol):
@@ -111,34 +159,34 @@ class Intake:
         )
 
     def from_alertmanager(self, body: Mapping[str, Any], *, source: str = "alertmanager") -> list[Detection]:
+        """One detection per alert; a body of another shape is an InputError naming the field."""
+        webhook = parse_alertmanager(body)
         out: list[Detection] = []
-        for alert in body.get("alerts") or []:
-            if not isinstance(alert, Mapping):
-                continue
-            labels = dict(alert.get("labels") or {})
-            annotations = dict(alert.get("annotations") or {})
-            status = str(alert.get("status") or body.get("status") or "firing")
-            name = str(labels.get("alertname") or "alert")
+        for alert in webhook.alerts:
+            labels = dict(alert.labels or {})
+            annotations = dict(alert.annotations or {})
+            status = alert.status or webhook.status or "firing"
+            name = labels.get("alertname") or "alert"
             error_type = labels.get("error_type") or (name if self.router.knows_error_type(name) else None)
             stable = json.dumps(labels, sort_keys=True)
-            text = str(annotations.get("summary") or annotations.get("description") or name)
+            text = annotations.get("summary") or annotations.get("description") or name
             out.append(
                 Detection(
                     event_type=f"alertmanager.{'resolved' if status == 'resolved' else 'firing'}",
                     source=source,
                     message=text,
-                    fingerprint=str(alert.get("fingerprint") or fingerprint(stable)),
-                    error_type=str(error_type) if error_type else None,
+                    fingerprint=alert.fingerprint or fingerprint(stable),
+                    error_type=error_type or None,
                     component=labels.get("component") or labels.get("service") or labels.get("job"),
                     payload={
                         "labels": labels,
                         "annotations": annotations,
                         "status": status,
-                        "startsAt": alert.get("startsAt"),
+                        "startsAt": alert.startsAt,
                     },
                     title=f"{name}: {text}",
                     resolved=status == "resolved",
-                    severity=str(labels.get("severity", "error")),
+                    severity=labels.get("severity", "error"),
                 )
             )
         return out

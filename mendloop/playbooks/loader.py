@@ -15,7 +15,15 @@ from pydantic import ValidationError
 
 from mendloop.errors import PlaybookError
 from mendloop.playbooks.model import Playbook, Step
-from mendloop.playbooks.templates import Renderer, TemplateCompileError, Templates
+from mendloop.playbooks.templates import Renderer, TemplateCompileError, Templates, Tracking
+
+# The strings of a step that data could use to steer a program or a request: compiled tracked, so the command and
+# http actions know which characters came from data (see `templates.Tracked`).
+_TRACKING: dict[str, Tracking] = {
+    "command": {("argv", "*"): "arg"},
+    "http": {("url",): "url"},
+    "verify": {("check", "command", "argv", "*"): "arg", ("check", "http", "url"): "url"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +75,7 @@ def compile_document(document: Mapping[str, Any], *, source: str, templates: Tem
             compiled.append(
                 CompiledStep(
                     step=step,
-                    params=templates.compile_value(params_src),
+                    params=templates.compile_value(params_src, track=_TRACKING.get(step.action)),
                     when=templates.compile_condition(step.when) if step.when else None,
                     expect=expect,
                 )

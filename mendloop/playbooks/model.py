@@ -83,15 +83,38 @@ class Step(_Strict):
             and all(isinstance(a, str) for a in self.params["argv"])
         ):
             raise ValueError("with.argv must be a non-empty list of strings (commands never go through a shell)")
+        if self.action == "command":
+            _option_positions(self.params, "with")
         if self.action == "verify":
             check = self.params["check"]
             if not isinstance(check, dict) or len(set(check) & {"capability", "http", "command"}) != 1:
                 raise ValueError("with.check must name exactly one of capability, http or command")
+            if isinstance(check.get("command"), dict):
+                _option_positions(check["command"], "with.check.command")
         return self
 
     @property
     def title(self) -> str:
         return self.name or self.id.replace("_", " ")
+
+
+def _option_positions(params: dict[str, Any], where: str) -> None:
+    """`option_positions: [2]` lets argv[2] take a value from data that starts with `-` (an option chosen by the
+    event); every other position refuses one. Literal integers only: data must not pick what may be an option."""
+    if "option_positions" not in params:
+        return
+    positions = params["option_positions"]
+    argv = params.get("argv")
+    size = len(argv) if isinstance(argv, list) else 0
+    if not (
+        isinstance(positions, list)
+        and all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < size for p in positions)
+        and len(set(positions)) == len(positions)
+    ):
+        raise ValueError(
+            f"{where}.option_positions must be a list of distinct argv positions from 1 to {max(size - 1, 1)} "
+            "(argv[0], the program, is never an option)"
+        )
 
 
 class Playbook(_Strict):

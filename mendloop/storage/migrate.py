@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
+
+from mendloop.errors import StorageError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -21,10 +24,15 @@ def _config() -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = _config()
-    # SQLite: the engine's BEGIN IMMEDIATE hook gives alembic one exclusive transaction for the whole upgrade.
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    try:
+        # SQLite: the engine's BEGIN IMMEDIATE hook gives alembic one exclusive transaction for the whole upgrade.
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except sa.exc.DBAPIError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        message = " ".join(str(exc.orig).split())
+        raise StorageError(f"cannot open or upgrade the database {where}: {message}") from None
 
 
 def current(engine: Engine) -> str | None:

@@ -16,7 +16,7 @@ from mendloop.domain import work_orders as decide
 from mendloop.domain.records import Run, WorkOrder
 from mendloop.domain.states import WorkOrderStatus
 from mendloop.domain.work_orders import Transition
-from mendloop.errors import NotFound
+from mendloop.errors import Conflict, InputError, MendloopError, NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.rows import run_of, work_order_of
@@ -86,32 +86,67 @@ class WorkOrderStore:
     # -- decisions ------------------------------------------------------------------------------------------
 
     def change(
-        self, wo_id: str, decision: Decide, *, idempotency_key: str | None = None, scope: str = "complete"
+        self,
+        wo_id: str,
+        decision: Decide,
+        *,
+        idempotency_key: str | None = None,
+        request: str | None = None,
+        scope: str = "complete",
     ) -> tuple[Transition, WorkOrder]:
-        """Lock the work order and its run, take the decision, persist what it returns, in one transaction.
-        With an idempotency key already used for this work order, the first answer is returned again."""
-        with self.db.write() as tx:
-            key_scope = f"{scope}:{wo_id}"
+        """Lock the work order and its run, take the decision, persist what it returns, in one transaction: a
+        compare-and-set, so of concurrent callers exactly one moves the work order and the others decide on what
+        it became. With an idempotency key, `request` (a digest of the request) is kept with the answer: the same
+        key and request get the first answer again (a refusal included), the same key with another request is
+        an InputError."""
+        key_scope = f"{scope}:{wo_id}"
+        try:
+            with self.db.write() as tx:
+                # The lock first: a concurrent request with the same key waits here, then finds its answer.
+                wo = self._locked(tx, wo_id)
+                if idempotency_key:
+                    prior = tx.conn.execute(
+                        sa.select(t.idempotency.c.response).where(
+                            t.idempotency.c.scope == key_scope, t.idempotency.c.key == idempotency_key
+                        )
+                    ).scalar()
+                    if prior is not None:
+                        return _replayed(dict(prior), request, idempotency_key), wo
+                run = self._run_of(tx, wo)
+                transition = decision(wo, run, tx.now)
+                self.persist(tx, wo, run, transition)
+                if idempotency_key and transition.answer is not None:
+                    tx.conn.execute(
+                        sa.insert(t.idempotency).values(
+                            scope=key_scope,
+                            key=idempotency_key,
+                            response={"request": request, "answer": transition.answer},
+                            created_at=tx.now,
+                        )
+                    )
+                updated = self._get(tx, wo_id)
+        except _Replay as replay:
+            raise replay.error from None
+        except (Conflict, InputError) as exc:
             if idempotency_key:
-                prior = tx.conn.execute(
-                    sa.select(t.idempotency.c.response).where(
-                        t.idempotency.c.scope == key_scope, t.idempotency.c.key == idempotency_key
-                    )
-                ).scalar()
-                if prior is not None:
-                    return Transition(answer=dict(prior)), self._get(tx, wo_id)
-            wo = self._locked(tx, wo_id)
-            run = self._run_of(tx, wo)
-            transition = decision(wo, run, tx.now)
-            self.persist(tx, wo, run, transition)
-            if idempotency_key and transition.answer is not None:
-                tx.conn.execute(
-                    sa.insert(t.idempotency).values(
-                        scope=key_scope, key=idempotency_key, response=transition.answer, created_at=tx.now
-                    )
-                )
-            updated = self._get(tx, wo_id)
+                self._remember_refusal(key_scope, idempotency_key, request, exc)
+            raise
         return transition, updated
+
+    def _remember_refusal(self, scope: str, key: str, request: str | None, exc: Conflict | InputError) -> None:
+        """A refused request's key keeps the refusal, so its retry is refused the same way, whatever happened
+        since (the transaction that refused it wrote nothing)."""
+        refusal: dict[str, Any] = {
+            "kind": "input" if isinstance(exc, InputError) else "conflict",
+            "message": exc.message,
+            "fields": exc.fields,
+        }
+        with self.db.write() as tx:
+            tx.conn.execute(
+                self.db.insert(t.idempotency)
+                .values(scope=scope, key=key, response={"request": request, "refusal": refusal}, created_at=tx.now)
+                .on_conflict_do_nothing()
+            )
 
     def persist(self, tx: Tx, wo: WorkOrder, run: Run | None, transition: Transition) -> None:
         if transition.work_order:
@@ -229,3 +264,31 @@ class WorkOrderStore:
             return None
         row = tx.conn.execute(sa.select(t.runs).where(t.runs.c.id == wo.self_healing_run_id).with_for_update()).first()
         return run_of(row) if row is not None else None
+
+
+class _Replay(Exception):
+    """Carries a stored refusal out of the transaction without recording it again."""
+
+    def __init__(self, error: MendloopError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _replayed(stored: dict[str, Any], request: str | None, key: str) -> Transition:
+    if "answer" not in stored and "refusal" not in stored:
+        return Transition(answer=stored)  # kept before requests were recorded with their key
+    if stored.get("request") != request:
+        raise _Replay(
+            InputError(
+                f"Idempotency-Key {key!r} was used for another request; send a new key for a new request",
+                field="Idempotency-Key",
+            )
+        )
+    refusal = stored.get("refusal")
+    if refusal is not None:
+        fields = dict(refusal.get("fields") or {})
+        if refusal.get("kind") == "input":
+            field = fields.pop("field", None)
+            raise _Replay(InputError(str(refusal["message"]), field=field, **fields))
+        raise _Replay(Conflict(str(refusal["message"]), **fields))
+    return Transition(answer=dict(stored["answer"]))

@@ -13,9 +13,17 @@ from typing import Any
 from mendloop.config import CapabilityBinding, TargetConfig
 from mendloop.errors import ActionError, CapabilityNotBound, ConfigError
 from mendloop.playbooks.actions.base import ActionContext
-from mendloop.playbooks.actions.command import run_command
+from mendloop.playbooks.actions.command import as_arg, run_command
 from mendloop.playbooks.actions.http import call_http
-from mendloop.playbooks.templates import Renderer, TemplateCompileError, TemplateRenderError, Templates
+from mendloop.playbooks.templates import (
+    Renderer,
+    TemplateCompileError,
+    TemplateRenderError,
+    Templates,
+    Tracking,
+)
+
+BINDING_TRACKING: Tracking = {("argv", "*"): "arg", ("url",): "url"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +44,9 @@ class Capabilities:
                     assert binding.http is not None
                     spec = binding.http.model_dump(by_alias=True)
                 try:
-                    render = templates.compile_value(spec)
+                    # A binding's argv and URL are filled from `args`, i.e. from the playbook and so from event
+                    # data: tracked, so the actions refuse or encode what data wrote (bindings mark no options).
+                    render = templates.compile_value(spec, track=BINDING_TRACKING)
                 except TemplateCompileError as exc:
                     raise ConfigError(f"targets.{tname}.capabilities.{cname}: {exc}") from exc
                 self._bindings[(tname, cname)] = CompiledBinding(binding, render)
@@ -48,6 +58,7 @@ class Capabilities:
         return {
             "name": name,
             "base_url": target.base_url,
+            "allowed_hosts": list(target.allowed_hosts),
             "repository": target.repository,
             "vars": dict(target.vars),
         }
@@ -76,7 +87,7 @@ class Capabilities:
         if found.binding.command is not None:
             limit = min(filter(None, [timeout, float(spec["timeout"])]))
             return run_command(
-                [str(a) for a in spec["argv"]],
+                [as_arg(a) for a in spec["argv"]],
                 cwd=spec.get("cwd"),
                 env=spec.get("env") or {},
                 timeout=limit,

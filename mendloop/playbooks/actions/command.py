@@ -4,15 +4,52 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from mendloop.errors import ActionError
 from mendloop.infra import process
 from mendloop.playbooks.actions.base import ActionContext, tail
+from mendloop.playbooks.templates import Tracked
 
 # What a command inherits from mendloop's own environment: enough to find programs, never mendloop's secrets.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+
+
+def as_arg(item: Any) -> str:
+    """An argv item as a string. Literal template text is always a string, so anything else is a value from an
+    expression: data, tracked as such."""
+    if isinstance(item, str):
+        return item
+    text = str(item)
+    return Tracked(text, ((0, len(text)),))
+
+
+def check_argv(argv: Sequence[str], option_positions: Collection[int] = ()) -> None:
+    """Refuse an argv that data could turn into something the playbook did not write.
+
+    A program reads an item that starts with `-` as an option (`git log --output=FILE` writes a file), so an item
+    whose first character came from data (a `Tracked` item, see `templates.py`) may not start with `-` unless the
+    step lists its position in `option_positions`. Literal text is the author's and is trusted: `--since={{ x }}`
+    stays one option whatever `x` is. NUL bytes cannot be passed to a program at all, and a line break in the
+    program name from data is never a program anyone meant."""
+    for i, item in enumerate(argv):
+        if "\x00" in item:
+            raise ActionError(f"argv[{i}] contains a NUL byte; refused, nothing was run", retryable=False)
+        if not isinstance(item, Tracked) or not item.spans:
+            continue
+        if i == 0 and ("\n" in item or "\r" in item):
+            raise ActionError(
+                f"argv[0] {item!r} comes from template data and contains a line break; refused, nothing was run",
+                retryable=False,
+            )
+        if item.data_led and item.startswith("-") and (i == 0 or i not in option_positions):
+            raise ActionError(
+                f"argv[{i}] {item!r} comes from template data and starts with '-', so the program would read it "
+                f"as an option; refused, nothing was run (list {i} in with.option_positions if it is meant to be "
+                "an option)",
+                retryable=False,
+            )
 
 
 def run_command(
@@ -22,9 +59,15 @@ def run_command(
     env: Mapping[str, str],
     timeout: float,
     idempotency_key: str,
+    option_positions: Collection[int] = (),
 ) -> dict[str, Any]:
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ActionError("argv must be a non-empty list of strings", retryable=False)
+    check_argv(argv, option_positions)
+    if cwd is not None and "\x00" in cwd:
+        raise ActionError("cwd contains a NUL byte; refused, nothing was run", retryable=False)
+    if any("\x00" in f"{k}{v}" for k, v in env.items()):
+        raise ActionError("an env variable contains a NUL byte; refused, nothing was run", retryable=False)
     if timeout <= 0:
         raise ActionError(f"the timeout must be positive, got {timeout:g}", retryable=False)
     child_env = process.pick_env(_INHERITED)
@@ -72,9 +115,11 @@ def command_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]
     if not isinstance(env, Mapping):
         raise ActionError("with.env must be a mapping", retryable=False)
     return run_command(
-        [str(a) for a in params["argv"]],
+        # A Tracked item stays Tracked (str() of it would forget which characters came from data).
+        [as_arg(a) for a in params["argv"]],
         cwd=params.get("cwd"),
         env=env,
         timeout=timeout,
         idempotency_key=ctx.idempotency_key,
+        option_positions=frozenset(int(p) for p in params.get("option_positions") or ()),
     )

@@ -1,18 +1,24 @@
 """Call an HTTP endpoint; an unexpected status is a failure carrying the response.
 
 A URL that cannot be called at all (it does not parse, has no host, names another protocol) fails the step at
-once and is not retried: asking again cannot fix it."""
+once and is not retried: asking again cannot fix it.
+
+A URL rendered from a template (`TrackedUrl`) is guarded before anything is sent (`guard_url`): its scheme, host
+and port must come from the template's literal text or the target's `base_url` (or be one of the target's
+`allowed_hosts`), and every value from data is percent-encoded into the path, query or fragment it sits in."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote, unquote
 
 import httpx
 
 from mendloop.errors import ActionError
 from mendloop.playbooks.actions.base import ActionContext, tail
+from mendloop.playbooks.templates import TrackedUrl
 
 # A host name (letters, digits, dots, hyphens; underscores as container names use them) or an IP address,
 # IPv6 with an optional zone. Anything else, such as a percent-encoded space, names no host.
@@ -31,6 +37,15 @@ def call_http(
     idempotency_key: str,
 ) -> dict[str, Any]:
     all_headers = {"Idempotency-Key": idempotency_key, **{str(k): str(v) for k, v in headers.items()}}
+    if isinstance(url, TrackedUrl):
+        try:
+            guarded = guard_url(method, url)
+        except ActionError:
+            # A URL that cannot be called at all says what is wrong with it first.
+            _build(client, method, url, json_body, all_headers, timeout)
+            raise
+        # The request sent is the guarded one, so the headers (an Authorization) go only where the playbook said.
+        url = guarded
     request = _build(client, method, url, json_body, all_headers, timeout)
     try:
         resp = client.send(request)
@@ -74,6 +89,106 @@ def _build(
     return request
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def guard_url(method: str, url: TrackedUrl) -> str:
+    """The URL to call: `url` with every data span percent-encoded, or ActionError if data could choose where it
+    goes. Every character of data is encoded (`/`, `?`, `#`, `@`, `%` included), so a value stays one value in the
+    path segment, query parameter or fragment the template put it in."""
+    text = str(url)
+    head = _SCHEME.match(text)
+    auth_start = head.end() if head else 0
+    found = re.search(r"[/?#]", text[auth_start:])
+    auth_end = auth_start + found.start() if found else len(text)
+    # The origin is trusted when the literal text (or base_url) wrote all of it and closed it: no data before
+    # the character that ends the authority, nor that character itself.
+    trusted = head is not None and all(start > auth_end for start, _ in url.spans)
+    allowed = _origins(url.allowed_hosts, url.base_url) if url.allowed_hosts else None
+    if not trusted:
+        if allowed is None:
+            raise ActionError(
+                f"{method} {text!r}: refused: template data would choose the URL's scheme, host or port; they must "
+                "come from the playbook's literal text or the target's base_url (or be listed in the target's "
+                "allowed_hosts); nothing was sent",
+                retryable=False,
+            )
+        if "@" in text[auth_start:auth_end]:
+            raise ActionError(
+                f"{method} {text!r}: refused: template data would put credentials in the URL; nothing was sent",
+                retryable=False,
+            )
+    _refuse_dot_segments(method, text, url, auth_end)
+    out: list[str] = []
+    last = 0
+    for start, end in url.spans:
+        out.append(text[last:start])
+        value = text[start:end]
+        # Data that writes the authority (only with allowed_hosts) is a URL chosen by data: kept as it is, and
+        # the host it names is checked below. Anything after the authority is encoded.
+        out.append(value if start <= auth_end else quote(value, safe=""))
+        last = end
+    out.append(text[last:])
+    guarded = "".join(out)
+    if allowed is not None:
+        try:
+            parsed = httpx.URL(guarded)
+        except httpx.InvalidURL as exc:
+            raise ActionError(f"{method} {text!r}: invalid URL: {exc}", retryable=False) from exc
+        if _origin_of(parsed) not in allowed:
+            raise ActionError(
+                f"{method} {text!r}: refused: {parsed.host}:{_origin_of(parsed)[1]} is not in the target's "
+                "allowed_hosts; nothing was sent",
+                retryable=False,
+            )
+    return guarded
+
+
+def _refuse_dot_segments(method: str, text: str, url: TrackedUrl, auth_end: int) -> None:
+    # `/x/{{ v }}/y` with v=".." would be normalised to `/y` by the client: data leaving the path it was put in.
+    # Segments end at a literal `/` only (a `/` from data is encoded, so it splits nothing).
+    segment: list[str] = []
+    from_data = False
+    for i in range(auth_end, len(text) + 1):
+        ch = text[i] if i < len(text) else "/"
+        data = i < len(text) and url.is_data(i)
+        if not data and ch in "/?#":
+            value = "".join(segment)
+            if from_data and unquote(value) in (".", ".."):
+                raise ActionError(
+                    f"{method} {text!r}: refused: a value from template data makes the path segment {value!r}, "
+                    "which would leave the path the playbook wrote; nothing was sent",
+                    retryable=False,
+                )
+            if ch in "?#":
+                return
+            segment, from_data = [], False
+            continue
+        segment.append(ch)
+        from_data = from_data or data
+
+
+def _origins(hosts: tuple[str, ...], base_url: str | None) -> set[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for entry in (*hosts, *([base_url] if base_url else [])):
+        text = entry if "://" in entry else f"http://{entry}"
+        try:
+            parsed = httpx.URL(text)
+        except httpx.InvalidURL:
+            continue
+        if "://" in entry or parsed.port is not None:
+            found.add(_origin_of(parsed))
+        else:
+            # A bare host: the default port of either scheme.
+            found.update({(parsed.host.lower(), 80), (parsed.host.lower(), 443)})
+    return found
+
+
+def _origin_of(parsed: httpx.URL) -> tuple[str, int]:
+    return parsed.host.lower(), parsed.port or _DEFAULT_PORTS.get(parsed.scheme, 0)
+
+
 def http_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
     expect = params.get("expect_status", [200, 201, 202, 204])
     if isinstance(expect, int):
@@ -81,7 +196,8 @@ def http_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
     return call_http(
         ctx.http,
         method=str(params.get("method", "GET")),
-        url=str(params["url"]),
+        # A TrackedUrl stays one (str() of it would forget which characters came from data).
+        url=params["url"] if isinstance(params["url"], str) else str(params["url"]),
         json_body=params.get("json"),
         headers=params.get("headers") or {},
         expect_status=[int(s) for s in expect],
