@@ -197,6 +197,25 @@ class AgentRunnerConfig(_Strict):
         return self
 
 
+class LimitsConfig(_Strict):
+    """What one request may carry. A body over its size cap is a 413, a body nested too deep or a string too long
+    a 422; each answer names the limit (`limits.<key>`) and its value."""
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Bytes in a request body (most routes).")
+    max_intake_body_bytes: int = Field(
+        default=32 << 20, ge=1024, description="Bytes in a POST /events body (batches of up to 10,000 events)."
+    )
+    max_diff_body_bytes: int = Field(
+        default=32 << 20, ge=1024, description="Bytes in a work order's complete body (it carries the diff)."
+    )
+    max_json_depth: int = Field(default=64, ge=8, le=256, description="Nesting of arrays and objects in any JSON body.")
+    max_string_chars: int = Field(
+        default=1 << 20,
+        ge=256,
+        description="Characters in one string (or key) of a JSON body; the diff has its own bound (5,000,000).",
+    )
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -236,13 +255,25 @@ class Settings(BaseSettings):
         default_factory=list, description="Bearer tokens accepted by POST /events (webhooks, forwarders)."
     )
     webhook_hmac_secret: str | None = Field(
-        default=None, description="Accept POST /events signed with X-Mendloop-Signature: sha256=<hex HMAC of body>."
+        default=None,
+        description="Accept POST /events signed with X-Mendloop-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+        "'<t>.' + body>.",
+    )
+    webhook_tolerance_seconds: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        description="How far a signed webhook's timestamp may be from the server's clock (either way); a signature "
+        "seen before within it gets the stored answer.",
     )
     secret_patterns: list[str] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted from work order context."
     )
     agent_runner: AgentRunnerConfig = Field(
         default_factory=AgentRunnerConfig, description="The agent runner embedded in `serve` (off by default)."
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Request body size, nesting and string length caps."
     )
 
     @classmethod

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +205,14 @@ def test_intake_tokens_and_signatures(database_url: str, tmp_path: Path, auth: s
             if auth == "token":
                 headers = {"Authorization": "Bearer in-tok-for-tests-0001"}
             else:
-                headers = {"X-Mendloop-Signature": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()}
+                # Signed with a timestamp: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>.
+                ts = int(time.time())
+                mac = hmac.new(b"s3cret", f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+                headers = {"X-Mendloop-Signature": f"t={ts},v1={mac}"}
             assert client.post("/events", content=body, headers=headers).status_code == 202
-            bad = {"X-Mendloop-Signature": "sha256=" + "0" * 64}
+            bad = {"X-Mendloop-Signature": f"t={int(time.time())},v1=" + "0" * 64}
             assert client.post("/events", content=body, headers=bad).status_code == 401
+            old = {"X-Mendloop-Signature": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()}
+            assert client.post("/events", content=body, headers=old).status_code == 401  # no timestamp: replayable
     finally:
         app.close()

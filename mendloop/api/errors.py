@@ -39,6 +39,20 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+def limit_body(*, field: str, message: str, limit: str, value: int) -> dict[str, Any]:
+    """A limit exceeded (413: the body's size; 422: its nesting or a string's length), in the shape of every other
+    error, plus the setting (`limit`, e.g. `limits.max_body_bytes`) and its configured value (`max`)."""
+    detail = f"{field}: {message} (the limit {limit} is {value})"
+    return {
+        "detail": detail,
+        "error": "LimitExceeded",
+        "field": field,
+        "limit": limit,
+        "max": value,
+        "errors": [{"field": field, "message": detail, "type": "limit_exceeded"}],
+    }
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.MendloopError)
     async def _mendloop_error(_request: Request, exc: errors.MendloopError) -> JSONResponse:

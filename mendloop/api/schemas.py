@@ -3,6 +3,10 @@
 And what every request must satisfy before a route sees it (`unstorable_body`, `text_problem`): no string that a
 database refuses (a NUL character: PostgreSQL; a lone surrogate: any UTF-8 encoder) and no number JSON can't
 carry back (NaN, Infinity, a float literal that overflows), anywhere in a body, a path, a query or a header.
+
+And the limits (`settings.limits`, enforced by `api/server.py`): a body's nesting, measured on its bytes before
+any parser recurses into it (`json_depth`), and the length of every string in it (`overlong_string`). Free-form
+values (a trigger's `context`, an event's `payload`, a failure's `details`) nest at most `MAX_CONTEXT_DEPTH` levels.
 """
 
 from __future__ import annotations
@@ -10,16 +14,43 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from itertools import accumulate
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from mendloop.api.responses import ErrorOut
 from mendloop.domain.states import FAIL_REASONS
+from mendloop.engine.service import MAX_CONTEXT_DEPTH
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _value_depth(value: Any) -> int:
+    """Levels of objects and arrays below `value` itself (a flat dict is 0). Iterative: no stack to exhaust."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return deepest
+
+
+def _shallow(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and _value_depth(value) >= MAX_CONTEXT_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_CONTEXT_DEPTH} levels")
+    return value
+
+
+# A free-form object from a caller: stored as JSON, rendered into templates and prompts, redacted by walking it.
+# As deep as the engine takes a trigger's context (`MAX_CONTEXT_DEPTH`), and no deeper.
+FreeForm = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class TriggerRequest(_Body):
@@ -27,16 +58,16 @@ class TriggerRequest(_Body):
     error_type: StrictStr = Field(min_length=1, max_length=200)
     file_path: StrictStr | None = Field(default=None, max_length=4000)
     component: StrictStr | None = Field(default=None, max_length=200)
-    context: dict[str, Any] | None = None
+    context: FreeForm | None = None
     playbook_id: StrictStr | None = Field(default=None, max_length=200)
     dedupe_key: StrictStr | None = Field(default=None, max_length=300)
     wait_seconds: float | None = Field(default=None, ge=0, le=600)
 
 
 class AgentInfo(_Body):
-    name: StrictStr | None = None
-    version: StrictStr | None = None
-    model: StrictStr | None = None
+    name: StrictStr | None = Field(default=None, max_length=200)
+    version: StrictStr | None = Field(default=None, max_length=200)
+    model: StrictStr | None = Field(default=None, max_length=200)
 
 
 # More files than any patch policy allows (`max_files` is at most 1000), well inside every integer column.
@@ -49,7 +80,7 @@ class CompleteRequest(_Body):
     diff_url: StrictStr | None = Field(default=None, max_length=2000)
     diff: StrictStr | None = Field(default=None, max_length=5_000_000)
     summary: StrictStr | None = Field(default=None, max_length=20_000)
-    lease_id: StrictStr | None = None
+    lease_id: StrictStr | None = Field(default=None, max_length=64)
     base_commit: StrictStr | None = Field(default=None, max_length=100)
     applied_commit: StrictStr | None = Field(default=None, max_length=100)
     approval_required: StrictBool = False
@@ -79,14 +110,14 @@ class FailRequest(_Body):
     lease_id: StrictStr | None = Field(default=None, max_length=64)
     reason: FailReason
     retryable: StrictBool = False
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: FreeForm = Field(default_factory=dict)
 
 
 class EventIn(_Body):
     event_type: StrictStr = Field(min_length=1, max_length=100, pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
     source: StrictStr = Field(default="api", min_length=1, max_length=200)
     message: StrictStr | None = Field(default=None, max_length=4000)
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: FreeForm = Field(default_factory=dict)
     component: StrictStr | None = Field(default=None, max_length=200)
     event_id: StrictStr | None = Field(default=None, min_length=1, max_length=300)
     fingerprint: StrictStr | None = Field(default=None, min_length=1, max_length=64)
@@ -203,11 +234,69 @@ def unstorable_body(raw: bytes) -> tuple[str, str] | None:
     return None
 
 
+# -- the limits on a body ----------------------------------------------------------------------------------
+
+# Bytes that shape a JSON document once escapes are gone: quotes (strings) and brackets (nesting).
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_NESTING = [0] * 256
+for _open, _close in (b"[]", b"{}"):
+    _NESTING[_open], _NESTING[_close] = 1, -1
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """How deep the arrays and objects of a JSON (or NDJSON) body nest, measured on the bytes, before any parser
+    recurses into them; 0 when it is obviously within `limit` (fewer brackets than `limit`). Not JSON at all: the
+    depth its brackets would give a parser, which is what matters.
+
+    Linear and in C but for the last step: escaped backslashes, then escaped quotes, are dropped (left to right, as
+    a parser pairs them); what lies between the remaining quotes is string content; the brackets outside are the
+    structure, and the deepest point of their running sum is the depth."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0
+    shape = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    outside = b"".join(shape.split(b'"')[::2])
+    return max(accumulate(map(_NESTING.__getitem__, outside)), default=0)
+
+
+def overlong_string(raw: bytes, max_chars: int) -> str | None:
+    """The dotted field of the first string or key in a JSON (or NDJSON) body longer than `max_chars`; None when
+    there is none or the body is not JSON (the route answers that). A body no longer than `max_chars` bytes can't
+    hold one, and is not parsed here."""
+    if len(raw) <= max_chars:
+        return None
+    try:
+        docs: list[tuple[tuple[str, ...], Any]] = [((), json.loads(raw))]
+    except (ValueError, RecursionError):
+        try:
+            lines = [line for line in raw.splitlines() if line.strip()]
+            docs = [((str(i),), json.loads(line)) for i, line in enumerate(lines)]
+        except (ValueError, RecursionError):
+            return None
+    for prefix, doc in docs:
+        stack: list[tuple[tuple[str, ...], Any]] = [(prefix, doc)]
+        while stack:
+            where, value = stack.pop()
+            if isinstance(value, str):
+                if len(value) > max_chars:
+                    return ".".join(where) or "body"
+            elif isinstance(value, dict):
+                children = []
+                for key, item in value.items():
+                    if len(key) > max_chars:
+                        return ".".join(where) or "body"
+                    children.append(((*where, key), item))
+                stack.extend(reversed(children))
+            elif isinstance(value, list):
+                stack.extend(reversed([((*where, str(i)), item) for i, item in enumerate(value)]))
+    return None
+
+
 _ERRORS = {
     400: "Malformed JSON",
     404: "Not found",
     409: "Not allowed in the current state",
-    422: "Invalid input; `field` names the problem",
+    413: "The body is larger than its limit; `limit` names the setting and `max` its value",
+    422: "Invalid input; `field` names the problem (and `limit` the setting, when a limit was exceeded)",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "model": ErrorOut} for code, text in _ERRORS.items()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
+import re
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,11 +18,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
 from mendloop.api import auth, errors, schemas
 from mendloop.api.routes import events, incidents, runs, stats, system, work_orders
 from mendloop.app import App
+from mendloop.config import LimitsConfig
 from mendloop.errors import ConfigError, InputError
 
 # Reachable without a token: liveness checks and the docs (exact paths), and the docs' static files (a prefix).
@@ -29,6 +33,89 @@ _PUBLIC_PREFIX = "/_static/"
 # Longer than any id, component or file name mendloop hands out (the widest such column holds 300).
 MAX_PATH_PARAM = 300
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Bodies with a cap of their own: intake (batches from forwarders and webhooks) and a work order's completion
+# (the diff, up to 5,000,000 characters, JSON-escaped).
+_INTAKE_PATHS = frozenset({"/events", "/events/alertmanager"})
+_COMPLETE_PATH = re.compile(r"/patches/work-orders/[^/]+/complete")
+
+
+def _body_cap(method: str, path: str, limits: LimitsConfig) -> tuple[int, str]:
+    """The byte cap of a request's body and the setting that names it."""
+    if method == "POST" and path in _INTAKE_PATHS:
+        return limits.max_intake_body_bytes, "limits.max_intake_body_bytes"
+    if method == "POST" and _COMPLETE_PATH.fullmatch(path):
+        return limits.max_diff_body_bytes, "limits.max_diff_body_bytes"
+    return limits.max_body_bytes, "limits.max_body_bytes"
+
+
+class BodyLimits:
+    """The outermost layer: a body over its cap is a 413 before it is read into memory (by its Content-Length, or
+    as soon as a chunked body's bytes pass the cap), and a body nested deeper than `max_json_depth` is a 422
+    before any JSON parser recurses into it. Both answers name the limit and its value. What passes is handed on
+    whole, so routes read it as usual."""
+
+    def __init__(self, app: ASGIApp, limits: LimitsConfig) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap, setting = _body_cap(scope["method"], scope["path"], self.limits)
+        declared = _content_length(scope)
+        if declared is not None and declared > cap:
+            await _refuse(send, 413, "body", f"{declared} bytes is larger than {cap} bytes", setting, cap)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                await _refuse(send, 413, "body", f"more than {cap} bytes", setting, cap)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        limit = self.limits.max_json_depth
+        if raw and (depth := schemas.json_depth(raw, limit)) > limit:
+            message_ = f"nested {depth} levels deep, deeper than {limit}"
+            await _refuse(send, 422, "body", message_, "limits.max_json_depth", limit)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # a disconnect, for a route that waits on one
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses a malformed one before it reaches an application
+    return None
+
+
+async def _refuse(send: Send, status: int, field: str, message: str, limit: str, value: int) -> None:
+    body = json.dumps(errors.limit_body(field=field, message=message, limit=limit, value=value)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 413:
+        headers.append((b"connection", b"close"))  # the rest of the body is never read
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _header_name(key: str) -> str:
@@ -78,10 +165,23 @@ async def check_inbound(request: Request) -> None:
             field = _header_name(key)
             raise InputError(f"{field}: {problem}", field=field)
     if request.method in _BODY_METHODS:
-        found = schemas.unstorable_body(await request.body())
+        raw = await request.body()
+        found = schemas.unstorable_body(raw)
         if found is not None:
             field, problem = found
             raise InputError(f"{field}: {problem}", field=field)
+        limits: LimitsConfig = request.app.state.mendloop.settings.limits
+        # A completion's every string is bounded by its model (the diff by its own, far above this cap).
+        if not _COMPLETE_PATH.fullmatch(request.scope["path"]):
+            long = schemas.overlong_string(raw, limits.max_string_chars)
+            if long is not None:
+                cap = limits.max_string_chars
+                raise InputError(
+                    f"{long}: longer than {cap} characters (the limit limits.max_string_chars is {cap})",
+                    field=long,
+                    limit="limits.max_string_chars",
+                    max=cap,
+                )
 
 
 def _non_finite(text: str) -> bool:
@@ -152,6 +252,9 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             return await call_next(request)
+
+    # Added last, so outermost: before authentication reads a header, and before any route reads the body.
+    api.add_middleware(BodyLimits, limits=app.settings.limits)
 
     api.include_router(work_orders.router)
     api.include_router(runs.router)

@@ -5,7 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from mendloop.api import responses as out
+from mendloop.domain.bounded import bounded
 from mendloop.domain.records import EventRecord, Incident, Run, StepRecord, TrustChange, WorkOrder
+
+# Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
+# fail (the answer's serialiser recurses once per level).
+READ_DEPTH = 48
 
 
 def iso(ts: float | None) -> str | None:
@@ -19,13 +24,13 @@ def work_order(wo: WorkOrder) -> out.WorkOrderOut:
         work_order_id=wo.id,
         type=wo.type,
         description=wo.description,
-        context=wo.context,
+        context=bounded(wo.context, READ_DEPTH),
         status=wo.status.value,
         self_healing_run_id=wo.self_healing_run_id,
         estimated_complexity=wo.estimated_complexity,
         priority=wo.priority,
         created_at=iso(wo.created_at),
-        patch_result=wo.patch_result,
+        patch_result=bounded(wo.patch_result, READ_DEPTH),
         playbook_id=wo.playbook_id,
         component=wo.component,
         updated_at=iso(wo.updated_at),
@@ -85,7 +90,7 @@ def run_detail(
             **_run_fields(r),
             "steps": [step(s) for s in steps],
             "timeline": timeline(r, steps, events),
-            "context": r.context,
+            "context": bounded(r.context, READ_DEPTH),
             "trust": out.RunTrust(
                 component=r.component, score=trust_score, changes=[trust_change(c) for c in trust_changes]
             ),
@@ -104,7 +109,7 @@ def step(s: StepRecord) -> out.StepOut:
         started_at=iso(s.started_at),
         finished_at=iso(s.finished_at),
         duration_ms=round((s.finished_at - s.started_at) * 1000, 1),
-        output=s.output,
+        output=bounded(s.output, READ_DEPTH),
         error=s.error,
         idempotency_key=s.idempotency_key,
     )
@@ -116,7 +121,7 @@ def event(e: EventRecord) -> out.EventOut:
         event_type=e.type,
         source=e.source,
         message=e.message,
-        payload=e.payload,
+        payload=bounded(e.payload, READ_DEPTH),
         run_id=e.run_id,
         work_order_id=e.work_order_id,
         component=e.component,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
-from pydantic import ValidationError
+import sqlalchemy as sa
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.engine import Connection
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -25,9 +29,10 @@ from mendloop.api.responses import (
 )
 from mendloop.api.schemas import ERROR_RESPONSES, JSON_ERROR_RESPONSES, EventIn
 from mendloop.app import App
-from mendloop.domain.records import Detection
-from mendloop.errors import AuthError, InputError
+from mendloop.domain.records import Detection, DetectionOutcome
+from mendloop.errors import AuthError, Conflict, InputError
 from mendloop.intake.service import aggregate, records_of
+from mendloop.storage import schema as t
 
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
@@ -67,15 +72,143 @@ _EVENT_BODY = {
 }
 
 
-def _check_intake_auth(app: App, request: Request, raw: bytes) -> None:
+def _check_intake_auth(app: App, request: Request, raw: bytes) -> auth.Signature | None:
+    """None when the caller needs no credentials or showed a token; the verified signature of a signed webhook.
+    Raises AuthError naming the header (or the part of it) that is missing or wrong."""
     s = app.settings
     if not (s.api_tokens or s.intake_tokens or s.webhook_hmac_secret):
-        return
-    if auth.token_accepted(request.headers.get("authorization"), (*s.api_tokens, *s.intake_tokens)):
-        return
-    if auth.signature_accepted(request.headers.get("x-mendloop-signature"), s.webhook_hmac_secret, raw):
-        return
-    raise AuthError("a valid intake token (Authorization: Bearer) or X-Mendloop-Signature is required")
+        return None
+    authorization = request.headers.get("authorization")
+    if auth.token_accepted(authorization, (*s.api_tokens, *s.intake_tokens)):
+        return None
+    signature = request.headers.get(auth.SIGNATURE_HEADER)
+    if signature is not None or (s.webhook_hmac_secret and not authorization):
+        return auth.verify_signature(
+            signature, s.webhook_hmac_secret, raw, now=app.clock(), tolerance=s.webhook_tolerance_seconds
+        )
+    raise AuthError(
+        f"a valid intake token (Authorization: Bearer) or a signed request ({auth.SIGNATURE_HEADER}) is required",
+        field="Authorization",
+    )
+
+
+# -- replayed webhooks ---------------------------------------------------------------------------------------------
+#
+# A signed request's signature is claimed (an `idempotency` row) inside the transaction that stores its events
+# (`Intake.ingest(also=...)`): a replay, or a concurrent copy, cannot claim it again, its transaction rolls back
+# with nothing stored, and it gets the first request's answer. The answer itself is written just after that
+# commit (the `also` hook does not see the outcomes); in the moment between, a copy waits for it (`_WAIT`) and
+# then gets 409 "retry". Rows are pruned once no timestamp they could match is within the tolerance.
+
+_SIGNED_SCOPE = "webhook:signature"
+_WAIT = 2.0
+_PRUNE_EVERY = 60.0
+_pruned_at: dict[str, float] = {}  # by database URL: when this process last pruned expired claims (monotonic)
+
+
+class _Replayed(Exception):
+    """The signature was claimed first by another request: raised in the ingest transaction to roll it back."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Guard:
+    app: App
+    signature: auth.Signature
+    path: str
+    kind: str = ""
+    claimed: bool = False
+
+    def _where(self) -> sa.ColumnElement[bool]:
+        c = t.idempotency.c
+        return sa.and_(c.scope == _SIGNED_SCOPE, c.key == self.signature.digest)
+
+    def stored(self) -> dict[str, Any] | None:
+        """The answer kept for this signature; None when it was never accepted. Waits (briefly) for an answer
+        that another request is writing."""
+        deadline = time.monotonic() + _WAIT
+        while True:
+            with self.app.store.db.read() as conn:
+                kept = conn.execute(sa.select(t.idempotency.c.response).where(self._where())).scalar()
+            if kept is None:
+                return None
+            if kept.get("path") not in (None, self.path):
+                raise AuthError(
+                    f"{auth.SIGNATURE_HEADER}: this signature was already used for {kept['path']}",
+                    field=auth.SIGNATURE_HEADER,
+                )
+            if "answer" in kept:
+                return dict(kept)
+            if time.monotonic() >= deadline:
+                raise Conflict(
+                    f"{auth.SIGNATURE_HEADER}: this signed request was accepted and its answer is being recorded; "
+                    "retry it",
+                    field=auth.SIGNATURE_HEADER,
+                )
+            time.sleep(0.02)
+
+    def claim(self, conn: Connection) -> None:
+        """In the transaction storing the events: claim the signature, or roll everything back (`_Replayed`)."""
+        db = self.app.store.db
+        now = self.app.clock()
+        row = {
+            "scope": _SIGNED_SCOPE,
+            "key": self.signature.digest,
+            "response": {"path": self.path, "kind": self.kind, "timestamp": self.signature.timestamp},
+            "created_at": now,
+        }
+        won = conn.execute(
+            db.insert(t.idempotency).values(**row).on_conflict_do_nothing().returning(t.idempotency.c.key)
+        ).first()
+        if won is None:
+            raise _Replayed
+        self.claimed = True
+        if time.monotonic() - _pruned_at.get(db.url, -_PRUNE_EVERY) >= _PRUNE_EVERY:
+            _pruned_at[db.url] = time.monotonic()
+            # A claim made at `created_at` matched a timestamp at most one tolerance away, which is accepted for at
+            # most one more tolerance: after that no request can match it.
+            horizon = now - 2 * self.app.settings.webhook_tolerance_seconds - _PRUNE_EVERY
+            conn.execute(
+                sa.delete(t.idempotency).where(
+                    t.idempotency.c.scope == _SIGNED_SCOPE, t.idempotency.c.created_at < horizon
+                )
+            )
+
+    def keep(self, answer: BaseModel) -> None:
+        """After the commit: the answer a replay of this signature gets."""
+        if not self.claimed:
+            return  # nothing was stored (no detections), so a replay stores nothing either
+        response = {
+            "path": self.path,
+            "kind": self.kind,
+            "timestamp": self.signature.timestamp,
+            "answer": answer.model_dump(mode="json"),
+        }
+        with self.app.store.db.write() as tx:
+            tx.conn.execute(sa.update(t.idempotency).where(self._where()).values(response=response))
+
+
+def _guard(app: App, request: Request, raw: bytes) -> _Guard | None:
+    signature = _check_intake_auth(app, request, raw)
+    return None if signature is None else _Guard(app, signature, request.url.path)
+
+
+async def _kept(guard: _Guard | None, response: Response) -> dict[str, Any] | None:
+    """What this signature was answered before (`kind`, `answer`), marked on `response` as replayed; None: new."""
+    if guard is None:
+        return None
+    kept = await run_in_threadpool(guard.stored)
+    if kept is not None:
+        response.headers["Idempotent-Replayed"] = "true"
+    return kept
+
+
+async def _ingest(app: App, guard: _Guard | None, detections: list[Detection]) -> list[DetectionOutcome] | None:
+    """Record the detections (with the signature's claim in the same transaction); None: a replay, nothing stored."""
+    also: Callable[[Connection], None] | None = guard.claim if guard is not None else None
+    try:
+        return await run_in_threadpool(functools.partial(app.intake.ingest, detections, also=also))
+    except _Replayed:
+        return None
 
 
 def _parse(raw: bytes, content_type: str) -> Any:
@@ -102,13 +235,17 @@ def _event_in(item: Any, where: str) -> EventIn:
 
 
 @router.post("", status_code=202, openapi_extra=_EVENT_BODY)
-async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBatch:
+async def publish(app: AppDep, request: Request, response: Response) -> PublishedEvent | PublishedBatch:
     """Publish events: one `{event_type, payload, event_id?}`, a batch `{"events": [...]}`, or the JSON array
     (or NDJSON) of log records that Fluent Bit's and Vector's HTTP outputs send, matched against the configured
     patterns. An `event_id` makes a retried event a no-op. Detected errors open or count on incidents and start
-    runs as storm control allows."""
+    runs as storm control allows. A signed request (`X-Mendloop-Signature`) seen before gets its first answer
+    again and stores nothing."""
     raw = await request.body()
-    _check_intake_auth(app, request, raw)
+    guard = _guard(app, request, raw)
+    kept = await _kept(guard, response)
+    if kept is not None:
+        return _published(kept)
     body = _parse(raw, request.headers.get("content-type", ""))
     intake = app.intake
     detections: list[Detection] = []
@@ -143,7 +280,17 @@ async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBa
         )
         # An aggregated event (a forwarder's) counts every line it stands for.
         detections.append(dataclasses.replace(d, count=e.count) if e.count != 1 else d)
-    if single:
+    if guard is not None:
+        # A signed request is recorded with its signature's claim, in its own transaction (not group commit).
+        guard.kind = "event" if single else "batch"
+        recorded = await _ingest(app, guard, detections if events else aggregate(detections))
+        if recorded is None:
+            kept = await _kept(guard, response)
+            if kept is None:  # pragma: no cover - a claim is never removed within the tolerance
+                raise Conflict("this signed request was already accepted; retry it", field=auth.SIGNATURE_HEADER)
+            return _published(kept)
+        outcomes = recorded
+    elif single:
         # Group commit: committed (durable) before the 2xx, in one transaction shared with concurrent requests.
         outcomes = [await app.batcher.submit(detections[0])]
     else:
@@ -154,11 +301,12 @@ async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBa
         )
         for o in outcomes
     ]
+    answer: PublishedEvent | PublishedBatch
     if single:
         d = detections[0]
         one = answers[0]
         routed = app.routing.for_detection(d.error_type, d.event_type) if one.run_id else None
-        return PublishedEvent(
+        answer = PublishedEvent(
             accepted=True,
             event_id=one.event_id,
             incident_id=one.incident_id,
@@ -167,30 +315,54 @@ async def publish(app: AppDep, request: Request) -> PublishedEvent | PublishedBa
             duplicate=one.duplicate,
             playbook_id=routed.id if routed is not None else None,
         )
-    return PublishedBatch(
-        accepted=sum(1 for a in answers if not a.duplicate),
-        duplicates=sum(1 for a in answers if a.duplicate),
-        events=answers,
-    )
+    else:
+        answer = PublishedBatch(
+            accepted=sum(1 for a in answers if not a.duplicate),
+            duplicates=sum(1 for a in answers if a.duplicate),
+            events=answers,
+        )
+    if guard is not None:
+        await run_in_threadpool(guard.keep, answer)
+    return answer
+
+
+def _published(kept: dict[str, Any]) -> PublishedEvent | PublishedBatch:
+    if kept.get("kind") == "event":
+        return PublishedEvent.model_validate(kept["answer"])
+    return PublishedBatch.model_validate(kept["answer"])
 
 
 @router.post("/alertmanager", status_code=202)
-async def alertmanager(app: AppDep, request: Request) -> AlertsPublished:
-    """Prometheus Alertmanager webhook (v4): each alert is its own event; `resolved` closes its incident."""
+async def alertmanager(app: AppDep, request: Request, response: Response) -> AlertsPublished:
+    """Prometheus Alertmanager webhook (v4): each alert is its own event; `resolved` closes its incident. A signed
+    request (`X-Mendloop-Signature`) seen before gets its first answer again and stores nothing."""
     raw = await request.body()
-    _check_intake_auth(app, request, raw)
+    guard = _guard(app, request, raw)
+    kept = await _kept(guard, response)
+    if kept is not None:
+        return AlertsPublished.model_validate(kept["answer"])
     body = _parse(raw, "application/json")
     if not isinstance(body, dict) or not isinstance(body.get("alerts"), list):
         raise InputError("alerts: an Alertmanager webhook body has a list of alerts", field="alerts")
     detections = app.intake.from_alertmanager(body)
-    outcomes = await run_in_threadpool(app.intake.ingest, detections)
-    return AlertsPublished(
-        accepted=len(outcomes),
+    if guard is not None:
+        guard.kind = "alerts"
+    recorded = await _ingest(app, guard, detections)
+    if recorded is None:
+        kept = await _kept(guard, response)
+        if kept is None:  # pragma: no cover - a claim is never removed within the tolerance
+            raise Conflict("this signed request was already accepted; retry it", field=auth.SIGNATURE_HEADER)
+        return AlertsPublished.model_validate(kept["answer"])
+    answer = AlertsPublished(
+        accepted=len(recorded),
         events=[
             AlertOutcome(event_id=o.event_id, incident_id=o.incident_id, run_id=o.run_id, verdict=o.verdict)
-            for o in outcomes
+            for o in recorded
         ],
     )
+    if guard is not None:
+        await run_in_threadpool(guard.keep, answer)
+    return answer
 
 
 _STREAM: dict[int | str, dict[str, Any]] = {

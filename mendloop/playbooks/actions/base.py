@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+
+from mendloop.domain.bounded import bounded
 
 # An output is stored as JSON with the step and in the run. Deeper than this it is cut: the JSON encoder recurses
 # once per level and a few hundred levels would crash the commit (RecursionError) and loop the run.
@@ -42,26 +43,9 @@ def storable(output: Mapping[str, Any]) -> dict[str, Any]:
     """`output` as a JSON-able dict that is safe to store: nesting cut at MAX_OUTPUT_DEPTH (the cut value is
     replaced by a note), keys made strings, values JSON cannot hold turned into their text, and an output
     larger than MAX_OUTPUT_CHARS kept as a preview. Never recurses deeper than MAX_OUTPUT_DEPTH."""
-    safe = _bounded(output, MAX_OUTPUT_DEPTH)
+    safe = bounded(output, MAX_OUTPUT_DEPTH)
     assert isinstance(safe, dict)
     text = json.dumps(safe, allow_nan=False, separators=(",", ":"))
     if len(text) <= MAX_OUTPUT_CHARS:
         return safe
     return {"truncated": True, "size": len(text), "preview": text[: MAX_OUTPUT_CHARS // 10] + "…"}
-
-
-def _bounded(value: Any, depth: int) -> Any:
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping | list | tuple):
-        if depth <= 0:
-            return f"… (cut: nested deeper than {MAX_OUTPUT_DEPTH} levels)"
-        if isinstance(value, Mapping):
-            return {str(k): _bounded(v, depth - 1) for k, v in value.items()}
-        return [_bounded(v, depth - 1) for v in value]
-    try:
-        return tail(str(value), 2000)
-    except Exception:  # a value whose str() fails is still recorded, by its type
-        return f"<{type(value).__name__}>"
