@@ -1,4 +1,4 @@
-"""The one error tree. Only `api/errors.py` and `cli.py` turn these into HTTP statuses or exit codes."""
+"""The one error tree. Only `api/errors.py` and `cli/root.py` turn these into HTTP statuses or exit codes."""
 
 from __future__ import annotations
 

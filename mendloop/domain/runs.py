@@ -174,8 +174,9 @@ def escalate(
     return Escalation(work_order=work_order, run=run_changes, events=events)
 
 
-def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], list[NewEvent]]:
-    """An operator cancels a run (its open work order is cancelled with it)."""
+def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], dict[str, Any], list[NewEvent]]:
+    """An operator cancels a run: the run's changes, its work order's (applied while the work order is still
+    open, `WORK_ORDER_OPEN`: an agent working on it sees `cancel_requested` at its next heartbeat), the events."""
     check_run_move(run.id, run.status, RunStatus.CANCELLED)
     changes = {
         "status": RunStatus.CANCELLED.value,
@@ -185,6 +186,7 @@ def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], list[N
         "updated_at": now,
         "error": reason,
     }
+    work_order = {"status": WorkOrderStatus.CANCELLED.value, "cancel_requested": True, "updated_at": now}
     event = NewEvent(
         type="self_healing.completed",
         message=f"Run {run.id} cancelled: {reason}",
@@ -192,4 +194,4 @@ def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], list[N
         run_id=run.id,
         component=run.component,
     )
-    return changes, [event]
+    return changes, work_order, [event]

@@ -390,7 +390,7 @@ class RunStore:
             if row is None:
                 raise NotFound("run", run_id)
             run = run_of(row)
-            changes, events = decide.cancel(run, reason=reason, now=tx.now)
+            changes, work_order, events = decide.cancel(run, reason=reason, now=tx.now)
             updated = tx.conn.execute(
                 sa.update(t.runs).where(t.runs.c.id == run_id).values(changes).returning(*t.runs.c)
             ).one()
@@ -401,7 +401,7 @@ class RunStore:
                         t.work_orders.c.id == run.coding_work_order_id,
                         t.work_orders.c.status.in_([s.value for s in WORK_ORDER_OPEN]),
                     )
-                    .values(status=WorkOrderStatus.CANCELLED.value, cancel_requested=True, updated_at=tx.now)
+                    .values(work_order)
                 )
             tx.emit(events)
         return run_of(updated)
