@@ -30,8 +30,8 @@ from mendloop.playbooks.templates import Templates
 from mendloop.rules.routing import Routing
 from mendloop.storage import migrate
 from mendloop.storage.incidents import IncidentStore
-from mendloop.storage.offsets import DbOffsetStore
 from mendloop.storage.store import Store
+from mendloop.storage.watcher_offsets import DbOffsetStore
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mendloop.domain.offsets import Checkpoint, FileIdentity
+from mendloop.domain.checkpoints import Checkpoint, FileIdentity
 from mendloop.errors import ConfigError
 from mendloop.intake.follow import follow
 from mendloop.intake.lines import Line, strip_ansi

@@ -23,14 +23,14 @@ import yaml
 
 from mendloop.app import App
 from mendloop.config import WatcherConfig, load_settings
-from mendloop.domain.offsets import Checkpoint, FileIdentity
+from mendloop.domain.checkpoints import Checkpoint, FileIdentity
 from mendloop.domain.records import Incident
 from mendloop.domain.states import RunStatus
 from mendloop.errors import StorageError
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.offsets import MemoryOffsetStore, OffsetStore
 from mendloop.intake.watcher import Batch, Sink, WatchPipeline
-from mendloop.storage.offsets import DbOffsetStore
+from mendloop.storage.watcher_offsets import DbOffsetStore
 from tests.support import (
     api_client,
     api_server,

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from mendloop.domain.offsets import HEAD_BYTES, Checkpoint, head_hash
+from mendloop.domain.checkpoints import HEAD_BYTES, Checkpoint, head_hash
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 

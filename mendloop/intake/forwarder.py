@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from mendloop.config import Settings
-from mendloop.domain.offsets import Checkpoint
+from mendloop.domain.checkpoints import Checkpoint
 from mendloop.errors import ConfigError
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.offsets import JsonFileOffsetStore, OffsetStore, checkpoint_json, checkpoint_of_json

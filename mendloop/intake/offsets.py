@@ -1,5 +1,5 @@
 """Where a watcher's checkpoints survive a restart: the OffsetStore protocol, in memory, and in a JSON file (the
-forwarder's; the server's are in the database, `mendloop.storage.offsets`)."""
+forwarder's; the server's are in the database, `mendloop.storage.watcher_offsets`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from mendloop.domain.offsets import Checkpoint, FileIdentity
+from mendloop.domain.checkpoints import Checkpoint, FileIdentity
 from mendloop.errors import StorageError
 
 

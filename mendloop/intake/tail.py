@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mendloop.domain.offsets import HEAD_BYTES, Checkpoint, FileIdentity, head_hash
+from mendloop.domain.checkpoints import HEAD_BYTES, Checkpoint, FileIdentity, head_hash
 from mendloop.errors import ConfigError
 from mendloop.intake.discovery import expand, head_matches, pattern_roots, rotated_copy, siblings
 from mendloop.intake.lines import Line, strip_ansi

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mendloop.config import Settings, WatcherConfig
-from mendloop.domain.offsets import Checkpoint
+from mendloop.domain.checkpoints import Checkpoint
 from mendloop.domain.records import Detection
 from mendloop.intake.follow import follow
 from mendloop.intake.lines import Line
@@ -30,7 +30,7 @@ from mendloop.intake.multiline import Grouper, Record, parse_json
 from mendloop.intake.offsets import OffsetStore
 from mendloop.intake.service import Intake, aggregate
 from mendloop.intake.tail import Tailer
-from mendloop.storage.offsets import DbOffsetStore
+from mendloop.storage.watcher_offsets import DbOffsetStore
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mendloop.domain.offsets import Checkpoint, FileIdentity
+from mendloop.domain.checkpoints import Checkpoint, FileIdentity
 from mendloop.storage import schema as t
 from mendloop.storage.store import Store
 
