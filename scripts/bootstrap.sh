@@ -95,5 +95,12 @@ if ! run_logged "$pip_log" "$VENV/bin/python" -m pip install -q --no-compile --p
     grep -v "WARNING: Location '.*' is ignored" "$pip_log" >&2 || true
     die "pip install -e '.[dev]' failed"
 fi
+# The environment here sets PYTHONDONTWRITEBYTECODE=1, so Python never caches the bytecode of what it imports:
+# compiled once now (a few seconds), or every process the tests start compiles its imports afresh (the CLI then
+# starts in 1 s instead of 0.4 s). pip's own compile step is off above: it is slower, and this does the same.
+if ! run_logged "$pip_log" "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib"; then
+    log "byte-compiling $VENV failed (imports will compile on the fly):"
+    tail -n 5 "$pip_log" >&2 || true
+fi
 echo "$want" >"$STAMP"
 log "installed mendloop[dev] ($(($(date +%s) - pip_started)) s; bootstrap $(($(date +%s) - started)) s)"

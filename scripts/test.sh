@@ -97,6 +97,9 @@ fi
 
 rc=0
 pytest_started=$(date +%s)
+# The project's own bytecode too (PYTHONDONTWRITEBYTECODE=1 here, see bootstrap.sh): the tests start many
+# `mendloop` processes, and each would compile the package afresh.
+.venv/bin/python -m compileall -q -j 0 mendloop >/dev/null || true
 .venv/bin/python -m pytest -n "${MENDLOOP_TEST_WORKERS:-3}" --dist worksteal "$@" || rc=$?
 echo "test.sh: pytest took $(($(date +%s) - pytest_started)) s (exit $rc)" >&2
 if [ "$rc" -eq 5 ]; then
