@@ -20,8 +20,8 @@ import sqlalchemy as sa
 
 from mendloop.app import App
 from mendloop.config import LimitsConfig
+from mendloop.domain.bounded import MAX_CONTEXT_DEPTH
 from mendloop.domain.records import NewEvent
-from mendloop.engine.service import MAX_CONTEXT_DEPTH
 from tests.support import api_client, api_server, drain, open_app, settings_for, write_playbooks
 
 TABLES = ("events", "runs", "steps", "work_orders", "diffs", "incidents", "idempotency", "trust_history")

@@ -20,30 +20,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from mendloop.api.responses import ErrorOut
+from mendloop.domain.bounded import MAX_CONTEXT_DEPTH, nesting
 from mendloop.domain.states import FAIL_REASONS
-from mendloop.engine.service import MAX_CONTEXT_DEPTH
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _value_depth(value: Any) -> int:
-    """Levels of objects and arrays below `value` itself (a flat dict is 0). Iterative: no stack to exhaust."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
-    return deepest
-
-
 def _shallow(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is not None and _value_depth(value) >= MAX_CONTEXT_DEPTH:
+    if value is not None and nesting(value) >= MAX_CONTEXT_DEPTH:
         raise ValueError(f"nested deeper than {MAX_CONTEXT_DEPTH} levels")
     return value
 

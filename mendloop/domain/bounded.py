@@ -8,6 +8,23 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+# How deep a caller's free-form JSON (a trigger's context, an event's payload) may nest: far deeper than any real
+# one, and shallow enough that neither the JSON encoder nor the database driver recurses out of its stack.
+MAX_CONTEXT_DEPTH = 32
+
+
+def nesting(value: Any) -> int:
+    """Levels of objects and arrays below `value` itself (a flat dict is 0). Iterative: a hostile depth can't
+    exhaust the stack while it is measured."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, list | tuple) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple))
+    return deepest
+
 
 def bounded(value: Any, depth: int) -> Any:
     """`value` with nesting cut at `depth` levels (the cut value replaced by a note), keys made strings, and

@@ -13,6 +13,7 @@ from typing import Any
 from mendloop.config import Settings
 from mendloop.domain import runs
 from mendloop.domain import work_orders as decide
+from mendloop.domain.bounded import MAX_CONTEXT_DEPTH, nesting
 from mendloop.domain.records import NewEvent, PlaybookRef, Run, WorkOrder
 from mendloop.domain.states import FAIL_REASONS, WORK_ORDER_OPERATOR_HOLDS, RunStatus, WorkOrderStatus
 from mendloop.domain.work_orders import Completion
@@ -21,23 +22,6 @@ from mendloop.errors import ConfigError, Conflict, InputError, NotFound, Unknown
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, PlaybookSet
 from mendloop.rules.routing import Routing
 from mendloop.storage.store import Store
-
-# A trigger's context is stored as JSON and rendered into templates: far deeper than any real one, and shallow
-# enough that neither the JSON encoder nor the database driver recurses out of its stack.
-MAX_CONTEXT_DEPTH = 32
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Iterative, so a hostile depth can't exhaust the stack while it is being measured."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list | tuple):
-            if depth >= limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 def _digest(claim: Completion) -> str:
@@ -93,7 +77,7 @@ class Remediation:
         event_payload: dict[str, Any] | None = None,
         event_message: str | None = None,
     ) -> tuple[Run, bool]:
-        if context is not None and _deeper_than(context, MAX_CONTEXT_DEPTH):
+        if context is not None and nesting(context) >= MAX_CONTEXT_DEPTH:
             raise InputError(f"context is nested deeper than {MAX_CONTEXT_DEPTH} levels", field="context")
         if playbook_id is not None:
             found = self.playbooks.get(playbook_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,7 +27,8 @@ Decide = Callable[[WorkOrder, Run | None, float], Transition]
 
 
 def _column_values(changes: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.value if isinstance(v, WorkOrderStatus) else v) for k, v in changes.items()}
+    """A decision's changes as column values: statuses (of work orders and runs) stored by their value."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in changes.items()}
 
 
 class WorkOrderStore:
@@ -156,8 +158,7 @@ class WorkOrderStore:
                 .values(_column_values(transition.work_order))
             )
         if transition.run and run is not None:
-            values = {k: (v.value if hasattr(v, "value") else v) for k, v in transition.run.items()}
-            tx.conn.execute(sa.update(t.runs).where(t.runs.c.id == run.id).values(values))
+            tx.conn.execute(sa.update(t.runs).where(t.runs.c.id == run.id).values(_column_values(transition.run)))
         if transition.diff:
             tx.conn.execute(
                 self.db.insert(t.diffs)
