@@ -399,8 +399,13 @@ def test_as_root_the_agent_and_the_tests_run_as_nobody(tmp_path: Path, rig_facto
     try:
         drop.chmod(0o777)
         seen_file = drop / "seen.json"
+        # The agent script from a place uid 65534 can read: the clone may sit in a directory only root can enter
+        # (a `mktemp -d` one, say).
+        agent = drop / "fix_calc.py"
+        shutil.copy(AGENTS / "fix_calc.py", agent)
+        agent.chmod(0o644)
         outcome = rig.run_once(
-            [python, str(AGENTS / "fix_calc.py"), str(seen_file)],
+            [python, str(agent), str(seen_file)],
             run_as=NOBODY,
             test_command=[python, "-m", "unittest", "discover", "-s", "tests"],
         )
