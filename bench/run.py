@@ -8,6 +8,9 @@
 5. Webhook intake on SQLite against a real `mendloop serve`, the load from a second process (bench/intake.py):
    single-event POSTs/s, p50/p99 at 1,000 requests/s, events/s in batches of 500, beside an HTTP server that
    stores nothing and bare SQLite commits/s, measured in the same run; then kill -9 and every 2xx counted.
+6. Redaction of log lines and event payloads (bench/redact.py), beside the regex Redactor it replaced.
+7. `/health` p50/p99 while 10,000 distinct errors arrive at a real `mendloop serve` (bench/health.py), beside
+   `/health` on the same server idle, measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from mendloop.domain.states import RunStatus  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import detect as detect_bench  # noqa: E402
+import health as health_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
+import redact as redact_bench  # noqa: E402
 import runner as agent_runner_bench  # noqa: E402
 import scan as scan_bench  # noqa: E402
 
@@ -252,6 +257,8 @@ def main() -> None:
     intake = intake_bench.run(duration=args.intake_seconds)
     scan = scan_bench.run()
     detect = detect_bench.run()
+    redaction = redact_bench.run()
+    health = health_bench.run()
     result = {
         "throughput": tp,
         "latency": lat,
@@ -260,6 +267,8 @@ def main() -> None:
         "intake": intake,
         "scan": scan,
         "detection": detect,
+        "redaction": redaction,
+        "health": health,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -281,6 +290,8 @@ def main() -> None:
     print("\n".join(intake_bench.report(intake)))
     print("\n".join(scan_report(scan)))
     print("\n".join(detect_bench.report(detect)))
+    print("\n".join(redact_bench.report(redaction)))
+    print("\n".join(health_bench.report(health)))
 
 
 def scan_report(r: dict[str, Any]) -> list[str]:

@@ -3,15 +3,20 @@ this one builder; nothing is built at import time."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
+from mendloop.agents import patch_pipeline
 from mendloop.agents.embedded import EmbeddedRunner
+from mendloop.agents.runner_options import NOBODY
 from mendloop.bus.bus import Bus
 from mendloop.config import Settings
 from mendloop.domain.records import PlaybookRef
@@ -19,6 +24,8 @@ from mendloop.engine.held_patch import HeldPatches
 from mendloop.engine.service import Remediation
 from mendloop.engine.step_loop import StepLoop, StepLoopDeps
 from mendloop.engine.worker import WorkerPool
+from mendloop.errors import MendloopError
+from mendloop.infra import git, sandbox
 from mendloop.infra.redact import Redactor
 from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
@@ -27,8 +34,9 @@ from mendloop.intake.watcher import WatcherService
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
-from mendloop.rules.routing import Routing
+from mendloop.rules.routing import Claim, Routing
 from mendloop.storage import migrate
+from mendloop.storage.health import WriteProbe
 from mendloop.storage.incidents import IncidentStore
 from mendloop.storage.store import Store
 from mendloop.storage.watcher_offsets import DbOffsetStore
@@ -59,9 +67,13 @@ class App:
     batcher: IntakeBatcher = field(init=False)
     log_intake: LogIntake = field(init=False)
     http: httpx.Client = field(init=False)
+    # The one redactor: applied where data enters (intake, triggers, step outputs, what agents post).
+    redactor: Redactor = field(init=False)
     ready: bool = field(default=False, init=False)
     agent_runner: EmbeddedRunner | None = field(default=None, init=False)
     watchers: WatcherService | None = field(default=None, init=False)
+    # The write probe whose last result /health reports (a thread: no write on the request path).
+    health: WriteProbe | None = field(default=None, init=False)
 
     def open(
         self,
@@ -72,6 +84,7 @@ class App:
         start_watchers: bool | None = None,
     ) -> App:
         s = self.settings
+        self.redactor = Redactor(s.secret_patterns)  # first: a bad pattern is a ConfigError before anything opens
         templates = Templates()
         self.playbooks = PlaybookSet.load(s.playbook_dirs, templates)
         self.capabilities = Capabilities(s.targets, templates)
@@ -91,8 +104,13 @@ class App:
                 clock=self.clock,
                 rnd=self.rnd,
                 targets=s.targets,
-                redactor=Redactor(s.secret_patterns),
-                patches=HeldPatches(store=self.store, targets=s.targets),
+                redactor=self.redactor,
+                # The server's tests of a held patch run sandboxed as uid 65534 when it is root, like the runner's.
+                patches=HeldPatches(
+                    store=self.store,
+                    targets=s.targets,
+                    sandbox=functools.partial(sandbox.detect, NOBODY if os.geteuid() == 0 else None),
+                ),
             )
         )
         self.workers = WorkerPool(
@@ -104,13 +122,7 @@ class App:
             clock=self.clock,
             max_concurrent=s.storm.max_concurrent_runs,
         )
-        self.routing = Routing(
-            s.routing_table(),
-            (
-                (PlaybookRef(pb.id, pb.version, pb.document), pb.model.handles.event_types)
-                for pb in self.playbooks.by_id.values()
-            ),
-        )
+        self.routing = Routing(s.routing, playbook_claims(self.playbooks))
         self.remediation = Remediation(
             settings=s,
             store=self.store,
@@ -127,12 +139,17 @@ class App:
             incidents=self.incidents,
             router=self.routing,
             wake=self.workers.notify,
+            redactor=self.redactor,
         )
         self.batcher = IntakeBatcher(self.intake)
+        self.health = WriteProbe(
+            self.store, self.incidents, interval=s.health.probe_interval_seconds, max_age=s.health.max_write_age_seconds
+        ).start()
         embedded = None
         if self.embedded_agent and s.agent_runner.enabled:
             embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
         if start_workers:
+            self._recover_repositories()  # before any run can resume an apply a crash interrupted
             self.workers.start()
         if embedded is not None:
             self.agent_runner = embedded.start()
@@ -143,6 +160,20 @@ class App:
         self.ready = True
         return self
 
+    def _recover_repositories(self) -> None:
+        """Each target repository as before or after an apply a crash interrupted, never between; and without
+        the worktrees a dead process left. A repository that can't be read is the run's problem, not start-up's."""
+        for name, target in self.settings.targets.items():
+            if not target.repository or not git.is_repo(Path(target.repository)):
+                continue
+            try:
+                outcome = patch_pipeline.recover(Path(target.repository))
+            except MendloopError as exc:
+                log.warning("target %s: could not check %s after a restart: %s", name, target.repository, exc.message)
+            else:
+                if outcome:
+                    log.warning("target %s: an apply interrupted by a crash was %s", name, outcome)
+
     def close(self) -> None:
         self.ready = False
         if self.watchers is not None:
@@ -151,6 +182,9 @@ class App:
         if self.agent_runner is not None:
             self.agent_runner.stop()  # kills its agent's process group
             self.agent_runner = None
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if hasattr(self, "batcher"):
             self.batcher.close()  # commits the events already queued, before the store closes
         if hasattr(self, "workers"):
@@ -159,3 +193,15 @@ class App:
             self.http.close()
         if hasattr(self, "store"):
             self.store.close()
+
+
+def playbook_claims(playbooks: PlaybookSet) -> list[Claim]:
+    """What each loaded playbook's `handles` claims, for the routing table."""
+    return [
+        Claim(
+            PlaybookRef(pb.id, pb.version, pb.document),
+            tuple(pb.model.handles.error_types),
+            tuple(pb.model.handles.event_types),
+        )
+        for pb in playbooks.by_id.values()
+    ]

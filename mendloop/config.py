@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,20 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mendloop.errors import ConfigError
-
-# The spec's error types and the playbook each one runs. Overridable (and extendable) with `routing:`.
-DEFAULT_ROUTING: dict[str, str] = {
-    "database_connection": "database_reconnect",
-    "pipeline_timeout": "pipeline_timeout_fix",
-    "timeout": "pipeline_timeout_fix",
-    "verification_failed": "verification_fix",
-    "validation_failed": "verification_fix",
-    "schema_mismatch": "ingestion_replay",
-    "ingestion_failed": "ingestion_replay",
-    "schema_invalid": "schema_recovery",
-    "memory_pressure": "memory_cleanup",
-    "cache_overflow": "memory_cleanup",
-}
 
 # Watcher event types of the spec and the error type each stands for when it triggers a run.
 DEFAULT_EVENT_ERROR_TYPES: dict[str, str] = {
@@ -71,6 +58,16 @@ class CapabilityBinding(_Strict):
     description: str = ""
     command: CommandBinding | None = None
     http: HttpBinding | None = None
+    expect: str | None = Field(
+        default=None,
+        description="When the call succeeded, by the service's own answer: an expression over `result` "
+        "(e.g. `result.json.db_connected`). Unset: the exit code or the HTTP status decides.",
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="The normalised outputs playbooks read as `result.outputs.<name>`: name -> expression over "
+        "`result` (e.g. connected: result.json.db_connected). A JSON object answer gives its keys by default.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CapabilityBinding:
@@ -112,10 +109,38 @@ class TargetConfig(_Strict):
     repository: str | None = Field(default=None, description="Path of the target's git repository.")
     test_command: list[str] | None = Field(default=None, description="argv of the repository's tests.")
     test_timeout: float = Field(default=600, gt=0)
+    report: TestReportConfig | Literal["none"] | None = Field(
+        default=None,
+        description="How the test command reports each test (see README, How patches are tested). Unset: pytest "
+        "and `python -m unittest` are recognised, anything else is judged by its exit code; `none`: the exit code "
+        "only; {format: junit, path_arg: '--junit-xml={path}'}: the argument that makes it write JUnit XML.",
+    )
+    failing_tests: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Tests a patch must make pass (FAIL_TO_PASS), added to those a work order names.",
+    )
     patch: PatchPolicy = Field(default_factory=PatchPolicy)
     work_orders: WorkOrderPolicy = Field(default_factory=WorkOrderPolicy)
     vars: dict[str, Any] = Field(default_factory=dict)
     capabilities: dict[str, CapabilityBinding] = Field(default_factory=dict)
+
+
+class TestReportConfig(_Strict):
+    """A test runner mendloop does not recognise, and the argument that makes it write a JUnit XML report."""
+
+    __test__ = False  # a config model, not a pytest test class
+
+    format: Literal["junit", "none"] = "junit"
+    path_arg: str | None = Field(
+        default=None, description="One argument appended to the test command; {path} becomes the report's path."
+    )
+
+    @model_validator(mode="after")
+    def _path_arg_names_the_path(self) -> TestReportConfig:
+        if self.format == "junit" and (self.path_arg is None or "{path}" not in self.path_arg):
+            raise ValueError("report.path_arg must contain {path} (e.g. --junit-xml={path})")
+        return self
 
 
 class TrustConfig(_Strict):
@@ -142,11 +167,33 @@ class StormConfig(_Strict):
         default=32, ge=0, description="Runs executing at once; 0: no cap. Extra runs wait."
     )
     mutex_per_component: bool = Field(default=True, description="Runs for one component never execute concurrently.")
+    # A storm of distinct errors (each its own fingerprint) passes the per-fingerprint throttle: these cap how many
+    # new runs detections may start per fixed window; the overflow is recorded as incidents without runs.
+    new_runs_window_seconds: float = Field(
+        default=60, gt=0, description="The fixed window the two caps below count new runs in."
+    )
+    max_new_runs_per_window: int = Field(
+        default=100, ge=0, description="New runs detections may start per window, all components; 0: no cap."
+    )
+    max_new_runs_per_component: int = Field(
+        default=20, ge=0, description="New runs detections may start per window for one component; 0: no cap."
+    )
 
 
 class PatternConfig(_Strict):
     name: str = Field(min_length=1)
     regex: str = Field(min_length=1)
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        # The matcher compiles every pattern with Python's re as its verifier: the same rules, caught here.
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from None
+        return value
+
     event_type: str = Field(default="log_pattern.error", pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
     error_type: str | None = None
     severity: Literal["info", "warning", "error", "critical"] = "error"
@@ -163,6 +210,21 @@ class WatcherConfig(_Strict):
     start_at: Literal["end", "beginning"] = "end"
     multiline: bool = Field(default=True, description="Group tracebacks and stack traces into one record.")
     max_line_bytes: int = Field(default=65536, ge=256)
+    prefix: str | None = Field(
+        default=None,
+        description="A regex matching the log prefix (timestamp, level, logger, thread) at the start of a line; "
+        "it is left out of the fingerprint. Default: the common formats are recognised.",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex: {exc}") from None
+        return value
 
 
 # The coding agent adapters `agent_runner.adapter` may name. Settings are checked when loaded, below the agents
@@ -214,6 +276,27 @@ class LimitsConfig(_Strict):
         ge=256,
         description="Characters in one string (or key) of a JSON body; the diff has its own bound (5,000,000).",
     )
+    # What the server holds at once (`serve` passes the first three to uvicorn).
+    max_connections: int = Field(
+        default=1000, ge=1, description="Connections and requests in flight; beyond it a request gets a 503."
+    )
+    keep_alive_timeout_seconds: int = Field(default=5, ge=1, description="An idle kept-alive connection is closed.")
+    header_timeout_seconds: float = Field(
+        default=10, gt=0, description="A connection whose request headers are not complete by then is closed."
+    )
+    max_sse_streams: int = Field(default=200, ge=1, description="Open GET /events/stream streams, all clients.")
+    max_sse_streams_per_client: int = Field(
+        default=5, ge=1, description="Open GET /events/stream streams per client (its token, else its address)."
+    )
+
+
+class HealthConfig(_Strict):
+    """The write probe behind `/health`: a thread writes a heartbeat row every `probe_interval_seconds` (never on
+    the request path); `/health` is degraded once the last successful write is older than `max_write_age_seconds`
+    or the last attempt failed."""
+
+    probe_interval_seconds: float = Field(default=5, gt=0, le=3600)
+    max_write_age_seconds: float = Field(default=30, gt=0)
 
 
 class Settings(BaseSettings):
@@ -237,7 +320,9 @@ class Settings(BaseSettings):
         description="Extra directories of playbook YAML files (override built-ins by id).",
     )
     routing: dict[str, str] = Field(
-        default_factory=dict, description="error_type -> playbook id; merged over the defaults."
+        default_factory=dict,
+        description="error type (or dotted event type) -> playbook id, over the routes the playbooks' `handles` "
+        "claim; settles a type two playbooks claim.",
     )
     event_error_types: dict[str, str] = Field(
         default_factory=dict, description="event type -> error type; merged over the defaults."
@@ -254,6 +339,14 @@ class Settings(BaseSettings):
     intake_tokens: list[str] = Field(
         default_factory=list, description="Bearer tokens accepted by POST /events (webhooks, forwarders)."
     )
+    forwarder_tokens: list[str] = Field(
+        default_factory=list,
+        description="Intake tokens of forwarders (`mendloop watch`): accepted by POST /events, and the only callers "
+        "whose `fingerprint` is used (others get the server's own).",
+    )
+    trust_caller_fingerprint: bool = Field(
+        default=False, description="Use the `fingerprint` of every POST /events caller, not only forwarders'."
+    )
     webhook_hmac_secret: str | None = Field(
         default=None,
         description="Accept POST /events signed with X-Mendloop-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
@@ -267,14 +360,25 @@ class Settings(BaseSettings):
         "seen before within it gets the stored answer.",
     )
     secret_patterns: list[str] = Field(
-        default_factory=list, description="Extra regexes whose matches are redacted from work order context."
+        default_factory=list,
+        description="Extra regexes whose matches are redacted from everything mendloop stores, answers or hands to "
+        "an agent (beside detect-secrets' rules and mendloop's own); a named group `v` masks only that group.",
     )
     agent_runner: AgentRunnerConfig = Field(
         default_factory=AgentRunnerConfig, description="The agent runner embedded in `serve` (off by default)."
     )
-    limits: LimitsConfig = Field(
-        default_factory=LimitsConfig, description="Request body size, nesting and string length caps."
+    sandbox: Literal["auto", "bwrap", "off"] = Field(
+        default="auto",
+        description="Where agent and test processes run: auto (bubblewrap when it works here, else a uid drop with "
+        "a warning at startup), bwrap (bubblewrap or refuse to start), off (the uid drop only).",
     )
+    bwrap: str | None = Field(
+        default=None, description="Path of bubblewrap's `bwrap` (default: found on PATH); for `sandbox`."
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Request body size, nesting and string length caps; connections."
+    )
+    health: HealthConfig = Field(default_factory=HealthConfig, description="The write probe behind /health.")
 
     @classmethod
     def settings_customise_sources(
@@ -293,7 +397,7 @@ class Settings(BaseSettings):
     def _strip(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator("api_tokens", "intake_tokens")
+    @field_validator("api_tokens", "intake_tokens", "forwarder_tokens")
     @classmethod
     def _strong_tokens(cls, tokens: list[str]) -> list[str]:
         # An empty or guessable token must never pass for authentication (nor for "tokens are configured"). The
@@ -313,9 +417,6 @@ class Settings(BaseSettings):
             raise ValueError(f"default_target {self.default_target!r} is not among targets")
         return self
 
-    def routing_table(self) -> dict[str, str]:
-        return {**DEFAULT_ROUTING, **self.routing}
-
     def event_error_table(self) -> dict[str, str]:
         return {**DEFAULT_EVENT_ERROR_TYPES, **self.event_error_types}
 
@@ -327,6 +428,10 @@ class Settings(BaseSettings):
         if len(self.targets) == 1:
             return next(iter(self.targets))
         return None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -358,9 +463,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: {loc}: {first['msg']}", field=loc) from exc
+        problems = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        first = _where(exc.errors()[0]["loc"])
+        raise ConfigError(problems[0], problems=problems, field=first) from exc
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given:
         return settings
@@ -369,9 +474,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         merged = _FileOnly(**{**settings.model_dump(), **given})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"command line: {loc}: {first['msg']}", field=loc) from exc
+        problems = [f"command line: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(problems[0], problems=problems, field=_where(exc.errors()[0]["loc"])) from exc
     return Settings.model_construct(**{name: getattr(merged, name) for name in Settings.model_fields})
 
 

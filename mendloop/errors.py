@@ -15,7 +15,11 @@ class MendloopError(Exception):
 
 
 class ConfigError(MendloopError):
-    """The configuration is invalid."""
+    """The configuration is invalid. `problems`: every problem found, one line each (the message is the first)."""
+
+    def __init__(self, message: str | None = None, *, problems: list[str] | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.problems = list(problems) if problems else [self.message]
 
 
 class PlaybookError(MendloopError):

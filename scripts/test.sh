@@ -5,12 +5,13 @@
 # 2. unless MENDLOOP_TEST_POSTGRES_URL is already set, starts a throwaway PostgreSQL cluster in a fresh
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
-# 3. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
+# 3. installs Debian's bubblewrap when it is missing and this runs as root (ensure_bwrap: the sandbox tests need it);
+# 4. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
 #    once per machine, in a cache outside the clone (~/.cache/mendloop/agent-clis; about a minute the first
 #    time, nothing after), linked as .agent-clis/bin, which goes on PATH, so the adapters' `--help` checks and the
 #    aider end-to-end test run (in CI they fail rather than skip without them). MENDLOOP_SKIP_AGENT_CLIS=1 skips
 #    it; outside CI a failed install only warns;
-# 4. runs `.venv/bin/python -m pytest -n 3 --dist worksteal "$@"` and exits with its code. pytest's 5 ("no tests
+# 5. runs `.venv/bin/python -m pytest -n 3 --dist worksteal "$@"` and exits with its code. pytest's 5 ("no tests
 #    collected") is non-zero, so it fails the run too. -n: tests run in parallel (pytest-xdist) in
 #    $MENDLOOP_TEST_WORKERS processes (3 unless set): most of their time is spent waiting on subprocesses, servers
 #    and the database, so more workers than cores still help. ARGS='-n 0' (or MENDLOOP_TEST_WORKERS=0) runs them in
@@ -42,7 +43,34 @@ ensure_chromium() {
     rm -f "$aptlog"
 }
 
+# ---------------------------------------------------------------------------------------------
+# ensure_bwrap: Debian's bubblewrap, the sandbox agent and test processes run in (tests/test_sandbox.py needs
+# it). Always called. Installed when running as root and missing; otherwise a warning, and the sandbox tests
+# fail in CI (they skip outside it). In CI a failed install fails the run.
+# ---------------------------------------------------------------------------------------------
+ensure_bwrap() {
+    command -v bwrap >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "test.sh: bwrap is missing; install it with: sudo apt-get install -y bubblewrap" >&2
+        return 1
+    fi
+    echo "test.sh: installing Debian's bubblewrap (apt-get)..." >&2
+    local aptlog
+    aptlog=$(mktemp "${TMPDIR:-/tmp}/bubblewrap-apt.XXXXXX")
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >"$aptlog" 2>&1; then
+        cat "$aptlog" >&2
+        rm -f "$aptlog"
+        echo "test.sh: apt-get install bubblewrap failed" >&2
+        return 1
+    fi
+    rm -f "$aptlog"
+}
+
 bash scripts/bootstrap.sh
+
+if ! ensure_bwrap && [ -n "${CI:-}" ]; then
+    exit 1
+fi
 
 if [ "${MENDLOOP_NEED_CHROMIUM:-0}" = 1 ]; then
     ensure_chromium

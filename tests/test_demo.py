@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from mendloop.demo.lock import StateLock
 from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -276,3 +277,89 @@ def test_spec_curl_tests_against_no_story(no_story_demo: tuple[subprocess.Popen[
     assert proc.wait(30) == 0
     for child in ("mendloop", "sample_service"):
         assert not _alive(info[child]["pid"]), f"{child} still running after the demo stopped"
+
+
+def _start_demo(state: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mendloop",
+                "demo",
+                "--no-story",
+                "--port",
+                str(free_port()),
+                "--service-port",
+                str(free_port()),
+                "--state-dir",
+                str(state),
+            ],
+            cwd=state.parent,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _demo_info(state: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """demo.json once the demo `proc` wrote it (its children are up then)."""
+
+    def written() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return bool(json.loads((state / "demo.json").read_text())["demo_pid"] == proc.pid)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_for(written, timeout=60, interval=0.05)
+    info: dict[str, Any] = json.loads((state / "demo.json").read_text())
+    return info
+
+
+def test_kill_9_of_the_demo_takes_its_children_and_a_live_demo_holds_its_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "demo"
+    first = _start_demo(state, tmp_path / "first.out")
+    children: list[int] = []
+    try:
+        info = _demo_info(state, first, tmp_path / "first.out")
+        children = [info["mendloop"]["pid"], info["sample_service"]["pid"]]
+        # A second demo on the same state directory is refused in one line, and touches nothing of the first's.
+        head = _git(state / "sample_service", "rev-parse", "HEAD")
+        second = subprocess.run(
+            [
+                *(sys.executable, "-m", "mendloop", "demo", "--no-story", "--port", str(free_port())),
+                *("--service-port", str(free_port()), "--state-dir", str(state)),
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode != 0
+        said = (second.stdout + second.stderr).strip().splitlines()
+        assert len(said) == 1 and f"another demo (pid {first.pid}) is using {state}" in said[0], said
+        assert all(_alive(pid) for pid in children)
+        assert _git(state / "sample_service", "rev-parse", "HEAD") == head
+        assert json.loads((state / "demo.json").read_text())["demo_pid"] == first.pid
+
+        first.kill()  # kill -9: none of the demo's own cleanup runs
+        first.wait()
+        wait_for(lambda: not any(_alive(pid) for pid in children), timeout=10, interval=0.05)
+
+        # Its lock died with it (the file is still there, with its pid): the next demo takes the state directory
+        # over. That demo's first step, in this process: starting a whole third demo would add ten seconds.
+        assert (state / "demo.lock").read_text().strip() == str(first.pid)
+        lock = StateLock(state)
+        lock.acquire()
+        assert (state / "demo.lock").read_text().strip() == str(os.getpid())
+        lock.release()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        for pid in children:  # a safety net only: the assertions above are the test
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -21,10 +21,12 @@ from mendloop.agents.patch_pipeline import apply_patch, revert
 from mendloop.config import PatchPolicy
 from mendloop.engine.held_patch import constraints_for
 from mendloop.errors import PatchRejected
+from tests.interpreters import python_for_tests
 from tests.support import open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
-TEST_COMMAND = [PY, "-c", "import app, sys; sys.exit(0 if app.VALUE < 10 else 1)"]
+# The server runs a target's tests as uid 65534 when it is root: an interpreter that uid can start.
+TEST_COMMAND = [python_for_tests(), "-c", "import app, sys; sys.exit(0 if app.VALUE < 10 else 1)"]
 
 PYPROJECT = """[project]
 name = "svc"

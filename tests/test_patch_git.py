@@ -28,6 +28,7 @@ from mendloop.agents.worktrees import prune_stale, worktree
 from mendloop.errors import MendloopError, PatchRejected
 from mendloop.infra import git as infra_git
 from mendloop.infra.git import head, is_repo
+from mendloop.infra.sandbox import Sandbox
 
 # Passes only when the patch below has been applied: tests judge the patched tree, not the original.
 CHECK_VALUE = [sys.executable, "-c", "import app, sys; print('value', app.VALUE); sys.exit(0 if app.VALUE == 2 else 1)"]
@@ -372,10 +373,48 @@ def test_diff_worktree_shows_what_check_diff_rejects(repo: Path, parent: Path, c
     assert_no_worktrees(repo, parent)
 
 
+_HOLD_WORKTREE = """
+import sys, time
+from pathlib import Path
+from mendloop.agents.worktrees import worktree
+with worktree(Path(sys.argv[1]), "HEAD", parent=Path(sys.argv[2])) as tree:
+    print(tree, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_prune_stale_removes_a_dead_process_worktree_at_once(repo: Path, parent: Path) -> None:
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HOLD_WORKTREE, str(repo), str(parent)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        dead_tree, live_tree = (Path(h.stdout.readline().strip()) for h in holders if h.stdout)
+        holders[0].kill()  # a kill -9: the worktree stays, its lock goes with the process
+        holders[0].wait()
+        assert dead_tree.exists()
+        # Fresh (not 24 hours old), yet gone at once: its process is dead. The live process's stays.
+        assert prune_stale(repo, max_age_hours=24, parent=parent) == 1
+        assert not dead_tree.parent.exists()
+        assert live_tree.exists()
+        assert f"worktree {dead_tree}\n" not in git(repo, "worktree", "list", "--porcelain")
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+            if h.stdout:
+                h.stdout.close()
+    prune_stale(repo, max_age_hours=24, parent=parent)
+    assert_no_worktrees(repo, parent)
+
+
 def test_prune_stale_removes_old_mendloop_worktrees(repo: Path, parent: Path) -> None:
-    # Simulate a crash: enter the context and never leave it.
+    # Simulate a crash of a version without the live lock: enter the context, never leave it, drop the lock file.
     leaked = worktree(repo, "HEAD", parent=parent)
     tree = leaked.__enter__()
+    (tree.parent / "mendloop-live.lock").unlink()
     old = time.time() - 48 * 3600
     os.utime(tree.parent, (old, old))
     fresh = worktree(repo, "HEAD", parent=parent)
@@ -478,6 +517,11 @@ def _wait_gone(pid: int, seconds: float = 5.0) -> bool:
     return False
 
 
+# The process-group tests watch host pids: outside bubblewrap's pid namespace (it has its own tests), through the
+# same Sandbox.run.
+UNCONFINED = Sandbox(kind="none", reason="tests of the process group handling")
+
+
 @pytest.fixture
 def child_script(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A shell script that starts `sleep 60` in the background, records its pid, then behaves per $1."""
@@ -499,7 +543,7 @@ def test_hanging_tests_are_killed_with_their_children(
 ) -> None:
     script, pidfile = child_script
     started = time.monotonic()
-    result = run_tests(repo, ["sh", str(script), "hang", str(pidfile)], timeout=1.0, env={})
+    result = run_tests(repo, ["sh", str(script), "hang", str(pidfile)], timeout=1.0, env={}, sandbox=UNCONFINED)
     assert time.monotonic() - started < 10
     assert result.timed_out and not result.passed
     assert result.exit_code is None
@@ -510,7 +554,7 @@ def test_hanging_tests_are_killed_with_their_children(
 def test_background_children_do_not_outlive_passing_tests(repo: Path, child_script: tuple[Path, Path]) -> None:
     script, pidfile = child_script
     started = time.monotonic()
-    result = run_tests(repo, ["sh", str(script), "exit", str(pidfile)], timeout=30, env={})
+    result = run_tests(repo, ["sh", str(script), "exit", str(pidfile)], timeout=30, env={}, sandbox=UNCONFINED)
     assert time.monotonic() - started < 10  # the sleeper holds no pipe we wait on
     assert result.passed and result.exit_code == 0 and not result.timed_out
     assert _wait_gone(int(pidfile.read_text()))
@@ -520,7 +564,14 @@ def test_hanging_tests_reject_the_patch(repo: Path, parent: Path, child_script: 
     script, pidfile = child_script
     before = head(repo)
     with pytest.raises(PatchRejected, match="tests timed out") as caught:
-        run_apply(repo, FIX, parent, test_command=["sh", str(script), "hang", str(pidfile)], test_timeout=1.0)
+        run_apply(
+            repo,
+            FIX,
+            parent,
+            test_command=["sh", str(script), "hang", str(pidfile)],
+            test_timeout=1.0,
+            sandbox=UNCONFINED,
+        )
     assert caught.value.reason == "tests_failed"
     assert caught.value.fields["timed_out"] is True
     assert _wait_gone(int(pidfile.read_text()))
@@ -536,8 +587,9 @@ def test_output_tail_keeps_the_end(repo: Path) -> None:
 
 
 def test_missing_test_program_is_not_blamed_on_the_patch(repo: Path) -> None:
-    with pytest.raises(MendloopError, match="cannot start test command"):
+    with pytest.raises(PatchRejected, match="cannot start the test command") as caught:
         run_tests(repo, ["definitely-not-a-program-xyz"], timeout=5, env={})
+    assert caught.value.reason == "test_env_error"
 
 
 # -- the one git environment policy (mendloop.infra.git) ---------------------------------------------------------

@@ -12,9 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.interpreters import python_for_tests
 from tests.support import open_app, settings_for, wait_for, write_playbooks
 
 PY = sys.executable
+# The server runs a target's tests as uid 65534 when it is root: an interpreter that uid can start.
+TEST_PY = python_for_tests()
 
 
 def git(repo: Path, *args: str) -> str:
@@ -72,7 +75,7 @@ def app(database_url: str, tmp_path: Path, repo: Path) -> Any:
         playbook_dirs=[str(tmp_path / "pb")],
         routing={"code": "code"},
         default_target="svc",
-        targets={"svc": {"repository": str(repo), "test_command": [PY, "check.py"], "test_timeout": 30}},
+        targets={"svc": {"repository": str(repo), "test_command": [TEST_PY, "check.py"], "test_timeout": 30}},
     )
     a = open_app(settings, start_workers=True)
     yield a

@@ -244,3 +244,66 @@ def test_kill_live_groups_kills_running_children() -> None:
     child = process.spawn([PY, "-c", "import time; time.sleep(60)"])
     process.kill_live_groups()
     assert child.wait(10) == -9
+
+
+def test_die_with_parent_child_keeps_its_pid_and_gets_the_leaders_signals(tmp_path: Path) -> None:
+    """The shim execs the program in its own place: spawn()'s pid is the program's, and Child.stop's SIGTERM
+    reaches the program itself, which can end cleanly (a server shutting down, say)."""
+    script = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('term', flush=True), sys.exit(3)))\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log = tmp_path / "child.log"
+    with log.open("wb") as fh:
+        child = process.spawn([PY, "-c", script], stdout=fh, die_with_parent=True)
+    deadline = time.monotonic() + 20
+    while not log.read_text().strip():
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.02)
+    assert int(log.read_text().split()[0]) == child.pid
+    assert child.stop(grace=10) == 3
+    assert log.read_text().split()[1] == "term"
+
+
+def test_die_with_parent_cannot_start_names_the_program() -> None:
+    with pytest.raises(process.CannotStart) as caught:
+        process.run(["no-such-program-mendloop"], timeout=5, die_with_parent=True)
+    assert caught.value.program == "no-such-program-mendloop"
+
+
+# A mendloop stand-in: it starts a long-lived child from a thread that then exits (PR_SET_PDEATHSIG alone would
+# kill the child right then), says the child's pid once the thread is gone, and lives on until killed.
+_SPAWNER = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+from mendloop.infra import process
+started = []
+thread = threading.Thread(target=lambda: started.append(process.spawn(["sleep", "300"], die_with_parent=True)))
+thread.start()
+thread.join()
+time.sleep(0.5)
+open({pid_file!r}, "w").write(str(started[0].pid))
+time.sleep(300)
+"""
+
+
+def test_die_with_parent_outlives_its_thread_and_dies_with_a_kill_9_of_the_process(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    root = str(Path(__file__).resolve().parent.parent)
+    spawner = subprocess.Popen([PY, "-c", _SPAWNER.format(root=root, pid_file=str(pid_file))])
+    try:
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and spawner.poll() is None
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        assert _alive(child)  # the thread that started it has exited, the process has not
+        spawner.kill()  # kill -9: no atexit, no cleanup of any kind
+        spawner.wait()
+        assert _wait_dead(child), "the child outlived a kill -9 of the process that started it"
+    finally:
+        if spawner.poll() is None:
+            spawner.kill()
+            spawner.wait()

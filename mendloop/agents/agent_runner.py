@@ -11,7 +11,8 @@ For one work order:
    lease stops the agent;
 4. the diff computed by the runner from the worktree (`patch_pipeline.diff_worktree`), never taken from the agent;
 5. the patch safety checks (`patch_pipeline.check_patch`, `patch_safety.check_paths_in_worktree`);
-6. the test command in a fresh worktree with the diff applied, judged by its exit code alone;
+6. the test command at the base and with the diff applied, each in a fresh worktree (`test_suite`, the server's
+   implementation too): no test that passed at the base may fail or vanish, the named failing tests must pass;
 7. apply: `commit` (one commit on the checked-out branch with a `Work-Order:` trailer), `branch` (a commit on
    `mendloop/<work order id>` left for review) or `approval` (nothing applied; the verified diff is sent for an
    operator to approve);
@@ -37,10 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mendloop.agents import patch_pipeline, patch_safety, worktrees
+from mendloop.agents import patch_pipeline, patch_safety, test_suite, worktrees
 from mendloop.agents.adapters import AgentTask, build_prompt, relevant_files
 from mendloop.agents.lease_keeper import LeaseKeeper
 from mendloop.agents.runner_options import APPLY_MODES, NOBODY, ApplyMode, Outcome, RunnerOptions, default_workdir
+from mendloop.agents.test_suite import ReportSetting, TestResult
 from mendloop.agents.work_order_input import (
     argv_of,
     commit_message,
@@ -51,9 +53,11 @@ from mendloop.agents.work_order_input import (
 )
 from mendloop.agents.worktree_access import check_reachable, give_tree, make_traversable, restore_file
 from mendloop.domain.states import RETRYABLE_FAIL_REASONS
-from mendloop.errors import AgentError, Conflict, MendloopError, NotFound, PatchRejected
+from mendloop.domain.test_verdict import failing_tests_of
+from mendloop.errors import AgentError, Conflict, InputError, MendloopError, NotFound, PatchRejected
 from mendloop.infra import git, process
 from mendloop.infra.api_client import AgentClient, Claim
+from mendloop.infra.sandbox import Sandbox, detect
 
 __all__ = ["APPLY_MODES", "NOBODY", "AgentRunner", "ApplyMode", "Outcome", "RunnerOptions", "running"]
 
@@ -73,7 +77,7 @@ class _Cancelled(Exception):
 
 
 class AgentRunner:
-    def __init__(self, client: AgentClient, options: RunnerOptions) -> None:
+    def __init__(self, client: AgentClient, options: RunnerOptions, *, sandbox: Sandbox | None = None) -> None:
         self.client = client
         self.options = options
         self.adapter = options.adapter
@@ -87,6 +91,9 @@ class AgentRunner:
             self.run_as = options.run_as
         if self.run_as is not None and os.geteuid() != 0:
             raise MendloopError("running the agent as another user needs root; use run_as=None")
+        # Where the agent's processes run: bubblewrap when this machine allows it (MENDLOOP_SANDBOX, `sandbox:`),
+        # else the uid drop above, with a warning logged once.
+        self.sandbox = sandbox if sandbox is not None else detect(self.run_as, environ=self._environ)
         self._stop = threading.Event()
         self._current_cancel: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -101,12 +108,13 @@ class AgentRunner:
         if not git.is_repo(self.repo):
             raise MendloopError(f"{self.repo}: not a git repository")
         try:
-            removed = worktrees.prune_stale(self.repo, parent=self.workdir)
+            # An apply of ours (apply=commit) a crash interrupted is finished first; then the dead worktrees go.
+            outcome = patch_pipeline.recover(self.repo, worktree_parent=self.workdir)
         except MendloopError as exc:
-            log.warning("could not prune stale worktrees of %s: %s", self.repo, exc.message)
+            log.warning("could not check %s after a restart: %s", self.repo, exc.message)
         else:
-            if removed:
-                log.info("removed %d stale worktree(s) of %s", removed, self.repo)
+            if outcome:
+                log.warning("%s: an apply interrupted by a crash was %s", self.repo, outcome)
         self._prepared = True
 
     def run(self, *, once: bool = False) -> int:
@@ -271,19 +279,9 @@ class AgentRunner:
         if cancel.is_set():
             raise _Cancelled()
         beat.note = "running the tests"
-        tests = self._run_tests(base, diff, summary, test_command, scratch, cancel)
+        tests = self._run_tests(base, diff, summary, test_command, scratch, cancel, ctx=ctx, claims=claims)
         if cancel.is_set():
             raise _Cancelled()
-        if not tests.passed:
-            what = (
-                f"tests timed out after {tests.duration_seconds:g}s"
-                if tests.timed_out
-                else f"tests failed with exit code {tests.exit_code}"
-            )
-            claimed = claims.get("tests_passed")
-            if claimed is True:
-                what += " (the agent said they passed; the runner's own run overrules it)"
-            raise PatchRejected("tests_failed", f"{what}; output tail:\n{tests.output_tail}")
 
         beat.note = f"applying ({self.options.apply})"
         outcome = Outcome(
@@ -349,6 +347,9 @@ class AgentRunner:
         env = self._environment(home, {**self.adapter.passthrough_env(self._environ), **task.variables()})
         env.update(invocation.env)
         env = {k: v for k, v in env.items() if not k.startswith("MENDLOOP_")}
+        if self.sandbox.confined:
+            # The operator's HOME is read-only in the sandbox; agent CLIs write their state there.
+            env["HOME"] = str(home)
         dotgit = wt / ".git"
         saved_dotgit = dotgit.read_bytes()
         if self.run_as is not None:
@@ -358,7 +359,15 @@ class AgentRunner:
             check_reachable(wt, self.run_as)
         log.info("work order %s: running %s", task.work_order_id, invocation.argv[0])
         try:
-            result = self._run_process(invocation.argv, cwd=wt, env=env, timeout=task.timeout, cancel=cancel)
+            result = self._run_process(
+                invocation.argv,
+                cwd=wt,
+                env=env,
+                timeout=task.timeout,
+                cancel=cancel,
+                writable=[task.scratch],  # its home, the result file, the CLIs' history files
+                network=self.adapter.needs_network,
+            )
         finally:
             if self.run_as is not None:
                 give_tree(wt, (os.getuid(), os.getgid()))
@@ -382,14 +391,28 @@ class AgentRunner:
             )
 
     def _run_process(
-        self, argv: list[str], *, cwd: Path, env: Mapping[str, str], timeout: float, cancel: threading.Event
+        self,
+        argv: list[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        timeout: float,
+        cancel: threading.Event,
+        writable: list[Path] | None = None,
+        network: bool = False,
+        readonly: list[Path] | None = None,
     ) -> process.Completed:
-        """An agent or test process: stdin closed, output merged and kept as a tail, run as `run_as`, its group
-        killed when it exits, times out or `cancel` is set, and - through the shim - when the runner dies."""
+        """An agent or test process, through the sandbox: stdin closed, output merged and kept as a tail, run as
+        `run_as`, only `cwd` and `writable` writable, the network only with `network`; its group killed when it
+        exits, times out or `cancel` is set, and when the runner dies (even by `kill -9`)."""
         if not argv:
             raise AgentError("agent_error", "empty argv")
+        room = list(writable or [])
+        home = env.get("HOME")
+        if home and Path(home).is_relative_to(self.workdir):
+            room.append(Path(home))  # a throwaway home the runner made in its scratch directory
         try:
-            return process.run(
+            return self.sandbox.run(
                 argv,
                 cwd=cwd,
                 env=env,
@@ -397,11 +420,19 @@ class AgentRunner:
                 cancel=cancel,
                 merge_stderr=True,
                 keep_bytes=OUTPUT_TAIL_CHARS * 4,
-                run_as=self.run_as,
-                die_with_parent=True,
+                writable=room,
+                network=network,
+                readonly=[*(readonly or []), *self._visible(argv)],
             )
         except process.CannotStart as exc:
             raise AgentError("agent_error", f"cannot start {argv[0]!r}: {exc.strerror}") from exc
+
+    def _visible(self, argv: list[str]) -> list[Path]:
+        """What the sandbox's private /tmp must not hide: the repository's git directory (the worktree's `.git`
+        points into it) and the files an argv names by absolute path (a script in a temp directory)."""
+        seen = [self.repo / ".git"]
+        seen += [Path(a) for a in argv if os.path.isabs(a) and os.path.isfile(a)]
+        return seen
 
     def _run_tests(
         self,
@@ -411,36 +442,37 @@ class AgentRunner:
         argv: list[str],
         scratch: Path,
         cancel: threading.Event,
-    ) -> patch_pipeline.TestResult:
-        home = scratch / "test-home"
-        home.mkdir(exist_ok=True)
-        with worktrees.worktree(self.repo, base, parent=self.workdir) as twt:
-            patch_safety.check_paths_in_worktree(twt, summary.files)
-            patch_pipeline.apply_check(twt, diff, expected=summary)
-            patch_pipeline.apply(twt, diff)
-            dotgit = twt / ".git"
-            saved_dotgit = dotgit.read_bytes()
-            if self.run_as is not None:
-                os.chown(home, *self.run_as)
-                give_tree(twt, self.run_as)
-                make_traversable(twt.parent)
-                check_reachable(twt, self.run_as)
-            try:
-                result = self._run_process(
-                    argv, cwd=twt, env=self._environment(home, {}), timeout=self.options.test_timeout, cancel=cancel
-                )
-            finally:
-                # The tests ran the patched code: git must not follow a .git they rewrote when removing the tree.
-                restore_file(dotgit, saved_dotgit)
-        if result.cancelled:
-            raise _Cancelled()
-        return patch_pipeline.TestResult(
-            passed=result.returncode == 0,
-            exit_code=result.returncode,
-            output_tail=result.stdout_text(OUTPUT_TAIL_CHARS),
-            duration_seconds=result.duration,
-            timed_out=result.timed_out,
+        *,
+        ctx: Mapping[str, Any],
+        claims: Mapping[str, Any],
+    ) -> TestResult:
+        """The tests at `base` and with the diff (`test_suite`, the server's implementation too); PatchRejected
+        when the patched run is worse than the base's, or the named failing tests still fail."""
+        try:
+            report = ReportSetting.from_value(ctx.get("test_report"))
+        except InputError as exc:
+            raise AgentError("needs_human", f"the work order's test report setting is invalid: {exc.message}") from exc
+        suite = test_suite.Suite(
+            self.repo,
+            argv,
+            sandbox=self.sandbox,
+            timeout=self.options.test_timeout,
+            env=self._environment(scratch, {}),
+            report=report,
+            workdir=self.workdir,
         )
+        try:
+            return suite.verify(
+                base, patch_pipeline.patcher(diff, summary), failing_tests=failing_tests_of(ctx), cancel=cancel
+            )
+        except test_suite.Cancelled:
+            raise _Cancelled() from None
+        except PatchRejected as exc:
+            if claims.get("tests_passed") is not True or exc.reason == "test_env_error":
+                raise
+            fields = {k: v for k, v in exc.fields.items() if k != "reason"}
+            note = "(the agent said the tests passed; the runner's own run overrules it) "
+            raise PatchRejected(exc.reason, note + exc.message, **fields) from exc
 
     def _commit_on_branch(self, wo_id: str, base: str, diff: str, message: str) -> tuple[str, str]:
         branch = f"mendloop/{safe_name(wo_id)}"

@@ -10,6 +10,7 @@ from typing import Any
 
 from mendloop.config import TargetConfig
 from mendloop.domain.records import EventRecord, Run
+from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.infra import git, traceback
 from mendloop.infra.redact import Redactor
 
@@ -63,6 +64,9 @@ def build(
         context["repository"] = str(repository) if repository else None
         context["base_commit"] = base_commit
         context["test_command"] = target.test_command
+        report = target.report
+        context["test_report"] = report if report is None or isinstance(report, str) else report.model_dump()
+        context["failing_tests"] = failing_tests_of(context, target.failing_tests)
         context["constraints"] = {
             "allowed_paths": policy.allowed_paths,
             "forbidden_paths": policy.forbidden_paths,

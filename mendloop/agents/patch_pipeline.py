@@ -1,10 +1,11 @@
 """The patch pipeline: a diff that passed the patch safety checks is applied with `git apply` that never skips
-silently, tested in a fresh worktree (judged by exit code), and committed as one commit with trailers on the
+silently, tested against the base in fresh worktrees (`test_suite`: no test that passed at the base may fail or vanish,
+the named failing tests must pass), and committed as one commit with trailers on the
 repository's branch; nothing is left behind when a step fails, and a landed commit can be reverted.
 
 Every git call goes through `mendloop.infra.git` (its environment policy: no repository hooks, filters or external
 diff drivers, not even on the commits onto the operator's branch, because a patch may have edited a hook) and every
-test command through `mendloop.infra.process`.
+test command through `mendloop.infra.sandbox` (`test_suite`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import posixpath
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mendloop.agents import worktrees
+from mendloop.agents import landing, test_suite, worktrees
 from mendloop.agents.patch_safety import (
     Constraints,
     PatchSummary,
@@ -29,10 +30,12 @@ from mendloop.agents.patch_safety import (
     check_diff,
     check_paths_in_worktree,
 )
+from mendloop.agents.test_suite import ReportSetting, TestResult
 from mendloop.agents.worktrees import is_within
 from mendloop.errors import InputError, MendloopError, PatchRejected
-from mendloop.infra import git, process
+from mendloop.infra import failpoints, git, process
 from mendloop.infra.git import CHECKOUT_TIMEOUT
+from mendloop.infra.sandbox import Sandbox, detect
 
 LOCK_TIMEOUT = 120.0
 OUTPUT_TAIL_CHARS = process.DEFAULT_TAIL_CHARS
@@ -43,17 +46,6 @@ _IN_PROGRESS = ("MERGE_HEAD", "CHERRY_PICK_HEAD", "REVERT_HEAD", "rebase-merge",
 
 # What a test command inherits from mendloop's environment: enough to find programs, never mendloop's secrets.
 _TEST_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
-
-
-@dataclass(frozen=True)
-class TestResult:
-    __test__ = False  # a result type, not a pytest test class
-
-    passed: bool
-    exit_code: int | None
-    output_tail: str
-    duration_seconds: float
-    timed_out: bool
 
 
 @dataclass(frozen=True)
@@ -199,6 +191,31 @@ def diff_worktree(worktree: Path, *, base: str) -> str:
         raise PatchRejected("unsafe_patch", "the change contains text that is not valid UTF-8") from None
 
 
+def committed_diff(repo: Path, base: str, commit: str) -> str:
+    """`git diff base..commit`, made like `diff_worktree`'s (binary, renames, fixed prefixes, no external
+    drivers): what a commit that is already on the branch really changes, whatever diff came with it."""
+    root = git.toplevel(repo)
+    proc = git.run(
+        root,
+        "diff",
+        "--binary",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        "--no-relative",
+        "--find-renames",
+        "--src-prefix=a/",
+        "--dst-prefix=b/",
+        git.resolve(root, base),
+        git.resolve(root, commit),
+        timeout=CHECKOUT_TIMEOUT,
+    )
+    try:
+        return proc.stdout.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PatchRejected("unsafe_patch", "the change contains text that is not valid UTF-8") from None
+
+
 def commit(
     repo_or_worktree: Path,
     message: str,
@@ -278,26 +295,43 @@ def is_applied(repo: Path, diff: str) -> bool:
     return proc.returncode == 0 and not _skipped(proc)
 
 
-def run_tests(worktree: Path, argv: list[str], *, timeout: float, env: Mapping[str, str]) -> TestResult:
-    """Run the test command in `worktree`; passed means exit code 0 within `timeout`, nothing else.
+def test_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a server-side test command sees: a few of mendloop's variables (never its secrets) plus `env`."""
+    child_env = process.pick_env(_TEST_INHERITED)
+    child_env.update({str(k): str(v) for k, v in (env or {}).items()})
+    return child_env
+
+
+def run_tests(
+    worktree: Path,
+    argv: list[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str],
+    sandbox: Sandbox | None = None,
+    writable: Sequence[Path] = (),
+) -> TestResult:
+    """Run the test command once in `worktree`, judged by its exit code alone (no report, no base: `apply_patch`
+    does the full comparison through `test_suite.Suite`). Through `sandbox` (default: the best this machine has,
+    as mendloop's user); `writable`: what it may write besides the worktree.
 
     Output goes to a file, not a pipe, so a background child holding the pipe cannot stall the wait; the whole
-    process group is killed when the command exits or times out, so nothing it started outlives it.
+    process group is killed when the command exits or times out, so nothing it started outlives it. A command
+    that cannot start is PatchRejected `test_env_error`.
     """
     if not argv or not all(isinstance(a, str) and a for a in argv):
         raise InputError("the test command must be a non-empty list of strings", field="test_command")
     if timeout <= 0:
         raise InputError("the test timeout must be positive", field="test_timeout")
-    child_env = process.pick_env(_TEST_INHERITED)
-    child_env.update({str(k): str(v) for k, v in env.items()})
-    try:
-        # A few bytes more than the tail needs, so a multi-byte character cut at the start only costs one "?".
-        done = process.run(
-            argv, cwd=worktree, env=child_env, timeout=timeout, merge_stderr=True, keep_bytes=OUTPUT_TAIL_CHARS * 4
+    with tempfile.TemporaryDirectory(prefix="mendloop-tests-") as scratch:
+        done = test_suite.run_in(
+            sandbox or detect(None),
+            argv,
+            worktree,
+            env=test_environment(env),
+            timeout=timeout,
+            writable=[Path(scratch), *writable],
         )
-    except process.CannotStart as exc:
-        # The configured command is broken, not the patch: not a test failure to blame on the agent.
-        raise MendloopError(f"cannot start test command {argv[0]!r}: {exc.strerror}") from exc
     return TestResult(
         passed=done.returncode == 0,
         exit_code=done.returncode,
@@ -305,6 +339,18 @@ def run_tests(worktree: Path, argv: list[str], *, timeout: float, env: Mapping[s
         duration_seconds=done.duration,
         timed_out=done.timed_out,
     )
+
+
+def patcher(diff: str, summary: PatchSummary) -> Callable[[Path], None]:
+    """What makes a fresh worktree of the base the patched tree: the path checks, `git apply --check` with
+    git's reading cross-checked against `summary`, then the apply."""
+
+    def patch(tree: Path) -> None:
+        check_paths_in_worktree(tree, summary.files)
+        apply_check(tree, diff, expected=summary)
+        apply(tree, diff)
+
+    return patch
 
 
 def apply_patch(
@@ -320,14 +366,21 @@ def apply_patch(
     env: Mapping[str, str] | None = None,
     worktree_parent: Path | None = None,
     checked_at_base: bool = False,
+    sandbox: Sandbox | None = None,
+    report: ReportSetting | None = None,
+    failing_tests: Sequence[str] = (),
 ) -> ApplyResult:
-    """Validate, test in a fresh worktree, then commit `diff` on the repository's current branch.
+    """Validate, test against the base in fresh worktrees, then commit `diff` on the repository's current branch.
 
-    `checked_at_base`: the caller has already checked the paths and `git apply --check`ed the diff in a checkout
-    of `base_commit` (the agent runner, in its test worktree); without a test command there is then nothing a
-    fresh worktree at the base would add. A branch that has moved since is checked where the patch lands as usual.
+    The tests (`test_suite.Suite.verify`, through `sandbox`, default: none) run at `base_commit` and with the
+    patch; no test that passed at the base may fail or vanish, `failing_tests` must pass. `report`: how the test
+    command reports its tests (the target's `report:`). `checked_at_base`: the caller has already checked the
+    paths and `git apply --check`ed the diff in a checkout of `base_commit` (the agent runner, in its test
+    worktree); without a test command there is then nothing a fresh worktree at the base would add. A branch that
+    has moved since is checked where the patch lands as usual.
 
-    PatchRejected (unsafe_patch, tests_failed) when the patch is at fault; MendloopError when the repository
+    PatchRejected (unsafe_patch, tests_failed, tests_regressed, tests_disabled, test_env_error) when the patch
+    or the test environment is at fault; MendloopError when the repository
     is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
     way the repository's branch, index and working tree are as they were.
     """
@@ -340,17 +393,23 @@ def apply_patch(
         _check_sections(root, base, diff, summary, applied=False)
 
     tests: TestResult | None = None
-    if test_command is not None or not checked_at_base:
+    if test_command is not None:
+        suite = test_suite.Suite(
+            root,
+            test_command,
+            sandbox=sandbox or detect(None),
+            timeout=test_timeout,
+            env=test_environment(env),
+            report=report,
+            workdir=worktree_parent,
+        )
+        tests = suite.verify(base, patcher(diff, summary), failing_tests=failing_tests)
+    elif not checked_at_base:
         with worktrees.worktree(root, base, parent=worktree_parent) as tree:
-            check_paths_in_worktree(tree, summary.files)
-            apply_check(tree, diff, expected=summary)
-            apply(tree, diff)
-            if test_command is not None:
-                tests = run_tests(tree, test_command, timeout=test_timeout, env=env or {})
-                if not tests.passed:
-                    raise _tests_failed(tests)
+            patcher(diff, summary)(tree)
 
     with _repo_lock(root):
+        landing.recover(root)  # an apply a crash interrupted (in another process) is finished first
         current = git.head(root)
         if current != base:
             # The tests ran on base; the branch has moved since, so the patch must still apply where it lands.
@@ -358,6 +417,7 @@ def apply_patch(
                 check_paths_in_worktree(tree, summary.files)
                 apply_check(tree, diff, expected=summary)
         sha = _apply_and_commit(root, diff, summary, message, trailers)
+    failpoints.reach("apply.landed")  # the commit is on the branch; the run has not recorded it yet
     return ApplyResult(commit=sha, files_changed=len(summary.files), summary=summary, tests=tests)
 
 
@@ -371,54 +431,20 @@ def _apply_and_commit(root: Path, diff: str, summary: PatchSummary, message: str
             "the repository has local changes in files the patch touches: " + ", ".join(dirty),
             paths=dirty,
         )
-    # --index: the patch must match both the index and the files, and only the touched paths get staged.
+    # --index: the patch must match both the index and the files (a check only: the landing never applies in
+    # the checkout before its commit exists, see agents/landing.py).
     _apply(root, diff, "--check", "--index")
-    new_dirs = {d for rel in summary.files for d in (root / rel).parents if is_within(d, root) and not d.exists()}
-    try:
-        _apply(root, diff, "--index")
-        return commit(root, message, trailers=trailers, paths=summary.files)
-    except BaseException:
-        _restore(root, summary.files, new_dirs)
-        raise
+    return landing.land(root, _diff_bytes(diff), summary.files, _with_trailers(message, trailers))
 
 
-def _restore(root: Path, paths: Sequence[str], new_dirs: set[Path]) -> None:
-    """Put `paths` back as HEAD has them (they were clean before the patch, so that is exactly how they were)
-    and remove the directories the patch created."""
-    tracked = set(
-        git.nul_split(
-            git.run(root, "--literal-pathspecs", "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", *paths).stdout
-        )
-    )
-    if tracked:
-        git.run(root, "--literal-pathspecs", "checkout", "HEAD", "--", *sorted(tracked), check=False)
-    for rel in paths:
-        if rel in tracked:
-            continue
-        git.run(root, "--literal-pathspecs", "rm", "--quiet", "--cached", "--ignore-unmatch", "--", rel, check=False)
-        target = root / rel
-        if target.is_file() or target.is_symlink():
-            target.unlink()
-    for directory in sorted(new_dirs, key=lambda d: len(d.parts), reverse=True):
-        try:
-            directory.rmdir()  # only ever removes an empty directory
-        except OSError:
-            pass
-
-
-def _tests_failed(tests: TestResult) -> PatchRejected:
-    if tests.timed_out:
-        what = f"tests timed out after {tests.duration_seconds:g}s"
-    else:
-        what = f"tests failed with exit code {tests.exit_code}"
-    return PatchRejected(
-        "tests_failed",
-        f"{what}; output tail:\n{tests.output_tail}",
-        exit_code=tests.exit_code,
-        timed_out=tests.timed_out,
-        duration_seconds=tests.duration_seconds,
-        output_tail=tests.output_tail,
-    )
+def recover(repo: Path, *, worktree_parent: Path | None = None) -> str | None:
+    """At start-up: finish an apply a crash interrupted (agents/landing.py) and remove the worktrees dead
+    processes left behind. Returns what became of the interrupted apply, None when there was none."""
+    root = git.toplevel(repo)
+    with _repo_lock(root):
+        outcome = landing.recover(root)
+    worktrees.prune_stale(root, parent=worktree_parent)
+    return outcome
 
 
 def _apply(root: Path, diff: str, *flags: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mendloop.agents.adapters import Adapter
-from mendloop.agents.patch_pipeline import TestResult
+from mendloop.agents.test_suite import TestResult
 
 ApplyMode = Literal["commit", "branch", "approval"]
 APPLY_MODES: tuple[str, ...] = ("commit", "branch", "approval")

@@ -1,8 +1,13 @@
 """Throwaway git worktrees: a detached checkout of one commit in a fresh directory outside the repository, always
-removed on exit; and the sweep that removes the ones a crash or a kill -9 left behind."""
+removed on exit; and the sweep that removes the ones a crash or a kill -9 left behind.
+
+A worktree's directory holds a lock file its process keeps locked (flock) while it uses it; the kernel drops the
+lock when that process dies, however it dies. So the sweep can tell a dead process's worktree from a live one's
+(another runner's, another server's) at once, without guessing from its age."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -18,6 +23,7 @@ from mendloop.infra import git
 WORKTREE_PREFIX = "mendloop-wt-"
 
 _OWNER_MARKER = "mendloop-repo"
+_LIVE_LOCK = "mendloop-live.lock"
 
 
 @contextmanager
@@ -28,7 +34,9 @@ def worktree(repo: Path, commit: str, *, parent: Path | None = None) -> Iterator
     container = Path(parent) if parent is not None else Path(tempfile.gettempdir())
     base = Path(tempfile.mkdtemp(prefix=WORKTREE_PREFIX, dir=container)).resolve()
     path = base / "worktree"
+    live = os.open(base / _LIVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(live, fcntl.LOCK_EX)  # a fresh file: nobody else can hold it yet
         if is_within(base, root.resolve()):
             raise MendloopError(f"worktree directory {base} is inside the repository {root}")
         # prune_stale removes only directories that say which repository they belong to.
@@ -36,12 +44,16 @@ def worktree(repo: Path, commit: str, *, parent: Path | None = None) -> Iterator
         git.run(root, "worktree", "add", "--detach", str(path), sha, timeout=git.CHECKOUT_TIMEOUT)
         yield path
     finally:
-        _remove_worktree(root, path, base)
+        try:
+            _remove_worktree(root, path, base)
+        finally:
+            os.close(live)
 
 
 def prune_stale(repo: Path, *, max_age_hours: float = 24.0, parent: Path | None = None) -> int:
-    """Remove mendloop's worktrees of `repo` older than `max_age_hours` (left by a crash or a kill -9),
-    and forget registrations whose directories are gone. Returns how many directories were removed."""
+    """Remove mendloop's worktrees of `repo` whose process is gone (left by a crash or a kill -9): at once when
+    the directory has its live lock (see the module), after `max_age_hours` when it has none (made before the lock
+    existed); and forget registrations whose directories are gone. Returns how many directories were removed."""
     root = git.toplevel(repo)
     common = str(git.common_dir(root))
     cutoff = time.time() - max_age_hours * 3600
@@ -49,12 +61,12 @@ def prune_stale(repo: Path, *, max_age_hours: float = 24.0, parent: Path | None 
     removed: set[Path] = set()
     for path in _linked_worktrees(root):
         base = path.parent
-        if base.name.startswith(WORKTREE_PREFIX) and _mtime(base) < cutoff:
+        if base.name.startswith(WORKTREE_PREFIX) and _abandoned(base, cutoff):
             _remove_worktree(root, path, base)
             removed.add(base)
     container = Path(parent) if parent is not None else Path(tempfile.gettempdir())
     for base in container.glob(WORKTREE_PREFIX + "*"):
-        if base in removed or base.is_symlink() or not base.is_dir() or _mtime(base) >= cutoff:
+        if base in removed or base.is_symlink() or not base.is_dir() or not _abandoned(base, cutoff):
             continue
         try:
             owner = (base / _OWNER_MARKER).read_text()
@@ -98,6 +110,23 @@ def _force_rmtree(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path, onerror=retry_writable)
+
+
+def _abandoned(base: Path, cutoff: float) -> bool:
+    """No live process holds the worktree directory `base` (or, without a live lock, it is older than `cutoff`)."""
+    try:
+        fd = os.open(base / _LIVE_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return _mtime(base) < cutoff
+    except OSError:
+        return False  # not ours to judge (a symlink, no permission): leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock we may just have taken
+    return True
 
 
 def _mtime(path: Path) -> float:

@@ -25,6 +25,7 @@ __all__ = [
     "SIGNATURE_VERSION",
     "Signature",
     "bearer_token",
+    "fingerprint_trusted",
     "sign",
     "token_accepted",
     "verify_signature",
@@ -57,6 +58,15 @@ def token_accepted(authorization: str | None, accepted: Iterable[str]) -> bool:
         return False
     given = token.encode()
     return any(hmac.compare_digest(given, t.encode()) for t in accepted if t)
+
+
+def fingerprint_trusted(authorization: str | None, forwarder_tokens: Iterable[str], *, trust_everyone: bool) -> bool:
+    """Whether a caller's own `fingerprint` may decide its incident. A fingerprint picks the incident an event
+    counts on, and so whether it starts a run: a caller choosing it could hide errors in one old incident or
+    defeat the per-fingerprint throttle with a fresh one per event. Only forwarders (`mendloop watch`, which
+    computes it from the parsed traceback the server never sees) are trusted with it, unless the operator says
+    every caller is (`trust_caller_fingerprint`)."""
+    return trust_everyone or token_accepted(authorization, forwarder_tokens)
 
 
 @dataclass(frozen=True, slots=True)

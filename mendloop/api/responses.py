@@ -181,6 +181,18 @@ class TriggerOut(_Answer):
     created: bool
 
 
+class StormOut(_Answer):
+    """The caps on new runs that detections start: this window's counts, and what overflowed."""
+
+    window_seconds: float
+    window_started_at: float
+    new_runs_in_window: int
+    rate_limited_in_window: int
+    rate_limited: int = Field(description="Detections recorded as incidents without a run, all time.")
+    max_new_runs_per_window: int
+    max_new_runs_per_component: int
+
+
 class StatsOut(_Answer):
     total_playbook_runs: int
     work_orders: dict[str, int]
@@ -189,6 +201,7 @@ class StatsOut(_Answer):
     average_patch_time_minutes: float | None
     runs_by_status: dict[str, int]
     definitions: dict[str, str]
+    storm: StormOut | None = None
 
 
 # -- events ------------------------------------------------------------------------------------------------------
@@ -230,6 +243,8 @@ class PublishedEvent(_Answer):
     verdict: str
     duplicate: bool
     playbook_id: str | None
+    # The caller's `fingerprint` was not used (not a forwarder token, and trust_caller_fingerprint is off).
+    fingerprint_ignored: bool = False
 
 
 class PublishedBatch(_Answer):
@@ -238,6 +253,7 @@ class PublishedBatch(_Answer):
     accepted: int
     duplicates: int
     events: list[EventOutcome]
+    fingerprints_ignored: int = 0
 
 
 class AlertOutcome(_Answer):
@@ -299,6 +315,10 @@ class HealthOut(_Answer):
     playbooks: int
     version: str
     watchers: dict[str, dict[str, Any]]
+    last_write_age_seconds: float | None = Field(
+        default=None, description="Seconds since the write probe last wrote to the database (None: never)."
+    )
+    storm: StormOut | None = None
 
 
 class Handles(_Answer):

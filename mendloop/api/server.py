@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import swagger_ui_bundle
+import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -22,9 +23,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
 from mendloop.api import auth, errors, schemas
-from mendloop.api.routes import events, incidents, runs, stats, system, work_orders
+from mendloop.api.http_protocol import header_timeout_protocol
+from mendloop.api.routes import events, incidents, routing, runs, stats, system, work_orders
+from mendloop.api.streams import StreamSlots
 from mendloop.app import App
-from mendloop.config import LimitsConfig
+from mendloop.config import LimitsConfig, Settings
 from mendloop.errors import ConfigError, InputError
 
 # Reachable without a token: liveness checks and the docs (exact paths), and the docs' static files (a prefix).
@@ -253,6 +256,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
                 )
             return await call_next(request)
 
+    limits = app.settings.limits
+    api.state.streams = StreamSlots(limits.max_sse_streams, limits.max_sse_streams_per_client)
     # Added last, so outermost: before authentication reads a header, and before any route reads the body.
     api.add_middleware(BodyLimits, limits=app.settings.limits)
 
@@ -262,4 +267,25 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(events.router)
     api.include_router(incidents.router)
     api.include_router(system.router)
+    api.include_router(routing.router)
     return api
+
+
+def uvicorn_config(api: FastAPI, settings: Settings, *, log_level: str = "info", **kw: typing.Any) -> uvicorn.Config:
+    """The server `serve` runs: the `limits:` caps on what it holds at once. Past `max_connections` connections
+    or requests in flight uvicorn answers 503; an idle kept-alive connection closes after
+    `keep_alive_timeout_seconds`; one whose request headers take longer than `header_timeout_seconds` is closed
+    (see http_protocol.py)."""
+    limits = settings.limits
+    protocol = header_timeout_protocol(limits.header_timeout_seconds)
+    return uvicorn.Config(
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive_timeout_seconds,
+        http=protocol if protocol is not None else "auto",
+        **kw,
+    )

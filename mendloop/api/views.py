@@ -133,7 +133,8 @@ def event(e: EventRecord) -> out.EventOut:
 def _step_line(s: StepRecord, names: dict[str, str]) -> str:
     title = names.get(s.step_id) or s.step_id.replace("_", " ")
     if s.status.value == "skipped":
-        return f"Step skipped: {title} (condition not met)"
+        why = s.output.get("skipped") if isinstance(s.output, dict) else None
+        return f"Step skipped: {title} ({why or 'condition not met'})"
     if s.action == "verify":
         if s.status.value == "succeeded":
             return f"Verification passed: {title}"

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from mendloop.cli.common import ConfigOpt, fail, out
+from mendloop.cli.common import ConfigOpt, err, out
 
 db_cli = typer.Typer(no_args_is_help=True, help="The database.")
 config_cli = typer.Typer(no_args_is_help=True, help="Configuration.")
@@ -51,18 +51,19 @@ def config_schema() -> None:
 
 @config_cli.command("check")
 def config_check(config: ConfigOpt = None) -> None:
-    """Load the config and the playbooks it names; report the first problem."""
+    """Check everything `serve` checks at startup; report every problem (exit 2 when there is an error)."""
+    from mendloop import preflight
     from mendloop.config import load_settings
-    from mendloop.playbooks.actions.capability import Capabilities
-    from mendloop.playbooks.loader import PlaybookSet
-    from mendloop.playbooks.templates import Templates
 
-    settings = load_settings(config)
-    templates = Templates()
-    pbs = PlaybookSet.load(settings.playbook_dirs, templates)
-    Capabilities(settings.targets, templates)
-    missing = {e: p for e, p in settings.routing_table().items() if pbs.get(p) is None}
-    if missing:
-        e, p = next(iter(missing.items()))
-        fail(f"routing.{e}: no playbook {p!r} is loaded")
-    out.print(f"ok: {len(pbs.by_id)} playbooks, {len(settings.targets)} target(s)")
+    settings = load_settings(config)  # a schema error: every one of them, exit 2 (cli/root.py)
+    problems = preflight.check(settings)
+    for problem in problems:
+        err.print(problem.line(), markup=False)
+    errors = sum(1 for p in problems if not p.warning)
+    if errors:
+        raise typer.Exit(2)
+    warnings = len(problems)
+    out.print(
+        f"ok: {len(settings.targets)} target(s), {len(settings.watchers)} watcher(s)"
+        + (f", {warnings} warning{'s' if warnings != 1 else ''}" if warnings else "")
+    )

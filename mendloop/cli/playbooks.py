@@ -36,3 +36,15 @@ def pb_validate(file: Annotated[Path, typer.Argument(dir_okay=False)], as_json: 
         print_json({"valid": True, "id": pb.id, "version": pb.version, "steps": len(pb.model.steps)})
         return
     out.print(f"ok: {file}: playbook {pb.id!r} ({pb.model.type}), {len(pb.model.steps)} steps", markup=False)
+
+
+def routing(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """The routing table: which playbook each error type and event type runs, and why."""
+    answer = call("GET", url, "/routing", token)
+    if as_json:
+        print_json(answer)
+        return
+    table = Table("kind", "type", "playbook", "from")
+    for r in answer["routes"]:
+        table.add_row(r["kind"].replace("_", " "), r["key"], r["playbook"], r["source"])
+    out.print(table)

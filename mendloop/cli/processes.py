@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -36,14 +38,20 @@ def serve(
     """API + workers in one process. Upgrades an empty database itself."""
     import uvicorn
 
-    from mendloop.api.server import create_api
+    from mendloop import preflight
+    from mendloop.agents.runner_options import NOBODY
+    from mendloop.api.server import create_api, uvicorn_config
     from mendloop.app import App
     from mendloop.config import load_settings
+    from mendloop.infra import sandbox
     from mendloop.storage import migrate
     from mendloop.storage.store import Store
 
     setup_logging(log_level)
     settings = load_settings(config, host=host, port=port, workers=workers)
+    # What `config check` checks: every error at once (one line each, exit 2) before anything starts.
+    for warning in preflight.require(settings):
+        logging.getLogger("mendloop.preflight").warning("%s", warning.message)
     if not is_loopback(settings.host) and not settings.api_tokens:
         fail(f"refusing to listen on {settings.host} without api_tokens; set MENDLOOP_API_TOKENS or use 127.0.0.1")
     # The database first, before the server starts: one that can't be opened or upgraded is a one-line error
@@ -53,11 +61,12 @@ def serve(
         migrate.upgrade(probe.engine)
     finally:
         probe.close()
+    # Bubblewrap for agent and test processes, or the fallback and its warning, before anything starts;
+    # `sandbox: bwrap` without a working bwrap stops here. The settings then hold for every process it starts.
+    sandbox.configure(mode=settings.sandbox, bwrap=settings.bwrap, run_as=NOBODY if os.geteuid() == 0 else None)
     app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
     api = create_api(app)
-    server = uvicorn.Server(
-        uvicorn.Config(api, host=settings.host, port=settings.port, log_level=log_level, access_log=False)
-    )
+    server = uvicorn.Server(uvicorn_config(api, settings, log_level=log_level))
     server.run()
     if not server.started:
         raise typer.Exit(1)
@@ -69,11 +78,15 @@ def worker(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Workers only, no API: run as many as needed against one PostgreSQL database."""
+    from mendloop.agents.runner_options import NOBODY
     from mendloop.app import App
     from mendloop.config import load_settings
+    from mendloop.infra import sandbox
 
     setup_logging(log_level)
     settings = load_settings(config, workers=count)
+    # A worker tests held patches too: the same sandbox settings as `serve`, checked before it starts.
+    sandbox.configure(mode=settings.sandbox, bwrap=settings.bwrap, run_as=NOBODY if os.geteuid() == 0 else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -24,6 +24,7 @@ cli.command()(processes.worker)
 cli.command()(processes.watch)
 cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(processes.agent)
 cli.command()(runs.trigger)
+cli.command()(playbooks.routing)
 cli.command()(processes.demo)
 
 
@@ -33,9 +34,10 @@ def main() -> None:
         code = cli(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except errors.MendloopError as exc:
-        err.print(f"error: {exc.message}", markup=False)
-        # 2: the database can't be used (a different fix than a bad request or config).
-        sys.exit(2 if isinstance(exc, errors.StorageError) else 1)
+        for line in exc.problems if isinstance(exc, errors.ConfigError) else [exc.message]:
+            err.print(f"error: {line}", markup=False)
+        # 2: the configuration or the database can't be used (a fix on the machine, not in the request).
+        sys.exit(2 if isinstance(exc, errors.StorageError | errors.ConfigError | errors.PlaybookError) else 1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

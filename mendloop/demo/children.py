@@ -3,8 +3,6 @@ of their own, watched, and stopped by PID however the demo ends."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import time
@@ -54,10 +52,12 @@ class Child:
 
 def spawn(name: str, argv: list[str], log_path: Path, cwd: Path, env: Mapping[str, str]) -> Child:
     """Start a child whose output goes to `log_path`. A session of its own: a terminal's Ctrl-C reaches only the
-    demo, which then stops its children in order, instead of racing them as they each react to the signal."""
+    demo, which then stops its children in order, instead of racing them as they each react to the signal. And
+    `die_with_parent`: a demo killed with -9 (no cleanup runs) takes its children with it, instead of leaving them
+    serving on in their sessions with its state directory."""
     log_file = log_path.open("wb")
     try:
-        proc = process.spawn(argv, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = process.spawn(argv, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT, die_with_parent=True)
     except process.CannotStart as exc:
         log_file.close()
         raise DemoError(f"cannot start {name}: {exc.strerror}") from exc
@@ -94,20 +94,3 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def running_demo(info_path: Path) -> int | None:
-    """The PID of another live demo that wrote `info_path`, if any."""
-    try:
-        pid = int(json.loads(info_path.read_text(encoding="utf-8"))["demo_pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid

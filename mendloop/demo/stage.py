@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 
 from mendloop.config import AgentRunnerConfig, Settings, load_settings
-from mendloop.demo.children import Child, listening_port, poll, port_free, running_demo, spawn
+from mendloop.demo.children import Child, listening_port, poll, port_free, spawn
 from mendloop.demo.common import (
     AGENT_ID,
     DEMO_AGENT,
@@ -33,6 +33,7 @@ from mendloop.demo.common import (
     quickstart,
     redact,
 )
+from mendloop.demo.lock import StateLock
 from mendloop.errors import MendloopError
 from mendloop.infra import git, process
 from mendloop.infra.api_client import ApiClient
@@ -56,6 +57,10 @@ class Demo:
     agent_run_as: str = "auto"
     runner: AgentRunnerConfig = field(default_factory=AgentRunnerConfig)
     watched: bool = False
+    lock: StateLock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lock = StateLock(self.state)
 
     @property
     def copy(self) -> Path:
@@ -83,6 +88,9 @@ class Demo:
             )
         if shutil.which("git") is None:
             raise DemoError("git is not installed; the demo keeps the sample service in a git repository")
+        # One live demo per state directory: starting fresh would delete the copy another demo's service runs
+        # from, and two servers would share one database. Held until stop(), or until this process dies.
+        self.lock.acquire()
         for what, port in (("mendloop", self.port), ("the sample service", self.service_port)):
             if port is not None and not port_free(port):
                 flag = "--port" if what == "mendloop" else "--service-port"
@@ -90,13 +98,6 @@ class Demo:
         self.state.mkdir(parents=True, exist_ok=True)
         # Every demo starts from the same story: a fresh copy, fresh service state and its own fresh database.
         # Only paths the demo owns are removed, never the state directory itself.
-        other = running_demo(self.info_path)
-        if other is not None:
-            # Starting fresh would delete the copy that demo's service runs from.
-            raise DemoError(
-                f"another demo (pid {other}) is using {self.state}; stop it, or use another --state-dir "
-                f"(remove {self.info_path} if that process is not a demo)"
-            )
         self.info_path.unlink(missing_ok=True)
         for owned in (self.copy, self.state / "service_state"):
             if owned.exists():
@@ -274,6 +275,7 @@ class Demo:
         self.children.clear()
         if self.wrote_info:  # never another demo's file, found by prepare()
             self.info_path.unlink(missing_ok=True)
+        self.lock.release()
 
 
 def _agent_python() -> tuple[str, str]:

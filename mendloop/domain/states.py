@@ -145,9 +145,15 @@ FAIL_REASONS = (
     "agent_error",
     "timeout",
     "tests_failed",
+    "tests_regressed",  # a test that passed at the base fails with the patch
+    "tests_disabled",  # a test that passed at the base is skipped or gone, or fewer tests ran
+    "test_env_error",  # the test command cannot start (exit 126/127, no such program): the environment's fault
     "unsafe_patch",
     "verification_failed",
 )
 # The reasons another attempt (by this agent or another) may do better: the agent runner's default for `retryable`.
-RETRYABLE_FAIL_REASONS = frozenset({"agent_error", "timeout", "tests_failed", "needs_human"})
+# Not test_env_error: the same attempt in the same broken environment fails the same way.
+RETRYABLE_FAIL_REASONS = frozenset(
+    {"agent_error", "timeout", "tests_failed", "tests_regressed", "tests_disabled", "needs_human"}
+)
 assert RETRYABLE_FAIL_REASONS <= set(FAIL_REASONS)

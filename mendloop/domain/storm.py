@@ -4,6 +4,10 @@
 - `once_within_seconds`: at most one new run per incident (fingerprint) in that window.
 - A circuit breaker stops auto-remediation of a component after `breaker_failures` failed runs within
   `breaker_window_seconds`: the new run goes straight to needs_human.
+- Caps on new runs per fixed window of `new_runs_window_seconds`: `max_new_runs_per_window` for all components,
+  `max_new_runs_per_component` for one. A storm of distinct errors (each its own fingerprint, so none throttled)
+  would otherwise start a run, and soon a work order, per error. Past a cap the detection is `rate_limited`: its
+  incident is recorded and counted, with no run; its next repeat after the window may start one.
 - The per-component mutex and the global cap on concurrent runs are applied when workers claim runs
   (see storage/runs.py, RunStore.claim): they queue runs, never drop them.
 Dedup never drops data: every detection is counted on its incident.
@@ -11,6 +15,7 @@ Dedup never drops data: every detection is counted on its incident.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +31,7 @@ class Verdict(StrEnum):
     ABSORBED_THROTTLED = "absorbed_throttled"
     BREAKER_OPEN = "breaker_open"
     NO_PLAYBOOK = "no_playbook"
+    RATE_LIMITED = "rate_limited"
 
 
 class StormLimits(Protocol):
@@ -39,6 +45,36 @@ class StormLimits(Protocol):
     def breaker_window_seconds(self) -> float: ...
     @property
     def mutex_per_component(self) -> bool: ...
+    @property
+    def new_runs_window_seconds(self) -> float: ...
+    @property
+    def max_new_runs_per_window(self) -> int: ...
+    @property
+    def max_new_runs_per_component(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """New runs detections started in the current window: all of them, and the detection's component's."""
+
+    total: int
+    component: int
+
+
+def window_start(now: float, config: StormLimits) -> float:
+    """The start of the fixed window `now` falls in; windows are aligned on the epoch so every process agrees."""
+    width = config.new_runs_window_seconds
+    return math.floor(now / width) * width
+
+
+def full_cap(counts: WindowCounts, has_component: bool, config: StormLimits) -> str | None:
+    """The setting whose cap this window has reached (None: a new run fits). 0 disables a cap; a detection
+    without a component counts only against the global one."""
+    if config.max_new_runs_per_window and counts.total >= config.max_new_runs_per_window:
+        return "storm.max_new_runs_per_window"
+    if has_component and config.max_new_runs_per_component and counts.component >= config.max_new_runs_per_component:
+        return "storm.max_new_runs_per_component"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +88,9 @@ class Situation:
     run_in_progress: Callable[[], bool]
     # Failed runs of the component within `breaker_window_seconds`.
     recent_failures: Callable[[], int]
+    # New runs started in this window; asked only once a run would otherwise start (it locks the window's counter).
+    window_counts: Callable[[], WindowCounts] = lambda: WindowCounts(0, 0)
+    has_component: bool = False
 
 
 def decide(s: Situation, config: StormLimits) -> tuple[Verdict, int]:
@@ -62,6 +101,12 @@ def decide(s: Situation, config: StormLimits) -> tuple[Verdict, int]:
         return Verdict.ABSORBED_IN_PROGRESS, 0
     if s.last_run_at is not None and s.now - s.last_run_at < config.once_within_seconds:
         return Verdict.ABSORBED_THROTTLED, 0
+    # Before the breaker: a run the breaker hands to a human is a run all the same, and a storm must not make
+    # thousands of them.
+    if (config.max_new_runs_per_window or config.max_new_runs_per_component) and full_cap(
+        s.window_counts(), s.has_component, config
+    ):
+        return Verdict.RATE_LIMITED, 0
     failures = s.recent_failures()
     if failures >= config.breaker_failures:
         return Verdict.BREAKER_OPEN, failures

@@ -1,22 +1,29 @@
-"""A held patch, the run's side of it: a diff that came with a `complete` is checked, tested in a fresh
-worktree and applied as one commit before the run deploys anything; if verification then fails, the commit is
-reverted and the work order is marked failed (`verification_failed`)."""
+"""A held patch, the run's side of it: a diff that came with a `complete` is checked, tested against the base in
+fresh worktrees (through the server's sandbox) and applied as one commit before the run deploys anything; if
+verification then fails, the commit is reverted and the work order is marked failed (`verification_failed`).
+
+A change the agent runner already committed (`applied_commit` in its completion) is judged on what that commit
+changes, `git diff base..commit`, never on the diff the completion carries."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mendloop.agents import patch_pipeline, patch_safety
+from mendloop.agents.test_suite import ReportSetting
 from mendloop.config import PatchPolicy, TargetConfig
 from mendloop.domain import work_orders as decide
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import WorkOrderStatus
+from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.errors import MendloopError, NotFound, PatchRejected
 from mendloop.infra import git
+from mendloop.infra.sandbox import Sandbox
 from mendloop.playbooks.loader import CompiledPlaybook
 from mendloop.storage.store import Store
 
@@ -48,10 +55,30 @@ class Applied:
     events: list[NewEvent]
 
 
+_SHA = re.compile(r"[0-9a-fA-F]{7,64}")
+
+
 class HeldPatches:
-    def __init__(self, *, store: Store, targets: Mapping[str, TargetConfig]) -> None:
+    """`sandbox`: what the tests run in, or a function that finds it on first use (app.py passes
+    `sandbox.detect` for uid 65534 when the server is root); None: `apply_patch`'s default, the best sandbox for
+    the server's own user."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        targets: Mapping[str, TargetConfig],
+        sandbox: Sandbox | Callable[[], Sandbox] | None = None,
+    ) -> None:
         self.store = store
         self.targets = targets
+        self._sandbox = sandbox
+
+    @property
+    def sandbox(self) -> Sandbox | None:
+        if callable(self._sandbox):
+            self._sandbox = self._sandbox()
+        return self._sandbox
 
     def _repo_and_target(self, run: Run) -> tuple[Path | None, TargetConfig | None]:
         target = self.targets.get(run.context.get("target") or "")
@@ -76,11 +103,15 @@ class HeldPatches:
             # The safety checks come first, before any shortcut: a diff with no content change (mode-only,
             # context-only hunks) reverse-applies to any tree and would otherwise count as applied and tested.
             patch_pipeline.check_patch(repo, diff, constraints)
-            if patch_pipeline.is_applied(repo, diff):
+            output: dict[str, Any]
+            applied_commit = (wo.patch_result or {}).get("applied_commit")
+            if isinstance(applied_commit, str) and applied_commit:
+                output = self._judge_commit(repo, wo_id, applied_commit, constraints)
+            elif patch_pipeline.is_applied(repo, diff):
                 # A runner that applied its own verified patch sends the same diff: nothing to do twice, once the
                 # test-runner configuration it touches is checked too (HEAD holds the patched side).
                 patch_pipeline.check_patch(repo, diff, constraints, base="HEAD", applied=True)
-                output: dict[str, Any] = {"commit": git.head(repo), "already_applied": True}
+                output = {"commit": git.head(repo), "already_applied": True}
             else:
                 result = patch_pipeline.apply_patch(
                     repo,
@@ -91,6 +122,9 @@ class HeldPatches:
                     test_timeout=target.test_timeout,
                     message=f"{wo.description}\n\nApplied by mendloop for run {run.id}.",
                     trailers={"Work-Order": wo_id},
+                    sandbox=self.sandbox,
+                    report=ReportSetting.from_value(target.report),
+                    failing_tests=failing_tests_of(wo.context, target.failing_tests),
                 )
                 output = {
                     "commit": result.commit,
@@ -98,6 +132,7 @@ class HeldPatches:
                     "files": list(result.summary.files),
                     "tests_passed": result.tests.passed if result.tests else None,
                     "tests_output": result.tests.output_tail if result.tests else None,
+                    "tests_message": result.tests.message if result.tests else None,
                 }
         except PatchRejected as exc:
             self._overrule(wo_id, exc.reason, exc.message)
@@ -140,6 +175,32 @@ class HeldPatches:
             )
         )
         return Applied(output=output, events=events)
+
+    def _judge_commit(
+        self, repo: Path, wo_id: str, commit: str, constraints: patch_safety.Constraints
+    ) -> dict[str, Any]:
+        """The agent runner says it committed the change as `commit`: it must be on the checked-out branch and
+        carry this work order's trailer, and what it changes, `git diff base..commit` with base its parent (the
+        work order's base, unless the branch had moved before it landed: then the other commits are not its
+        change), passes the same checks as any diff."""
+        if not _SHA.fullmatch(commit) or not git.has_commit(repo, commit):
+            raise PatchRejected("unsafe_patch", f"the applied commit {commit[:64]!r} is not in {repo}")
+        sha = git.resolve(repo, commit)
+        on_branch = git.run(repo, "merge-base", "--is-ancestor", sha, "HEAD", check=False).returncode == 0
+        if not on_branch:
+            raise PatchRejected("unsafe_patch", f"the applied commit {sha[:12]} is not on the checked-out branch")
+        trailers = git.text(git.run(repo, "log", "-1", "--format=%(trailers:key=Work-Order,valueonly)", sha).stdout)
+        if wo_id not in trailers.split():
+            raise PatchRejected("unsafe_patch", f"the applied commit {sha[:12]} is not mendloop's for {wo_id}")
+        parent = git.resolve(repo, f"{sha}^")
+        judged = patch_pipeline.committed_diff(repo, parent, sha)
+        summary = patch_pipeline.check_patch(repo, judged, constraints, base=parent)
+        return {
+            "commit": sha,
+            "already_applied": True,
+            "judged": f"{parent[:12]}..{sha[:12]}",
+            "files": list(summary.files),
+        }
 
     def overrule(self, run: Run, reason: str) -> list[NewEvent]:
         """Verification failed after a patch: revert the commit mendloop applied and fail the work order."""

@@ -10,6 +10,7 @@ MAX_STALLED_CLAIMS tries, naming the last error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -108,6 +109,7 @@ class StepLoop:
         try:
             applied = self.d.patches.apply(run)
         except PatchRejected as exc:
+            exc.message = self.d.redactor.text(exc.message)  # it may quote the tests' output
             status = RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
             return self._finish(
                 run,
@@ -123,7 +125,7 @@ class StepLoop:
             # Not the patch's fault: the repository cannot take it now (a detached HEAD, an operation in progress)
             # or the pipeline broke. Nothing was applied; a human looks at the repository.
             log.warning("run %s: the patch pipeline failed", run.id, exc_info=True)
-            error = describe_error(exc)
+            error = self.d.redactor.text(describe_error(exc))
             status = RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
             return self._finish(
                 run,
@@ -134,13 +136,18 @@ class StepLoop:
                 changes={"outputs": {**run.outputs, "apply_patch": {"failed": type(exc).__name__, "message": error}}},
                 events=[_step_failed_event(run, "apply_patch", exc, error)],
             )
-        output = storable(applied.output)
+        redact = self.d.redactor
+        output = redact.value(storable(applied.output))
         return self.d.store.advance(
             run,
             owner,
             outcome=outcome(StepStatus.SUCCEEDED, output, None),
             changes={"outputs": {**run.outputs, "apply_patch": output}},
-            events=applied.events,
+            # Their payloads quote the tests' output.
+            events=[
+                dataclasses.replace(e, message=redact.text(e.message), payload=redact.value(e.payload))
+                for e in applied.events
+            ],
             lease_seconds=self.d.lease_seconds,
         )
 
@@ -179,6 +186,17 @@ class StepLoop:
                 target=run.context.get("target"),
                 http=self.d.http,
             )
+            missing = self._unbound_optional(step.optional, step.action, params, ctx.target)
+            if missing is not None:
+                # The service has no such thing, and the playbook said that is fine: skipped, and why.
+                return self._advance_to(
+                    run,
+                    owner,
+                    pb,
+                    run.step_index + 1,
+                    _outcome(cs, run, attempt, started, key, StepStatus.SKIPPED, {"skipped": missing}, None),
+                    {},
+                )
             if step.action == "verify":
                 output = self._verify(cs, params, ctx, scope)
             elif step.action == "capability":
@@ -196,7 +214,8 @@ class StepLoop:
             # worker: left to escape, the run would be re-claimed every lease, forever.
             log.warning("run %s: step %r raised %s", run.id, step.id, type(exc).__name__, exc_info=True)
             return self._failed(run, owner, pb, cs, attempt, started, key, scope, UnexpectedError(exc))
-        output = storable(output)
+        # A step's output is data from outside (a command's stdout, an HTTP body): redacted before it is stored.
+        output = self.d.redactor.value(storable(output))
         trust = None
         events: list[NewEvent] = []
         if step.action == "verify" and run.component:
@@ -211,6 +230,15 @@ class StepLoop:
             events=events,
             trust=trust,
         )
+
+    def _unbound_optional(self, optional: bool, action: str, params: dict[str, Any], target: str | None) -> str | None:
+        """Why an optional step is skipped (its capability is not bound for the target), or None to run it."""
+        if not optional:
+            return None
+        name = params["name"] if action == "capability" else (params.get("check") or {}).get("capability")
+        if name is None or self.d.capabilities.is_bound(target, str(name)):
+            return None
+        return f"optional capability {str(name)!r} is not bound for target {target!r}"
 
     def _verify(
         self, cs: CompiledStep, params: dict[str, Any], ctx: ActionContext, scope: dict[str, Any]
@@ -300,7 +328,8 @@ class StepLoop:
     ) -> Run | None:
         params = cs.params(scope) if cs.step.action == "escalate" else {}
         error_type = run.error_type or "unknown"
-        description = str(params.get("description") or f"Code patch required for: {error_type}")
+        # Rendered from the run's (redacted) data, but a template may join pieces into a secret's shape again.
+        description = self.d.redactor.text(str(params.get("description") or f"Code patch required for: {error_type}"))
         target_name = run.context.get("target")
         target = self.d.targets.get(target_name) if target_name else None
         failed = {"id": cs.step.id, "error": failure.message, "output": failure.output} if failure is not None else None
@@ -344,7 +373,10 @@ class StepLoop:
         exc: ActionError,
     ) -> Run | None:
         step = cs.step
-        failed_output = storable(exc.output)
+        # A failed step's output and message quote what the command or service said: redacted before they are
+        # stored, and before an escalation hands them to the agent.
+        exc.message = self.d.redactor.text(exc.message)
+        failed_output = self.d.redactor.value(storable(exc.output))
         outcome = _outcome(cs, run, attempt, started, key, StepStatus.FAILED, failed_output, exc.message)
         # An unexpected error is reported as an event of its own, whatever on_failure then does.
         reported = [_step_failed_event(run, step.id, exc, exc.message)] if isinstance(exc, UnexpectedError) else []

@@ -13,8 +13,8 @@ cannot deadlock against us. `keep_bytes` bounds what is read back (the tail); `t
 The group is killed only once its leader is known to have exited but is not yet reaped (`waitid(WNOWAIT)`): the
 leader's pid is the group's id, and while the leader is an unreaped zombie that id cannot be reused by an unrelated
 process, so `killpg` can never hit somebody else's group. Every running group is also registered and killed at
-interpreter exit (`kill_live_groups`); with `die_with_parent` a small shim asks the kernel to kill the group when
-the starting thread dies, so even a `kill -9` of mendloop takes its children with it.
+interpreter exit (`kill_live_groups`); with `die_with_parent` a small watcher in the group kills it when the mendloop
+process is gone (not merely the thread that started it), so even a `kill -9` of mendloop takes its children with it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "Child",
     "Completed",
     "blocked_for",
+    "check_startable",
     "kill_group",
     "kill_live_groups",
     "pick_env",
@@ -55,36 +56,64 @@ _POLL_FIRST = 0.005
 _POLL_MAX = 0.05
 _CANCEL_CHECK = 0.05
 
-# Started between fork and exec when `die_with_parent`: it asks the kernel to SIGTERM it when the thread that
-# started it dies, then runs the real program as its child; on that SIGTERM it kills the whole process group.
+# Started instead of the program when `die_with_parent`. It forks a watcher, then execs the program in its own
+# place, so the program keeps the pid spawn() returns, is the group's leader and gets Child.signal/stop's signals
+# itself. The watcher stays in the group and waits on a pidfd of mendloop's *process*: PR_SET_PDEATHSIG alone
+# would fire when the thread that started the child exits, which for a long-lived child started from a
+# short-lived thread is far too early. When mendloop is gone (even by `kill -9`), the watcher SIGKILLs the group.
+# Its own PR_SET_PDEATHSIG is towards the program (its parent, single-threaded when it forks): it ends with it.
 _SHIM = r"""
-import ctypes, os, signal, sys
+import os, select, signal, sys, time
 parent, argv = int(sys.argv[1]), sys.argv[2:]
-def die(*_):
+leader = os.getpid()
+def ppid_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+def watch():
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != leader:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        pidfd = None
+        os.killpg(0, signal.SIGKILL)
+    except (AttributeError, OSError):
+        pidfd = None
+    # Opened while the program's parent still was `parent`: the pidfd is mendloop's, not a reused pid's.
+    if ppid_of(leader) != parent:
+        os.killpg(0, signal.SIGKILL)
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll():
+            pass
+    else:
+        while ppid_of(leader) == parent:
+            time.sleep(0.5)
     os.killpg(0, signal.SIGKILL)
-signal.signal(signal.SIGTERM, die)
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-except Exception:
-    pass
 if os.getppid() != parent:
-    die()
-pid = os.fork()
-if pid == 0:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(0, signal.SIGKILL)
+if os.fork() == 0:
     try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        sys.stderr.write(f"cannot start {argv[0]!r}: {exc.strerror}\n")
-        os._exit(127)
-while True:
-    try:
-        _, status = os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
-code = os.waitstatus_to_exitcode(status)
-os._exit(128 - code if code < 0 else code)
+        watch()
+    finally:
+        os._exit(0)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"cannot start {argv[0]!r}: {exc.strerror}\n")
+    os._exit(127)
 """
 
 
@@ -302,8 +331,8 @@ def spawn(
     """Start `argv` (no shell) in a new session. `stdin` defaults to /dev/null, `stdout`/`stderr` to /dev/null
     as well (pass a file to keep the output; `stderr=subprocess.STDOUT` merges). `env` None inherits mendloop's
     environment. `run_as` (uid, gid) drops to that user (needs root). `die_with_parent`: start it through a shim
-    so the group dies with the thread that started it, even when mendloop is killed with -9 (needs a Python the
-    user can run; without one the program runs directly)."""
+    whose watcher kills the group once this process is gone, even by `kill -9` (needs a Python the user can run;
+    without one the program runs directly). The program keeps the pid and gets the signals sent to the leader."""
     argv = list(argv)
     if not argv or not all(isinstance(a, str) and a for a in argv):
         raise MendloopError("argv must be a non-empty list of non-empty strings", argv=argv)
@@ -314,7 +343,8 @@ def spawn(
     if die_with_parent:
         shim = _shim_interpreter(run_as)
         if shim is not None:
-            full = [shim, "-c", _SHIM, str(os.getpid()), *argv]
+            check_startable(argv[0], cwd, env)  # the shim would only exit 127: say which program, as Popen does
+            full = [shim, "-I", "-S", "-c", _SHIM, str(os.getpid()), *argv]
     started = time.monotonic()
     # Registered before the fork can finish: a group that starts while kill_live_groups runs is still seen.
     with _live_lock:
@@ -429,6 +459,23 @@ def blocked_for(path: Path, owner: tuple[int, int], *, file: bool = False) -> Pa
     if (file or resolved.is_dir()) and not allowed(resolved.stat()):
         return resolved
     return None
+
+
+def check_startable(
+    program: str, cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> None:
+    """Raise CannotStart when `program` could not be executed from `cwd` with `env`'s PATH: for a program started
+    through something else (the shim, bwrap), which reports it only as an exit code."""
+    if os.sep in program:
+        target = os.path.join(cwd or os.getcwd(), program)
+        if not os.path.exists(target):
+            raise CannotStart(program, "No such file or directory")
+        if os.path.isdir(target) or not os.access(target, os.X_OK):
+            raise CannotStart(program, "Permission denied")
+        return
+    path = (os.environ if env is None else env).get("PATH") or os.defpath
+    if shutil.which(program, path=path) is None:
+        raise CannotStart(program, "No such file or directory")
 
 
 def _shim_interpreter(run_as: tuple[int, int] | None) -> str | None:

@@ -1,23 +1,57 @@
-"""Where agent and test processes run. SKELETON (session 3): the interface is fixed, the bubblewrap part is being
-written; today `run` is the uid drop plus die-with-parent that the agent runner used before.
+"""Where agent and test processes run: a bubblewrap sandbox when this machine allows one, else the uid drop.
 
 `Sandbox.run(argv, cwd=, env=, timeout=, writable=, network=)` is the one way an agent's or a test's process is
 started: callers never call `process.run` for those themselves.
+
+With bubblewrap (`kind == "bwrap"`) the process sees the whole system read-only (`--ro-bind / /`), a fresh `/dev`
+and `/proc`, a private empty `/tmp`; only `cwd` and the `writable` paths are writable (bound back over the
+read-only view, after the private `/tmp`, so a worktree under /tmp or /dev/shm is still there). Every namespace is
+new (`--unshare-all`): no network but a private loopback unless `network` (`--share-net`, for an agent whose
+adapter talks to a model endpoint), its own pid namespace (whatever it leaves running dies with it), no
+capabilities, a session of its own (`--new-session`: no TIOCSTI into a terminal), and `--die-with-parent`.
+
+As root with a `run_as` user, the uid is dropped *before* bwrap starts (bwrap then runs unprivileged, in a user
+namespace of that user): the files the process writes belong to that user outside too, and it holds no uid 0 in
+any namespace. bwrap's own `--uid` under root would only map 65534 inside onto root outside.
+
+Without bubblewrap (not installed, or namespaces are not allowed here, or `sandbox: off`) it falls back to the uid
+drop (`kind == "uid-drop"`, as root) or to nothing (`"none"`), with the reason in `reason`, logged once per process
+as a warning naming what is not confined. `sandbox: bwrap` makes a missing bubblewrap a configuration error.
+
+bwrap reports its own failures (a program it cannot exec, a path it cannot bind) as exit code 1, which would read
+as failing tests; those become 127 and 126, as a shell says, so a test runner tells the environment from the code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
+from mendloop.errors import ConfigError
 from mendloop.infra import process
 
-__all__ = ["Sandbox", "SandboxKind", "detect"]
+__all__ = ["MODE_ENV", "PATH_ENV", "Sandbox", "SandboxKind", "SandboxMode", "configure", "detect", "probe"]
+
+log = logging.getLogger(__name__)
 
 SandboxKind = Literal["bwrap", "uid-drop", "none"]
+SandboxMode = Literal["auto", "bwrap", "off"]
+SANDBOX_MODES: tuple[str, ...] = get_args(SandboxMode)
+# The settings `sandbox` and `bwrap` (config.py) read the same variables; `mendloop agent`, which loads no config
+# file, gets them from here.
+MODE_ENV = "MENDLOOP_SANDBOX"
+PATH_ENV = "MENDLOOP_BWRAP"
+
+_PROBE_TIMEOUT = 15.0
+# How bwrap's own failures begin (bubblewrap 0.8's die_with_error calls): exec, binds and mounts, namespaces.
+_LAUNCHER_SAYS = ("bwrap: execvp ", "bwrap: Can't ", "bwrap: Creating new namespace", "bwrap: No permissions")
 
 
 @dataclass(frozen=True)
@@ -31,6 +65,64 @@ class Sandbox:
     reason: str = ""
     extra_readonly: tuple[Path, ...] = field(default=())
 
+    @property
+    def confined(self) -> bool:
+        return self.kind == "bwrap"
+
+    def describe(self) -> str:
+        """One line for logs and `/health`-like reports: what confines a process started here."""
+        who = f"uid {self.run_as[0]}" if self.run_as is not None else f"uid {os.geteuid()} (mendloop's own)"
+        if self.kind == "bwrap":
+            return f"bubblewrap ({self.bwrap}) as {who}"
+        return f"{self.kind} as {who}: {self.reason}"
+
+    def warning(self) -> str | None:
+        """What an operator must know when processes are not in bubblewrap; None when they are."""
+        if self.kind == "bwrap":
+            return None
+        if self.kind == "uid-drop" and self.run_as is not None:
+            exposed = (
+                f"agent and test processes only drop to uid {self.run_as[0]}: they read everything that uid may read, "
+                "write wherever it may write, and reach the network"
+            )
+        else:
+            exposed = (
+                f"agent and test processes run unconfined as uid {os.geteuid()}, mendloop's own user: they can read "
+                "and write whatever mendloop can, and reach the network"
+            )
+        return f"no bubblewrap sandbox ({self.reason}); {exposed}"
+
+    def command(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        writable: Sequence[Path],
+        network: bool,
+        readonly: Sequence[Path] = (),
+    ) -> list[str]:
+        """The full argv that runs `argv` in this sandbox (`argv` itself when it is not bubblewrap)."""
+        if self.kind != "bwrap" or self.bwrap is None:
+            return list(argv)
+        cmd = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        # Parents before children, read-only before writable at the same path: a later mount covers an earlier one.
+        binds: dict[Path, bool] = {}
+        for path in (*self.extra_readonly, *readonly):
+            binds.setdefault(_absolute(path), False)
+        for path in (cwd, *writable):
+            binds[_absolute(path)] = True
+        for path, write in sorted(binds.items(), key=lambda item: (len(item[0].parts), str(item[0]))):
+            if not path.exists():  # a missing source would stop bwrap; nothing there means nothing to bind
+                continue
+            if not write and self.run_as is not None and process.blocked_for(path, self.run_as) is not None:
+                continue  # bwrap, started as that user, could not reach it either: it stays hidden
+            cmd += ["--bind" if write else "--ro-bind", str(path), str(path)]
+        cmd += ["--chdir", str(_absolute(cwd)), "--unshare-all"]
+        if network:
+            cmd.append("--share-net")
+        cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--", *argv]
+        return cmd
+
     def run(
         self,
         argv: Sequence[str],
@@ -43,23 +135,178 @@ class Sandbox:
         cancel: threading.Event | None = None,
         keep_bytes: int | None = None,
         merge_stderr: bool = True,
+        readonly: Sequence[Path] = (),
     ) -> process.Completed:
-        """Run `argv` confined: the system read-only, only `cwd` and `writable` writable, the network only when
-        `network`; its process group dies with mendloop. Raises process.CannotStart like `process.run`."""
-        del writable, network  # SKELETON: the uid drop only
-        return process.run(
-            argv,
-            cwd=cwd,
+        """Run `argv` confined: the system read-only, only `cwd` and `writable` writable (`readonly` paths under
+        the private /tmp are made visible, read-only), the network only when `network`; its process group dies
+        with mendloop. Raises process.CannotStart like `process.run`."""
+        if self.kind != "bwrap":
+            return process.run(
+                argv,
+                cwd=cwd,
+                env=env,
+                timeout=timeout,
+                cancel=cancel,
+                merge_stderr=merge_stderr,
+                keep_bytes=keep_bytes,
+                run_as=self.run_as,
+                die_with_parent=True,  # the shim: the group is SIGKILLed when mendloop dies
+            )
+        if argv:
+            process.check_startable(argv[0], cwd, env)  # bwrap would only exit 1
+        done = process.run(
+            self.command(argv, cwd=cwd, writable=writable, network=network, readonly=readonly),
+            cwd="/",
             env=env,
             timeout=timeout,
             cancel=cancel,
             merge_stderr=merge_stderr,
             keep_bytes=keep_bytes,
             run_as=self.run_as,
-            die_with_parent=True,
+            # bwrap's --die-with-parent does it, tied to this thread, which waits in process.run until the end.
+            die_with_parent=False,
         )
+        return _launcher_failure(done)
 
 
-def detect(run_as: tuple[int, int] | None) -> Sandbox:
-    """The best sandbox this machine offers for processes that should run as `run_as` (None: as mendloop)."""
-    return Sandbox(kind="uid-drop" if run_as is not None else "none", run_as=run_as, reason="skeleton")
+# -- choosing one -------------------------------------------------------------------------------------------------
+
+_probe_lock = threading.Lock()
+_probed: dict[tuple[str, tuple[int, int] | None], str | None] = {}
+_warned: set[str] = set()
+# What `configure` set for this process (`serve`, `agent`: the settings, file and environment already merged).
+_configured: dict[str, str | None] = {}
+
+
+def configure(*, mode: str, bwrap: str | None, run_as: tuple[int, int] | None) -> Sandbox:
+    """At the startup of a long-running command: make `mode` and `bwrap` what every later `detect` of this process
+    uses when it is given none (the config file's `sandbox:` reaches the test runs of the patch pipeline too), and
+    check them now: a required bubblewrap that is missing is a ConfigError before anything starts, and a fallback
+    is logged as a warning here, once. Returns the sandbox processes of `run_as` will get."""
+    chosen = detect(run_as, mode=mode, bwrap=bwrap)
+    with _probe_lock:
+        _configured.update(mode=mode, bwrap=bwrap)
+    if chosen.confined:
+        # Only debug: the sandbox is the normal case, and a command's first line of stderr is for its errors.
+        log.debug("bubblewrap (%s) works here: agent and test processes run in its sandbox", chosen.bwrap)
+    return chosen
+
+
+def probe(bwrap: str, run_as: tuple[int, int] | None) -> str | None:
+    """Whether `bwrap` can build the sandbox here, as `run_as`: None when it can, else why not. Cached per
+    process: the answer does not change while mendloop runs, and every work order would pay for it."""
+    key = (bwrap, run_as)
+    with _probe_lock:
+        if key in _probed:
+            return _probed[key]
+    trial = Sandbox(kind="bwrap", run_as=run_as, bwrap=bwrap)
+    true = shutil.which("true") or "/bin/true"
+    why: str | None = None
+    try:
+        done = process.run(
+            trial.command([true], cwd=Path("/"), writable=(), network=False),
+            cwd="/",
+            env={"PATH": os.defpath},
+            timeout=_PROBE_TIMEOUT,
+            merge_stderr=True,
+            keep_bytes=2000,
+            run_as=run_as,
+        )
+    except process.CannotStart as exc:
+        why = f"cannot start {bwrap}: {exc.strerror}"
+    else:
+        if done.timed_out:
+            why = f"{bwrap} did not answer within {_PROBE_TIMEOUT:g}s"
+        elif done.returncode != 0:
+            said = done.stdout_text(300).strip().replace("\n", " ") or f"exit code {done.returncode}"
+            why = f"{bwrap} cannot create namespaces here: {said}"
+    with _probe_lock:
+        _probed[key] = why
+    return why
+
+
+def detect(
+    run_as: tuple[int, int] | None,
+    *,
+    mode: str | None = None,
+    bwrap: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Sandbox:
+    """The best sandbox this machine offers for processes that should run as `run_as` (None: as mendloop).
+
+    `mode` "auto" (the default): bubblewrap when it works, else the fallback; "bwrap": bubblewrap or a ConfigError;
+    "off": the fallback. `bwrap`: its path (default: `bwrap` on PATH). Either one unset is read from `environ`
+    (default: mendloop's environment), MENDLOOP_SANDBOX and MENDLOOP_BWRAP, unless `configure` set them for this
+    process. A fallback is logged once."""
+    env = os.environ if environ is None else environ
+    with _probe_lock:
+        if mode is None:
+            mode = _configured.get("mode")
+        if bwrap is None:
+            bwrap = _configured.get("bwrap")
+    chosen = (mode if mode is not None else env.get(MODE_ENV, "")).strip() or "auto"
+    if chosen not in SANDBOX_MODES:
+        raise ConfigError(
+            f"sandbox: {chosen!r} is not one of {', '.join(SANDBOX_MODES)} (setting `sandbox`, {MODE_ENV})",
+            field="sandbox",
+        )
+    fallback: SandboxKind = "uid-drop" if run_as is not None else "none"
+    if chosen == "off":
+        sandbox = Sandbox(kind=fallback, run_as=run_as, reason=f"sandbox: off in the configuration ({MODE_ENV})")
+        _warn_once(sandbox)
+        return sandbox
+    wanted = bwrap if bwrap is not None else (env.get(PATH_ENV, "").strip() or None)
+    found = _find(wanted, env)
+    why: str | None
+    if found is None:
+        why = (
+            f"no bwrap at {wanted}"
+            if wanted
+            else "bwrap is not on PATH (install Debian's bubblewrap: apt-get install bubblewrap)"
+        )
+    else:
+        why = probe(found, run_as)
+    if why is None:
+        return Sandbox(kind="bwrap", run_as=run_as, bwrap=found)
+    if chosen == "bwrap":
+        raise ConfigError(f"sandbox: bwrap is required, but {why}", field="sandbox")
+    sandbox = Sandbox(kind=fallback, run_as=run_as, reason=why)
+    _warn_once(sandbox)
+    return sandbox
+
+
+def _warn_once(sandbox: Sandbox) -> None:
+    message = sandbox.warning()
+    if message is None:
+        return
+    with _probe_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning("%s", message)
+
+
+def _find(wanted: str | None, env: Mapping[str, str]) -> str | None:
+    if wanted is None:
+        return shutil.which("bwrap", path=env.get("PATH") or os.defpath)
+    if os.sep in wanted:
+        return wanted if os.path.isfile(wanted) and os.access(wanted, os.X_OK) else None
+    return shutil.which(wanted, path=env.get("PATH") or os.defpath)
+
+
+def _absolute(path: Path) -> Path:
+    # realpath: bwrap binds what a path names, and a symlinked parent (/var/run -> /run) must not bind twice.
+    return Path(os.path.realpath(path))
+
+
+def _launcher_failure(done: process.Completed) -> process.Completed:
+    """bwrap exits 1 when it cannot set the sandbox up or exec the program, which reads like a failing test. Its
+    one line of complaint (and nothing else: the program never ran) becomes what a shell would say: 127 for a
+    program it cannot find, 126 for anything else that kept it from starting (the environment, not the code)."""
+    if done.returncode != 1:
+        return done
+    said = (done.stdout + done.stderr).decode("utf-8", errors="replace").strip()
+    if "\n" in said or not said.startswith(_LAUNCHER_SAYS):
+        return done
+    code = 127 if said.startswith("bwrap: execvp") and said.endswith("No such file or directory") else 126
+    return dataclasses.replace(done, returncode=code)

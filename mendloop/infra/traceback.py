@@ -37,11 +37,33 @@ class ParsedTraceback:
         candidates = inside or self.frames
         return candidates[-1] if candidates else None
 
+    def failing_tests(self) -> list[str]:
+        """The test the traceback ran through, as `path::function` (`tests/test_x.py::test_y`): the outermost
+        frame in a test file of the repository (`test_*.py`, `*_test.py`, or under a `tests`/`test` directory)
+        whose function is a test (`test*`). A work order names it in `failing_tests`: the patch must make it pass.
+        Only repository files count (or relative paths, when the traceback was not located): a test of an
+        installed library is not the repository's to fix."""
+        for frame in self.frames:
+            path = frame.repository_path or (frame.file if not frame.file.startswith("/") else None)
+            if path and is_test_file(path) and frame.function.startswith("test"):
+                return [f"{path}::{frame.function}"]
+        return []
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         failing = self.failing_frame()
         out["failing_frame"] = asdict(failing) if failing else None
+        out["failing_tests"] = self.failing_tests()
         return out
+
+
+def is_test_file(path: str) -> bool:
+    """`path` (relative, `/`-separated) is a test module by the usual conventions."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p]
+    if not parts or not parts[-1].endswith(".py"):
+        return False
+    name = parts[-1]
+    return name.startswith("test_") or name.endswith("_test.py") or any(p in ("tests", "test") for p in parts[:-1])
 
 
 def parse(text: str) -> ParsedTraceback | None:

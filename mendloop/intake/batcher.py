@@ -67,6 +67,9 @@ class IntakeBatcher:
         it raised (StorageError: the database failed)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[DetectionOutcome] = loop.create_future()
+        # Redacted here, by each request, rather than by the writer: the one writer thread is the bottleneck, and
+        # the scan overlaps with its commits.
+        detection = self.intake.redact(detection)
         with self._cond:
             if self._closed:
                 raise StorageError("intake is shutting down; retry on another server or later")
@@ -119,7 +122,8 @@ class IntakeBatcher:
 
     def _record(self, batch: Sequence[_Waiting]) -> list[DetectionOutcome | BaseException]:
         try:
-            outcomes: list[DetectionOutcome | BaseException] = list(self.intake.ingest([w.detection for w in batch]))
+            detections = [w.detection for w in batch]
+            outcomes: list[DetectionOutcome | BaseException] = list(self.intake.ingest_redacted(detections))
         except Exception as exc:
             self.stats.failed += 1
             if len(batch) > 1 and _may_be_one_detections_fault(exc):

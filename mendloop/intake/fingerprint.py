@@ -133,9 +133,11 @@ def _apply(text: str) -> str:
     return text
 
 
-def fingerprint(text: str, *, error_type: str | None = None) -> str:
-    """16 hex digits naming the shape of `text` (and `error_type`, when given)."""
-    return _digest("line", error_type, normalise(text))
+def fingerprint(text: str, *, error_type: str | None = None, pattern: str | None = None) -> str:
+    """16 hex digits naming the shape of `text` (and `error_type` and the watcher's `pattern`, when given)."""
+    if pattern is None:
+        return _digest("line", error_type, normalise(text))
+    return _digest("line", error_type, pattern, normalise(text))
 
 
 def fingerprint_traceback(tb: ParsedTraceback, *, error_type: str | None = None) -> str:

@@ -4,25 +4,28 @@ records from Fluent Bit or Vector."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mendloop.config import PatternConfig, Settings
+from mendloop.config import PatternConfig, Settings, WatcherConfig
 from mendloop.domain.records import Detection
 from mendloop.infra import traceback
+from mendloop.intake import log_prefix
 from mendloop.intake.fingerprint import fingerprint, fingerprint_traceback
 from mendloop.intake.matcher import Match, Matcher, Pattern
 
 
-def _pattern(p: PatternConfig, component: str | None) -> Pattern:
-    fields = {"component": p.component or component} if (p.component or component) else {}
+def _pattern(p: PatternConfig, w: WatcherConfig) -> Pattern:
+    component = p.component or w.component
     return Pattern(
         name=p.name,
         regex=p.regex,
         event_type=p.event_type,
         error_type=p.error_type,
         severity=p.severity,
-        fields={k: v for k, v in fields.items() if v},
+        fields={"component": component} if component else {},
+        prefix=w.prefix,
     )
 
 
@@ -30,10 +33,11 @@ class LogIntake:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.matchers: dict[str, Matcher] = {}
+        self._prefixes: dict[str, re.Pattern[str]] = {}
         for w in settings.watchers:
-            self.matchers[w.name] = Matcher.build([_pattern(p, w.component) for p in w.patterns])
+            self.matchers[w.name] = Matcher.build([_pattern(p, w) for p in w.patterns])
         # Records arriving over HTTP are matched against every watcher's patterns.
-        every = [_pattern(p, w.component) for w in settings.watchers for p in w.patterns]
+        every = [_pattern(p, w) for w in settings.watchers for p in w.patterns]
         self.all = Matcher.build(every) if every else None
 
     def detect_lines(
@@ -60,6 +64,14 @@ class LogIntake:
             out.append(self._detection(m, source, metas[index] if index >= 0 else {}))
         return out
 
+    def _prefix(self, source: str | None) -> re.Pattern[str] | None:
+        if source is None:
+            return None
+        compiled = self._prefixes.get(source)
+        if compiled is None:
+            compiled = self._prefixes[source] = re.compile(source)
+        return compiled
+
     def _detection(self, m: Match, source: str, extra: Mapping[str, Any]) -> Detection:
         p = m.pattern
         payload: dict[str, Any] = {**extra, **m.groups, "pattern": p.name, "line": m.line.splitlines()[0][:2000]}
@@ -73,7 +85,9 @@ class LogIntake:
             }
             fp = fingerprint_traceback(parsed)
         else:
-            fp = fingerprint(m.line, error_type=p.error_type)
+            # The pattern and the message: not the timestamp, level, logger or thread in front of it.
+            message = log_prefix.strip(m.line.split("\n", 1)[0], self._prefix(p.prefix))
+            fp = fingerprint(message, error_type=p.error_type, pattern=p.name)
         if p.error_type:
             payload["error_type"] = p.error_type
         return Detection(

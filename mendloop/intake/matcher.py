@@ -49,6 +49,8 @@ class Pattern:
     severity: str = "error"
     # Static fields added to every event of this pattern; not hashed, so a Pattern stays hashable.
     fields: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The watcher's own log prefix (`prefix:`), stripped before fingerprinting; None: the common formats.
+    prefix: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from mendloop.config import Settings
 from mendloop.domain import runs
 from mendloop.domain.records import Detection, DetectionOutcome, PlaybookRef
 from mendloop.errors import InputError
+from mendloop.infra.redact import Redactor
 from mendloop.intake.fingerprint import fingerprint
 from mendloop.storage.incidents import IncidentStore, RunSpec
 
@@ -86,17 +87,48 @@ class Intake:
         incidents: IncidentStore,
         router: Router,
         wake: Callable[[], None],
+        redactor: Redactor,
     ) -> None:
         self.settings = settings
         self.incidents = incidents
         self.router = router
+        self.redactor = redactor
         self.event_errors = settings.event_error_table()
         self._wake = wake
 
     def ingest(
         self, detections: Sequence[Detection], *, also: Callable[[Connection], None] | None = None
     ) -> list[DetectionOutcome]:
-        """One transaction; `also` writes in it too (a watcher's checkpoint)."""
+        """Redact, then record in one transaction; `also` writes in it too (a watcher's checkpoint)."""
+        return self.ingest_redacted([self.redact(d) for d in detections], also=also)
+
+    def redact(self, d: Detection) -> Detection:
+        """The detection with every secret masked: its text, its payload (keys and nested values), its labels.
+        This is the intake boundary: nothing of a detection is stored before it passed here. A computed
+        fingerprint is a hash and comes through as it is (`from_event` computes it from the redacted text); one a
+        caller sent is redacted like the rest."""
+        fields = {
+            "fingerprint": d.fingerprint,
+            "event_type": d.event_type,
+            "source": d.source,
+            "message": d.message,
+            "error_type": d.error_type,
+            "component": d.component,
+            "event_id": d.event_id,
+            "title": d.title,
+            "severity": d.severity,
+            "payload": d.payload,
+        }
+        clean = self.redactor.value(fields)
+        if clean is fields:
+            return d  # the common case: one scan found nothing
+        return dataclasses.replace(d, **clean)
+
+    def ingest_redacted(
+        self, detections: Sequence[Detection], *, also: Callable[[Connection], None] | None = None
+    ) -> list[DetectionOutcome]:
+        """`ingest` for detections that went through `redact` already (the group-commit writer's, redacted by
+        each request before it queued)."""
         if not detections:
             return []
         outcomes = self.incidents.record(detections, self.run_for, also=also)
@@ -144,7 +176,8 @@ class Intake:
         event_id: str | None = None,
         fingerprint_hint: str | None = None,
     ) -> Detection:
-        text = message or _text_of(payload) or event_type
+        # Redacted before it is fingerprinted: a secret that differs from line to line must not split an incident.
+        text = self.redactor.text(message or _text_of(payload) or event_type)
         error_type = self.error_type_of(event_type, payload)
         return Detection(
             event_type=event_type,
@@ -163,8 +196,9 @@ class Intake:
         webhook = parse_alertmanager(body)
         out: list[Detection] = []
         for alert in webhook.alerts:
-            labels = dict(alert.labels or {})
-            annotations = dict(alert.annotations or {})
+            # Redacted before the labels are fingerprinted (see `from_event`).
+            labels: dict[str, str] = self.redactor.value(dict(alert.labels or {}))
+            annotations: dict[str, str] = self.redactor.value(dict(alert.annotations or {}))
             status = alert.status or webhook.status or "firing"
             name = labels.get("alertname") or "alert"
             error_type = labels.get("error_type") or (name if self.router.knows_error_type(name) else None)

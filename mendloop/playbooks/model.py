@@ -57,6 +57,8 @@ class Step(_Strict):
     retry: RetryPolicy | None = None
     timeout: float | None = Field(default=None, gt=0, le=86400)
     on_failure: str = "fail"
+    # A capability the service may not have: unbound, the step is skipped and the timeline says so.
+    optional: bool = False
 
     @field_validator("id")
     @classmethod
@@ -91,6 +93,8 @@ class Step(_Strict):
                 raise ValueError("with.check must name exactly one of capability, http or command")
             if isinstance(check.get("command"), dict):
                 _option_positions(check["command"], "with.check.command")
+        if self.optional and not (self.action == "capability" or "capability" in self.params.get("check", {})):
+            raise ValueError("optional: only a capability step, or a verify step checking one, can be optional")
         return self
 
     @property

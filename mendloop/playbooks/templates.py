@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from jinja2 import ChainableUndefined, StrictUndefined, TemplateError
+from jinja2 import ChainableUndefined, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 Renderer = Callable[[Mapping[str, Any]], Any]
@@ -89,6 +89,25 @@ class TemplateRenderError(ValueError):
     pass
 
 
+# The names a step's templates see (engine/step_loop.py builds them; a test holds the two together), and the
+# extra name of a verify step's `expect` and of a binding's `expect` and `outputs`: what the service answered.
+STEP_SCOPE: frozenset[str] = frozenset({"event", "context", "steps", "error_type", "description", "run", "target"})
+RESULT_SCOPE: frozenset[str] = frozenset({"result"})
+
+
+def names_used(text: str) -> set[str]:
+    """The top-level names a template (`{{ ... }}` inside text) or a bare expression (a condition) reads:
+    `steps`, `context`, ...; a loop's own names aside."""
+    source = text if ("{{" in text or "{%" in text) else "{{ " + text + " }}"
+    try:
+        return set(meta.find_undeclared_variables(_PARSER.parse(source)))
+    except TemplateError as exc:
+        raise TemplateCompileError(f"bad template {text!r}: {exc}") from exc
+
+
+_PARSER = ImmutableSandboxedEnvironment(autoescape=False)
+
+
 class Templates:
     def __init__(self) -> None:
         # Parameters fail loudly on a missing name; conditions treat a missing name as false.
@@ -156,6 +175,19 @@ class Templates:
         except TemplateError as exc:
             raise TemplateCompileError(f"bad template {text!r}: {exc}") from exc
         return _guard(lambda ctx: template.render(**ctx), text)
+
+    def compile_lookup(self, expression: str) -> Renderer:
+        """An expression's value (`result.json.db_connected`), None where a name is missing: a capability
+        binding's output mapping, evaluated on whatever the service answered."""
+        body = expression.strip()
+        match = _SINGLE_EXPR.match(body)
+        if match:
+            body = match.group("expr")
+        try:
+            expr = self.lenient.compile_expression(body, undefined_to_none=True)
+        except TemplateError as exc:
+            raise TemplateCompileError(f"bad expression {expression!r}: {exc}") from exc
+        return _guard(lambda ctx: _plain(expr(**ctx)), expression)
 
     def compile_condition(self, expression: str) -> Renderer:
         body = expression.strip()

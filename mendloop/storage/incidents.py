@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +17,7 @@ from mendloop.domain import storm
 from mendloop.domain.records import Detection, DetectionOutcome, Incident, NewEvent
 from mendloop.domain.runs import stamp
 from mendloop.domain.states import RUN_FINAL, RunStatus
-from mendloop.domain.storm import Situation, Verdict, decide
+from mendloop.domain.storm import Situation, Verdict, WindowCounts, decide
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Tx, sqlite_insert
@@ -33,6 +35,36 @@ assert [c.name for c in t.idempotency.c] == ["scope", "key", "response", "create
 _SQLITE_INSERT_INCIDENTS = sqlite_insert(t.incidents)
 _incident_tuple = operator.itemgetter(*(c.name for c in t.incidents.c))
 _DUPLICATE = DetectionOutcome(event_id=None, incident_id=None, run_id=None, verdict="duplicate", duplicate=True)
+
+# Storm counters are rows of `sequences` (no table of their own): per window (its index since the epoch,
+# zero-padded so names sort by window) the new runs of all components, of each component, and the detections
+# rate-limited; and the rate-limited detections of all time. The global row of a window is locked (UPDATE) by
+# the first transaction of that window that would start a run and held until it commits, so concurrent intake
+# (PostgreSQL) decides one after the other and can never exceed a cap; SQLite's single writer already does.
+_WINDOW = "storm:w:"
+_RATE_LIMITED_TOTAL = "storm:rate_limited"
+
+
+def _window_name(index: int, what: str) -> str:
+    return f"{_WINDOW}{index:012d}:{what}"
+
+
+def _component_key(component: str) -> str:
+    # `sequences.name` holds 100 characters; a component holds 200.
+    return "c:" + hashlib.sha1(component.encode(), usedforsecurity=False).hexdigest()[:20]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StormCounts:
+    """What `/health` and `/patches/stats` show of the caps on new runs."""
+
+    window_seconds: float
+    window_started_at: float
+    new_runs_in_window: int
+    rate_limited_in_window: int
+    rate_limited_total: int
+    max_new_runs_per_window: int
+    max_new_runs_per_component: int
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -97,6 +129,24 @@ class IncidentStore:
         return outcomes
 
     # -- queries --------------------------------------------------------------------------------------------
+
+    def storm_counts(self, now: float | None = None) -> StormCounts:
+        """The current window's counters and the all-time rate-limited count: three primary-key reads."""
+        now = self.store.clock() if now is None else now
+        index = _window_index(now, self.storm)
+        names = [_window_name(index, "*"), _window_name(index, "rl"), _RATE_LIMITED_TOTAL]
+        q = sa.select(t.sequences.c.name, t.sequences.c.value).where(t.sequences.c.name.in_(names))
+        with self.store.db.read() as conn:
+            values = {str(n): int(v) for n, v in conn.execute(q)}
+        return StormCounts(
+            window_seconds=self.storm.new_runs_window_seconds,
+            window_started_at=index * self.storm.new_runs_window_seconds,
+            new_runs_in_window=values.get(names[0], 0),
+            rate_limited_in_window=values.get(names[1], 0),
+            rate_limited_total=values.get(names[2], 0),
+            max_new_runs_per_window=self.storm.max_new_runs_per_window,
+            max_new_runs_per_component=self.storm.max_new_runs_per_component,
+        )
 
     def get(self, incident_id: str) -> Incident:
         with self.store.db.read() as conn:
@@ -169,6 +219,10 @@ class _Recording:
         self.waiting: list[tuple[int, int, str | None, str]] = []
         self.outcomes: list[DetectionOutcome | None] = []
         self.numbers: list[int] = []  # incident numbers reserved for this call, in reverse order
+        # This window's storm counters, read (and locked) at the first run this call would start.
+        self.window_index = _window_index(self.now, self.storm)
+        self.window: dict[str, int] | None = None  # counter name -> value including this call's runs
+        self.window_added: dict[str, int] = {}  # counter name -> what this call adds
 
     def run(self, detections: Sequence[Detection]) -> list[DetectionOutcome]:
         fresh = self._claim_event_ids(detections)
@@ -194,6 +248,7 @@ class _Recording:
         ]
         if counts:
             self.conn.execute(self.owner._count, counts)
+        self._write_window()
         done = [o for o in self.outcomes if o is not None]
         assert len(done) == len(detections)
         return done
@@ -274,6 +329,8 @@ class _Recording:
                 now=self.now,
                 run_in_progress=lambda: self._in_progress(incident),
                 recent_failures=lambda: self._failures(d.component) if d.component else 0,
+                window_counts=lambda: self._window_counts(d.component),
+                has_component=bool(d.component),
             ),
             self.storm,
         )
@@ -282,6 +339,9 @@ class _Recording:
             return
         if verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
             incident.absorbed += d.count
+        elif verdict is Verdict.RATE_LIMITED:
+            self._add(_window_name(self.window_index, "rl"), 1)
+            self._add(_RATE_LIMITED_TOTAL, 1)
         self._pend(storm.detection_event(d, incident.id), incident.id, verdict.value)
 
     def _pend(self, event: NewEvent, incident_id: str | None, verdict: str) -> None:
@@ -326,6 +386,58 @@ class _Recording:
             )
         # The next detection of this fingerprint opens a new incident (or finds an older one still open).
         del self.open[d.fingerprint]
+
+    # -- storm counters ---------------------------------------------------------------------------------------
+
+    def _counter(self, name: str) -> int:
+        """A counter's value, its row locked until this transaction ends (created at 0 if missing)."""
+        seq = t.sequences
+        created = self.conn.execute(self.store.db.insert(seq).values(name=name, value=0).on_conflict_do_nothing())
+        if created.rowcount and name.endswith(":*"):
+            # The first run of a new window: counters of windows before the last one can never be read again.
+            self.conn.execute(
+                sa.delete(seq).where(seq.c.name >= _WINDOW, seq.c.name < _window_name(self.window_index - 1, ""))
+            )
+        # An UPDATE that changes nothing still takes the row lock (PostgreSQL); SELECT ... FOR UPDATE would too,
+        # but SQLAlchemy drops FOR UPDATE on SQLite, where BEGIN IMMEDIATE holds the database anyway.
+        value = self.conn.execute(
+            sa.update(seq).where(seq.c.name == name).values(value=seq.c.value).returning(seq.c.value)
+        ).scalar_one()
+        return int(value)
+
+    def _window_counts(self, component: str | None) -> WindowCounts:
+        if self.window is None:
+            # The global row first, always: every transaction that starts runs takes it before any component's,
+            # so two of them can never wait on each other.
+            everything = _window_name(self.window_index, "*")
+            self.window = {everything: self._counter(everything)}
+        total = self.window[_window_name(self.window_index, "*")]
+        if not component:
+            return WindowCounts(total, 0)
+        name = _window_name(self.window_index, _component_key(component))
+        if name not in self.window:
+            self.window[name] = self._counter(name)
+        return WindowCounts(total, self.window[name])
+
+    def _add(self, name: str, n: int) -> None:
+        self.window_added[name] = self.window_added.get(name, 0) + n
+        if self.window is not None and name in self.window:
+            self.window[name] += n
+
+    def _count_new_run(self, component: str | None) -> None:
+        if self.window is None:
+            return  # no cap is on (the counters were never asked for)
+        self._add(_window_name(self.window_index, "*"), 1)
+        if component:
+            self._add(_window_name(self.window_index, _component_key(component)), 1)
+
+    def _write_window(self) -> None:
+        seq = t.sequences
+        for name, n in self.window_added.items():
+            if not name.startswith(_WINDOW) or name.endswith(":rl"):
+                # Rate-limited counters were not locked: create them if this is their first detection.
+                self.conn.execute(self.store.db.insert(seq).values(name=name, value=0).on_conflict_do_nothing())
+            self.conn.execute(sa.update(seq).where(seq.c.name == name).values(value=seq.c.value + n))
 
     def _in_progress(self, incident: _Open) -> bool:
         if incident.in_progress is None:
@@ -372,6 +484,7 @@ class _Recording:
             .values(last_run_id=run.id, last_run_at=self.now)
         )
         incident.last_run_id, incident.last_run_at = run.id, self.now
+        self._count_new_run(d.component)
         incident.in_progress = run.status not in RUN_FINAL
         if verdict is Verdict.BREAKER_OPEN:
             self.tx.emit([storm.circuit_open_event(d.component, run.id, failures, incident.id)])
@@ -400,6 +513,10 @@ class _Recording:
             for at, index, incident_id, verdict in self.waiting:
                 self.outcomes[at] = DetectionOutcome(self.published[start + index].id, incident_id, None, verdict)
             self.events, self.waiting = [], []
+
+
+def _window_index(now: float, config: StormConfig) -> int:
+    return math.floor(now / config.new_runs_window_seconds)
 
 
 def _incident(r: Row[Any]) -> Incident:

@@ -68,6 +68,9 @@ class Adapter:
     env_prefixes: ClassVar[tuple[str, ...]] = ()
     leftovers: ClassVar[tuple[str, ...]] = ()
     in_process: ClassVar[bool] = False
+    # Whether the agent's process must reach the network (a model endpoint): the sandbox gives it the host's
+    # network then, and a private loopback only otherwise. Tests never get it.
+    network: ClassVar[bool] = False
 
     def __init__(self, args: Sequence[str] = ()) -> None:
         self.args = [str(a) for a in args]
@@ -75,6 +78,11 @@ class Adapter:
     @property
     def model(self) -> str | None:
         return None
+
+    @property
+    def needs_network(self) -> bool:
+        """True when the agent talks to a model endpoint, so its sandbox shares the host's network."""
+        return self.network
 
     def version(self) -> str | None:
         return None

@@ -45,6 +45,7 @@ class CliAdapter(Adapter):
     """A coding agent CLI found on PATH (or at `program`)."""
 
     program: ClassVar[str] = ""
+    network = True  # every one of them calls its model's API
 
     def __init__(self, args: Sequence[str] = (), *, program: str | None = None) -> None:
         super().__init__(args)
@@ -186,11 +187,17 @@ class CommandAdapter(Adapter):
 
     name = "command"
 
-    def __init__(self, args: Sequence[str] = (), *, pass_env: Iterable[str] = ()) -> None:
+    def __init__(self, args: Sequence[str] = (), *, pass_env: Iterable[str] = (), network: bool = False) -> None:
         super().__init__(args)
         if not self.args:
             raise ConfigError("the command adapter runs the program given after `--`, and none was given")
         self._pass_env = tuple(k for k in pass_env if not k.startswith("MENDLOOP_"))
+        # Any program: no network unless whoever configures it says it calls a model endpoint.
+        self._network = network
+
+    @property
+    def needs_network(self) -> bool:
+        return self._network
 
     def passthrough_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         return {k: environ[k] for k in self._pass_env if k in environ}

@@ -57,6 +57,7 @@ class OpenAIAdapter(Adapter):
 
     name = "openai"
     in_process = True
+    network = True  # its requests go out from mendloop's own process, which the sandbox does not confine
 
     def __init__(
         self,

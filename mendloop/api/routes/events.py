@@ -12,12 +12,13 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Connection
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from mendloop.api import auth, views
+from mendloop.api import auth, errors, views
 from mendloop.api.deps import AppDep
 from mendloop.api.responses import (
     AlertOutcome,
@@ -28,6 +29,7 @@ from mendloop.api.responses import (
     PublishedEvent,
 )
 from mendloop.api.schemas import ERROR_RESPONSES, JSON_ERROR_RESPONSES, EventIn
+from mendloop.api.streams import HeldStream, StreamSlots
 from mendloop.app import App
 from mendloop.domain.records import Detection, DetectionOutcome
 from mendloop.errors import AuthError, Conflict, InputError
@@ -76,10 +78,10 @@ def _check_intake_auth(app: App, request: Request, raw: bytes) -> auth.Signature
     """None when the caller needs no credentials or showed a token; the verified signature of a signed webhook.
     Raises AuthError naming the header (or the part of it) that is missing or wrong."""
     s = app.settings
-    if not (s.api_tokens or s.intake_tokens or s.webhook_hmac_secret):
+    if not (s.api_tokens or s.intake_tokens or s.forwarder_tokens or s.webhook_hmac_secret):
         return None
     authorization = request.headers.get("authorization")
-    if auth.token_accepted(authorization, (*s.api_tokens, *s.intake_tokens)):
+    if auth.token_accepted(authorization, (*s.api_tokens, *s.intake_tokens, *s.forwarder_tokens)):
         return None
     signature = request.headers.get(auth.SIGNATURE_HEADER)
     if signature is not None or (s.webhook_hmac_secret and not authorization):
@@ -250,6 +252,14 @@ async def publish(app: AppDep, request: Request, response: Response) -> Publishe
     intake = app.intake
     detections: list[Detection] = []
     single = False
+    # A caller's own fingerprint is used only from a forwarder (or when the operator trusts every caller); else
+    # the server computes it, and the answer says it ignored one.
+    own_fingerprints = auth.fingerprint_trusted(
+        request.headers.get("authorization"),
+        app.settings.forwarder_tokens,
+        trust_everyone=app.settings.trust_caller_fingerprint,
+    )
+    ignored = 0
     if isinstance(body, dict) and "events" in body:
         items = body["events"]
         if not isinstance(items, list):
@@ -269,6 +279,7 @@ async def publish(app: AppDep, request: Request, response: Response) -> Publishe
     else:
         raise InputError("body: expected an event object, {events: [...]}, or an array of records", field="body")
     for e in events:
+        ignored += e.fingerprint is not None and not own_fingerprints
         d = intake.from_event(
             event_type=e.event_type,
             payload=e.payload,
@@ -276,7 +287,7 @@ async def publish(app: AppDep, request: Request, response: Response) -> Publishe
             message=e.message,
             component=e.component,
             event_id=e.event_id,
-            fingerprint_hint=e.fingerprint,
+            fingerprint_hint=e.fingerprint if own_fingerprints else None,
         )
         # An aggregated event (a forwarder's) counts every line it stands for.
         detections.append(dataclasses.replace(d, count=e.count) if e.count != 1 else d)
@@ -314,12 +325,14 @@ async def publish(app: AppDep, request: Request, response: Response) -> Publishe
             verdict=one.verdict,
             duplicate=one.duplicate,
             playbook_id=routed.id if routed is not None else None,
+            fingerprint_ignored=bool(ignored),
         )
     else:
         answer = PublishedBatch(
             accepted=sum(1 for a in answers if not a.duplicate),
             duplicates=sum(1 for a in answers if a.duplicate),
             events=answers,
+            fingerprints_ignored=ignored,
         )
     if guard is not None:
         await run_in_threadpool(guard.keep, answer)
@@ -368,12 +381,20 @@ async def alertmanager(app: AppDep, request: Request, response: Response) -> Ale
 _STREAM: dict[int | str, dict[str, Any]] = {
     **JSON_ERROR_RESPONSES,
     200: {"description": "Server-sent events", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    429: {"description": "Too many open streams (limits.max_sse_streams, limits.max_sse_streams_per_client)"},
 }
 
 
 @router.get("/stream", response_class=EventSourceResponse, responses=_STREAM)
-async def stream(request: Request, app: AppDep) -> EventSourceResponse:
-    """Server-sent events: every event as it is committed, newest state first for a reconnecting client."""
+async def stream(request: Request, app: AppDep) -> Response:
+    """Server-sent events: every event as it is committed, newest state first for a reconnecting client. At most
+    `limits.max_sse_streams` open streams, `limits.max_sse_streams_per_client` per client: over one, a 429."""
+    slots: StreamSlots = request.app.state.streams
+    client = slots.client_of(request)
+    refused = slots.acquire(client)
+    if refused is not None:
+        body = errors.limit_body(field="stream", message=refused.message, limit=refused.setting, value=refused.value)
+        return JSONResponse(body, status_code=429, headers={"Retry-After": "5"})
     loop = asyncio.get_running_loop()
     queue, unsubscribe = app.bus.async_queue(loop)
 
@@ -388,4 +409,4 @@ async def stream(request: Request, app: AppDep) -> EventSourceResponse:
         finally:
             unsubscribe()
 
-    return EventSourceResponse(gen(), ping=15)
+    return HeldStream(gen(), release=lambda: slots.release(client), ping=15)

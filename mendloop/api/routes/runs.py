@@ -14,7 +14,7 @@ from mendloop.api.deps import AppDep, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
 from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, TriggerRequest
 from mendloop.app import App
-from mendloop.domain.records import EventRecord
+from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
 
 router = APIRouter(prefix="/patches", tags=["runs"], responses=ERROR_RESPONSES)
@@ -50,7 +50,7 @@ async def get_run(app: AppDep, run_id: str) -> RunDetail:
 
 @router.post("/runs/{run_id}/cancel")
 async def cancel_run(app: AppDep, run_id: str, body: CancelRequest | None = None) -> RunOut:
-    reason = body.reason if body else "cancelled by an operator"
+    reason = app.redactor.text(body.reason) if body else "cancelled by an operator"
     r = await run_in_threadpool(app.remediation.cancel_run, run_id, reason)
     return views.run(r)
 
@@ -85,18 +85,32 @@ async def wait_settled(app: App, run_id: str, timeout: float) -> RunStatus:
 @router.post("/trigger")
 async def trigger(app: AppDep, body: TriggerRequest) -> TriggerOut:
     """Start the playbook routed for an error type; answers once the run escalated or finished, or after
-    `wait_seconds`."""
-    r, created = await run_in_threadpool(
-        lambda: app.remediation.trigger(
-            error_type=body.error_type,
-            description=body.description,
-            file_path=body.file_path,
-            component=body.component,
-            context=body.context,
-            playbook_id=body.playbook_id,
-            dedupe_key=body.dedupe_key,
+    `wait_seconds`. Secrets in the request are masked before anything is stored (the error type and the
+    playbook id name routes, so they are kept as sent)."""
+
+    def start() -> tuple[Run, bool]:
+        # The intake boundary for triggers: the run's description and context, its trigger event and any work
+        # order rendered from them hold only the redacted values. One scan covers the whole request.
+        clean = app.redactor.value(
+            {
+                "description": body.description,
+                "file_path": body.file_path,
+                "component": body.component,
+                "context": body.context,
+                "dedupe_key": body.dedupe_key,
+            }
         )
-    )
+        return app.remediation.trigger(
+            error_type=body.error_type,
+            description=clean["description"],
+            file_path=clean["file_path"],
+            component=clean["component"],
+            context=clean["context"],
+            playbook_id=body.playbook_id,
+            dedupe_key=clean["dedupe_key"],
+        )
+
+    r, created = await run_in_threadpool(start)
     wait = app.settings.trigger_wait_seconds if body.wait_seconds is None else body.wait_seconds
     await wait_settled(app, r.id, wait)
     r = await run_in_threadpool(app.store.get_run, r.id)

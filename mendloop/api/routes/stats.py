@@ -6,8 +6,9 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api.deps import AppDep
-from mendloop.api.responses import StatsOut
+from mendloop.api.responses import StatsOut, StormOut
 from mendloop.api.schemas import ERROR_RESPONSES
+from mendloop.storage.incidents import StormCounts
 
 router = APIRouter(prefix="/patches", tags=["stats"], responses=ERROR_RESPONSES)
 
@@ -15,7 +16,20 @@ DEFINITIONS = {
     "escalation_rate": "escalated runs / all runs",
     "auto_fix_rate": "runs completed without escalation / finished runs",
     "average_patch_time_minutes": "mean of (completed_at - created_at) over completed work orders",
+    "storm.rate_limited": "detections recorded as incidents without a run because a cap on new runs was full",
 }
+
+
+def storm_out(c: StormCounts) -> StormOut:
+    return StormOut(
+        window_seconds=c.window_seconds,
+        window_started_at=c.window_started_at,
+        new_runs_in_window=c.new_runs_in_window,
+        rate_limited_in_window=c.rate_limited_in_window,
+        rate_limited=c.rate_limited_total,
+        max_new_runs_per_window=c.max_new_runs_per_window,
+        max_new_runs_per_component=c.max_new_runs_per_component,
+    )
 
 
 @router.get("/stats")
@@ -31,6 +45,7 @@ async def stats(app: AppDep) -> StatsOut:
             average_patch_time_minutes=round(patch_seconds / 60, 2) if patch_seconds is not None else None,
             runs_by_status=runs["by_status"],
             definitions=dict(DEFINITIONS),
+            storm=storm_out(app.incidents.storm_counts()),
         )
 
     return await run_in_threadpool(query)

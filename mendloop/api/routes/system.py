@@ -18,21 +18,24 @@ from mendloop.api.responses import (
     TrustList,
     TrustScore,
 )
+from mendloop.api.routes.stats import storm_out
 from mendloop.api.schemas import ERROR_RESPONSES
-from mendloop.errors import StorageError
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/health", tags=["system"], responses={503: {"model": HealthOut, "description": "Not ready"}})
 async def health(app: AppDep, response: Response) -> HealthOut:
-    try:
-        await run_in_threadpool(app.store.ping)
-        db = "ok"
-    except StorageError as exc:
-        db = f"error: {exc.message}"
-    ok = db == "ok" and app.ready
+    """From memory only: the write probe (a thread, `health:`) keeps the database's state and the storm counters,
+    so this answers at once however busy the database and the thread pool are. Degraded (503) while the last
+    write failed or is older than `health.max_write_age_seconds`, or the App is not open."""
+    probe = app.health
+    problem = probe.problem() if probe is not None else "error: the write probe is not running"
+    db = problem or "ok"
+    ok = problem is None and app.ready
     response.status_code = 200 if ok else 503
+    state = probe.state() if probe is not None else None
+    age = probe.last_write_age() if probe is not None else None
     return HealthOut(
         status="ok" if ok else "degraded",
         database=db,
@@ -41,6 +44,8 @@ async def health(app: AppDep, response: Response) -> HealthOut:
         playbooks=len(app.playbooks.by_id),
         version=__version__,
         watchers=app.watchers.snapshot() if app.watchers is not None else {},
+        last_write_age_seconds=round(age, 3) if age is not None else None,
+        storm=storm_out(state.storm) if state is not None and state.storm is not None else None,
     )
 
 

@@ -71,11 +71,15 @@ async def complete_work_order(
     body: CompleteRequest,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=300)] = None,
 ) -> CompleteOut:
+    # What an agent posts is data from outside: its summary, its agent description and its diff's URL are
+    # redacted before they are stored. The diff itself is not: masking would break the patch, and the safety
+    # checks and tests judge it as sent (a diff that adds a secret is the operator's to reject at review).
+    r = app.redactor
     extra: dict[str, Any] = {}
     if body.base_commit:
         extra["base_commit"] = body.base_commit
     if body.agent:
-        extra["agent"] = body.agent.model_dump(exclude_none=True)
+        extra["agent"] = r.value(body.agent.model_dump(exclude_none=True))
     if body.applied_commit:
         extra["applied_commit"] = body.applied_commit
     if body.approval_required:
@@ -85,9 +89,9 @@ async def complete_work_order(
             work_order_id,
             tests_passed=body.tests_passed,
             files_changed=body.files_changed,
-            diff_url=body.diff_url,
+            diff_url=r.text(body.diff_url) if body.diff_url else body.diff_url,
             diff=body.diff,
-            summary=body.summary,
+            summary=r.text(body.summary) if body.summary else body.summary,
             extra=extra,
             idempotency_key=idempotency_key,
             lease_id=body.lease_id,
@@ -112,7 +116,8 @@ async def merged_work_order(app: AppDep, work_order_id: str) -> CompleteOut:
 
 @router.post("/work-orders/{work_order_id}/reject")
 async def reject_work_order(app: AppDep, work_order_id: str, body: RejectRequest | None = None) -> WorkOrderOut:
-    wo = await run_in_threadpool(app.remediation.reject, work_order_id, body.reason if body else "rejected")
+    reason = app.redactor.text(body.reason) if body else "rejected"
+    wo = await run_in_threadpool(app.remediation.reject, work_order_id, reason)
     return views.work_order(wo)
 
 
@@ -158,7 +163,8 @@ async def claim_work_order(app: AppDep, body: ClaimRequest) -> ClaimOut | Respon
 
 @router.post("/work-orders/{work_order_id}/heartbeat")
 async def heartbeat(app: AppDep, work_order_id: str, body: HeartbeatRequest) -> HeartbeatOut:
-    wo = await run_in_threadpool(app.remediation.heartbeat, work_order_id, body.lease_id, body.note)
+    note = app.redactor.text(body.note) if body.note else body.note
+    wo = await run_in_threadpool(app.remediation.heartbeat, work_order_id, body.lease_id, note)
     cancel = wo.cancel_requested or wo.status is WorkOrderStatus.CANCELLED
     return HeartbeatOut(lease_expires_at=views.iso(wo.lease_expires_at), cancel_requested=cancel)
 
@@ -167,7 +173,11 @@ async def heartbeat(app: AppDep, work_order_id: str, body: HeartbeatRequest) -> 
 async def fail_work_order(app: AppDep, work_order_id: str, body: FailRequest) -> WorkOrderOut:
     wo = await run_in_threadpool(
         lambda: app.remediation.fail_work_order(
-            work_order_id, lease_id=body.lease_id, reason=body.reason, retryable=body.retryable, details=body.details
+            work_order_id,
+            lease_id=body.lease_id,
+            reason=body.reason,
+            retryable=body.retryable,
+            details=app.redactor.value(body.details),  # an agent's output tail, its error: data from outside
         )
     )
     return views.work_order(wo)

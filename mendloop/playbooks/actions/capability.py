@@ -6,6 +6,7 @@ binds them. An unbound capability fails its step with the config key to set: nev
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ BINDING_TRACKING: Tracking = {("argv", "*"): "arg", ("url",): "url"}
 class CompiledBinding:
     binding: CapabilityBinding
     render: Renderer
+    expect: Renderer | None
+    outputs: tuple[tuple[str, Renderer], ...]
 
 
 class Capabilities:
@@ -47,9 +50,11 @@ class Capabilities:
                     # A binding's argv and URL are filled from `args`, i.e. from the playbook and so from event
                     # data: tracked, so the actions refuse or encode what data wrote (bindings mark no options).
                     render = templates.compile_value(spec, track=BINDING_TRACKING)
+                    expect = templates.compile_condition(binding.expect) if binding.expect else None
+                    outputs = tuple((k, templates.compile_lookup(v)) for k, v in binding.outputs.items())
                 except TemplateCompileError as exc:
                     raise ConfigError(f"targets.{tname}.capabilities.{cname}: {exc}") from exc
-                self._bindings[(tname, cname)] = CompiledBinding(binding, render)
+                self._bindings[(tname, cname)] = CompiledBinding(binding, render, expect, outputs)
 
     def target_vars(self, name: str | None) -> dict[str, Any]:
         target = self._targets.get(name or "")
@@ -65,6 +70,9 @@ class Capabilities:
 
     def bound(self, target: str | None) -> list[str]:
         return sorted(c for t, c in self._bindings if t == target)
+
+    def is_bound(self, target: str | None, name: str) -> bool:
+        return (target or "", name) in self._bindings
 
     def call(self, name: str, args: Mapping[str, Any], ctx: ActionContext, timeout: float | None) -> dict[str, Any]:
         if ctx.target is None:
@@ -84,26 +92,61 @@ class Capabilities:
             spec = found.render(scope)
         except TemplateRenderError as exc:
             raise ActionError(f"capability {name!r}: {exc}", retryable=False) from exc
-        if found.binding.command is not None:
-            limit = min(filter(None, [timeout, float(spec["timeout"])]))
-            return run_command(
-                [as_arg(a) for a in spec["argv"]],
-                cwd=spec.get("cwd"),
-                env=spec.get("env") or {},
-                timeout=limit,
-                idempotency_key=ctx.idempotency_key,
-            )
         limit = min(filter(None, [timeout, float(spec["timeout"])]))
-        return call_http(
-            ctx.http,
-            method=spec["method"],
-            url=spec["url"],
-            json_body=_body(spec, args),
-            headers=spec.get("headers") or {},
-            expect_status=list(spec["expect_status"]),
-            timeout=limit,
-            idempotency_key=ctx.idempotency_key,
-        )
+        try:
+            if found.binding.command is not None:
+                result = run_command(
+                    [as_arg(a) for a in spec["argv"]],
+                    cwd=spec.get("cwd"),
+                    env=spec.get("env") or {},
+                    timeout=limit,
+                    idempotency_key=ctx.idempotency_key,
+                )
+            else:
+                result = call_http(
+                    ctx.http,
+                    method=spec["method"],
+                    url=spec["url"],
+                    json_body=_body(spec, args),
+                    headers=spec.get("headers") or {},
+                    expect_status=list(spec["expect_status"]),
+                    timeout=limit,
+                    idempotency_key=ctx.idempotency_key,
+                )
+        except ActionError as exc:
+            if exc.output:  # it answered, badly: a verify step still judges the normalised answer
+                exc.output = _normalised(found, exc.output)
+            raise
+        result = _normalised(found, result)
+        if found.expect is not None and not found.expect({"result": result}):
+            raise ActionError(
+                f"capability {name!r}: expected {found.binding.expect}; the answer was {_glimpse(result)}",
+                output=result,
+            )
+        return result
+
+
+def _normalised(found: CompiledBinding, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with `outputs`: a JSON object answer's keys, then the binding's own mapping over them."""
+    outputs: dict[str, Any] = {}
+    answer = result.get("json")
+    if isinstance(answer, dict):
+        outputs.update(answer)
+    for key, lookup in found.outputs:
+        try:
+            outputs[key] = lookup({"result": result})
+        except TemplateRenderError:
+            outputs[key] = None
+    return {**result, "outputs": outputs}
+
+
+def _glimpse(result: Mapping[str, Any]) -> str:
+    """What the service said, short: its JSON answer or its status or exit code."""
+    for key in ("json", "status_code", "exit_code"):
+        if result.get(key) is not None:
+            text = json.dumps(result[key], default=str)
+            return text if len(text) <= 300 else text[:300] + "…"
+    return "empty"
 
 
 def _body(spec: Mapping[str, Any], args: Mapping[str, Any]) -> Any:

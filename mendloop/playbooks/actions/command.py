@@ -75,8 +75,10 @@ def run_command(
     child_env["MENDLOOP_IDEMPOTENCY_KEY"] = idempotency_key
     try:
         # kill_leftovers=False: a daemon the command starts on purpose outlives it; on a timeout the whole
-        # group is killed all the same.
-        done = process.run(argv, cwd=cwd, env=child_env, timeout=timeout, kill_leftovers=False)
+        # group is killed all the same. die_with_parent: while the command runs, its group dies with mendloop
+        # (even a `kill -9`), so a step never leaves an orphan working on after the server that judged it. Not in
+        # the sandbox: these are the operator's own commands, run with mendloop's rights on purpose.
+        done = process.run(argv, cwd=cwd, env=child_env, timeout=timeout, kill_leftovers=False, die_with_parent=True)
     except process.CannotStart as exc:
         raise ActionError(f"cannot start {argv[0]!r}: {exc.strerror}", retryable=False) from exc
     stdout = done.stdout_text()
