@@ -110,6 +110,7 @@ class App:
                     store=self.store,
                     targets=s.targets,
                     sandbox=functools.partial(sandbox.detect, NOBODY if os.geteuid() == 0 else None),
+                    redactor=self.redactor,
                 ),
             )
         )
@@ -133,7 +134,7 @@ class App:
         )
         self.workers.housekeeping.append(self.remediation.reap)
         self.incidents = IncidentStore(self.store, s.storm)
-        self.log_intake = LogIntake(s)
+        self.log_intake = LogIntake(s, redactor=self.redactor)
         self.intake = Intake(
             settings=s,
             incidents=self.incidents,

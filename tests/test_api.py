@@ -98,7 +98,7 @@ def test_escalation_flow_and_spec_shapes(client: httpx.Client, tmp_path: Path) -
     ):
         assert field in wo
     assert wo["type"] == "self_healing_patch" and wo["description"] == "Code patch required for: patchy"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", wo["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", wo["created_at"])
     assert listing["stats"] == {
         "total_work_orders": 1,
         "queued": 1,

@@ -511,7 +511,7 @@ def test_pipeline_timeout_code_cause_escalates_and_a_deployed_patch_restores_tru
     messages = [e.message for e in r.app.store.run_events(run_id)]
     assert "Trust restored: 0.75 → 0.88" in messages
     assert f"Run {run_id} completed: pipeline_timeout_fix finished after the coding agent's patch" in messages
-    assert any(m.startswith("Code patch applied (2 files changed)") for m in messages)
+    assert any(m.startswith("Code patch applied by the coding agent (2 files changed)") for m in messages)
     assert r.app.store.get_work_order(wo_id).status is WorkOrderStatus.COMPLETED
 
     effects = r.run_effects(run_id)

@@ -312,7 +312,7 @@ def test_escalation_parks_then_a_verified_patch_completes_and_restores_trust(dat
         messages = [e.message for e in app.store.run_events(run.id)]
         assert f"Escalated to coding agent (work order {wo.id})" in messages
         assert "Trust restored: 0.75 → 0.88" in messages
-        assert any(m.startswith("Code patch applied (2 files changed)") for m in messages)
+        assert any(m.startswith("Code patch applied by the coding agent (2 files changed)") for m in messages)
         again = app.remediation.complete_work_order(wo.id, tests_passed=True, files_changed=2, diff_url=None)
         assert again["status"] == "completed"
         assert app.store.get_run(run.id).status is RunStatus.COMPLETED  # completing twice is harmless

@@ -49,11 +49,9 @@ def serving(app: App) -> Iterator[str]:
 
 
 def _quick_health(client: httpx.Client) -> httpx.Response:
-    t0 = time.monotonic()
-    r = client.get("/health")
-    # Answered from memory: never waits on the database, however stuck the probe is.
-    assert time.monotonic() - t0 < 1.0
-    return r
+    # Answered from memory: it never waits on the database, however stuck the probe is. Waiting on the locked
+    # database would take the store's busy timeout (30 s) and fail this read's 10 s; timing is for bench/health.py.
+    return client.get("/health", timeout=10)
 
 
 # -- the write probe --------------------------------------------------------------------------------------------

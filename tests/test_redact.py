@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,38 @@ def test_the_compiled_prefilter_is_cached_between_processes_and_a_bad_cache_is_r
     cached.write_bytes(b"not a hyperscan database")
     assert build() == f"key {MASK} here"  # refused, compiled afresh, and written again
     assert cached.read_bytes() != b"not a hyperscan database" and cached.stat().st_size > 0
+
+
+def _hostile(n: int) -> dict[str, str]:
+    """Strings built to make a regex backtrack, each with a real secret shape at the end so that the prefilter
+    lets every rule run over the whole of it."""
+    trigger = " ".join(text for _, text, _, _ in SHAPES) + ' clkey = "' + "a" * 24 + '" //r/:_authToken=npm_x'
+    shapes = {
+        "one long word": "a" * n,
+        "dotted word": "a." * (n // 2),
+        "spaces after a key word": " clkey" + " " * n + "x",
+        "spaces after token=": "token=" + " " * n,
+        "eyJ repeated": "eyJ" * (n // 3),
+        "eyJ- repeated": "eyJ-" * (n // 4),
+        "key word repeated": "password" * (n // 8),
+        "scheme and a long user": "x://u:" + "a" * n,
+        "schemes repeated": "a://b:c" * (n // 7),
+        "slashes on one line": "//" * (n // 2) + "\n",
+        "sk- repeated": "sk-" * (n // 3),
+        "BEGIN and spaces": "-----BEGIN " + "A " * (n // 2),
+        "quotes": '"' * n,
+        "at signs": "@" * n,
+    }
+    return {name: text + " " + trigger for name, text in shapes.items()}
+
+
+def test_no_text_makes_a_rule_backtrack_for_long() -> None:
+    """Linear in the text, whatever it holds: detect-secrets' own keyword, JWT and npm regexes were cubic or
+    quadratic under Python's `re` (100 KB of them took from 8 s to minutes) and run rewritten."""
+    r = Redactor()
+    for name, text in _hostile(100_000).items():
+        started = time.perf_counter()
+        out = r.text(text)
+        took = time.perf_counter() - started
+        assert took < 4, f"{name}: {took:.1f} s"
+        assert _j("AKIA", "QWERTYUIOPASDFGH") not in out

@@ -424,13 +424,15 @@ def test_configure_checks_at_startup_and_holds_for_the_process(
 
 
 def test_a_program_the_sandbox_cannot_start_exits_like_a_shell_says(tmp_path: Path) -> None:
-    """Visible outside, not inside (a private /tmp hides it): bwrap's exit 1 would read as a failing test; it is
-    127, what a shell answers for a missing program, which the test runner reports as `test_env_error`."""
+    """Visible outside, not inside (a private /tmp hides what the argv does not name: here the script's
+    interpreter): bwrap's exit 1 would read as a failing test; it is 127, what a shell answers for a missing
+    program, which the test runner reports as `test_env_error`."""
     found = _bwrap_or_skip()
     hidden = Path(tempfile.mkdtemp(prefix="mendloop-hidden-", dir="/tmp"))
     try:
-        script = hidden / "run.sh"
-        script.write_text("#!/bin/sh\nexit 0\n")
+        shutil.copy("/bin/sh", hidden / "interp")
+        script = tmp_path / "run.sh"
+        script.write_text(f"#!{hidden / 'interp'}\nexit 0\n")
         script.chmod(0o755)
         done = found.run([str(script)], cwd=tmp_path, env={"PATH": os.defpath}, timeout=10, writable=[], network=False)
         assert done.returncode == 127, done.stdout_text()
@@ -445,3 +447,41 @@ def test_a_program_the_sandbox_cannot_start_exits_like_a_shell_says(tmp_path: Pa
         assert failing.returncode == 1  # a program's own exit 1 stays what it is
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop to 65534 needs root")
+def test_as_root_what_only_root_can_reach_is_still_visible_to_the_dropped_user(tmp_path: Path) -> None:
+    """A project in a 0700 temp directory of root's (a CI clone in `mktemp -d`) and a worktree in a 0700 directory
+    under /dev/shm: bwrap starts as root, binds them, and setpriv drops to 65534 with no capability left."""
+    found = _bwrap_or_skip()
+    confined = sandbox.Sandbox(kind="bwrap", run_as=NOBODY, bwrap=found.bwrap)
+    project = Path(tempfile.mkdtemp(prefix="mendloop-private-", dir="/tmp"))  # 0700, root's
+    outer = Path(tempfile.mkdtemp(prefix="mendloop-wt-test-", dir="/dev/shm"))  # 0700, root's
+    try:
+        script = project / "tool" / "show.py"
+        script.parent.mkdir()
+        script.write_text(
+            "import os, sys\n"
+            "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapBnd', 'CapPrm'))]\n"
+            "print(os.getuid(), sorted(os.listdir(sys.argv[1])), caps)\n"
+        )
+        tree = outer / "worktree"
+        tree.mkdir()
+        (tree / "calc.py").write_text("x = 1\n")
+        os.chown(tree, *NOBODY)
+        os.chmod(outer, 0o711)
+        done = confined.run(
+            ["/usr/bin/python3", str(script), str(tree)],
+            cwd=tree,
+            env={"PATH": os.defpath},
+            timeout=30,
+            writable=[],
+            network=False,
+        )
+        assert done.returncode == 0, done.stdout_text()
+        uid, listing, caps = done.stdout_text().split(" ", 2)
+        assert uid == "65534" and "calc.py" in listing
+        assert caps.strip() == "['0000000000000000', '0000000000000000', '0000000000000000']"
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+        shutil.rmtree(outer, ignore_errors=True)

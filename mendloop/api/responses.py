@@ -22,7 +22,7 @@ def _one_of(states: type[RunStatus] | type[WorkOrderStatus]) -> str:
     return "One of the domain's states, at the time of writing: " + ", ".join(s.value for s in states) + "."
 
 
-Timestamp = str | None  # ISO 8601 in UTC, seconds: 2024-05-01T12:00:00Z
+Timestamp = str | None  # ISO 8601 in UTC, milliseconds: 2024-05-01T12:00:00.123Z (timeline lines: seconds)
 
 # -- work orders -------------------------------------------------------------------------------------------------
 

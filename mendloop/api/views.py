@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from mendloop.api import responses as out
 from mendloop.domain.bounded import bounded
 from mendloop.domain.records import EventRecord, Incident, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.states import RunStatus
 
 # Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
 # fail (the answer's serialiser recurses once per level).
@@ -14,8 +15,14 @@ READ_DEPTH = 48
 
 
 def iso(ts: float | None) -> str | None:
+    """An API timestamp: UTC, to the millisecond (two steps of one run are often within the same second)."""
     if ts is None:
         return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_seconds(ts: float) -> str:
+    """A timeline line's time: to the second, as a person reads it."""
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -66,7 +73,8 @@ def _run_fields(r: Run) -> dict[str, object]:
         "description": r.description,
         "escalated_to_coding": r.escalated,
         "coding_work_order_id": r.coding_work_order_id,
-        "steps_completed": min(r.step_index, len(steps)),
+        # A completed run went through every step (some perhaps skipped), whichever way it left the last one.
+        "steps_completed": len(steps) if r.status is RunStatus.COMPLETED else min(r.step_index, len(steps)),
         "steps_total": len(steps),
         "current_step": current,
         "created_at": iso(r.created_at),
@@ -130,31 +138,36 @@ def event(e: EventRecord) -> out.EventOut:
     )
 
 
-def _step_line(s: StepRecord, names: dict[str, str]) -> str:
+def _step_line(s: StepRecord, names: dict[str, str], attempts: dict[str, int]) -> str:
     title = names.get(s.step_id) or s.step_id.replace("_", " ")
     if s.status.value == "skipped":
         why = s.output.get("skipped") if isinstance(s.output, dict) else None
         return f"Step skipped: {title} ({why or 'condition not met'})"
+    # "attempt k/n" whenever the step may be tried more than once, so a failure that will be retried says so.
+    most = attempts.get(s.step_id, 1)
+    attempt = f" (attempt {s.attempt}/{most})" if most > 1 else ""
     if s.action == "verify":
         if s.status.value == "succeeded":
-            return f"Verification passed: {title}"
-        return f"Verification failed: {title}: {s.error}"
+            return f"Verification passed: {title}{attempt}"
+        return f"Verification failed: {title}{attempt}: {s.error}"
     if s.status.value == "succeeded":
-        suffix = f" (attempt {s.attempt})" if s.attempt > 1 else ""
-        return f"Step done: {title}{suffix}"
-    return f"Step failed: {title} (attempt {s.attempt}): {s.error}"
+        return f"Step done: {title}{attempt if s.attempt > 1 else ''}"
+    return f"Step failed: {title}{attempt or f' (attempt {s.attempt})'}: {s.error}"
 
 
 def timeline(r: Run, steps: list[StepRecord], events: list[EventRecord]) -> list[out.EventLine | out.StepLine]:
     names = {st["id"]: st.get("name") or st["id"].replace("_", " ") for st in r.playbook.get("steps", [])}
+    attempts = {st["id"]: _max_attempts(st) for st in r.playbook.get("steps", [])}
     items: list[tuple[float, int, out.EventLine | out.StepLine]] = []
     for e in events:
-        line = out.EventLine(time=iso(e.created_at), kind="event", event_type=e.type, message=e.message)
+        line = out.EventLine(time=iso_seconds(e.created_at), kind="event", event_type=e.type, message=e.message)
         items.append((e.created_at, 0, line))
     for s in steps:
         if s.action == "escalate" and s.status.value == "succeeded":
             continue  # the escalation event says it better
-        step_line = out.StepLine(time=iso(s.finished_at), kind="step", step_id=s.step_id, message=_step_line(s, names))
+        step_line = out.StepLine(
+            time=iso_seconds(s.finished_at), kind="step", step_id=s.step_id, message=_step_line(s, names, attempts)
+        )
         items.append((s.finished_at, 1, step_line))
     items.sort(key=lambda i: (i[0], i[1]))
     return [i[2] for i in items]
@@ -193,3 +206,9 @@ def _incident_fields(i: Incident) -> dict[str, object]:
         "resolved_at": iso(i.resolved_at),
         "last_run_id": i.last_run_id,
     }
+
+
+def _max_attempts(step: dict[str, object]) -> int:
+    retry = step.get("retry")
+    most = retry.get("max_attempts", 3) if isinstance(retry, dict) else 1
+    return most if isinstance(most, int) and most > 0 else 1

@@ -237,19 +237,24 @@ def _completion_events(
                 **common,
             )
         )
+    held = wo.status is WorkOrderStatus.AWAITING_APPLY
+    # Each message says who did what: here it is the agent's word; mendloop's own test run and its verification
+    # have events of their own (engine/held_patch.py, the verify step).
     out.append(
         NewEvent(
             type="coding_agent.tests_passed",
-            message=f"Coding agent reports tests passed for {wo.id}",
+            message=f"Coding agent reports tests passed for {wo.id}"
+            + ("; mendloop tests the diff itself before applying it" if held else " (its claim; verification decides)"),
             payload={"files_changed": claim.files_changed},
             **common,
         )
     )
-    if run is not None:
+    if run is not None and not held:
+        # Nothing for mendloop to apply (no diff, or no repository): the agent's change is live, by its account.
         out.append(
             NewEvent(
                 type="self_healing.patch_applied",
-                message=f"Code patch applied ({files}). Running verification...",
+                message=f"Code patch applied by the coding agent ({files}). Running verification...",
                 payload={"work_order_id": wo.id, "files_changed": claim.files_changed},
                 **common,
             )

@@ -23,6 +23,7 @@ from mendloop.domain.states import WorkOrderStatus
 from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.errors import MendloopError, NotFound, PatchRejected
 from mendloop.infra import git
+from mendloop.infra.redact import Redactor
 from mendloop.infra.sandbox import Sandbox
 from mendloop.playbooks.loader import CompiledPlaybook
 from mendloop.storage.store import Store
@@ -69,10 +70,14 @@ class HeldPatches:
         store: Store,
         targets: Mapping[str, TargetConfig],
         sandbox: Sandbox | Callable[[], Sandbox] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.store = store
         self.targets = targets
         self._sandbox = sandbox
+        # The tests' output and a rejection's message quote what the patched code printed: redacted before the
+        # work order stores them.
+        self.redactor = redactor or Redactor()
 
     @property
     def sandbox(self) -> Sandbox | None:
@@ -142,6 +147,7 @@ class HeldPatches:
             # work order must not wait forever for a pipeline that gave up; a human looks at the repository.
             self._overrule(wo_id, "needs_human", exc.message)
             raise
+        output = self.redactor.value(output)
         self.store.work_orders.change(wo_id, lambda wo, _run, now: decide.settle(wo, applied=output, now=now))
         files = output.get("files_changed")
         events: list[NewEvent] = []
@@ -240,6 +246,7 @@ class HeldPatches:
         return events
 
     def _overrule(self, wo_id: str, reason: str, message: str) -> None:
+        message = self.redactor.text(message)
         self.store.work_orders.change(
             wo_id,
             lambda wo, run, now: decide.overrule(wo, run, reason=reason, details={"message": message}, now=now),

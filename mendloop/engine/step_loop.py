@@ -27,7 +27,7 @@ from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.engine.held_patch import HeldPatches, on_patch_failure
 from mendloop.errors import ActionError, PatchRejected, StorageError
 from mendloop.infra.redact import Redactor
-from mendloop.playbooks.actions.base import ActionContext, storable
+from mendloop.playbooks.actions.base import ActionContext, glimpse, storable
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.actions.registry import ACTIONS
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, CompiledStep
@@ -263,9 +263,10 @@ class StepLoop:
         passed = cs.expect({**scope, "result": result})
         output = {"passed": bool(passed), "result": result}
         if not passed:
-            raise ActionError(
-                f"verification failed: {params.get('describe') or 'success criteria not met'}", output=output
-            )
+            # What was expected and what was seen: "the pipeline finishes within its timeout" alone reads as a pass.
+            wanted = params.get("describe")
+            expected = f"{wanted} ({cs.step.params['expect']})" if wanted else str(cs.step.params["expect"])
+            raise ActionError(f"expected {expected}; saw {glimpse(result)}", output=output)
         return output
 
     def _sleep(
@@ -456,9 +457,12 @@ class StepLoop:
         if verify_failed and run.escalated:
             # The agent's completion was a claim; verification overrules it.
             events += self.d.patches.overrule(run, exc.message)
-        return self._finish(
-            run, owner, status, f"step {step.id!r} failed: {exc.message}", outcome, trust=trust, events=events
+        error = (
+            f"verification failed at step {step.id!r}: {exc.message}"
+            if verify_failed
+            else f"step {step.id!r} failed: {exc.message}"
         )
+        return self._finish(run, owner, status, error, outcome, trust=trust, events=events)
 
     def _give_up(self, run: Run, owner: str) -> Run | None:
         """The run's last claims all ended without committing anything: stop it, naming the last recorded error."""

@@ -10,9 +10,16 @@ new (`--unshare-all`): no network but a private loopback unless `network` (`--sh
 adapter talks to a model endpoint), its own pid namespace (whatever it leaves running dies with it), no
 capabilities, a session of its own (`--new-session`: no TIOCSTI into a terminal), and `--die-with-parent`.
 
-As root with a `run_as` user, the uid is dropped *before* bwrap starts (bwrap then runs unprivileged, in a user
-namespace of that user): the files the process writes belong to that user outside too, and it holds no uid 0 in
-any namespace. bwrap's own `--uid` under root would only map 65534 inside onto root outside.
+As root with a `run_as` user, bwrap starts as root without a user namespace, so it can bind what only root can
+reach (a project's venv in a 0700 directory, hidden by the private /tmp otherwise), keeps only the capabilities
+to change users, and runs `setpriv`, which drops to that user for real with every capability, inheritable and
+bounding ones included, gone (bwrap sets no_new_privs: nothing regains them). So the files the process writes
+belong to that user outside too, and it holds no uid 0 anywhere. (bwrap's own `--uid` under root would only map
+65534 inside onto root outside.) Without `setpriv` the uid is dropped before bwrap starts, which then runs
+unprivileged in a user namespace of that user and can bind only what that user reaches.
+
+Programs and files an argv names under /tmp (a venv, a script: the private /tmp would hide them) are bound
+read-only at their own paths, a Python's whole venv with it.
 
 Without bubblewrap (not installed, or namespaces are not allowed here, or `sandbox: off`) it falls back to the uid
 drop (`kind == "uid-drop"`, as root) or to nothing (`"none"`), with the reason in `reason`, logged once per process
@@ -25,6 +32,7 @@ as failing tests; those become 127 and 126, as a shell says, so a test runner te
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -100,28 +108,64 @@ class Sandbox:
         writable: Sequence[Path],
         network: bool,
         readonly: Sequence[Path] = (),
+        path_var: str | None = None,
     ) -> list[str]:
-        """The full argv that runs `argv` in this sandbox (`argv` itself when it is not bubblewrap)."""
+        """The full argv that runs `argv` in this sandbox (`argv` itself when it is not bubblewrap). `path_var`:
+        the PATH the program will be found in (its environment's)."""
         if self.kind != "bwrap" or self.bwrap is None:
             return list(argv)
+        setpriv = self._setpriv()
         cmd = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         # Parents before children, read-only before writable at the same path: a later mount covers an earlier one.
         binds: dict[Path, bool] = {}
-        for path in (*self.extra_readonly, *readonly):
+        for path in (*self.extra_readonly, *readonly, *_under_tmp(argv, path_var)):
             binds.setdefault(_absolute(path), False)
         for path in (cwd, *writable):
             binds[_absolute(path)] = True
+        made: set[Path] = set()
         for path, write in sorted(binds.items(), key=lambda item: (len(item[0].parts), str(item[0]))):
             if not path.exists():  # a missing source would stop bwrap; nothing there means nothing to bind
                 continue
-            if not write and self.run_as is not None and process.blocked_for(path, self.run_as) is not None:
-                continue  # bwrap, started as that user, could not reach it either: it stays hidden
+            if not write and setpriv is None and self.run_as is not None:
+                if process.blocked_for(path, self.run_as) is not None:
+                    continue  # bwrap, started as that user, could not reach it either: it stays hidden
+            # In the private /tmp and the fresh /dev (a worktree in /dev/shm), bwrap would make the parents of a
+            # bind with the modes of the real ones (a 0700 temp dir of root's): made first, enterable, they hold
+            # nothing but the way to the bind.
+            for parent in reversed(path.parents):
+                fresh = any(top in parent.parents for top in _FRESH_MOUNTS)
+                if fresh and parent not in made and parent not in binds:
+                    cmd += ["--perms", "0755", "--dir", str(parent)]
+                    made.add(parent)
             cmd += ["--bind" if write else "--ro-bind", str(path), str(path)]
-        cmd += ["--chdir", str(_absolute(cwd)), "--unshare-all"]
-        if network:
-            cmd.append("--share-net")
-        cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--", *argv]
-        return cmd
+        cmd += ["--chdir", str(_absolute(cwd))]
+        if setpriv is None:
+            cmd.append("--unshare-all")
+            if network:
+                cmd.append("--share-net")
+            return [*cmd, "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--", *argv]
+        # Every namespace but the user's (setpriv must change the real uid), the network one unless asked for.
+        cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+        if not network:
+            cmd.append("--unshare-net")
+        cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        # Only what setpriv needs (and to enter a worktree that user owns, mode 0700): setuid drops them all.
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_READ_SEARCH"):
+            cmd += ["--cap-add", cap]
+        assert self.run_as is not None
+        uid, gid = self.run_as
+        drop = [setpriv, "--reuid", str(uid), "--regid", str(gid), "--clear-groups"]
+        return [*cmd, "--", *drop, "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+
+    def _setpriv(self) -> str | None:
+        """setpriv's path when bwrap starts as root and drops to `run_as` inside (see the module), else None."""
+        if self.run_as is None or os.geteuid() != 0:
+            return None
+        return _setpriv_path()
+
+    def launcher_user(self) -> tuple[int, int] | None:
+        """Who starts bwrap: root when it drops to `run_as` itself (setpriv), else `run_as`."""
+        return None if self._setpriv() is not None else self.run_as
 
     def run(
         self,
@@ -155,14 +199,16 @@ class Sandbox:
         if argv:
             process.check_startable(argv[0], cwd, env)  # bwrap would only exit 1
         done = process.run(
-            self.command(argv, cwd=cwd, writable=writable, network=network, readonly=readonly),
+            self.command(
+                argv, cwd=cwd, writable=writable, network=network, readonly=readonly, path_var=env.get("PATH")
+            ),
             cwd="/",
             env=env,
             timeout=timeout,
             cancel=cancel,
             merge_stderr=merge_stderr,
             keep_bytes=keep_bytes,
-            run_as=self.run_as,
+            run_as=self.launcher_user(),
             # bwrap's --die-with-parent does it, tied to this thread, which waits in process.run until the end.
             die_with_parent=False,
         )
@@ -210,7 +256,7 @@ def probe(bwrap: str, run_as: tuple[int, int] | None) -> str | None:
             timeout=_PROBE_TIMEOUT,
             merge_stderr=True,
             keep_bytes=2000,
-            run_as=run_as,
+            run_as=trial.launcher_user(),
         )
     except process.CannotStart as exc:
         why = f"cannot start {bwrap}: {exc.strerror}"
@@ -292,6 +338,37 @@ def _find(wanted: str | None, env: Mapping[str, str]) -> str | None:
     if os.sep in wanted:
         return wanted if os.path.isfile(wanted) and os.access(wanted, os.X_OK) else None
     return shutil.which(wanted, path=env.get("PATH") or os.defpath)
+
+
+@functools.cache
+def _setpriv_path() -> str | None:
+    return shutil.which("setpriv") or next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.path.isfile(p)), None)
+
+
+def _under_tmp(argv: Sequence[str], path_var: str | None) -> list[Path]:
+    """What the private /tmp would hide of the program and the files its argv names: a file or directory under
+    /tmp named by absolute path, and for a program that is a venv's Python, the whole venv. `path_var`: the
+    PATH the program is looked up in."""
+    found: list[Path] = []
+    program = argv[0] if argv else ""
+    located = program if os.path.isabs(program) else shutil.which(program, path=path_var or os.defpath)
+    for item in (located, *argv[1:]):
+        if not item or not os.path.isabs(item):
+            continue
+        path = Path(item)
+        if not (path == _TMP or _TMP in path.parents) or not path.exists():
+            continue
+        venv = path.parent.parent
+        if item == located and path.parent.name == "bin" and (venv / "pyvenv.cfg").is_file():
+            found.append(venv)
+        else:
+            found.append(path)
+    return found
+
+
+_TMP = Path("/tmp")
+# Mounted afresh in the sandbox (`--tmpfs /tmp`, `--dev /dev`): what is bound below them needs its parents made.
+_FRESH_MOUNTS = (_TMP, Path("/dev"))
 
 
 def _absolute(path: Path) -> Path:

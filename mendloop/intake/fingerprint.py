@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 
 from mendloop.infra.traceback import ParsedTraceback
 
@@ -148,6 +149,12 @@ def fingerprint_traceback(tb: ParsedTraceback, *, error_type: str | None = None)
             "traceback", error_type, tb.exception_type, *(f"{_basename(f.file)}:{f.function}" for f in tb.frames)
         )
     return _digest("traceback", error_type, tb.exception_type, normalise(tb.message))
+
+
+def fingerprint_labels(labels: Mapping[str, str]) -> str:
+    """An alert by its label set, as Alertmanager names one: the exact labels, not their normal form (two alerts
+    that differ only in `instance` are two incidents)."""
+    return _digest("labels", None, *(f"{k}={v}" for k, v in sorted(labels.items())))
 
 
 def _basename(path: str) -> str:

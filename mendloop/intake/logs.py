@@ -11,6 +11,7 @@ from typing import Any
 from mendloop.config import PatternConfig, Settings, WatcherConfig
 from mendloop.domain.records import Detection
 from mendloop.infra import traceback
+from mendloop.infra.redact import Redactor
 from mendloop.intake import log_prefix
 from mendloop.intake.fingerprint import fingerprint, fingerprint_traceback
 from mendloop.intake.matcher import Match, Matcher, Pattern
@@ -30,8 +31,9 @@ def _pattern(p: PatternConfig, w: WatcherConfig) -> Pattern:
 
 
 class LogIntake:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redactor: Redactor | None = None) -> None:
         self.settings = settings
+        self.redactor = redactor
         self.matchers: dict[str, Matcher] = {}
         self._prefixes: dict[str, re.Pattern[str]] = {}
         for w in settings.watchers:
@@ -87,6 +89,8 @@ class LogIntake:
         else:
             # The pattern and the message: not the timestamp, level, logger or thread in front of it.
             message = log_prefix.strip(m.line.split("\n", 1)[0], self._prefix(p.prefix))
+            if self.redactor is not None:  # a secret that changes from line to line must not split an incident
+                message = self.redactor.text(message)
             fp = fingerprint(message, error_type=p.error_type, pattern=p.name)
         if p.error_type:
             payload["error_type"] = p.error_type

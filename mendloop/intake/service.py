@@ -5,7 +5,6 @@ or Vector (matched against the configured patterns on the server)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -17,7 +16,7 @@ from mendloop.domain import runs
 from mendloop.domain.records import Detection, DetectionOutcome, PlaybookRef
 from mendloop.errors import InputError
 from mendloop.infra.redact import Redactor
-from mendloop.intake.fingerprint import fingerprint
+from mendloop.intake.fingerprint import fingerprint, fingerprint_labels
 from mendloop.storage.incidents import IncidentStore, RunSpec
 
 # What an Alertmanager alert's labels become: the component and error type columns hold 200 characters, an
@@ -202,14 +201,14 @@ class Intake:
             status = alert.status or webhook.status or "firing"
             name = labels.get("alertname") or "alert"
             error_type = labels.get("error_type") or (name if self.router.knows_error_type(name) else None)
-            stable = json.dumps(labels, sort_keys=True)
             text = annotations.get("summary") or annotations.get("description") or name
             out.append(
                 Detection(
                     event_type=f"alertmanager.{'resolved' if status == 'resolved' else 'firing'}",
                     source=source,
                     message=text,
-                    fingerprint=alert.fingerprint or fingerprint(stable),
+                    # Not the caller's `fingerprint`: only a forwarder token may set one (api/routes/events.py).
+                    fingerprint=fingerprint_labels(labels),
                     error_type=error_type or None,
                     component=labels.get("component") or labels.get("service") or labels.get("job"),
                     payload={

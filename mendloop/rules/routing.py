@@ -106,9 +106,7 @@ def routing_problems(overrides: Mapping[str, str], claims: Iterable[Claim]) -> l
             problems.append(
                 (
                     f"routing.{key}",
-                    f"{kind.replace('_', ' ')} {key!r} is claimed by playbooks {names}; "
-                    f"choose one with routing.{key}",
+                    f"{kind.replace('_', ' ')} {key!r} is claimed by playbooks {names}; choose one with routing.{key}",
                 )
             )
     return problems
-

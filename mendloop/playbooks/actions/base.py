@@ -35,6 +35,17 @@ class Action(Protocol):
     def __call__(self, params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]: ...
 
 
+def glimpse(result: Mapping[str, Any], limit: int = 300) -> str:
+    """What a call answered, short, for a message that says what was seen: its outputs, its JSON answer, or its
+    status or exit code."""
+    for key in ("outputs", "json", "status_code", "exit_code"):
+        value = result.get(key)
+        if value is not None and value != {}:
+            text = json.dumps(value, default=str, sort_keys=True)
+            return text if len(text) <= limit else text[:limit] + "…"
+    return "no answer"
+
+
 def tail(text: str, limit: int = 4000) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 

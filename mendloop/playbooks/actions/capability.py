@@ -6,14 +6,13 @@ binds them. An unbound capability fails its step with the config key to set: nev
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mendloop.config import CapabilityBinding, TargetConfig
 from mendloop.errors import ActionError, CapabilityNotBound, ConfigError
-from mendloop.playbooks.actions.base import ActionContext
+from mendloop.playbooks.actions.base import ActionContext, glimpse
 from mendloop.playbooks.actions.command import as_arg, run_command
 from mendloop.playbooks.actions.http import call_http
 from mendloop.playbooks.templates import (
@@ -120,7 +119,7 @@ class Capabilities:
         result = _normalised(found, result)
         if found.expect is not None and not found.expect({"result": result}):
             raise ActionError(
-                f"capability {name!r}: expected {found.binding.expect}; the answer was {_glimpse(result)}",
+                f"capability {name!r}: expected {found.binding.expect}; the answer was {glimpse(result)}",
                 output=result,
             )
         return result
@@ -138,15 +137,6 @@ def _normalised(found: CompiledBinding, result: dict[str, Any]) -> dict[str, Any
         except TemplateRenderError:
             outputs[key] = None
     return {**result, "outputs": outputs}
-
-
-def _glimpse(result: Mapping[str, Any]) -> str:
-    """What the service said, short: its JSON answer or its status or exit code."""
-    for key in ("json", "status_code", "exit_code"):
-        if result.get(key) is not None:
-            text = json.dumps(result[key], default=str)
-            return text if len(text) <= 300 else text[:300] + "…"
-    return "empty"
 
 
 def _body(spec: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
