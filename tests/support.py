@@ -261,3 +261,16 @@ def wait_healthy(port: int, proc: Any, log: Path, timeout: float = 30) -> None:
             return False
 
     wait_for(up, timeout, 0.05)
+
+
+def git(repo: Path, *args: str) -> str:
+    """`git -C repo args` with a test identity; its stdout, stripped. A non-zero exit raises."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()

@@ -4,7 +4,6 @@ after the patch, never between, and the run finishes. Real serve processes, a re
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,22 +12,12 @@ import pytest
 import yaml
 
 from mendloop.agents.landing import JOURNAL_NAME
-from tests.support import serve_process, wait_for, write_playbooks
+from tests.support import git, serve_process, wait_for, write_playbooks
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
 DIFF = "--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n-VALUE = 1\n+VALUE = 2\n"
 CHECK = "import sys; sys.path.insert(0, sys.argv[1]); import app; sys.exit(0 if app.VALUE == 2 else 1)"
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 def make_repo(path: Path) -> Path:

@@ -18,7 +18,8 @@ from mendloop.app import App
 from mendloop.domain.states import WorkOrderStatus
 from mendloop.errors import Conflict
 from mendloop.testing import FakeClock
-from tests.support import drain, open_app, settings_for, wait_for, write_playbooks
+from tests.interpreters import python_for_tests
+from tests.support import drain, git, open_app, settings_for, wait_for, write_playbooks
 
 PLAYBOOK = {
     "id": "patchy",
@@ -250,3 +251,56 @@ def test_the_same_key_and_body_from_two_callers_at_once_is_one_completion(app: A
     assert len({r.text for r in answers}) == 1
     outcome = [m for m in updates(app, wo_id) if "completed by the coding agent" in m]
     assert len(outcome) == 1
+
+
+def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_url: str, tmp_path: Path) -> None:
+    """The operator cancels while mendloop's own tests of the held diff run: the tests finish, the commit does
+    not land (checked under the repository's lock right before it would), the branch and checkout are as they
+    were."""
+    write_playbooks(tmp_path / "pb", PLAYBOOK)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "x.py").write_text("a\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "initial")
+    head = git(repo, "rev-parse", "HEAD")
+    gate = tmp_path / "gate"  # a directory, so the sandbox can show it; the test waits for a file inside
+    gate.mkdir()
+    started = tmp_path / "started"
+    started.mkdir()
+    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
+    settings = settings_for(
+        database_url,
+        tmp_path,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"patchy": "patchy"},
+        targets={
+            "svc": {
+                "repository": str(repo),
+                "test_command": [python_for_tests(), "-c", wait, str(gate)],
+                "report": "none",
+                "test_timeout": 60,
+            }
+        },
+        default_target="svc",
+    )
+    app = open_app(settings, start_workers=True)
+    try:
+        run, _ = app.remediation.trigger(error_type="patchy", description="d")
+        wait_for(lambda: app.store.get_run(run.id).coding_work_order_id is not None)
+        wo_id = app.store.get_run(run.id).coding_work_order_id or ""
+        diff = "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-a\n+b\n"
+        app.remediation.complete_work_order(wo_id, tests_passed=True, files_changed=1, diff_url=None, diff=diff)
+        # The pipeline is in the tests (a worktree exists) when the operator cancels.
+        wait_for(lambda: "mendloop-wt-" in git(repo, "worktree", "list"))
+        app.remediation.cancel_run(run.id)
+        (gate / "open").write_text("")
+        wait_for(lambda: git(repo, "worktree", "list").count("\n") == 0)
+        wait_for(lambda: app.store.get_run(run.id).finished_at is not None)
+        assert app.store.get_work_order(wo_id).status is WorkOrderStatus.CANCELLED
+        assert git(repo, "rev-parse", "HEAD") == head
+        assert git(repo, "status", "--porcelain") == ""
+        assert (repo / "x.py").read_text() == "a\n"
+    finally:
+        app.close()

@@ -5,13 +5,13 @@ real serve at the same points)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from mendloop.agents import landing
 from mendloop.agents.landing import JOURNAL_NAME, Journal
+from tests.support import git
 
 DIFF = (
     "--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n-VALUE = 1\n+VALUE = 2\n"
@@ -19,16 +19,6 @@ DIFF = (
     "--- /dev/null\n+++ b/pkg/deep/new.py\n@@ -0,0 +1 @@\n+NEW = True\n"
 )
 PATHS = ("app.py", "old.py", "pkg/deep/new.py")
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 @pytest.fixture

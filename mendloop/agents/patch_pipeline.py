@@ -369,6 +369,7 @@ def apply_patch(
     sandbox: Sandbox | None = None,
     report: ReportSetting | None = None,
     failing_tests: Sequence[str] = (),
+    still_wanted: Callable[[], None] | None = None,
 ) -> ApplyResult:
     """Validate, test against the base in fresh worktrees, then commit `diff` on the repository's current branch.
 
@@ -382,7 +383,9 @@ def apply_patch(
     PatchRejected (unsafe_patch, tests_failed, tests_regressed, tests_disabled, test_env_error) when the patch
     or the test environment is at fault; MendloopError when the repository
     is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
-    way the repository's branch, index and working tree are as they were.
+    way the repository's branch, index and working tree are as they were. `still_wanted` is called under the
+    repository's lock right before the commit lands and raises to stop it (the run was cancelled while the
+    tests ran).
     """
     summary = check_patch(repo, diff, constraints)
     _with_trailers(message, trailers)
@@ -416,6 +419,8 @@ def apply_patch(
             with worktrees.worktree(root, current, parent=worktree_parent) as tree:
                 check_paths_in_worktree(tree, summary.files)
                 apply_check(tree, diff, expected=summary)
+        if still_wanted is not None:
+            still_wanted()
         sha = _apply_and_commit(root, diff, summary, message, trailers)
     failpoints.reach("apply.landed")  # the commit is on the branch; the run has not recorded it yet
     return ApplyResult(commit=sha, files_changed=len(summary.files), summary=summary, tests=tests)

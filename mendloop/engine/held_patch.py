@@ -21,7 +21,7 @@ from mendloop.domain import work_orders as decide
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import WorkOrderStatus
 from mendloop.domain.test_verdict import failing_tests_of
-from mendloop.errors import MendloopError, NotFound, PatchRejected
+from mendloop.errors import Conflict, MendloopError, NotFound, PatchRejected
 from mendloop.infra import git
 from mendloop.infra.redact import Redactor
 from mendloop.infra.sandbox import Sandbox
@@ -130,6 +130,7 @@ class HeldPatches:
                     sandbox=self.sandbox,
                     report=ReportSetting.from_value(target.report),
                     failing_tests=failing_tests_of(wo.context, target.failing_tests),
+                    still_wanted=lambda: self._still_held(wo_id),
                 )
                 output = {
                     "commit": result.commit,
@@ -142,6 +143,8 @@ class HeldPatches:
         except PatchRejected as exc:
             self._overrule(wo_id, exc.reason, exc.message)
             raise
+        except Conflict:
+            raise  # decided elsewhere while the tests ran (cancelled): nothing landed, nothing to overrule
         except MendloopError as exc:
             # Not the patch's fault (a detached HEAD, an operation in progress): nothing was applied, and the held
             # work order must not wait forever for a pipeline that gave up; a human looks at the repository.
@@ -244,6 +247,13 @@ class HeldPatches:
                 )
         self._overrule(wo_id, "verification_failed", reason)
         return events
+
+    def _still_held(self, wo_id: str) -> None:
+        """Right before the commit lands: the work order must still wait for it. Cancelled (or decided otherwise)
+        while its tests ran, nothing lands."""
+        status = self.store.get_work_order(wo_id).status
+        if status is not WorkOrderStatus.AWAITING_APPLY:
+            raise Conflict(f"work order {wo_id} is {status} now; its patch was not applied", id=wo_id)
 
     def _overrule(self, wo_id: str, reason: str, message: str) -> None:
         message = self.redactor.text(message)

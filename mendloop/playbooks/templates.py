@@ -179,26 +179,23 @@ class Templates:
     def compile_lookup(self, expression: str) -> Renderer:
         """An expression's value (`result.json.db_connected`), None where a name is missing: a capability
         binding's output mapping, evaluated on whatever the service answered."""
-        body = expression.strip()
-        match = _SINGLE_EXPR.match(body)
-        if match:
-            body = match.group("expr")
-        try:
-            expr = self.lenient.compile_expression(body, undefined_to_none=True)
-        except TemplateError as exc:
-            raise TemplateCompileError(f"bad expression {expression!r}: {exc}") from exc
+        expr = self._lenient_expression(expression, "expression")
         return _guard(lambda ctx: _plain(expr(**ctx)), expression)
 
     def compile_condition(self, expression: str) -> Renderer:
+        expr = self._lenient_expression(expression, "condition")
+        return _guard(lambda ctx: bool(expr(**ctx)), expression)
+
+    def _lenient_expression(self, expression: str, what: str) -> Callable[..., Any]:
+        """A bare expression (or one `{{ ... }}`) where a missing name is None, not an error."""
         body = expression.strip()
         match = _SINGLE_EXPR.match(body)
         if match:
             body = match.group("expr")
         try:
-            expr = self.lenient.compile_expression(body, undefined_to_none=True)
+            return self.lenient.compile_expression(body, undefined_to_none=True)
         except TemplateError as exc:
-            raise TemplateCompileError(f"bad condition {expression!r}: {exc}") from exc
-        return _guard(lambda ctx: bool(expr(**ctx)), expression)
+            raise TemplateCompileError(f"bad {what} {expression!r}: {exc}") from exc
 
 
 def _tracked_native(value: Any) -> Any:
