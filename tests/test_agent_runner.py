@@ -201,7 +201,7 @@ def test_end_to_end_sample_service_fix_is_tested_committed_and_verified(tmp_path
     before = git(repo, "rev-parse", "HEAD").strip()
     run_id, wo_id = rig.escalate()
 
-    outcome = rig.run_once([PY, str(DEMO_FIX)])
+    outcome = rig.run_once([PY, str(DEMO_FIX), "--fixes", str(ROOT / "examples" / "sample_service")])
 
     assert outcome.status == "completed", outcome.message
     assert outcome.files == ["ingestion_pipeline.py", "tests/test_large_files.py"]

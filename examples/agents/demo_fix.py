@@ -24,13 +24,21 @@ import sys
 from pathlib import Path
 
 sys.dont_write_bytecode = True
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sample_service"))
+# `--fixes DIR`: where fix_large_file_chunking.py is (default: the sample service beside this file). Named on the
+# argv so a sandbox that shows only what the argv names shows it too.
+_args = sys.argv[1:]
+_FIXES = Path(__file__).resolve().parent.parent / "sample_service"
+if "--fixes" in _args:
+    _at = _args.index("--fixes")
+    _FIXES = Path(_args[_at + 1])
+    del _args[_at : _at + 2]
+sys.path.insert(0, str(_FIXES))
 
 import fix_large_file_chunking as fix  # noqa: E402
 
 
 def main() -> int:
-    worktree = Path(os.environ.get("WORKTREE") or (sys.argv[1] if len(sys.argv) > 1 else "."))
+    worktree = Path(os.environ.get("WORKTREE") or (_args[0] if _args else "."))
     work_order: dict[str, object] = {}
     if os.environ.get("WORK_ORDER"):
         work_order = json.loads(Path(os.environ["WORK_ORDER"]).read_text(encoding="utf-8"))

@@ -64,6 +64,7 @@ __all__ = ["APPLY_MODES", "NOBODY", "AgentRunner", "ApplyMode", "Outcome", "Runn
 log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_CHARS = process.DEFAULT_TAIL_CHARS
+_AGENT_GITCONFIG = "[user]\n\tname = mendloop agent\n\temail = agent@mendloop.invalid\n[safe]\n\tdirectory = *\n"
 
 # What an agent or a test command inherits from the runner's environment, besides the adapter's own keys.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
@@ -239,10 +240,13 @@ class AgentRunner:
         os.chmod(scratch, 0o711)
         home = scratch / "home"
         home.mkdir()
+        # An identity in the agent's throwaway HOME: an agent CLI that finds none writes one into the repository's
+        # config (aider does), which is read-only to it (it is the operator's).
+        (home / ".gitconfig").write_text(_AGENT_GITCONFIG, "utf-8")
         result_file = scratch / "result.json"
         (scratch / "work_order.json").write_text(json.dumps(claim.work_order, indent=2, default=str), "utf-8")
         if self.run_as is not None:
-            for p in (scratch, home, scratch / "work_order.json"):
+            for p in (scratch, home, home / ".gitconfig", scratch / "work_order.json"):
                 os.chown(p, *self.run_as)
 
         beat.note = f"{self.adapter.name} working"

@@ -140,7 +140,7 @@ class Demo:
             "enabled": self.story_mode,
             "repository": str(self.copy),
             "adapter": "command",
-            "argv": [self.agent_python, str(DEMO_AGENT)],
+            "argv": [self.agent_python, str(DEMO_AGENT), "--fixes", str(SAMPLE_SERVICE)],
             "test_command": tests,
             "apply": "commit",
             "timeout": 120,

@@ -118,8 +118,11 @@ class Sandbox:
         cmd = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         # Parents before children, read-only before writable at the same path: a later mount covers an earlier one.
         binds: dict[Path, bool] = {}
-        for path in (*self.extra_readonly, *readonly, *_under_tmp(argv, path_var)):
+        for path in (*self.extra_readonly, *readonly):
             binds.setdefault(_absolute(path), False)
+        for path in _under_tmp(argv, path_var):
+            # At the path the argv names, not its target: a symlink there (an agent CLI's) must resolve inside.
+            binds.setdefault(Path(os.path.abspath(path)), False)
         for path in (cwd, *writable):
             binds[_absolute(path)] = True
         made: set[Path] = set()
@@ -346,9 +349,10 @@ def _setpriv_path() -> str | None:
 
 
 def _under_tmp(argv: Sequence[str], path_var: str | None) -> list[Path]:
-    """What the private /tmp would hide of the program and the files its argv names: a file or directory under
-    /tmp named by absolute path, and for a program that is a venv's Python, the whole venv. `path_var`: the
-    PATH the program is looked up in."""
+    """What the private /tmp would hide of the program and the files its argv names, named by absolute path under
+    /tmp: a directory itself; a file's directory (a script imports its siblings, a CLI's bin directory holds
+    links), or the file alone when it lies right in /tmp; for a program that is a venv's Python, the whole venv.
+    `path_var`: the PATH the program is looked up in."""
     found: list[Path] = []
     program = argv[0] if argv else ""
     located = program if os.path.isabs(program) else shutil.which(program, path=path_var or os.defpath)
@@ -361,8 +365,10 @@ def _under_tmp(argv: Sequence[str], path_var: str | None) -> list[Path]:
         venv = path.parent.parent
         if item == located and path.parent.name == "bin" and (venv / "pyvenv.cfg").is_file():
             found.append(venv)
-        else:
+        elif path.is_dir() or path.parent == _TMP:
             found.append(path)
+        else:
+            found.append(path.parent)
     return found
 
 
