@@ -45,7 +45,9 @@ def app(database_url: str, tmp_path: Path) -> Iterator[App]:
 
 def test_a_playbooks_own_error_type_routes_a_trigger(app: App, client: httpx.Client) -> None:
     # No routing entry: the playbook's handles.error_types is the route.
-    answer = client.post("/patches/trigger", json={"description": "d", "error_type": "import_failed"})
+    answer = client.post(
+        "/patches/trigger", json={"description": "d", "error_type": "import_failed", "wait_seconds": 0}
+    )
     assert answer.status_code == 200, answer.text
     assert app.store.get_run(answer.json()["run_id"]).playbook_id == "importer_fix"
 
