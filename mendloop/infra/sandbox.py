@@ -212,8 +212,11 @@ class Sandbox:
             merge_stderr=merge_stderr,
             keep_bytes=keep_bytes,
             run_as=self.launcher_user(),
-            # bwrap's --die-with-parent does it, tied to this thread, which waits in process.run until the end.
-            die_with_parent=False,
+            # bwrap's --die-with-parent alone leaves a window: its launcher and its child each set PDEATHSIG only
+            # late in their setup, so a mendloop killed in those first milliseconds left a whole sandbox running.
+            # The shim's watcher kills bwrap's group the moment mendloop's process is gone; what remains is the
+            # fork between the child's setsid and its prctl, microseconds.
+            die_with_parent=True,
         )
         return _launcher_failure(done)
 
