@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ from mendloop.errors import ActionError, PatchRejected, StorageError
 from mendloop.infra.redact import Redactor
 from mendloop.playbooks.actions.base import ActionContext, glimpse, storable
 from mendloop.playbooks.actions.capability import Capabilities
+from mendloop.playbooks.actions.diagnose import diagnose
 from mendloop.playbooks.actions.registry import ACTIONS
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, CompiledStep
 from mendloop.playbooks.templates import TemplateRenderError
@@ -201,6 +203,14 @@ class StepLoop:
                 output = self._verify(cs, params, ctx, scope)
             elif step.action == "capability":
                 output = self.d.capabilities.call(str(params["name"]), params.get("args") or {}, ctx, step.timeout)
+            elif step.action == "diagnose":
+                output = diagnose(
+                    params,
+                    ctx,
+                    event=scope["event"],
+                    repository=self._repository(ctx.target),
+                    capabilities=self.d.capabilities,
+                )
             else:
                 output = ACTIONS[step.action](params, ctx)
         except (ActionError, TemplateRenderError) as exc:
@@ -230,6 +240,10 @@ class StepLoop:
             events=events,
             trust=trust,
         )
+
+    def _repository(self, target: str | None) -> Path | None:
+        cfg = self.d.targets.get(target or "")
+        return Path(cfg.repository) if cfg is not None and cfg.repository else None
 
     def _unbound_optional(self, optional: bool, action: str, params: dict[str, Any], target: str | None) -> str | None:
         """Why an optional step is skipped (its capability is not bound for the target), or None to run it."""

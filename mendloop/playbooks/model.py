@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PlaybookType = Literal["data_fix", "cache_clear", "retry", "code_patch", "hybrid"]
-ActionName = Literal["command", "http", "capability", "sleep", "escalate", "verify"]
+ActionName = Literal["command", "http", "capability", "diagnose", "sleep", "escalate", "verify"]
 _ID = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _ON_FAILURE = re.compile(r"^(fail|continue|escalate|needs_human|goto:[a-z][a-z0-9_.-]*)$")
 
@@ -42,6 +42,7 @@ _REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "command": ("argv",),
     "http": ("url",),
     "capability": ("name",),
+    "diagnose": (),
     "sleep": ("seconds",),
     "escalate": (),
     "verify": ("check", "expect"),
