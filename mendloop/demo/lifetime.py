@@ -11,21 +11,28 @@ from types import FrameType
 
 from rich.console import Console
 
+from mendloop.demo import scenario
 from mendloop.demo.common import DemoError, report
 from mendloop.demo.stage import Demo
 from mendloop.demo.story import Story, instructions
 
 
 def run(*, port: int, service_port: int | None, state_dir: Path, exit_after: bool, story: bool, out: Console) -> int:
-    """Start both, walk the story (or print the commands), serve until stopped. 0 when the story's run completed."""
+    """Start both, walk the story (or stage the spec's scenario and print its curl tests), serve until stopped. 0 when
+    the story's run completed."""
     demo = Demo(port=port, service_port=service_port, state=state_dir.resolve(), out=out, story_mode=story)
     result: int | None = None
     with _signals_interrupt():
         try:
             demo.prepare()
             demo.start()
+            # Without the story, the service starts in the spec's scenario, staged before demo.json says "ready":
+            # the spec's curl tests are then the first thing anyone types.
+            staged = [] if story else scenario.stage(demo.service_url)
             demo.write_info()
             demo.banner()
+            for line in staged:
+                out.print(line, markup=False)
             if story:
                 try:
                     result = 0 if Story(demo).story() else 1

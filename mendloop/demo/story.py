@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.markup import escape
 from rich.table import Table
 
 from mendloop.demo.common import DEMO_AGENT, HTTP_TIMEOUT, POLL_SECONDS, RUN_FINISH_SECONDS, STAND_IN, DemoError, shown
+from mendloop.demo.scenario import DB_FAULT, LARGE_FILE_FAULT
 from mendloop.demo.stage import Demo
 from mendloop.domain.states import RUN_FINAL, RunStatus
 from mendloop.errors import MendloopError
@@ -48,7 +50,7 @@ class Story:
         with self.api, self.service:
             out.rule("Test 1: a playbook that heals without escalation")
             t1 = self._start_run(
-                ("db_disconnect", {"reconnect_failures": 2}),
+                DB_FAULT,
                 {"description": "Database connection lost", "error_type": "database_connection"},
                 "database_reconnect",
             )
@@ -58,7 +60,7 @@ class Story:
 
             out.rule("Test 2: a playbook that escalates to a coding agent")
             t2 = self._start_run(
-                ("large_file", {}),
+                LARGE_FILE_FAULT,
                 {"description": "Pipeline validation timeout", "error_type": "pipeline_timeout"},
                 "pipeline_timeout_fix",
             )
@@ -198,32 +200,74 @@ class Story:
             self.out.print(f"  [{item['time'][11:19]}] {item['message']}", markup=False)
 
 
-def instructions(demo: Demo) -> None:
-    api, svc, p = demo.api_url, demo.service_url, demo.out.print
-    auth = ' -H "Authorization: Bearer $MENDLOOP_TOKEN"' if demo.token else ""
-    json_h = ' -H "Content-Type: application/json"'
-    p("The spec's tests, by hand (no agent of any kind and no log watcher runs in this mode):", markup=False)
-    lines = [
-        "# Test 1: a fault the playbook heals by itself, then the trigger",
-        f"curl -X POST {svc}/admin/faults/db_disconnect{json_h} -d '{{\"reconnect_failures\":2}}'",
-        f"curl -X POST {api}/patches/trigger{json_h}{auth} \\\n"
+# The spec's "Testing the Workflow" commands as it writes them. `instructions` prints them with only the host:port
+# (and for test 4 the work order id) replaced; tests/test_spec_curls.py checks these against the spec's own text.
+SPEC_BASE = "http://localhost:8000"
+SPEC_WORK_ORDER = "wo_20251113_0001"  # the spec's example id; real ids carry the day they were made
+SPEC_TESTS: tuple[tuple[str, str], ...] = (
+    (
+        "Test 1: Trigger Playbook That Doesn't Escalate",
+        "curl -X POST http://localhost:8000/patches/trigger \\\n"
+        '  -H "Content-Type: application/json" \\\n'
         '  -d \'{"description":"Database connection lost","error_type":"database_connection"}\'',
-        "",
-        "# Test 2: a bug in the code, then the trigger that escalates it",
-        f"curl -X POST {svc}/admin/faults/large_file",
-        f"curl -X POST {api}/patches/trigger{json_h}{auth} \\\n"
+    ),
+    (
+        "Test 2: Trigger Playbook That Escalates",
+        "curl -X POST http://localhost:8000/patches/trigger \\\n"
+        '  -H "Content-Type: application/json" \\\n'
         '  -d \'{"description":"Pipeline validation timeout","error_type":"pipeline_timeout"}\'',
-        "WO=wo_...   # the work_order_id test 2 printed",
-        "",
-        "# Test 3: the work orders",
-        f"curl {api}/patches/work-orders{auth}",
-        "",
-        "# Test 4: fix the code first (the stand-in for a real coding agent), then complete the work order",
-        f"cd {shlex.quote(str(demo.copy))} && {shlex.quote(sys.executable)} {STAND_IN} . && "
-        f"curl -X POST {api}/patches/work-orders/$WO/complete{json_h}{auth} \\\n"
+    ),
+    ("Test 3: Check Work Orders", "curl http://localhost:8000/patches/work-orders"),
+    (
+        "Test 4: Complete Work Order (Simulate Coding Agent)",
+        "curl -X POST http://localhost:8000/patches/work-orders/wo_20251113_0001/complete \\\n"
+        '  -H "Content-Type: application/json" \\\n'
         '  -d \'{"tests_passed":true,"files_changed":2}\'',
-        "# Completing without the fix ends honestly in needs_human: verification reruns the pipeline.",
-        f"curl '{api}/patches/runs?limit=5'{auth}",
+    ),
+)
+
+
+def spec_base(api_url: str) -> str:
+    """The spec's `http://localhost:8000` for this demo: `localhost` while mendloop listens on loopback, so the
+    spec's text changes only in its port (curl tries both of localhost's addresses); else the demo's own URL."""
+    parts = urlsplit(api_url)
+    if parts.hostname in ("127.0.0.1", "localhost", "::1") and parts.port is not None:
+        return f"http://localhost:{parts.port}"
+    return api_url
+
+
+def spec_commands(api_url: str, token: str | None = None) -> list[tuple[str, str]]:
+    """The spec's four tests for this demo: its base URL for the spec's, and `$WO` for the spec's example id."""
+    base = spec_base(api_url)
+    auth = ' \\\n  -H "Authorization: Bearer $MENDLOOP_TOKEN"' if token else ""
+    return [(title, text.replace(SPEC_BASE, base).replace(SPEC_WORK_ORDER, "$WO") + auth) for title, text in SPEC_TESTS]
+
+
+def instructions(demo: Demo) -> None:
+    p = demo.out.print
+    base = spec_base(demo.api_url)
+    p("", markup=False)
+    p(
+        "The spec's four tests, as the spec writes them (no agent of any kind and no log watcher runs in this mode;"
+        + (f" only the port differs from the spec's, {base}" if base != SPEC_BASE else " nothing to type before them")
+        + "):",
+        markup=False,
+    )
+    for title, text in spec_commands(demo.api_url, demo.token):
+        p(f"# {title}", markup=False)
+        if "$WO" in text:
+            p(
+                f"# WO=<the work_order_id test 2 answered>   (the spec names its own example, {SPEC_WORK_ORDER})",
+                markup=False,
+            )
+        p(text, markup=False)
+        p("", markup=False)
+    lines = [
+        "# Test 4 claims a fix nobody made: the run deploys (restarts the service), reruns the 500 MB file, which",
+        "# still times out, and ends honestly in needs_human with trust lowered. To give it a fix to verify, first",
+        "# make the one a coding agent would (the stand-in), then complete:",
+        f"#   cd {shlex.quote(str(demo.copy))} && {shlex.quote(sys.executable)} {STAND_IN} .",
+        f"curl '{base}/patches/runs?limit=5'" + (' -H "Authorization: Bearer $MENDLOOP_TOKEN"' if demo.token else ""),
     ]
     for line in lines:
         p(line, markup=False)
