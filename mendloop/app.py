@@ -151,6 +151,7 @@ class App:
             embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
         if start_workers:
             self._recover_repositories()  # before any run can resume an apply a crash interrupted
+            self._start_supervised()
             self.workers.start()
         if embedded is not None:
             self.agent_runner = embedded.start()
@@ -160,6 +161,18 @@ class App:
             ).start()
         self.ready = True
         return self
+
+    def _start_supervised(self) -> None:
+        """Adopt (or start) each `runs: {process: ...}` target's process: mendloop supervises it from its start,
+        so its first restart knows its pid. A service that can't start is its runs' problem, not start-up's."""
+        for supervisor in self.capabilities.supervisors():
+            try:
+                started = supervisor.ensure()
+            except MendloopError as exc:
+                log.warning("target %s: its process is not running: %s", supervisor.target, exc.message)
+            else:
+                how = "started" if started.restarted else "adopted"
+                log.info("target %s: %s pid %d (%s)", supervisor.target, how, started.pid, supervisor.pidfile)
 
     def _recover_repositories(self) -> None:
         """Each target repository as before or after an apply a crash interrupted, never between; and without

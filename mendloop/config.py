@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mendloop.domain import restart_plan, test_command
 from mendloop.errors import ConfigError
 
 # Watcher event types of the spec and the error type each stands for when it triggers a run.
@@ -33,21 +34,30 @@ class _Strict(BaseModel):
 class CommandBinding(_Strict):
     """Run a program. `argv` items are Jinja templates rendered in a sandbox, one item each: no shell."""
 
-    argv: list[str] = Field(min_length=1)
-    cwd: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    timeout: float = Field(default=60, gt=0)
+    argv: list[str] = Field(
+        min_length=1,
+        description="The program and its arguments, each a template over `args`, `target`, `idempotency_key`.",
+    )
+    cwd: str | None = Field(default=None, description="Working directory.")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables added to the program's environment.")
+    timeout: float = Field(default=60, gt=0, description="Seconds before the program's process group is killed.")
 
 
 class HttpBinding(_Strict):
     """Call an HTTP endpoint. `url`, header values and strings inside `json` are sandboxed templates."""
 
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
-    url: str
-    json_body: Any = Field(default=None, alias="json")
-    headers: dict[str, str] = Field(default_factory=dict)
-    expect_status: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
-    timeout: float = Field(default=30, gt=0)
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field(default="GET", description="The HTTP method.")
+    url: str = Field(description="A template; its origin must be literal text or a leading `{{ target.base_url }}`.")
+    json_body: Any = Field(
+        default=None,
+        alias="json",
+        description="The JSON body (templates inside); unset: the capability's args (none for GET).",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Request headers (values are templates).")
+    expect_status: list[int] = Field(
+        default_factory=lambda: [200, 201, 202, 204], description="Statuses that count as success."
+    )
+    timeout: float = Field(default=30, gt=0, description="Seconds the call may take.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -55,9 +65,11 @@ class HttpBinding(_Strict):
 class CapabilityBinding(_Strict):
     """A named operation of a target, bound to exactly one of a command or an HTTP call."""
 
-    description: str = ""
-    command: CommandBinding | None = None
-    http: HttpBinding | None = None
+    description: str = Field(default="", description="Free text, for people.")
+    command: CommandBinding | None = Field(default=None, description="Run a program (exactly one of command or http).")
+    http: HttpBinding | None = Field(
+        default=None, description="Call an HTTP endpoint (exactly one of command or http)."
+    )
     expect: str | None = Field(
         default=None,
         description="When the call succeeded, by the service's own answer: an expression over `result` "
@@ -80,11 +92,17 @@ class PatchPolicy(_Strict):
     """What an agent's patch to a target's repository may touch. `forbidden_paths` adds to the built-in list
     (CI config, lock files, secrets, mendloop's own config)."""
 
-    allowed_paths: list[str] = Field(default_factory=lambda: ["**"])
-    forbidden_paths: list[str] = Field(default_factory=list)
-    max_files: int = Field(default=10, ge=1, le=1000)
-    max_changed_lines: int = Field(default=400, ge=1, le=100_000)
-    tests_may_change: bool = False
+    allowed_paths: list[str] = Field(
+        default_factory=lambda: ["**"], description="Globs a patch may change; anything else is refused."
+    )
+    forbidden_paths: list[str] = Field(
+        default_factory=list, description="Globs a patch may never change, beside the built-in list."
+    )
+    max_files: int = Field(default=10, ge=1, le=1000, description="Files one patch may change.")
+    max_changed_lines: int = Field(
+        default=400, ge=1, le=100_000, description="Lines one patch may add and remove together."
+    )
+    tests_may_change: bool = Field(default=False, description="Whether a patch may change test files.")
     test_config_allowed: list[str] = Field(
         default_factory=list,
         description="Test-runner configuration a patch may change anyway (globs: conftest.py, pyproject.toml, ...).",
@@ -96,19 +114,181 @@ class WorkOrderPolicy(_Strict):
     deadline_seconds: float | None = Field(default=None, gt=0, description="Fail a work order not done by then.")
 
 
+def _http_url(url: str | None) -> str | None:
+    if url is not None and re.match(r"https?://[^/\s]+", url) is None:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return url
+
+
+class ProcessRuns(_Strict):
+    """A process mendloop starts and supervises itself: detached (its own session; it outlives mendloop), its
+    pid in `pidfile`, its output appended to `log`. On mendloop's own restart the pid in the pidfile is adopted
+    when that process is alive and its command line is `argv`; a restart is SIGTERM to its process group,
+    `stop_timeout` seconds, SIGKILL, then `argv` again."""
+
+    argv: list[str] = Field(min_length=1, description="The program and its arguments (no shell).")
+    cwd: str | None = Field(default=None, description="Working directory; relative to the config file.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Variables over a clean environment (PATH, HOME, LANG, LC_*, TZ, USER from mendloop's; never "
+        "MENDLOOP_* or mendloop's other secrets).",
+    )
+    health_url: str | None = Field(default=None, description="Polled after a start until it answers 2xx.")
+    pidfile: str | None = Field(
+        default=None,
+        description="Relative to the config file. Default: $XDG_STATE_HOME/mendloop/supervised/<target>-<hash of "
+        "argv and cwd>.pid (~/.local/state when unset).",
+    )
+    log: str | None = Field(
+        default=None,
+        description="stdout and stderr are appended here; relative to the config file. Default: beside the pidfile.",
+    )
+    stop_timeout: float = Field(default=10, gt=0, le=3600, description="Seconds between SIGTERM and SIGKILL.")
+
+    @field_validator("argv")
+    @classmethod
+    def _non_empty_items(cls, argv: list[str]) -> list[str]:
+        if any(not a or "\x00" in a for a in argv):
+            raise ValueError("argv items must be non-empty strings without NUL")
+        return argv
+
+    @field_validator("health_url")
+    @classmethod
+    def _health_is_http(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+
+class SystemdRuns(_Strict):
+    """A systemd unit: `systemctl [--user] restart -- UNIT`, then `systemctl [--user] is-active -- UNIT`."""
+
+    unit: str = Field(description="The unit's name, e.g. importer.service.")
+    user: bool = Field(default=False, description="The user's service manager (--user), not the system's.")
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_name(cls, value: str) -> str:
+        return restart_plan.check_unit(value)
+
+
+class DockerRuns(_Strict):
+    """A container: `docker restart -- CONTAINER`, then `docker inspect` until healthy (or running)."""
+
+    container: str = Field(description="The container's name or id.")
+
+    @field_validator("container")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        return restart_plan.check_container(value)
+
+
+class KubernetesRuns(_Strict):
+    """A deployment: `kubectl rollout restart deployment/NAME`, then `kubectl rollout status` (which waits)."""
+
+    deployment: str = Field(description="The deployment's name.")
+    namespace: str = Field(default="default")
+    context: str | None = Field(default=None, description="The kubeconfig context (default: kubectl's current).")
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment_name(cls, value: str) -> str:
+        return restart_plan.check_deployment(value)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_name(cls, value: str) -> str:
+        return restart_plan.check_namespace(value)
+
+    @field_validator("context")
+    @classmethod
+    def _context_name(cls, value: str | None) -> str | None:
+        return None if value is None else restart_plan.check_context(value)
+
+
+class RunsConfig(_Strict):
+    """How a target runs: exactly one of `process`, `systemd`, `docker`, `kubernetes`. With it mendloop provides
+    the `restart` capability (and `deploy`, unless bound: the same restart) and waits for health afterwards;
+    with a health URL it also provides `health` (a GET of it), unless bound. README: Restarting a target."""
+
+    process: ProcessRuns | None = None
+    systemd: SystemdRuns | None = None
+    docker: DockerRuns | None = None
+    kubernetes: KubernetesRuns | None = None
+    health_url: str | None = Field(
+        default=None, description="Answers 2xx when the target is up: awaited after every restart (any kind)."
+    )
+    ready_timeout: float = Field(
+        default=60, gt=0, le=3600, description="Seconds a restart may take to become healthy before it fails."
+    )
+
+    @field_validator("health_url")
+    @classmethod
+    def _health_is_http(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> RunsConfig:
+        kinds = [k for k in ("process", "systemd", "docker", "kubernetes") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("runs takes exactly one of process, systemd, docker, kubernetes")
+        if self.process is not None and self.process.health_url and self.health_url:
+            raise ValueError("set health_url once: in runs or in runs.process")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("process", "systemd", "docker", "kubernetes") if getattr(self, k) is not None)
+
+    @property
+    def health(self) -> str | None:
+        return self.health_url or (self.process.health_url if self.process is not None else None)
+
+
+def _test_env_name(name: str) -> str:
+    problem = test_command.env_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+def _test_env_value(value: str) -> str:
+    problem = test_command.env_value_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _test_cwd(cwd: str | None) -> str | None:
+    problem = None if cwd is None else test_command.cwd_problem(cwd)
+    if problem is not None:
+        raise ValueError(problem)
+    return test_command.normal_cwd(cwd)
+
+
+# The rules are domain/test_command.py's; a bad name is reported at targets.X.test_env.NAME (see `_where`).
+TestEnv = dict[Annotated[str, AfterValidator(_test_env_name)], Annotated[str, AfterValidator(_test_env_value)]]
+TestCwd = Annotated[str | None, AfterValidator(_test_cwd)]
+
+
 class TargetConfig(_Strict):
     """A component mendloop acts on: its variables (for templates), repository and capabilities."""
 
-    description: str = ""
-    base_url: str | None = None
+    description: str = Field(default="", description="Free text, for people.")
+    base_url: str | None = Field(
+        default=None,
+        description="The origin templates read as `{{ target.base_url }}`, trusted with a URL's scheme, host and port.",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="host or host:port (no port: the scheme's default). When set, a playbook URL may take its "
         "host from event data, and every URL must reach base_url's host or one of these.",
     )
-    repository: str | None = Field(default=None, description="Path of the target's git repository.")
+    repository: str | None = Field(
+        default=None, description="Path of the target's git repository; relative to the config file."
+    )
     test_command: list[str] | None = Field(default=None, description="argv of the repository's tests.")
-    test_timeout: float = Field(default=600, gt=0)
+    test_env: TestEnv = Field(default_factory=dict, description="Variables added to the test process's environment.")
+    test_cwd: TestCwd = Field(default=None, description="Where the tests run, relative to the repository's root.")
+    test_timeout: float = Field(default=600, gt=0, description="Seconds the test command may run.")
     report: TestReportConfig | Literal["none"] | None = Field(
         default=None,
         description="How the test command reports each test (see README, How patches are tested). Unset: pytest "
@@ -120,10 +300,21 @@ class TargetConfig(_Strict):
         max_length=100,
         description="Tests a patch must make pass (FAIL_TO_PASS), added to those a work order names.",
     )
-    patch: PatchPolicy = Field(default_factory=PatchPolicy)
-    work_orders: WorkOrderPolicy = Field(default_factory=WorkOrderPolicy)
-    vars: dict[str, Any] = Field(default_factory=dict)
-    capabilities: dict[str, CapabilityBinding] = Field(default_factory=dict)
+    patch: PatchPolicy = Field(
+        default_factory=PatchPolicy, description="What an agent's patch to the repository may touch."
+    )
+    work_orders: WorkOrderPolicy = Field(
+        default_factory=WorkOrderPolicy, description="Attempts and deadline of this target's work orders."
+    )
+    vars: dict[str, Any] = Field(default_factory=dict, description="Variables templates read as `target.vars.<name>`.")
+    capabilities: dict[str, CapabilityBinding] = Field(
+        default_factory=dict, description="Capability name -> the command or HTTP call that performs it on this target."
+    )
+    runs: RunsConfig | None = Field(
+        default=None,
+        description="How the target runs (process, systemd, docker or kubernetes): mendloop then provides "
+        "`restart`, `deploy` and `health` unless `capabilities` binds them.",
+    )
 
 
 class TestReportConfig(_Strict):
@@ -131,7 +322,10 @@ class TestReportConfig(_Strict):
 
     __test__ = False  # a config model, not a pytest test class
 
-    format: Literal["junit", "none"] = "junit"
+    format: Literal["junit", "none"] = Field(
+        default="junit",
+        description="junit: the runner writes JUnit XML where `path_arg` says; none: the exit code only.",
+    )
     path_arg: str | None = Field(
         default=None, description="One argument appended to the test command; {path} becomes the report's path."
     )
@@ -149,10 +343,14 @@ class TrustConfig(_Strict):
     new = old + weight * (goal - old), goal 0 or 1; always within [0, 1].
     """
 
-    initial: float = Field(default=1.0, ge=0, le=1)
-    incident_weight: float = Field(default=0.25, ge=0, le=1)
-    verified_fix_weight: float = Field(default=0.5, ge=0, le=1)
-    failed_verification_weight: float = Field(default=0.4, ge=0, le=1)
+    initial: float = Field(default=1.0, ge=0, le=1, description="A component's trust before anything happened to it.")
+    incident_weight: float = Field(default=0.25, ge=0, le=1, description="How far an incident moves trust toward 0.")
+    verified_fix_weight: float = Field(
+        default=0.5, ge=0, le=1, description="How far a verified fix moves trust toward 1."
+    )
+    failed_verification_weight: float = Field(
+        default=0.4, ge=0, le=1, description="How far a failed verification moves trust toward 0."
+    )
 
 
 class StormConfig(_Strict):
@@ -162,7 +360,9 @@ class StormConfig(_Strict):
         default=600, ge=0, description="At most one new run per fingerprint in this window."
     )
     breaker_failures: int = Field(default=3, ge=1, description="Failed runs of one component that open its breaker.")
-    breaker_window_seconds: float = Field(default=3600, gt=0)
+    breaker_window_seconds: float = Field(
+        default=3600, gt=0, description="The window in which `breaker_failures` failed runs open the breaker."
+    )
     max_concurrent_runs: int = Field(
         default=32, ge=0, description="Runs executing at once; 0: no cap. Extra runs wait."
     )
@@ -181,8 +381,8 @@ class StormConfig(_Strict):
 
 
 class PatternConfig(_Strict):
-    name: str = Field(min_length=1)
-    regex: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="The pattern's name (`event.pattern`).")
+    regex: str = Field(min_length=1, description="A Python regex; its named groups become fields of the event.")
 
     @field_validator("regex")
     @classmethod
@@ -194,27 +394,74 @@ class PatternConfig(_Strict):
             raise ValueError(f"not a valid regex: {exc}") from None
         return value
 
-    event_type: str = Field(default="log_pattern.error", pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
-    error_type: str | None = None
-    severity: Literal["info", "warning", "error", "critical"] = "error"
-    component: str | None = None
+    event_type: str = Field(
+        default="log_pattern.error",
+        pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$",
+        description="The event type of its detections (dotted, lowercase).",
+    )
+    error_type: str | None = Field(
+        default=None,
+        description="The error type its detections route by (else the event type's, from `event_error_types`).",
+    )
+    severity: Literal["info", "warning", "error", "critical"] = Field(
+        default="error", description="The severity of its detections."
+    )
+    component: str | None = Field(
+        default=None, description="The component its detections concern (over the watcher's)."
+    )
+
+
+class ContextLinesConfig(_Strict):
+    """The log lines around a detection that reach its work order (`log_lines`): up to `before` lines of the same
+    file before the record that matched, and up to `after` lines after it. 0 turns either off."""
+
+    before: int = Field(default=20, ge=0, le=200, description="Lines of the same file before the record.")
+    after: int = Field(default=5, ge=0, le=200, description="Lines after it, added to the stored event as they come.")
+    idle_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Stop waiting for the after-lines once the file has been quiet this long: the detection itself "
+        "never waits, only the lines added to it later.",
+    )
 
 
 class WatcherConfig(_Strict):
     """Follow log files (`tail -F`): every line is matched against the patterns; a match is a detection."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The watcher's name (its checkpoints are kept under it).",
+    )
     paths: list[str] = Field(min_length=1, description="Glob patterns; relative ones are relative to the config file.")
-    patterns: list[PatternConfig] = Field(min_length=1)
-    component: str | None = None
-    start_at: Literal["end", "beginning"] = "end"
+    patterns: list[PatternConfig] = Field(min_length=1, description="What to look for in each line.")
+    component: str | None = Field(
+        default=None, description="The component its detections concern, unless a pattern names one."
+    )
+    start_at: Literal["end", "beginning"] = Field(
+        default="end", description="Where a file never seen before is read from."
+    )
     multiline: bool = Field(default=True, description="Group tracebacks and stack traces into one record.")
-    max_line_bytes: int = Field(default=65536, ge=256)
+    max_line_bytes: int = Field(default=65536, ge=256, description="Longer lines are cut to this many bytes.")
     prefix: str | None = Field(
         default=None,
         description="A regex matching the log prefix (timestamp, level, logger, thread) at the start of a line; "
         "it is left out of the fingerprint. Default: the common formats are recognised.",
     )
+    context_lines: ContextLinesConfig = Field(
+        default_factory=ContextLinesConfig,
+        description="Lines of the same file before and after a detection, kept for its work order; "
+        "a number N means N of each, 0 turns it off.",
+    )
+
+    @field_validator("context_lines", mode="before")
+    @classmethod
+    def _context_lines_number(cls, value: Any) -> Any:
+        # `context_lines: 0` (or N): the same number before and after. A bool is not a number of lines.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"before": value, "after": value}
+        return value
 
     @field_validator("prefix")
     @classmethod
@@ -237,15 +484,23 @@ class AgentRunnerConfig(_Strict):
     URL on the loopback. `repository` is relative to the config file; `argv` goes to the adapter as the argv after
     `--` on `mendloop agent` (the program itself for `command`: give absolute paths, it runs in a worktree)."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Run the agent runner inside `serve`.")
     repository: str | None = Field(default=None, description="The git repository the runner patches.")
     adapter: str | None = Field(default=None, description="aider, claude, codex, openhands, command or openai.")
-    argv: list[str] = Field(default_factory=list)
+    argv: list[str] = Field(
+        default_factory=list, description="The argv after `--` of `mendloop agent` (for `command`: the program itself)."
+    )
     test_command: list[str] | None = Field(default=None, description="Default: the work order's (the target's).")
-    apply: Literal["commit", "branch", "approval"] = "commit"
+    test_env: TestEnv = Field(default_factory=dict, description="With test_command: its extra environment.")
+    test_cwd: TestCwd = Field(default=None, description="With test_command: where it runs in the worktree.")
+    apply: Literal["commit", "branch", "approval"] = Field(
+        default="commit", description="How a verified patch lands: commit, branch (for review) or approval."
+    )
     timeout: float = Field(default=1800, gt=0, description="Seconds the agent may run.")
-    test_timeout: float = Field(default=600, gt=0)
-    agent_id: str = Field(default="embedded", min_length=1)
+    test_timeout: float = Field(default=600, gt=0, description="Seconds the test command may run.")
+    agent_id: str = Field(
+        default="embedded", min_length=1, description="The runner's name on the work orders it claims."
+    )
     run_as: str = Field(default="auto", pattern=r"^(auto|none|\d+(:\d+)?)$", description="auto | none | UID:GID")
 
     @model_validator(mode="after")
@@ -254,6 +509,8 @@ class AgentRunnerConfig(_Strict):
             raise ValueError("an enabled agent_runner needs a repository")
         if self.enabled and not self.adapter:
             raise ValueError("an enabled agent_runner needs an adapter")
+        if (self.test_env or self.test_cwd) and not self.test_command:
+            raise ValueError("agent_runner.test_env and test_cwd go with its own test_command")
         if self.adapter and self.adapter not in AGENT_ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(sorted(AGENT_ADAPTERS))}")
         return self
@@ -295,8 +552,12 @@ class HealthConfig(_Strict):
     the request path); `/health` is degraded once the last successful write is older than `max_write_age_seconds`
     or the last attempt failed."""
 
-    probe_interval_seconds: float = Field(default=5, gt=0, le=3600)
-    max_write_age_seconds: float = Field(default=30, gt=0)
+    probe_interval_seconds: float = Field(
+        default=5, gt=0, le=3600, description="How often the heartbeat row is written."
+    )
+    max_write_age_seconds: float = Field(
+        default=30, gt=0, description="/health is degraded once the last successful write is older than this."
+    )
 
 
 class Settings(BaseSettings):
@@ -307,7 +568,7 @@ class Settings(BaseSettings):
 
     database_url: str = Field(default="sqlite:///./mendloop.db", description="SQLAlchemy URL of the database.")
     host: str = Field(default="127.0.0.1", description="Address `serve` listens on.")
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `serve` listens on (0: any free port).")
     api_tokens: list[str] = Field(
         default_factory=list,
         description="Bearer tokens; without any, `serve` refuses non-loopback addresses.",
@@ -328,14 +589,28 @@ class Settings(BaseSettings):
         default_factory=dict, description="event type -> error type; merged over the defaults."
     )
     default_target: str | None = Field(default=None, description="Target used when a playbook names none.")
-    targets: dict[str, TargetConfig] = Field(default_factory=dict)
-    trust: TrustConfig = Field(default_factory=TrustConfig)
-    trigger_wait_seconds: float = Field(default=30, ge=0, le=600)
+    targets: dict[str, TargetConfig] = Field(
+        default_factory=dict,
+        description="The components mendloop acts on, by name: their variables, repository, tests and capabilities.",
+    )
+    trust: TrustConfig = Field(
+        default_factory=TrustConfig, description="How incidents and verified fixes move a component's trust score."
+    )
+    trigger_wait_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=600,
+        description="How long POST /patches/trigger waits for the run to settle before it answers.",
+    )
     agent_lease_seconds: float = Field(
         default=120, gt=0, le=86400, description="How long a claimed work order stays leased between heartbeats."
     )
-    storm: StormConfig = Field(default_factory=StormConfig)
-    watchers: list[WatcherConfig] = Field(default_factory=list)
+    storm: StormConfig = Field(
+        default_factory=StormConfig, description="Storm control for detections: throttling, circuit breakers, run caps."
+    )
+    watchers: list[WatcherConfig] = Field(
+        default_factory=list, description="Log files to follow and the patterns whose matches start runs."
+    )
     intake_tokens: list[str] = Field(
         default_factory=list, description="Bearer tokens accepted by POST /events (webhooks, forwarders)."
     )
@@ -431,7 +706,8 @@ class Settings(BaseSettings):
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc)
+    # pydantic puts a mapping key's own error at (..., KEY, "[key]"): the field is the key's path.
+    return ".".join(str(p) for p in loc if p != "[key]")
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -460,6 +736,17 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         runner = data.get("agent_runner")
         if isinstance(runner, dict) and isinstance(runner.get("repository"), str):
             runner["repository"] = str(base / runner["repository"])
+        targets = data.get("targets")
+        for target in targets.values() if isinstance(targets, dict) else []:
+            if isinstance(target, dict) and isinstance(target.get("repository"), str):
+                # Like agent_runner.repository: the same file means the same repository from any directory.
+                target["repository"] = str(base / target["repository"])
+            runs = target.get("runs") if isinstance(target, dict) else None
+            process = runs.get("process") if isinstance(runs, dict) else None
+            if isinstance(process, dict):
+                for key in ("cwd", "pidfile", "log"):
+                    if isinstance(process.get(key), str):
+                        process[key] = str(base / process[key])
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -184,7 +184,8 @@ def _template_problems(pb: CompiledPlaybook) -> list[Problem]:
                 problems.append(
                     Problem(
                         f"{pb.source}: steps.{i}.{where} ({step.id}): unknown name{'s' if len(unknown) > 1 else ''} "
-                        f"{', '.join(unknown)}; a step's templates see {', '.join(sorted(scope))}"
+                        f"{', '.join(unknown)}; a step's templates see {', '.join(sorted(scope))} "
+                        "(docs/template-context.md)"
                     )
                 )
     return problems

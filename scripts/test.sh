@@ -6,6 +6,7 @@
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
 # 3. installs Debian's bubblewrap when it is missing and this runs as root (ensure_bwrap: the sandbox tests need it);
+#    likewise the docker and kubectl clients (ensure_restart_clis: tests/test_restart.py checks their --help);
 # 4. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
 #    once per machine, in a cache outside the clone (~/.cache/mendloop/agent-clis; about a minute the first
 #    time, nothing after), linked as .agent-clis/bin, which goes on PATH, so the adapters' `--help` checks and the
@@ -66,9 +67,40 @@ ensure_bwrap() {
     rm -f "$aptlog"
 }
 
+# ---------------------------------------------------------------------------------------------
+# ensure_restart_clis: the docker and kubectl clients (Debian's docker.io and kubernetes-client), whose `--help`
+# tests/test_restart.py checks mendloop's restart argv against (no daemon or cluster is used). Always called;
+# installed when running as root and missing. In CI a failed install fails the run (the tests fail, not skip).
+# systemctl is checked too but not installed here: every Debian system has it.
+# ---------------------------------------------------------------------------------------------
+ensure_restart_clis() {
+    local missing=()
+    command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+    command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+    [ ${#missing[@]} = 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "test.sh: missing ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
+        return 1
+    fi
+    echo "test.sh: installing Debian's ${missing[*]} (apt-get)..." >&2
+    local aptlog
+    aptlog=$(mktemp "${TMPDIR:-/tmp}/restart-clis-apt.XXXXXX")
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$aptlog" 2>&1; then
+        cat "$aptlog" >&2
+        rm -f "$aptlog"
+        echo "test.sh: apt-get install ${missing[*]} failed" >&2
+        return 1
+    fi
+    rm -f "$aptlog"
+}
+
 bash scripts/bootstrap.sh
 
 if ! ensure_bwrap && [ -n "${CI:-}" ]; then
+    exit 1
+fi
+
+if ! ensure_restart_clis && [ -n "${CI:-}" ]; then
     exit 1
 fi
 

@@ -44,7 +44,6 @@ from mendloop.agents.lease_keeper import LeaseKeeper
 from mendloop.agents.runner_options import APPLY_MODES, NOBODY, ApplyMode, Outcome, RunnerOptions, default_workdir
 from mendloop.agents.test_suite import ReportSetting, TestResult
 from mendloop.agents.work_order_input import (
-    argv_of,
     commit_message,
     constraints_of,
     read_result,
@@ -53,6 +52,7 @@ from mendloop.agents.work_order_input import (
 )
 from mendloop.agents.worktree_access import check_reachable, give_tree, make_traversable, restore_file
 from mendloop.domain.states import RETRYABLE_FAIL_REASONS
+from mendloop.domain.test_command import TestCommand
 from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.errors import AgentError, Conflict, InputError, MendloopError, NotFound, PatchRejected
 from mendloop.infra import git, process
@@ -229,7 +229,7 @@ class AgentRunner:
         ctx = claim.context
         self._check_repository(ctx)
         constraints = constraints_of(ctx)
-        test_command = self.options.test_command or argv_of(ctx.get("test_command"))
+        test_command = self.options.tests_for(ctx)
         if not test_command:
             raise AgentError(
                 "needs_human",
@@ -443,7 +443,7 @@ class AgentRunner:
         base: str,
         diff: str,
         summary: patch_safety.PatchSummary,
-        argv: list[str],
+        argv: TestCommand,
         scratch: Path,
         cancel: threading.Event,
         *,

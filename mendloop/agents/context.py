@@ -1,6 +1,6 @@
 """The context a coding agent gets with a work order: the error and its events, log lines, the parsed
-traceback located in the repository, the repository and base commit, the test command and the constraints.
-Everything passes through the redactor before it is stored."""
+traceback located in the repository, the repository and base commit, the test command (with its `test_env` and
+`test_cwd`) and the constraints. Everything passes through the redactor before it is stored."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def build(
 ) -> tuple[dict[str, Any], str | None, str | None]:
     """Returns (context, repository, base_commit)."""
     trigger = dict(run.context.get("event") or {})
+    # The log lines around the trigger as its stored event has them now: after-lines arrive after the run began.
+    held = trigger.pop("log_context", None)  # shown once, as `log_lines`
+    stored = next((e.payload.get("log_context") for e in events if e.id == run.trigger_event_id), None)
     repository = Path(target.repository).resolve() if target and target.repository else None
     base_commit = git.head_or_none(repository, timeout=10) if repository and repository.is_dir() else None
     lines = trigger.get("lines") or ([trigger["line"]] if isinstance(trigger.get("line"), str) else [])
@@ -42,7 +45,7 @@ def build(
             "event": trigger,
         },
         "events": [{"type": e.type, "message": e.message, "time": e.created_at} for e in events][-20:],
-        "log_lines": lines[-50:],
+        **_log_lines(stored or held, trigger),
         "target": target_name,
         "run_id": run.id,
         "playbook_id": run.playbook_id,
@@ -64,6 +67,9 @@ def build(
         context["repository"] = str(repository) if repository else None
         context["base_commit"] = base_commit
         context["test_command"] = target.test_command
+        # With the command they belong to; redacted with the rest below (a remote runner sees what the agent sees).
+        context["test_env"] = dict(target.test_env)
+        context["test_cwd"] = target.test_cwd
         report = target.report
         context["test_report"] = report if report is None or isinstance(report, str) else report.model_dump()
         context["failing_tests"] = failing_tests_of(context, target.failing_tests)
@@ -77,3 +83,27 @@ def build(
     if failure is not None:
         context["failed_step"] = failure
     return redactor.value(context), (str(repository) if repository else None), base_commit
+
+
+def _log_lines(found: Any, trigger: dict[str, Any]) -> dict[str, Any]:
+    """{"log_lines": {path, before, lines, after}} from a watcher's `log_context`, or from the `lines` an event
+    brought; {} when there are none (the trigger's own line is in `error.event` already)."""
+
+    def strings(value: Any, last: int = 200) -> list[str]:
+        return [str(x) for x in value[-last:]] if isinstance(value, list) else []
+
+    if isinstance(found, dict) and (found.get("lines") or found.get("before") or found.get("after")):
+        path = found.get("path")
+        return {
+            "log_lines": {
+                "path": path if isinstance(path, str) else None,
+                "before": strings(found.get("before")),
+                "lines": strings(found.get("lines"), 1000),
+                "after": strings(found.get("after")),
+            }
+        }
+    given = strings(trigger.get("lines"), 50)
+    if not given:
+        return {}
+    path = trigger.get("file")
+    return {"log_lines": {"path": path if isinstance(path, str) else None, "before": [], "lines": given, "after": []}}

@@ -16,6 +16,7 @@ import httpx
 from mendloop.agents import adapters
 from mendloop.agents.agent_runner import AgentRunner, RunnerOptions
 from mendloop.config import AgentRunnerConfig, Settings
+from mendloop.domain.test_command import TestCommand
 from mendloop.errors import ConfigError, MendloopError
 from mendloop.infra.api_client import AgentClient
 
@@ -67,7 +68,9 @@ class EmbeddedRunner:
                 repo=Path(cfg.repository),
                 adapter=adapter,
                 agent_id=cfg.agent_id,
-                test_command=list(cfg.test_command) if cfg.test_command else None,
+                test_command=(
+                    TestCommand.of(cfg.test_command, cfg.test_env, cfg.test_cwd) if cfg.test_command else None
+                ),
                 test_timeout=cfg.test_timeout,
                 agent_timeout=cfg.timeout,
                 apply=cfg.apply,

@@ -32,6 +32,7 @@ from mendloop.agents.patch_safety import (
 )
 from mendloop.agents.test_suite import ReportSetting, TestResult
 from mendloop.agents.worktrees import is_within
+from mendloop.domain.test_command import TestCommand
 from mendloop.errors import InputError, MendloopError, PatchRejected
 from mendloop.infra import failpoints, git, process
 from mendloop.infra.git import CHECKOUT_TIMEOUT
@@ -359,7 +360,7 @@ def apply_patch(
     *,
     base_commit: str | None,
     constraints: Constraints,
-    test_command: list[str] | None,
+    test_command: Sequence[str] | TestCommand | None,
     test_timeout: float,
     message: str,
     trailers: dict[str, str],
@@ -374,7 +375,8 @@ def apply_patch(
     """Validate, test against the base in fresh worktrees, then commit `diff` on the repository's current branch.
 
     The tests (`test_suite.Suite.verify`, through `sandbox`, default: none) run at `base_commit` and with the
-    patch; no test that passed at the base may fail or vanish, `failing_tests` must pass. `report`: how the test
+    patch (`test_command`: a bare argv, or a TestCommand with the target's test_env and test_cwd); no test that
+    passed at the base may fail or vanish, `failing_tests` must pass. `report`: how the test
     command reports its tests (the target's `report:`). `checked_at_base`: the caller has already checked the
     paths and `git apply --check`ed the diff in a checkout of `base_commit` (the agent runner, in its test
     worktree); without a test command there is then nothing a fresh worktree at the base would add. A branch that

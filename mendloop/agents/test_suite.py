@@ -4,7 +4,12 @@ The test command runs twice, each time in a fresh worktree through `Sandbox.run`
 base with the patch applied. Each run writes a report of every test's outcome to a scratch directory *outside* the
 worktree (the only place besides the worktree the sandbox lets it write), and `domain.test_verdict.judge` compares
 the two: SWE-bench's FAIL_TO_PASS / PASS_TO_PASS rule. The base run is cached per (repository, base commit, test
-argv, report setting) in the repository's git directory, so a second work order on the same base does not rerun it.
+argv, its extra environment and directory, report setting) in the repository's git directory, so a second work order
+on the same base does not rerun it.
+
+The command is a `domain.test_command.TestCommand`: the argv, the target's `test_env` (added to the environment the
+caller gives) and `test_cwd` (the directory it runs in, relative to the worktree's root; one that does not exist
+in the worktree is `test_env_error`).
 
 Reports, by the test command (`plan`):
 
@@ -41,6 +46,7 @@ from typing import Any, Literal
 from mendloop.agents import worktrees
 from mendloop.agents.worktree_access import check_reachable, give_tree, make_traversable, restore_file
 from mendloop.domain import test_verdict
+from mendloop.domain.test_command import TestCommand
 from mendloop.errors import InputError, MendloopError, PatchRejected
 from mendloop.infra import git, process
 from mendloop.infra.sandbox import Sandbox
@@ -213,12 +219,13 @@ def read_report(path: Path) -> bytes:
 
 
 class Suite:
-    """The test command of one repository, run through `sandbox` in worktrees under `workdir`."""
+    """The test command of one repository, run through `sandbox` in worktrees under `workdir`. `argv`: a
+    TestCommand, or a bare argv (no extra environment, run at the worktree's root)."""
 
     def __init__(
         self,
         repo: Path,
-        argv: Sequence[str],
+        argv: Sequence[str] | TestCommand,
         *,
         sandbox: Sandbox,
         timeout: float,
@@ -228,15 +235,15 @@ class Suite:
         cache: bool = True,
         writable: Sequence[Path] = (),
     ) -> None:
-        if not argv or not all(isinstance(a, str) and a for a in argv):
-            raise InputError("the test command must be a non-empty list of strings", field="test_command")
+        self.command = TestCommand.coerce(argv)
         if timeout <= 0:
             raise InputError("the test timeout must be positive", field="test_timeout")
         self.root = git.toplevel(repo)
-        self.argv = list(argv)
+        self.argv = list(self.command.argv)
         self.sandbox = sandbox
         self.timeout = timeout
-        self.env = dict(env)
+        # The target's variables last: the reserved names (domain/test_command.py) cannot be among them.
+        self.env = {**env, **self.command.environ}
         self.setting = report or ReportSetting()
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
         self.cache = cache
@@ -320,7 +327,15 @@ class Suite:
         return run.outcomes, False
 
     def _cache_key(self, base_sha: str) -> tuple[str, list[Any]]:
-        key = [_CACHE_VERSION, os.path.realpath(self.root), base_sha, self.argv, self.setting.as_key()]
+        key = [
+            _CACHE_VERSION,
+            os.path.realpath(self.root),
+            base_sha,
+            self.argv,
+            self.setting.as_key(),
+            # Another environment or directory can pass or fail other tests: another base run.
+            self.command.as_key(),
+        ]
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         return digest, key
 
@@ -378,11 +393,11 @@ class Suite:
             with worktrees.worktree(self.root, commit, parent=self.workdir) as tree:
                 if patch is not None:
                     patch(tree)
-                done = self._start(the_plan, tree, home, scratch, cancel)
+                where = "at the base" if patch is None else "with the patch"
+                done = self._start(the_plan, tree, run_dir(tree, self.command.cwd, where), home, scratch, cancel)
             if done.cancelled:
                 raise Cancelled("the test run was cancelled")
             if done.returncode in ENV_ERROR_EXITS:
-                where = "at the base" if patch is None else "with the patch"
                 raise PatchRejected(
                     "test_env_error",
                     f"the test command {self.argv[0]!r} could not start {where} (exit code {done.returncode}): "
@@ -404,7 +419,7 @@ class Suite:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _start(
-        self, the_plan: Plan, tree: Path, home: Path, scratch: Path, cancel: threading.Event | None
+        self, the_plan: Plan, tree: Path, cwd: Path, home: Path, scratch: Path, cancel: threading.Event | None
     ) -> process.Completed:
         env = dict(self.env)
         if self.sandbox.run_as is not None:
@@ -417,7 +432,25 @@ class Suite:
             timeout=self.timeout,
             writable=[scratch, *self.writable],
             cancel=cancel,
+            cwd=cwd,
         )
+
+
+def run_dir(tree: Path, cwd: str | None, where: str = "") -> Path:
+    """The directory `cwd` (relative, checked at config load) names in the worktree `tree`: PatchRejected
+    `test_env_error` when it is not a directory there, or resolves (through a symlink) outside the tree."""
+    if cwd is None:
+        return tree
+    real_tree = Path(os.path.realpath(tree))
+    found = Path(os.path.realpath(tree / cwd))
+    if not found.is_relative_to(real_tree) or not found.is_dir():
+        raise PatchRejected(
+            "test_env_error",
+            f"the test directory {cwd!r} (test_cwd) is not a directory in the worktree{' ' + where if where else ''}:"
+            " the test setup is broken, not the patch",
+            test_cwd=cwd,
+        )
+    return found
 
 
 def run_in(
@@ -429,13 +462,15 @@ def run_in(
     timeout: float,
     writable: Sequence[Path],
     cancel: threading.Event | None = None,
+    cwd: Path | None = None,
 ) -> process.Completed:
-    """Run one test process in the worktree `tree` through `sandbox`: the tree handed to the sandbox's user for
-    the run (when it drops to one) and taken back after, its `.git` file put back as it was. A command that cannot
-    start is PatchRejected `test_env_error`."""
+    """Run one test process in the worktree `tree` through `sandbox`, in `cwd` (a directory inside it; default:
+    its root): the tree handed to the sandbox's user for the run (when it drops to one) and taken back after, its
+    `.git` file put back as it was. A command that cannot start is PatchRejected `test_env_error`."""
     run_as = sandbox.run_as
+    start_in = cwd or tree
     if run_as is not None:
-        _check_program(argv[0], tree, env, run_as)
+        _check_program(argv[0], start_in, env, run_as)
     dotgit = tree / ".git"
     saved_dotgit = dotgit.read_bytes() if dotgit.is_file() else None
     if run_as is not None:
@@ -445,10 +480,11 @@ def run_in(
     try:
         return sandbox.run(
             argv,
-            cwd=tree,
+            cwd=start_in,
             env=env,
             timeout=timeout,
-            writable=list(writable),
+            # The whole tree stays writable when the tests start in a sub-directory of it.
+            writable=[tree, *writable] if start_in != tree else list(writable),
             network=False,
             cancel=cancel,
             # A few bytes more than the tail needs, so a character cut at the start only costs one "?".
@@ -527,5 +563,6 @@ __all__ = [
     "TestResult",
     "parse_junit",
     "plan",
+    "run_dir",
     "run_in",
 ]

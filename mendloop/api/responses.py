@@ -287,6 +287,10 @@ class IncidentOut(_Answer):
     last_seen: Timestamp
     resolved_at: Timestamp
     last_run_id: str | None
+    recurrences: int = Field(description="Times it came back after it was resolved (each reopened it).")
+    resolved_by_run: str | None = Field(description="The run whose verified fix resolved it (None: not by a run).")
+    resolved_commit: str | None = Field(description="The commit of the patch that run applied, if any.")
+    last_resolved_at: Timestamp = Field(description="When it was resolved before it last reopened.")
 
 
 class IncidentRun(_Answer):

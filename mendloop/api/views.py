@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 from mendloop.api import responses as out
 from mendloop.domain.bounded import bounded
-from mendloop.domain.records import EventRecord, Incident, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.incidents import TrackedIncident
+from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
 from mendloop.domain.states import RunStatus
 
 # Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
@@ -179,16 +180,16 @@ def trust_change(c: TrustChange) -> out.TrustChangeOut:
     )
 
 
-def incident(i: Incident) -> out.IncidentOut:
+def incident(i: TrackedIncident) -> out.IncidentOut:
     return out.IncidentOut.model_validate(_incident_fields(i))
 
 
-def incident_detail(i: Incident, runs: list[tuple[str, str]]) -> out.IncidentDetail:
+def incident_detail(i: TrackedIncident, runs: list[tuple[str, str]]) -> out.IncidentDetail:
     fields = {**_incident_fields(i), "runs": [out.IncidentRun(run_id=run_id, status=status) for run_id, status in runs]}
     return out.IncidentDetail.model_validate(fields)
 
 
-def _incident_fields(i: Incident) -> dict[str, object]:
+def _incident_fields(i: TrackedIncident) -> dict[str, object]:
     return {
         "incident_id": i.id,
         "fingerprint": i.fingerprint,
@@ -205,6 +206,10 @@ def _incident_fields(i: Incident) -> dict[str, object]:
         "last_seen": iso(i.last_seen),
         "resolved_at": iso(i.resolved_at),
         "last_run_id": i.last_run_id,
+        "recurrences": i.recurrences,
+        "resolved_by_run": i.resolved_by_run,
+        "resolved_commit": i.resolved_commit,
+        "last_resolved_at": iso(i.last_resolved_at),
     }
 
 

@@ -148,6 +148,20 @@ def agent(
             help="Test argv as one string (split like a shell would, never run by one); default: the work order's.",
         ),
     ] = None,
+    test_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--test-env",
+            help="NAME=VALUE added to the tests' environment (repeatable); only with --test-command.",
+        ),
+    ] = None,
+    test_cwd: Annotated[
+        str | None,
+        typer.Option(
+            "--test-cwd",
+            help="Where the tests run, relative to the worktree's root; only with --test-command.",
+        ),
+    ] = None,
     apply: Annotated[
         str, typer.Option("--apply", envvar="MENDLOOP_AGENT_APPLY", help="commit | branch | approval.")
     ] = "commit",
@@ -194,17 +208,33 @@ def agent(
 
     from mendloop.agents import adapters
     from mendloop.agents.agent_runner import APPLY_MODES, AgentRunner, ApplyMode, RunnerOptions
+    from mendloop.domain.test_command import TestCommand
+    from mendloop.errors import InputError
     from mendloop.infra.api_client import AgentClient
 
     setup_logging(log_level)
     if apply not in APPLY_MODES:
         fail(f"--apply: {apply!r} is not one of {', '.join(APPLY_MODES)}")
-    tests: list[str] | None = None
+    tests: TestCommand | None = None
+    if (test_env or test_cwd) and not test_command:
+        # The work order's test_env and test_cwd belong to its own command; mixing would judge a third one.
+        fail("--test-env and --test-cwd go with --test-command")
     if test_command:
         try:
-            tests = shlex.split(test_command)
+            argv = shlex.split(test_command)
         except ValueError as exc:
             fail(f"--test-command: {exc}")
+        env: dict[str, str] = {}
+        for item in test_env or []:
+            name, eq, value = item.partition("=")
+            if not eq:
+                fail(f"--test-env: {item!r} is not NAME=VALUE")
+            env[name] = value
+        try:
+            tests = TestCommand.of(argv, env, test_cwd)
+        except InputError as exc:
+            option = {"test_cwd": "--test-cwd", "test_command": "--test-command"}.get(exc.field or "", "--test-env")
+            fail(f"{option}: {exc.message}")
     owner: tuple[int, int] | Literal["auto"] | None = "auto"
     if run_as == "auto":
         pass

@@ -20,6 +20,7 @@ from mendloop.config import PatchPolicy, TargetConfig
 from mendloop.domain import work_orders as decide
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import WorkOrderStatus
+from mendloop.domain.test_command import TestCommand
 from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.errors import Conflict, MendloopError, NotFound, PatchRejected
 from mendloop.infra import git
@@ -123,7 +124,11 @@ class HeldPatches:
                     diff,
                     base_commit=wo.base_commit,
                     constraints=constraints,
-                    test_command=target.test_command,
+                    test_command=(
+                        TestCommand.of(target.test_command, target.test_env, target.test_cwd)
+                        if target.test_command
+                        else None
+                    ),
                     test_timeout=target.test_timeout,
                     message=f"{wo.description}\n\nApplied by mendloop for run {run.id}.",
                     trailers={"Work-Order": wo_id},

@@ -45,6 +45,9 @@ from mendloop.intake.watcher import Batch, Sink, WatcherStats, WatchPipeline, su
 log = logging.getLogger(__name__)
 
 MAX_BATCH_EVENTS = 10_000  # what POST /events takes in one body
+# Bytes of events per request: well under the server's `limits.max_intake_body_bytes` (32 MiB by default), now
+# that each event carries the log lines around it (a 413 would move the entry to `rejected/` for good).
+MAX_BATCH_BYTES = 8 << 20
 _PERMANENT = (400, 404, 405, 413, 415, 422)  # the server will never take this body: retrying cannot help
 
 
@@ -295,8 +298,8 @@ class Forwarder:
         def take(batch: Batch) -> None:
             events = self.events_of(batch)
             if events:
-                for i in range(0, len(events), MAX_BATCH_EVENTS):
-                    self.spool.put(watcher, events[i : i + MAX_BATCH_EVENTS], batch.checkpoints)
+                for chunk in _chunks(events):
+                    self.spool.put(watcher, chunk, batch.checkpoints)
                 self.stats.spooled += len(events)
                 # The entry is durable: now the checkpoint may pass its lines.
                 self.offsets.save(watcher, batch.checkpoints)
@@ -361,12 +364,14 @@ class Forwarder:
 
     def _next_entries(self) -> list[SpoolEntry]:
         out: list[SpoolEntry] = []
-        total = 0
+        total = size = 0
         for path in self.spool.pending():
             entry = self.spool.read(path)
             if entry is None:
                 continue
-            if out and total + len(entry.events) > MAX_BATCH_EVENTS:
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+            if out and (total + len(entry.events) > MAX_BATCH_EVENTS or size > MAX_BATCH_BYTES):
                 break
             out.append(entry)
             total += len(entry.events)
@@ -423,6 +428,21 @@ class Forwarder:
 
     def close(self) -> None:
         self.spool.close()
+
+
+def _chunks(events: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
+    """Spool entries of at most MAX_BATCH_EVENTS events and about MAX_BATCH_BYTES bytes (one event may be more)."""
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for event in events:
+        n = len(json.dumps(event, separators=(",", ":")))
+        if chunk and (len(chunk) >= MAX_BATCH_EVENTS or size + n > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += n
+    if chunk:
+        yield chunk
 
 
 def run_forwarder(forwarder: Forwarder, *, install_signals: bool = True) -> None:

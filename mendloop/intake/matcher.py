@@ -223,6 +223,20 @@ class Matcher:
         return out
 
 
+class RecordingMatcher(Matcher):
+    """A matcher that keeps the matches of its last `scan_lines` (`matches`, `Match.line_start` the index of each
+    record): code that builds one result per match, in order (`LogIntake.detect_lines`), can then be told which
+    record each result came from. One per batch and thread: it shares the compiled engines, not its `matches`."""
+
+    def __init__(self, inner: Matcher) -> None:
+        super().__init__(inner._patterns, inner._verifiers, inner._engine_name, inner._finders, inner._slow)
+        self.matches: list[Match] = []
+
+    def scan_lines(self, lines: Sequence[str]) -> list[Match]:
+        self.matches = super().scan_lines(lines)
+        return self.matches
+
+
 class _EngineUnavailable(Exception):
     pass
 

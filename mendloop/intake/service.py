@@ -135,6 +135,16 @@ class Intake:
             self._wake()
         return outcomes
 
+    def attach_after(self, after: Mapping[int, list[str]]) -> int:
+        """A watcher's after-lines, read once their detection was stored, onto its events' `log_context.after`
+        (redacted like everything else that enters). Returns how many events were found."""
+        if not after:
+            return 0
+        changes = {
+            event_id: {"log_context": {"after": self.redactor.value(lines)}} for event_id, lines in after.items()
+        }
+        return self.incidents.store.events.merge_payloads(changes)
+
     def error_type_of(self, event_type: str, payload: Mapping[str, Any]) -> str | None:
         given = payload.get("error_type")
         if isinstance(given, str) and given:
@@ -152,7 +162,8 @@ class Intake:
                 description=d.message,
                 component=d.component,
                 context={
-                    **{k: v for k, v in d.payload.items() if k not in ("error_type", "description")},
+                    # The log lines around it stay in `event` only: a work order reads them from the stored event.
+                    **{k: v for k, v in d.payload.items() if k not in ("error_type", "description", "log_context")},
                     "fingerprint": d.fingerprint,
                 },
                 event={**d.payload, "event_type": d.event_type, "line": d.message},
@@ -245,17 +256,27 @@ def records_of(body: Any) -> Iterable[Mapping[str, Any]]:
 def aggregate(detections: Sequence[Detection]) -> list[Detection]:
     """Identical detections in one batch (same fingerprint, type and component, no event id) become one with a
     count: a storm of 100,000 lines is a handful of writes, and every line is still counted."""
+    return aggregate_indexed(detections)[0]
+
+
+def aggregate_indexed(detections: Sequence[Detection]) -> tuple[list[Detection], list[int]]:
+    """`aggregate`, and for each detection given the index of the one it became part of (the first of identical
+    ones keeps its payload)."""
     position: dict[tuple[str, str, str | None], int] = {}
     out: list[Detection] = []
+    into: list[int] = []
     for d in detections:
         if d.event_id is not None or d.resolved:
+            into.append(len(out))
             out.append(d)
             continue
         key = (d.fingerprint, d.event_type, d.component)
         at = position.get(key)
         if at is None:
             position[key] = len(out)
+            into.append(len(out))
             out.append(d)
         else:
+            into.append(at)
             out[at] = dataclasses.replace(out[at], message=d.message, count=out[at].count + d.count)
-    return out
+    return out, into

@@ -6,6 +6,10 @@ Nothing is lost or counted twice across a restart: a file is checkpointed only u
 traceback still being grouped holds its file's checkpoint back), and the server's sink commits the checkpoint in
 the same transaction as the events it read. A sink that fails (the database is down) is retried with backoff;
 nothing is checkpointed past it meanwhile.
+
+Each detection carries the log lines around it (`log_context`, see log_context.py): the lines of its file before
+its record, the record's own lines, and the after-lines read with it; after-lines read later are attached to its
+stored event (`on_after`), never waited for.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mendloop.config import Settings, WatcherConfig
@@ -25,10 +29,12 @@ from mendloop.domain.checkpoints import Checkpoint
 from mendloop.domain.records import Detection
 from mendloop.intake.follow import follow
 from mendloop.intake.lines import Line
+from mendloop.intake.log_context import Awaiting, Contexts
 from mendloop.intake.logs import LogIntake
+from mendloop.intake.matcher import RecordingMatcher
 from mendloop.intake.multiline import Grouper, Record, parse_json
 from mendloop.intake.offsets import OffsetStore
-from mendloop.intake.service import Intake, aggregate
+from mendloop.intake.service import Intake, aggregate_indexed
 from mendloop.intake.tail import Tailer
 from mendloop.storage.watcher_offsets import DbOffsetStore
 
@@ -53,8 +59,14 @@ class Batch:
         return [d for ds in self.detections.values() for d in ds]
 
 
-Sink = Callable[[Batch], None]
-"""Takes a batch durably (or raises): called on the watcher's own thread."""
+Sink = Callable[[Batch], Sequence[int | None] | None]
+"""Takes a batch durably (or raises): called on the watcher's own thread. It may return the stored event id of each
+detection of `batch.all()` (None for one it stored none for); then after-lines read later reach those events
+through the pipeline's `on_after`. None: it cannot say (the forwarder), and only the after-lines read with a
+detection travel with it."""
+
+AfterSink = Callable[[Mapping[int, list[str]]], object]
+"""Attaches after-lines to stored events: {event id: the whole `after` list}."""
 
 
 @dataclass
@@ -74,6 +86,13 @@ class _PathState:
     grouper: Grouper | None
     last_end: int = -1  # end of the last line fed (of whichever file was at the path)
     pending_from: int | None = None  # where the group still held by the grouper starts, in the current file
+
+
+@dataclass
+class _Taken:
+    batch: Batch | None
+    # For each detection of `batch.all()`, the context collecting its after-lines (None: nothing to collect).
+    awaiting: list[Awaiting | None] = field(default_factory=list)
 
 
 class _Stopped(Exception):
@@ -118,6 +137,8 @@ class WatchPipeline:
         use_inotify: bool = True,
         retry_max: float = 5.0,
         stats: WatcherStats | None = None,
+        on_after: AfterSink | None = None,
+        after_idle: float | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -143,6 +164,9 @@ class WatchPipeline:
         self._busy = False  # a batch is between being read and being taken by the sink
         self._broken = False  # a batch was never taken: no checkpoint may pass it
         self._kick: asyncio.Event | None = None
+        lines = config.context_lines
+        self.contexts = Contexts(lines.before, lines.after, lines.idle_seconds if after_idle is None else after_idle)
+        self.on_after = on_after
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -201,6 +225,7 @@ class WatchPipeline:
         for path in gone:
             if self._paths[path].pending_from is None:
                 del self._paths[path]
+                self.contexts.forget(path)
         return {p: st.pending_from for p, st in self._paths.items() if st.pending_from is not None}
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
@@ -223,6 +248,8 @@ class WatchPipeline:
 
     def _next_deadline(self) -> float | None:
         due = [d for st in self._paths.values() if st.grouper and (d := st.grouper.next_deadline()) is not None]
+        if (after := self.contexts.next_deadline()) is not None:
+            due.append(after)
         return min(due) if due else None
 
     # -- one batch -------------------------------------------------------------------------------------------
@@ -233,9 +260,12 @@ class WatchPipeline:
                 raise _Stopped
             self._busy = True
             try:
-                batch = self._take(lines, flush)
+                taken = self._take(lines, flush)
+                batch = taken.batch
                 if batch is not None and batch.detections:
-                    await self._deliver(batch, stop)
+                    ids = await self._deliver(batch, stop)
+                    self.contexts.stored(taken.awaiting, ids)
+                self._attach_after(everything=flush == "all")
             except BaseException:
                 # Lines were taken from the tailer (and groups from the groupers) that no sink has: from here on
                 # nothing may be checkpointed; the watcher restarts from its last checkpoint.
@@ -243,15 +273,19 @@ class WatchPipeline:
                 raise
             finally:
                 self._busy = False
-        if self._kick is not None and any(st.pending_from is not None for st in self._paths.values()):
+        if self._kick is not None and (
+            self.contexts.awaiting or any(st.pending_from is not None for st in self._paths.values())
+        ):
             self._kick.set()
 
-    def _take(self, lines: Sequence[Line], flush: Literal["due", "all"] | None) -> Batch | None:
+    def _take(self, lines: Sequence[Line], flush: Literal["due", "all"] | None) -> _Taken:
         """Lines → records → detections, and the checkpoints that hold once the sink has them."""
         self.stats.lines += len(lines)
         self.stats.files = len(self.tailer.files)
         records: list[Record] = []
+        read_at = time.time()
         for path, seg in _segments(lines):
+            self.contexts.touched(path, read_at)
             st = self._paths.get(path)
             if st is None:
                 grouper = Grouper(group_timeout=self.group_timeout) if self.config.multiline else None
@@ -284,27 +318,47 @@ class WatchPipeline:
                         records.extend(out)
                         st.pending_from = None
         if not records:
-            return None
+            return _Taken(None)
         by_path: dict[str, list[Record]] = {}
         for r in records:
             by_path.setdefault(r.path, []).append(r)
         detections: dict[str, list[Detection]] = {}
         spans: dict[str, tuple[int, int]] = {}
+        awaiting: list[Awaiting | None] = []
+        with_context = self.matcher is not None and self.contexts.enabled
         for path, recs in by_path.items():
             spans[path] = (min(r.offset for r in recs), max(r.end_offset for r in recs))
+            view = RecordingMatcher(self.matcher) if with_context and self.matcher is not None else None
             found = self.log_intake.detect_lines(
-                [r.text for r in recs], matcher=self.matcher, source=self.source, extra={"file": path}
+                [r.text for r in recs], matcher=view or self.matcher, source=self.source, extra={"file": path}
             )
+            if view is not None and len(view.matches) == len(found):
+                awaiting += self.contexts.attach(path, recs, found, [m.line_start for m in view.matches], read_at)
+            else:
+                awaiting += [None] * len(found)
             if found:
                 detections[path] = found
         held = {p: st.pending_from for p, st in self._paths.items() if st.pending_from is not None}
-        return Batch(self.name, detections, spans, self.tailer.checkpoints(held))
+        return _Taken(Batch(self.name, detections, spans, self.tailer.checkpoints(held)), awaiting)
 
-    async def _deliver(self, batch: Batch, stop: asyncio.Event) -> None:
+    def _attach_after(self, *, everything: bool) -> None:
+        """Hand over the after-lines of every context that is due (all of them when the watcher stops)."""
+        updates = self.contexts.due(time.time(), everything=everything)
+        if not updates or self.on_after is None:
+            return
+        try:
+            self.on_after(updates)
+        except Exception as e:
+            # The events are stored already; their after-lines are a courtesy, not worth a retry loop.
+            self.stats.errors += 1
+            self.stats.last_error = f"after-lines: {e}"[:500]
+            log.warning("watcher %s: cannot attach after-lines to %d event(s): %s", self.name, len(updates), e)
+
+    async def _deliver(self, batch: Batch, stop: asyncio.Event) -> Sequence[int | None] | None:
         delay = 0.1
         while True:
             try:
-                self.sink(batch)
+                ids = self.sink(batch)
             except Exception as e:
                 self.stats.errors += 1
                 self.stats.last_error = str(e)[:500]
@@ -316,7 +370,7 @@ class WatchPipeline:
                 delay = min(delay * 2, self.retry_max)
                 continue
             self.stats.detections += batch.count
-            return
+            return ids
 
 
 def _segments(lines: Sequence[Line]) -> Iterator[tuple[str, list[Line]]]:
@@ -386,14 +440,18 @@ class WatcherService:
             checkpoint_every=self.checkpoint_every,
             use_inotify=self.use_inotify,
             stats=self.stats[name],
+            on_after=self.intake.attach_after,
         )
 
     def _sink(self, name: str) -> Sink:
-        def take(batch: Batch) -> None:
-            detections = aggregate(batch.all())
+        def take(batch: Batch) -> list[int | None]:
+            detections, into = aggregate_indexed(batch.all())
             if not detections:
-                return  # nothing matched: the periodic checkpoint covers these lines
-            self.intake.ingest(detections, also=lambda conn: self.offsets.write(conn, name, batch.checkpoints))
+                return []  # nothing matched: the periodic checkpoint covers these lines
+            outcomes = self.intake.ingest(
+                detections, also=lambda conn: self.offsets.write(conn, name, batch.checkpoints)
+            )
+            return [outcomes[i].event_id for i in into]
 
         return take
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 from jinja2 import ChainableUndefined, StrictUndefined, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from mendloop.playbooks.context_schema import RESULT_NAMES, STEP_NAMES
+
 Renderer = Callable[[Mapping[str, Any]], Any]
 # Where a tracked string sits, as a path of keys into the parameters ("*" is any list index), and what it is.
 TrackKind = Literal["arg", "url"]
@@ -89,10 +91,11 @@ class TemplateRenderError(ValueError):
     pass
 
 
-# The names a step's templates see (engine/step_loop.py builds them; a test holds the two together), and the
-# extra name of a verify step's `expect` and of a binding's `expect` and `outputs`: what the service answered.
-STEP_SCOPE: frozenset[str] = frozenset({"event", "context", "steps", "error_type", "description", "run", "target"})
-RESULT_SCOPE: frozenset[str] = frozenset({"result"})
+# The names a step's templates see (engine/step_loop.py builds them), and the extra name of a verify step's
+# `expect` and of a binding's `expect` and `outputs`: what the service answered. Both come from the one schema of
+# the template context (`context_schema.py`; tests/test_template_context.py holds the code to it).
+STEP_SCOPE: frozenset[str] = STEP_NAMES
+RESULT_SCOPE: frozenset[str] = RESULT_NAMES
 
 
 def names_used(text: str) -> set[str]:

@@ -13,14 +13,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from mendloop.config import StormConfig
+from mendloop.domain import incidents as lifecycle
 from mendloop.domain import storm
-from mendloop.domain.records import Detection, DetectionOutcome, Incident, NewEvent
+from mendloop.domain.incidents import OPEN, RESOLVED, TrackedIncident
+from mendloop.domain.records import Detection, DetectionOutcome, NewEvent
 from mendloop.domain.runs import stamp
 from mendloop.domain.states import RUN_FINAL, RunStatus
 from mendloop.domain.storm import Situation, Verdict, WindowCounts, decide
+from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Tx, sqlite_insert
+from mendloop.storage.incident_resolution import resolve_by_operator_in
 from mendloop.storage.store import Store
 
 # What a new run needs from the caller, who knows playbooks and targets: insert_run's keyword arguments.
@@ -69,11 +73,16 @@ class StormCounts:
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Open:
-    """An open incident as one call of `record` sees it, with the counts it has yet to write."""
+    """A fingerprint's current incident as one call of `record` sees it (open, or resolved until a detection
+    reopens it), with the counts it has yet to write."""
 
     id: str
     last_run_id: str | None
     last_run_at: float | None
+    status: str = OPEN
+    recurrences: int = 0
+    resolved_at: float | None = None
+    resolved_by_run: str | None = None
     # Whether its last run is still going: read only when a decision needs it.
     in_progress: bool | None = None
     # Created in this transaction and not inserted yet.
@@ -98,9 +107,19 @@ class IncidentStore:
             t.idempotency.c.key.in_(sa.bindparam("keys", expanding=True)),
         )
         c = t.incidents.c
-        self._open_by_fingerprint = (
-            sa.select(c.fingerprint, c.id, c.last_run_id, c.last_run_at)
-            .where(c.status == "open", c.fingerprint.in_(sa.bindparam("fps", expanding=True)))
+        # Every incident of the fingerprints, resolved ones too: a detection of a resolved one reopens it.
+        self._by_fingerprint = (
+            sa.select(
+                c.fingerprint,
+                c.id,
+                c.last_run_id,
+                c.last_run_at,
+                c.status,
+                c.recurrences,
+                c.resolved_at,
+                c.resolved_by_run,
+            )
+            .where(c.fingerprint.in_(sa.bindparam("fps", expanding=True)))
             .order_by(c.first_seen)
             .with_for_update()
         )
@@ -148,7 +167,7 @@ class IncidentStore:
             max_new_runs_per_component=self.storm.max_new_runs_per_component,
         )
 
-    def get(self, incident_id: str) -> Incident:
+    def get(self, incident_id: str) -> TrackedIncident:
         with self.store.db.read() as conn:
             row = conn.execute(sa.select(t.incidents).where(t.incidents.c.id == incident_id)).first()
         if row is None:
@@ -163,7 +182,7 @@ class IncidentStore:
         error_type: str | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[Incident], int]:
+    ) -> tuple[list[TrackedIncident], int]:
         conds = []
         if status:
             conds.append(t.incidents.c.status == status)
@@ -184,15 +203,13 @@ class IncidentStore:
         with self.store.db.read() as conn:
             return [(str(i), str(s)) for i, s in conn.execute(q)]
 
-    def resolve(self, incident_id: str) -> Incident:
+    def resolve(self, incident_id: str) -> TrackedIncident:
+        """An operator's word: resolved now, by no run (a resolved incident stays as it is)."""
         with self.store.db.write() as tx:
-            n = tx.conn.execute(
-                sa.update(t.incidents)
-                .where(t.incidents.c.id == incident_id, t.incidents.c.status == "open")
-                .values(status="resolved", resolved_at=tx.now)
-            ).rowcount
-        if not n:
-            self.get(incident_id)
+            found = tx.conn.execute(sa.select(t.incidents.c.component).where(t.incidents.c.id == incident_id)).first()
+            if found is None:
+                raise NotFound("incident", incident_id)
+            resolve_by_operator_in(tx, incident_id, component=found.component)
         return self.get(incident_id)
 
 
@@ -212,7 +229,8 @@ class _Recording:
         self.run_for = run_for
         self.now = tx.now
         self.day = stamp(self.now).strftime("%Y%m%d")
-        self.open: dict[str, _Open | None] = {}  # by fingerprint; None: known to have no open incident
+        # By fingerprint: its open incident, else its newest resolved one; None: it has no incident.
+        self.known: dict[str, _Open | None] = {}
         self.touched: dict[str, _Open] = {}  # by incident id: incidents with writes pending
         self.events: list[NewEvent] = []
         # (outcome index, pending event index, incident id, verdict): answered once the event has its id.
@@ -230,7 +248,7 @@ class _Recording:
         wanted = {
             d.fingerprint
             for d, ok in zip(detections, fresh, strict=True)
-            if ok and not d.resolved and self.open.get(d.fingerprint) is None
+            if ok and not d.resolved and self.known.get(d.fingerprint) is None
         }
         if wanted:
             last = self.tx.take_seq(self._sequence(), len(wanted))
@@ -296,28 +314,36 @@ class _Recording:
         return fresh
 
     def _load(self, fingerprints: Sequence[str]) -> None:
-        unique = [fp for fp in dict.fromkeys(fingerprints) if fp not in self.open]
+        unique = [fp for fp in dict.fromkeys(fingerprints) if fp not in self.known]
         for i in range(0, len(unique), _CHUNK):
             chunk = unique[i : i + _CHUNK]
-            self.open.update(dict.fromkeys(chunk))
-            # Oldest first: with two open incidents for one fingerprint, the newest wins.
-            for fp, incident_id, last_run_id, last_run_at in self.conn.execute(
-                self.owner._open_by_fingerprint, {"fps": chunk}
+            self.known.update(dict.fromkeys(chunk))
+            # Oldest first: the newest open incident wins, else the newest resolved one (from before reopening, a
+            # fingerprint could have several).
+            for fp, incident_id, last_run_id, last_run_at, status, recurrences, resolved_at, by in self.conn.execute(
+                self.owner._by_fingerprint, {"fps": chunk}
             ):
-                self.open[fp] = _Open(incident_id, last_run_id, last_run_at)
+                current = self.known[fp]
+                if current is None or status == OPEN or current.status != OPEN:
+                    self.known[fp] = _Open(
+                        incident_id, last_run_id, last_run_at, status, int(recurrences or 0), resolved_at, by
+                    )
 
     def _sequence(self) -> str:
         return f"incident:{self.day}"
 
     def _one(self, d: Detection) -> None:
-        if d.fingerprint not in self.open:
+        if d.fingerprint not in self.known:
             self._load([d.fingerprint])
-        incident = self.open[d.fingerprint]
+        incident = self.known[d.fingerprint]
         if d.resolved:
-            self._resolve(d, incident)
+            self._resolve(d, incident if incident is not None and incident.status == OPEN else None)
             return
+        reopened = None
         if incident is None:
             incident = self._create(d)
+        elif incident.status != OPEN:
+            reopened = self._reopen(d, incident)
         incident.count += d.count
         incident.sample = d.message[:4000]
         self.touched[incident.id] = incident
@@ -335,7 +361,10 @@ class _Recording:
             self.storm,
         )
         if spec is not None and verdict in (Verdict.RUN, Verdict.BREAKER_OPEN):
-            self.outcomes.append(self._start_run(d, incident, spec, verdict, failures))
+            outcome = self._start_run(d, incident, spec, verdict, failures)
+            self.outcomes.append(outcome)
+            if reopened is not None:
+                self.tx.emit([dataclasses.replace(reopened, run_id=outcome.run_id)])
             return
         if verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
             incident.absorbed += d.count
@@ -343,6 +372,9 @@ class _Recording:
             self._add(_window_name(self.window_index, "rl"), 1)
             self._add(_RATE_LIMITED_TOTAL, 1)
         self._pend(storm.detection_event(d, incident.id), incident.id, verdict.value)
+        if reopened is not None:
+            self._flush()  # after its detection's event, as when a run starts
+            self.tx.emit([reopened])
 
     def _pend(self, event: NewEvent, incident_id: str | None, verdict: str) -> None:
         self.waiting.append((len(self.outcomes), len(self.events), incident_id, verdict))
@@ -355,7 +387,7 @@ class _Recording:
         incident.row = {
             "id": incident.id,
             "fingerprint": d.fingerprint,
-            "status": "open",
+            "status": OPEN,
             "error_type": d.error_type,
             "event_type": d.event_type,
             "component": d.component,
@@ -366,8 +398,12 @@ class _Recording:
             "resolved_at": None,
             "last_run_id": None,
             "last_run_at": None,
+            "recurrences": 0,
+            "resolved_by_run": None,
+            "resolved_commit": None,
+            "last_resolved_at": None,
         }
-        self.open[d.fingerprint] = incident
+        self.known[d.fingerprint] = incident
         return incident
 
     def _resolve(self, d: Detection, incident: _Open | None) -> None:
@@ -376,16 +412,35 @@ class _Recording:
         )
         if incident is None:
             return
+        # The source says the error is gone (Alertmanager's `resolved`): resolved by no run; the next detection of
+        # this fingerprint reopens it.
+        values = {"status": RESOLVED, "resolved_at": self.now, "resolved_by_run": None, "resolved_commit": None}
         if incident.row is not None:
-            incident.row.update(status="resolved", resolved_at=self.now)
+            incident.row.update(values)
         else:
             self.conn.execute(
-                sa.update(t.incidents)
-                .where(t.incidents.c.id == incident.id)
-                .values(status="resolved", resolved_at=self.now, last_seen=self.now)
+                sa.update(t.incidents).where(t.incidents.c.id == incident.id).values(**values, last_seen=self.now)
             )
-        # The next detection of this fingerprint opens a new incident (or finds an older one still open).
-        del self.open[d.fingerprint]
+        incident.status, incident.resolved_at, incident.resolved_by_run = RESOLVED, self.now, None
+
+    def _reopen(self, d: Detection, incident: _Open) -> NewEvent:
+        """A detection of a resolved incident: open again, one recurrence more. Returns the event, published once
+        the detection's own outcome is written (with the run it starts, if any)."""
+        change = lifecycle.reopened(
+            incident.id,
+            recurrences=incident.recurrences,
+            resolved_at=incident.resolved_at,
+            resolved_by=incident.resolved_by_run,
+            component=d.component,
+            run_id=None,
+        )
+        if incident.row is not None:
+            incident.row.update(change.values)
+        else:
+            self.conn.execute(sa.update(t.incidents).where(t.incidents.c.id == incident.id).values(change.values))
+        incident.status, incident.recurrences = OPEN, incident.recurrences + 1
+        incident.resolved_at = incident.resolved_by_run = None
+        return change.event
 
     # -- storm counters ---------------------------------------------------------------------------------------
 
@@ -484,6 +539,11 @@ class _Recording:
             .values(last_run_id=run.id, last_run_at=self.now)
         )
         incident.last_run_id, incident.last_run_at = run.id, self.now
+        if incident.recurrences and run.component:
+            # The run's insert took the plain incident move; a failure that came back after its resolution costs
+            # more, the more often it has (domain/trust.py).
+            move = TrustMove(run.component, TrustReason.RECURRENCE, incident.recurrences)
+            self.store.trust.apply(self.tx, move, run.id)
         self._count_new_run(d.component)
         incident.in_progress = run.status not in RUN_FINAL
         if verdict is Verdict.BREAKER_OPEN:
@@ -519,8 +579,8 @@ def _window_index(now: float, config: StormConfig) -> int:
     return math.floor(now / config.new_runs_window_seconds)
 
 
-def _incident(r: Row[Any]) -> Incident:
-    return Incident(
+def _incident(r: Row[Any]) -> TrackedIncident:
+    return TrackedIncident(
         id=r.id,
         fingerprint=r.fingerprint,
         status=r.status,
@@ -537,4 +597,8 @@ def _incident(r: Row[Any]) -> Incident:
         last_run_id=r.last_run_id,
         last_run_at=r.last_run_at,
         absorbed=int(r.absorbed),
+        recurrences=int(r.recurrences),
+        resolved_by_run=r.resolved_by_run,
+        resolved_commit=r.resolved_commit,
+        last_resolved_at=r.last_resolved_at,
     )

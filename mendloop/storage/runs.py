@@ -20,6 +20,7 @@ from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Database, Tx
+from mendloop.storage.incident_resolution import resolve_completed_in
 from mendloop.storage.rows import run_of, step_of, work_order_of
 from mendloop.storage.trust import TrustStore
 
@@ -305,6 +306,9 @@ class RunStore:
             if trust is not None:
                 self.trust.apply(tx, trust, run.id)
             tx.emit(events)
+            if values.get("status") == RunStatus.COMPLETED.value and run.incident_id:
+                # A verified fix resolves the run's incident in the transaction that completes the run.
+                resolve_completed_in(tx, dataclasses.replace(run, **{**values, "status": RunStatus.COMPLETED}))
         if "status" in values:
             values["status"] = RunStatus(values["status"])
         return dataclasses.replace(run, **values)

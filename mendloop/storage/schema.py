@@ -151,6 +151,8 @@ trust_history = sa.Table(
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Column("created_at", Epoch, nullable=False),
+    # The incident's recurrence count a `recurrence` move was for (NULL for other reasons).
+    sa.Column("recurrences", sa.Integer, nullable=True),
     sa.Index("ix_trust_history_component", "component", "id"),
 )
 
@@ -192,6 +194,11 @@ incidents = sa.Table(
     sa.Column("last_run_id", sa.String(64), nullable=True),
     sa.Column("last_run_at", Epoch, nullable=True),
     sa.Column("absorbed", sa.BigInteger, nullable=False),
+    # The lifecycle: reopenings after a resolution, and what resolved it (a run's verified fix, and its commit).
+    sa.Column("recurrences", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("resolved_by_run", sa.String(64), nullable=True),
+    sa.Column("resolved_commit", sa.String(64), nullable=True),
+    sa.Column("last_resolved_at", Epoch, nullable=True),
     sa.Index("ix_incidents_fingerprint", "fingerprint", "status"),
     sa.Index("ix_incidents_status_last_seen", "status", "last_seen"),
 )

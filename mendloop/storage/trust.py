@@ -35,6 +35,8 @@ class TrustStore:
                 old=change.old,
                 new=change.new,
                 reason=change.reason,
+                # Which recurrence of its incident a recurrence move was for; NULL for every other reason.
+                recurrences=move.recurrences if move.reason is trust.TrustReason.RECURRENCE else None,
                 run_id=run_id,
                 created_at=tx.now,
             )

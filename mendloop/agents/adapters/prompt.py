@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mendloop.agents.adapters.base import AgentTask
+from mendloop.domain.test_command import TestCommand
 
 # How much of the prompt fits in one argv item (Linux refuses a single argument over 128 KiB).
 MAX_PROMPT_CHARS = 100_000
@@ -91,7 +92,7 @@ def build_prompt(
     work_order: Mapping[str, Any],
     *,
     files: Sequence[str],
-    test_command: Sequence[str] | None,
+    test_command: TestCommand | Sequence[str] | None,
     constraints: Mapping[str, Any],
 ) -> str:
     """The prompt an agent gets. Everything that came from logs or the failing system is fenced as data."""
@@ -124,7 +125,8 @@ def build_prompt(
     else:
         lines.append("- Do not add or change test files.")
     if test_command:
-        lines.append(f"- The runner will run the tests itself afterwards: `{' '.join(test_command)}`.")
+        shown = TestCommand.coerce(test_command).shown()
+        lines.append(f"- The runner will run the tests itself afterwards: {shown}.")
     lines += [
         "- When you are done, you may write a JSON report to the file named by $RESULT_FILE, e.g.",
         '  {"summary": "what you changed and why"}. The runner checks and tests the change itself.',
@@ -148,7 +150,12 @@ def build_prompt(
             where = failing.get("repository_path") or failing.get("file")
             lines += [f"### Code around the failing line ({where})", _data_block("\n".join(failing["snippet"]))]
     log_lines = context.get("log_lines")
-    if isinstance(log_lines, list) and log_lines:
+    if isinstance(log_lines, Mapping):
+        lines += [
+            "### Log lines around the error (the lines marked >>> are the ones that matched)",
+            _data_block(_log_lines_text(log_lines)),
+        ]
+    elif isinstance(log_lines, list) and log_lines:  # a work order made before log lines had their own shape
         lines += ["### Log lines around the error", _data_block("\n".join(str(x) for x in log_lines[-50:]))]
     failed = context.get("failed_step")
     if failed:
@@ -179,4 +186,19 @@ def _traceback_text(tb: Mapping[str, Any]) -> str:
             out.append(f"    {f['code']}")
     message = tb.get("message")
     out.append(f"{tb.get('exception_type')}{': ' + str(message) if message else ''}")
+    return "\n".join(out)
+
+
+def _log_lines_text(log_lines: Mapping[str, Any]) -> str:
+    """The lines around the error as `tail` shows a file: its path in a header (inside the fence: a file name is
+    data too), the lines before, the matched lines marked, the lines after."""
+
+    def strings(key: str) -> list[str]:
+        value = log_lines.get(key)
+        return [str(x) for x in value] if isinstance(value, list) else []
+
+    out = [f"==> {log_lines.get('path') or '(unknown file)'} <=="]
+    out += strings("before")
+    out += [f">>> {line}" for line in strings("lines")]
+    out += strings("after")
     return "\n".join(out)

@@ -2,6 +2,10 @@
 
 Playbooks name capabilities (`db.reconnect`), never endpoints, so one playbook serves any system whose config
 binds them. An unbound capability fails its step with the config key to set: never a silent success.
+
+A target that declares `runs:` (process, systemd, docker, kubernetes) gets `restart`, `deploy` (the same restart)
+and, with a health URL, `health` from mendloop itself (`actions/restart.py`); its own binding of one of those names
+wins. They count as bound everywhere: in `is_bound`/`bound`, and so in `config check`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from typing import Any
 
 from mendloop.config import CapabilityBinding, TargetConfig
 from mendloop.errors import ActionError, CapabilityNotBound, ConfigError
+from mendloop.infra.supervisor import Supervisor
 from mendloop.playbooks.actions.base import ActionContext, glimpse
 from mendloop.playbooks.actions.command import as_arg, run_command
 from mendloop.playbooks.actions.http import call_http
+from mendloop.playbooks.actions.restart import PROVIDED, Restarter
 from mendloop.playbooks.templates import (
     Renderer,
     TemplateCompileError,
@@ -54,6 +60,8 @@ class Capabilities:
                 except TemplateCompileError as exc:
                     raise ConfigError(f"targets.{tname}.capabilities.{cname}: {exc}") from exc
                 self._bindings[(tname, cname)] = CompiledBinding(binding, render, expect, outputs)
+        # Building one has no effect: a Restarter only reads its config until a capability is called.
+        self._restarters = {tname: Restarter(tname, t.runs) for tname, t in targets.items() if t.runs is not None}
 
     def target_vars(self, name: str | None) -> dict[str, Any]:
         target = self._targets.get(name or "")
@@ -68,10 +76,24 @@ class Capabilities:
         }
 
     def bound(self, target: str | None) -> list[str]:
-        return sorted(c for t, c in self._bindings if t == target)
+        names = {c for t, c in self._bindings if t == target}
+        names.update(c for c in PROVIDED if self._provider(target, c) is not None)
+        return sorted(names)
 
     def is_bound(self, target: str | None, name: str) -> bool:
-        return (target or "", name) in self._bindings
+        return (target or "", name) in self._bindings or self._provider(target, name) is not None
+
+    def restarter(self, target: str | None) -> Restarter | None:
+        """What restarts `target`, when it declares `runs:`."""
+        return self._restarters.get(target or "")
+
+    def supervisors(self) -> list[Supervisor]:
+        """The `runs: {process: ...}` targets' supervisors (for starting or adopting them at startup)."""
+        return [r.supervisor for r in self._restarters.values() if r.supervisor is not None]
+
+    def _provider(self, target: str | None, name: str) -> Restarter | None:
+        restarter = self._restarters.get(target or "")
+        return restarter if restarter is not None and restarter.provides(name) else None
 
     def call(self, name: str, args: Mapping[str, Any], ctx: ActionContext, timeout: float | None) -> dict[str, Any]:
         if ctx.target is None:
@@ -81,7 +103,12 @@ class Capabilities:
             )
         found = self._bindings.get((ctx.target, name))
         if found is None:
-            raise CapabilityNotBound(name, ctx.target)
+            provider = self._provider(ctx.target, name)
+            if provider is None:
+                raise CapabilityNotBound(name, ctx.target)
+            if name == "deploy" and (ctx.target, "restart") in self._bindings:
+                return self.call("restart", args, ctx, timeout)  # deploy is the restart: the target's own one
+            return _provided(provider, name, ctx, timeout)
         scope = {
             "args": dict(args),
             "target": self.target_vars(ctx.target),
@@ -123,6 +150,21 @@ class Capabilities:
                 output=result,
             )
         return result
+
+
+def _provided(provider: Restarter, name: str, ctx: ActionContext, timeout: float | None) -> dict[str, Any]:
+    """A capability mendloop provides: `restart`/`deploy` (awaiting health) or `health`; its outputs are its own
+    keys, as a JSON answer's are for a binding."""
+    try:
+        if name == "health":
+            result = provider.health(ctx.http, timeout)
+        else:
+            result = provider.restart(idempotency_key=ctx.idempotency_key, timeout=timeout)
+    except ActionError as exc:
+        if exc.output:
+            exc.output = {**exc.output, "outputs": dict(exc.output)}
+        raise
+    return {**result, "outputs": dict(result)}
 
 
 def _normalised(found: CompiledBinding, result: dict[str, Any]) -> dict[str, Any]:

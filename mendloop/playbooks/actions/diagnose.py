@@ -5,8 +5,8 @@ target binds one (the rules are `domain/cause.py`'s).
       action: diagnose
       with:
         analysis: pipeline.analyze_timeout           # optional: unbound, the evidence alone decides
-        observed_seconds: "{{ event.data.seconds }}"  # optional: how long it ran before it timed out
-        limit_seconds: "{{ target.vars.pipeline_timeout_seconds }}"   # optional: the configured limit
+        observed_seconds: "{{ event.seconds | default(None) }}"   # optional: how long it ran before it timed out
+        limit_seconds: "{{ target.vars.pipeline_timeout_seconds | default(None) }}"   # optional: the limit
         timeout_factor: 2                            # optional: how much a config cause raises the limit
         max_timeout_seconds: 3600                    # optional: never above this
 
