@@ -545,6 +545,12 @@ class LimitsConfig(_Strict):
     max_sse_streams_per_client: int = Field(
         default=5, ge=1, description="Open GET /events/stream streams per client (its token, else its address)."
     )
+    sse_keepalive_seconds: float = Field(
+        default=15,
+        gt=0,
+        le=3600,
+        description="GET /events/stream sends a `: keepalive` comment this often, so proxies keep an idle stream.",
+    )
 
 
 class HealthConfig(_Strict):

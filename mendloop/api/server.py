@@ -22,9 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
-from mendloop.api import auth, errors, schemas
+from mendloop.api import auth, errors, metrics, schemas
 from mendloop.api.http_protocol import header_timeout_protocol
 from mendloop.api.routes import events, incidents, routing, runs, stats, system, work_orders
+from mendloop.api.routes import metrics as metrics_route
 from mendloop.api.streams import StreamSlots
 from mendloop.app import App
 from mendloop.config import LimitsConfig, Settings
@@ -258,6 +259,9 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
 
     limits = app.settings.limits
     api.state.streams = StreamSlots(limits.max_sse_streams, limits.max_sse_streams_per_client)
+    # /metrics; the HTTP counter sits outside authentication, so a 401 is counted too.
+    api.state.metrics, requests, seconds = metrics.registry_for(app)
+    api.add_middleware(metrics.HttpMetrics, requests=requests, seconds=seconds)
     # Added last, so outermost: before authentication reads a header, and before any route reads the body.
     api.add_middleware(BodyLimits, limits=app.settings.limits)
 
@@ -268,6 +272,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(incidents.router)
     api.include_router(system.router)
     api.include_router(routing.router)
+    api.include_router(metrics_route.router)
     return api
 
 

@@ -72,3 +72,13 @@ def call(
     except MendloopError as exc:
         status = exc.fields.get("status")
         fail(f"{status}: {exc.fields.get('detail')}" if status is not None else exc.message)
+
+
+def list_or_print(url: str, path: str, token: str | None, as_json: bool, **filters: Any) -> Any:
+    """GET a list endpoint with the filters that were given (None ones left out). With `--json` the answer is
+    printed as it came and None returned, so the caller only draws its table for an answer it gets back."""
+    answer = call("GET", url, path, token, params={k: v for k, v in filters.items() if v is not None and v != ""})
+    if as_json:
+        print_json(answer)
+        return None
+    return answer

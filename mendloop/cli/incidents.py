@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, out, print_json
+from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, list_or_print, out, print_json
 
 incidents_cli = typer.Typer(no_args_is_help=True, help="Incidents: repeats of one error, and what resolved them.")
 
@@ -38,14 +38,8 @@ def incidents_list(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    params: dict[str, Any] = {"limit": limit}
-    if status:
-        params["status"] = status
-    if error_type:
-        params["error_type"] = error_type
-    answer = call("GET", url, "/incidents", token, params=params)
-    if as_json:
-        print_json(answer)
+    answer = list_or_print(url, "/incidents", token, as_json, limit=limit, status=status, error_type=error_type)
+    if answer is None:
         return
     table = Table("incident", "status", "error type", "count", "recurrences", "resolved by", "last seen")
     for i in answer["incidents"]:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, out, print_json
+from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, list_or_print, out, print_json
 
 runs_cli = typer.Typer(no_args_is_help=True, help="Playbook runs.")
 
@@ -44,12 +44,8 @@ def runs_list(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    params: dict[str, Any] = {"limit": limit}
-    if status:
-        params["status"] = status
-    answer = call("GET", url, "/patches/runs", token, params=params)
-    if as_json:
-        print_json(answer)
+    answer = list_or_print(url, "/patches/runs", token, as_json, limit=limit, status=status)
+    if answer is None:
         return
     table = Table("run", "playbook", "status", "steps", "work order", "created")
     for r in answer["runs"]:

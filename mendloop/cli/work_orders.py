@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, out, print_json
+from mendloop.cli.common import DEFAULT_URL, JsonOpt, TokenOpt, UrlOpt, call, list_or_print, out, print_json
 
 wo_cli = typer.Typer(no_args_is_help=True, help="Coding agent work orders.")
 
@@ -23,14 +23,10 @@ def wo_list(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    params: dict[str, Any] = {"limit": limit}
-    if status:
-        params["status"] = status
-    if run_id:
-        params["self_healing_run_id"] = run_id
-    answer = call("GET", url, "/patches/work-orders", token, params=params)
-    if as_json:
-        print_json(answer)
+    answer = list_or_print(
+        url, "/patches/work-orders", token, as_json, limit=limit, status=status, self_healing_run_id=run_id
+    )
+    if answer is None:
         return
     table = Table("work order", "status", "complexity", "run", "description")
     for w in answer["work_orders"]:

@@ -33,6 +33,8 @@ class EventStore:
             return [event_of(r) for r in conn.execute(q)]
 
     def after(self, after_id: int, limit: int = 500) -> list[EventRecord]:
+        """The events visible now with an id above `after_id`. Not a cursor: on PostgreSQL a transaction holding a
+        smaller id may still commit after this read. Follow the table with `event_feed.EventFeed` instead."""
         q = sa.select(t.events).where(t.events.c.id > after_id).order_by(t.events.c.id).limit(limit)
         with self.db.read() as conn:
             return [event_of(r) for r in conn.execute(q)]

@@ -32,6 +32,8 @@ events = sa.Table(
     sa.Index("ix_events_type_id", "type", "id"),
     sa.Index("ix_events_run_id", "run_id"),
     sa.Index("ix_events_created_at", "created_at"),
+    # GET /metrics counts events by type and source (migration 0006).
+    sa.Index("ix_events_type_source", "type", "source"),
 )
 
 runs = sa.Table(
@@ -72,6 +74,8 @@ runs = sa.Table(
     sa.Index("ix_runs_incident_id", "incident_id"),
     sa.Index("ix_runs_mutex_key", "mutex_key", "status"),
     sa.Index("ix_runs_lease_owner", "lease_owner"),
+    # Covers GET /metrics' runs by playbook and status and its duration histogram (migration 0006).
+    sa.Index("ix_runs_metrics", "status", "playbook_id", "escalated", "created_at", "finished_at"),
 )
 
 steps = sa.Table(
@@ -90,6 +94,8 @@ steps = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("idempotency_key", sa.String(300), nullable=False),
     sa.Index("ix_steps_run_id", "run_id", "id"),
+    # Covers GET /metrics' step duration histogram (migration 0006).
+    sa.Index("ix_steps_metrics", "action", "started_at", "finished_at"),
 )
 
 work_orders = sa.Table(

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Connection
+from sse_starlette import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -31,10 +32,12 @@ from mendloop.api.responses import (
 from mendloop.api.schemas import ERROR_RESPONSES, JSON_ERROR_RESPONSES, EventIn
 from mendloop.api.streams import HeldStream, StreamSlots
 from mendloop.app import App
+from mendloop.domain.event_cursor import event_filter, parse_cursor, resume
 from mendloop.domain.records import Detection, DetectionOutcome
 from mendloop.errors import AuthError, Conflict, InputError
 from mendloop.intake.service import aggregate, records_of
 from mendloop.storage import schema as t
+from mendloop.storage.event_feed import EventFeed
 
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
@@ -386,27 +389,95 @@ _STREAM: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/stream", response_class=EventSourceResponse, responses=_STREAM)
-async def stream(request: Request, app: AppDep) -> Response:
-    """Server-sent events: every event as it is committed, newest state first for a reconnecting client. At most
+async def stream(
+    request: Request,
+    app: AppDep,
+    event_type: Annotated[
+        list[str] | None,
+        Query(
+            alias="type",
+            description="Event types (repeat it, or a comma list); `prefix.*` matches a family, e.g. `coding_agent.*`",
+        ),
+    ] = None,
+    component: Annotated[list[str] | None, Query(description="Components (repeat it, or a comma list)")] = None,
+    after: Annotated[
+        str | None,
+        Query(description="Replay the events after this id (as Last-Event-ID, which wins when both are sent)"),
+    ] = None,
+) -> Response:
+    """Server-sent events out of the durable events table: with `Last-Event-ID` (or `?after=`) every event after
+    that id, then every new one as it is committed, each exactly once (ids are in order; an event's `id:` is the
+    cursor to resume from). Without either, from now on. A cursor older than the oldest event kept gets an
+    `event: reset` with the oldest id first. A `: keepalive` comment every `limits.sse_keepalive_seconds`. At most
     `limits.max_sse_streams` open streams, `limits.max_sse_streams_per_client` per client: over one, a 429."""
+    types = event_type or []
+    components = component or []
+    event_filter(types, components)  # a bad filter is a 422 before the stream opens
+    last_id = request.headers.get("last-event-id")
+    start = parse_cursor(last_id, "Last-Event-ID") if last_id and last_id.strip() else parse_cursor(after, "after")
     slots: StreamSlots = request.app.state.streams
     client = slots.client_of(request)
     refused = slots.acquire(client)
     if refused is not None:
         body = errors.limit_body(field="stream", message=refused.message, limit=refused.setting, value=refused.value)
         return JSONResponse(body, status_code=429, headers={"Retry-After": "5"})
+    feed = event_feed(request)
     loop = asyncio.get_running_loop()
-    queue, unsubscribe = app.bus.async_queue(loop)
+    # The bus only wakes the stream; what it sends is read from the table through the cursor, so a reconnect
+    # neither misses nor repeats an event, and events committed by other processes arrive too (by the poll).
+    wake = asyncio.Event()
+
+    def on_event(_event: Any) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
 
     async def gen() -> AsyncIterator[dict[str, str]]:
+        # Subscribed here, not before: a generator that never starts (the client left at once) runs no `finally`.
+        unsubscribe = app.bus.subscribe(on_event)
         try:
+            if start is None:
+                cursor = await run_in_threadpool(feed.head)
+            else:
+                where = resume(start, await run_in_threadpool(feed.oldest))
+                cursor = where.after
+                if where.reset:
+                    # Its id is the new cursor: a client that reconnects after it is not reset again.
+                    data = {"requested": start, "oldest_id": cursor + 1, "message": "events were pruned"}
+                    yield {"event": "reset", "id": str(cursor), "data": json.dumps(data)}
             while not await request.is_disconnected():
-                try:
-                    event = await asyncio.wait_for(queue.get(), 15)
-                except TimeoutError:
+                wake.clear()
+                events, cursor = await run_in_threadpool(
+                    functools.partial(feed.read_after, cursor, limit=_PAGE, types=types, components=components)
+                )
+                for e in events:
+                    yield {"event": e.type, "id": str(e.id), "data": json.dumps(views.event(e).model_dump())}
+                if len(events) >= _PAGE:
                     continue
-                yield {"event": event.type, "id": str(event.id), "data": json.dumps(views.event(event).model_dump())}
+                try:
+                    await asyncio.wait_for(wake.wait(), _POLL_SECONDS)
+                except TimeoutError:
+                    pass
         finally:
             unsubscribe()
 
-    return HeldStream(gen(), release=lambda: slots.release(client), ping=15)
+    return HeldStream(
+        gen(),
+        release=lambda: slots.release(client),
+        ping=app.settings.limits.sse_keepalive_seconds,
+        ping_message_factory=lambda: ServerSentEvent(comment="keepalive"),
+    )
+
+
+# A stream reads at most this many events at a time, and looks at the table at least this often: events written by
+# another process (a `mendloop worker`) reach no bus here, and a horizon held back by a writer moves on by itself.
+_PAGE = 500
+_POLL_SECONDS = 1.0
+
+
+def event_feed(request: Request) -> EventFeed:
+    """The process's one feed (its horizon is shared by every stream), made on first use."""
+    feed: EventFeed | None = getattr(request.app.state, "event_feed", None)
+    if feed is None:
+        feed = EventFeed(request.app.state.mendloop.store.db)
+        request.app.state.event_feed = feed
+    return feed
