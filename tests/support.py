@@ -4,6 +4,7 @@ in process or on a live server."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +276,42 @@ def git(repo: Path, *args: str) -> str:
         check=True,
     )
     return out.stdout.strip()
+
+
+@contextmanager
+def json_service(answer: Callable[[str, str, Any], Any]) -> Iterator[str]:
+    """A real HTTP service on 127.0.0.1 that answers every request with `answer(method, path, body)` as JSON
+    (200; `body` is the request's JSON, or None without one). Yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def _any(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            data = json.dumps(answer(self.command, self.path, json.loads(raw) if raw else None)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _any
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie nobody reaps (this machine's pid 1 reaps no orphans) counts as dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False

@@ -7,10 +7,7 @@ The service here is one mendloop has never seen: a real HTTP server on 127.0.0.1
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from mendloop.domain.states import RunStatus, StepStatus
 from mendloop.errors import PlaybookError
 from mendloop.playbooks.loader import compile_document
 from mendloop.playbooks.templates import Templates
-from tests.support import drain, open_app, settings_for, wait_status, write_playbooks
+from tests.support import drain, json_service, open_app, settings_for, wait_status, write_playbooks
 
 
 class Importer:
@@ -39,45 +36,18 @@ class Importer:
 def importer() -> Iterator[tuple[Importer, str]]:
     state = Importer()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *_: Any) -> None:
-            pass
+    def answer(method: str, path: str, _: Any) -> dict[str, Any]:
+        state.calls.append(f"{method} {path}")
+        if method == "GET":
+            return {"db_connected": state.connected} if path == "/health/db" else {"cache_bytes": state.cache_bytes}
+        if path == "/db/reopen":
+            state.connected = state.reconnect_answer == "reconnected"
+            return {"status": state.reconnect_answer}
+        state.cache_bytes = 0
+        return {"cleared": True}
 
-        def _answer(self, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            state.calls.append(f"GET {self.path}")
-            if self.path == "/health/db":
-                self._answer({"db_connected": state.connected})
-            else:
-                self._answer({"cache_bytes": state.cache_bytes})
-
-        def do_POST(self) -> None:
-            state.calls.append(f"POST {self.path}")
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            if self.path == "/db/reopen":
-                state.connected = state.reconnect_answer == "reconnected"
-                self._answer({"status": state.reconnect_answer})
-            else:
-                state.cache_bytes = 0
-                self._answer({"cleared": True})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with json_service(answer) as url:
+        yield state, url
 
 
 def bindings(**extra: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mendloop.demo.lock import StateLock
-from tests.support import free_port, wait_for
+from tests.support import alive, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +41,6 @@ def _snapshot(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts
     }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers signal 0; it is gone for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -175,12 +163,12 @@ def test_story_the_embedded_runner_commits_tests_and_the_run_completes(tmp_path:
                 proc.wait()
         for child in ("mendloop", "sample_service"):
             pid = info.get(child, {}).get("pid")
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         out.close()
     assert proc.returncode == 0
     for child in ("mendloop", "sample_service"):
-        assert not _alive(info[child]["pid"]), f"{child} still running after the demo stopped"
+        assert not alive(info[child]["pid"]), f"{child} still running after the demo stopped"
 
 
 @pytest.fixture
@@ -222,7 +210,7 @@ def no_story_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dic
         # Safety net only: the demo itself must have stopped them (the test asserts it).
         for child in ("mendloop", "sample_service"):
             pid = info.get(child, {}).get("pid")
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         out.close()
 
@@ -276,7 +264,7 @@ def test_spec_curl_tests_against_no_story(no_story_demo: tuple[subprocess.Popen[
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     for child in ("mendloop", "sample_service"):
-        assert not _alive(info[child]["pid"]), f"{child} still running after the demo stopped"
+        assert not alive(info[child]["pid"]), f"{child} still running after the demo stopped"
 
 
 def _start_demo(state: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -341,13 +329,13 @@ def test_kill_9_of_the_demo_takes_its_children_and_a_live_demo_holds_its_state_d
         assert second.returncode != 0
         said = (second.stdout + second.stderr).strip().splitlines()
         assert len(said) == 1 and f"another demo (pid {first.pid}) is using {state}" in said[0], said
-        assert all(_alive(pid) for pid in children)
+        assert all(alive(pid) for pid in children)
         assert _git(state / "sample_service", "rev-parse", "HEAD") == head
         assert json.loads((state / "demo.json").read_text())["demo_pid"] == first.pid
 
         first.kill()  # kill -9: none of the demo's own cleanup runs
         first.wait()
-        wait_for(lambda: not any(_alive(pid) for pid in children), timeout=10, interval=0.05)
+        wait_for(lambda: not any(alive(pid) for pid in children), timeout=10, interval=0.05)
 
         # Its lock died with it (the file is still there, with its pid): the next demo takes the state directory
         # over. That demo's first step, in this process: starting a whole third demo would add ten seconds.
@@ -361,5 +349,5 @@ def test_kill_9_of_the_demo_takes_its_children_and_a_live_demo_holds_its_state_d
             first.kill()
             first.wait()
         for pid in children:  # a safety net only: the assertions above are the test
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -6,11 +6,8 @@ git repository."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import pytest
 from mendloop.app import App
 from mendloop.domain import cause
 from mendloop.domain.states import RunStatus, StepStatus
-from tests.support import drain, open_app, settings_for
+from tests.support import drain, json_service, open_app, settings_for
 
 # -- the rules -----------------------------------------------------------------------------------------------------
 
@@ -88,40 +85,18 @@ class Service:
 def service() -> Iterator[tuple[Service, str]]:
     state = Service()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *_: Any) -> None:
-            pass
+    def answer(method: str, path: str, body: Any) -> dict[str, Any]:
+        if method == "GET":
+            state.calls.append(("GET", path, None))
+            return state.analysis or {} if path == "/why" else {"up": True}
+        state.calls.append(("POST", path, body or {}))
+        if path == "/settings":
+            state.timeout = int(body["pipeline_timeout_seconds"])
+            return {"saved": True}
+        return {"finished": state.rerun_ok}
 
-        def _answer(self, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            state.calls.append(("GET", self.path, None))
-            self._answer(state.analysis or {} if self.path == "/why" else {"up": True})
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-            state.calls.append(("POST", self.path, body))
-            if self.path == "/settings":
-                state.timeout = int(body["pipeline_timeout_seconds"])
-                self._answer({"saved": True})
-            else:
-                self._answer({"finished": state.rerun_ok})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with json_service(answer) as url:
+        yield state, url
 
 
 def _app(database_url: str, tmp_path: Path, url: str, *, analysis: bool = False, repo: Path | None = None) -> App:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from mendloop.config import load_settings
 from mendloop.playbooks import dry_run
 from mendloop.playbooks.loader import compile_document
 from mendloop.playbooks.templates import Templates
-from tests.support import mendloop_argv
+from tests.support import json_service, mendloop_argv
 
 EVENT = {
     "error_type": "importer_crash",
@@ -33,28 +31,12 @@ EVENT = {
 def server() -> Iterator[tuple[list[str], str]]:
     seen: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *_: Any) -> None:
-            pass
+    def answer(method: str, path: str, _: Any) -> dict[str, Any]:
+        seen.append(f"{method} {path}")
+        return {}
 
-        def _any(self) -> None:
-            seen.append(f"{self.command} {self.path}")
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        do_GET = do_POST = _any
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield seen, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with json_service(answer) as url:
+        yield seen, url
 
 
 def _files(tmp_path: Path, base_url: str) -> tuple[Path, Path, Path, Path]:

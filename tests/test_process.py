@@ -13,27 +13,15 @@ import pytest
 
 from mendloop.errors import MendloopError
 from mendloop.infra import process
+from tests.support import alive
 
 PY = sys.executable
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie that nobody reaps (its parent, our child, is gone) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_dead(pid: int, seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.02)
     return False
@@ -141,7 +129,7 @@ def test_a_background_child_holding_the_output_does_not_stall_the_wait(tmp_path:
     assert res.stdout == b"done\n"
     daemon = int(pidfile.read_text())
     try:
-        assert _alive(daemon)  # kill_leftovers=False: a daemon it started is left alone
+        assert alive(daemon)  # kill_leftovers=False: a daemon it started is left alone
     finally:
         os.kill(daemon, 9)
 
@@ -299,7 +287,7 @@ def test_die_with_parent_outlives_its_thread_and_dies_with_a_kill_9_of_the_proce
             assert time.monotonic() < deadline and spawner.poll() is None
             time.sleep(0.02)
         child = int(pid_file.read_text())
-        assert _alive(child)  # the thread that started it has exited, the process has not
+        assert alive(child)  # the thread that started it has exited, the process has not
         spawner.kill()  # kill -9: no atexit, no cleanup of any kind
         spawner.wait()
         assert _wait_dead(child), "the child outlived a kill -9 of the process that started it"

@@ -31,7 +31,7 @@ from mendloop.infra.supervisor import Supervisor, matches_argv
 from mendloop.playbooks.actions.base import ActionContext
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.templates import Templates
-from tests.support import drain, free_port, open_app, settings_for, wait_for, write_playbooks
+from tests.support import alive, drain, free_port, open_app, settings_for, wait_for, write_playbooks
 
 # The operator's service: /health answers its pid and a boot id that is new on every start. `never-healthy`
 # answers 503 forever; `crash` exits at once after a log line; `stubborn` ignores SIGTERM.
@@ -126,13 +126,6 @@ def ctx_for(target: str, key: str = "run1:restart:1") -> ActionContext:
         target=target,
         http=httpx.Client(),
     )
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 # -- process: the real thing --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pytest
 
 from mendloop.config import Settings
 from mendloop.demo.story import SPEC_BASE, SPEC_TESTS, SPEC_WORK_ORDER, spec_base
-from tests.support import free_port, in_ci, wait_for
+from tests.support import alive, free_port, git, in_ci, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_COPY = Path(__file__).with_name("spec_testing_the_workflow.md")
@@ -66,21 +66,6 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MENDLOOP_") and k.lower() not in drop}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie still answers signal 0
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
 
 
 def _curl(command: str) -> Any:
@@ -151,7 +136,7 @@ def no_story_demo(tmp_path: Path) -> Iterator[RunningDemo]:
                 proc.wait()
         for child in ("mendloop", "sample_service"):  # a safety net only: the test asserts the demo stopped them
             pid = info.get(child, {}).get("pid")
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -237,10 +222,10 @@ def test_the_spec_s_four_curl_tests_against_no_story(no_story_demo: RunningDemo)
         rerun = http.get(f"{svc}/admin/pipeline/runs").json()["runs"][-1]
         assert (rerun["file_path"], rerun["ok"], rerun["trigger"]) == ("archive_500mb.pdf", False, "api"), rerun
         # Nothing was applied to the service's repository: the claim had no diff behind it.
-        assert _git(copy, "rev-list", "--count", "HEAD").strip() == "1"
-        assert _git(copy, "status", "--porcelain") == ""
+        assert git(copy, "rev-list", "--count", "HEAD").strip() == "1"
+        assert git(copy, "status", "--porcelain") == ""
 
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(30) == 0
     for child in ("mendloop", "sample_service"):
-        assert not _alive(demo.info[child]["pid"]), f"{child} still running after the demo stopped"
+        assert not alive(demo.info[child]["pid"]), f"{child} still running after the demo stopped"

@@ -6,12 +6,9 @@ to a step's scope, a result or an event without documenting it fails here. The g
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from mendloop.domain.states import RunStatus
 from mendloop.playbooks import context_schema as schema
 from mendloop.playbooks.templates import RESULT_SCOPE, STEP_SCOPE
 from mendloop.preflight import check
-from tests.support import drain, mendloop_argv, migrated_sqlite, write_playbooks
+from tests.support import drain, json_service, mendloop_argv, migrated_sqlite, write_playbooks
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -40,32 +37,12 @@ def service() -> Iterator[tuple[list[str], str]]:
     """A service with its own field names; it records every request."""
     calls: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *_: Any) -> None:
-            pass
+    def answer(method: str, path: str, _: Any) -> dict[str, Any]:
+        calls.append(f"{method} {path}")
+        return {"db_connected": True, "path": path}
 
-        def _answer(self) -> None:
-            calls.append(f"{self.command} {self.path}")
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            body = json.dumps({"db_connected": True, "path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield calls, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with json_service(answer) as url:
+        yield calls, url
 
 
 def _config(tmp_path: Path, base_url: str) -> Path:
