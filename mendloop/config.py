@@ -575,6 +575,17 @@ class Settings(BaseSettings):
     database_url: str = Field(default="sqlite:///./mendloop.db", description="SQLAlchemy URL of the database.")
     host: str = Field(default="127.0.0.1", description="Address `serve` listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `serve` listens on (0: any free port).")
+    root_path: str = Field(
+        default="",
+        description="The path prefix a reverse proxy serves mendloop under (`/mendloop`); the proxy strips it "
+        "before forwarding. Links and the docs then carry it.",
+    )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description="Addresses (or CIDRs) of the reverse proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` "
+        "are believed: the client address (stream caps, the audit log) and the scheme come from them. Empty: "
+        "those headers are ignored.",
+    )
     api_tokens: list[str] = Field(
         default_factory=list,
         description="Bearer tokens; without any, `serve` refuses non-loopback addresses.",
@@ -677,6 +688,17 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("root_path")
+    @classmethod
+    def _clean_prefix(cls, value: str) -> str:
+        # A prefix goes into every link the browser follows: only plain segments, no dot-segments, no slash at
+        # the end (uvicorn joins it to the path, which starts with one).
+        if (value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value)) or any(
+            seg in (".", "..") for seg in value.split("/")
+        ):
+            raise ValueError("a path prefix like /mendloop: segments of letters, digits, . _ ~ -, no trailing /")
+        return value
 
     @field_validator("api_tokens", "intake_tokens", "forwarder_tokens")
     @classmethod

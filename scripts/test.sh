@@ -6,7 +6,8 @@
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
 # 3. installs Debian's bubblewrap when it is missing and this runs as root (ensure_bwrap: the sandbox tests need it);
-#    likewise the docker and kubectl clients (ensure_restart_clis: tests/test_restart.py checks their --help);
+#    likewise the docker and kubectl clients (ensure_restart_clis: tests/test_restart.py checks their --help)
+#    and nginx (tests/test_behind_proxy.py), without starting their daemons;
 # 4. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
 #    once per machine, in a cache outside the clone (~/.cache/mendloop/agent-clis; about a minute the first
 #    time, nothing after), linked as .agent-clis/bin, which goes on PATH, so the adapters' `--help` checks and the
@@ -77,6 +78,8 @@ ensure_restart_clis() {
     local missing=()
     command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+    # nginx: tests/test_behind_proxy.py runs mendloop behind a real nginx under a path prefix.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
     [ ${#missing[@]} = 0 ] && return 0
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
@@ -85,7 +88,16 @@ ensure_restart_clis() {
     echo "test.sh: installing Debian's ${missing[*]} (apt-get)..." >&2
     local aptlog
     aptlog=$(mktemp "${TMPDIR:-/tmp}/restart-clis-apt.XXXXXX")
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$aptlog" 2>&1; then
+    # Installing must not start daemons (dockerd, nginx on port 80): Debian's policy-rc.d convention (exit 101,
+    # "action forbidden") tells the packages' scripts not to, for this install only.
+    local policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy=1
+    fi
+    local ok=1
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$aptlog" 2>&1 || ok=
+    [ -n "$policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ -z "$ok" ]; then
         cat "$aptlog" >&2
         rm -f "$aptlog"
         echo "test.sh: apt-get install ${missing[*]} failed" >&2

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 
@@ -16,6 +17,22 @@ async def get_app(request: Request) -> App:
 
 
 AppDep = Annotated[App, Depends(get_app)]
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path inside the app, without the proxy's prefix (`root_path`): uvicorn puts the prefix back
+    in front of the path it was given, so `/health` behind `/mendloop` arrives as `/mendloop/health`."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path") or ""
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
+
+
+def prefixed(request: Request, path: str) -> str:
+    """`path` (absolute inside the app) as the browser must ask for it: behind the proxy's prefix."""
+    return (request.scope.get("root_path") or "") + path
+
 
 # Paging, the same on every list.
 Limit = Annotated[int, Query(ge=1, le=500)]

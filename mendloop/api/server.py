@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
 from mendloop.api import auth, errors, metrics, schemas
+from mendloop.api.deps import prefixed, route_path
 from mendloop.api.http_protocol import header_timeout_protocol
 from mendloop.api.routes import events, incidents, routing, runs, stats, system, work_orders
 from mendloop.api.routes import metrics as metrics_route
@@ -66,7 +67,7 @@ class BodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cap, setting = _body_cap(scope["method"], scope["path"], self.limits)
+        cap, setting = _body_cap(scope["method"], route_path(scope), self.limits)
         declared = _content_length(scope)
         if declared is not None and declared > cap:
             await _refuse(send, 413, "body", f"{declared} bytes is larger than {cap} bytes", setting, cap)
@@ -176,7 +177,7 @@ async def check_inbound(request: Request) -> None:
             raise InputError(f"{field}: {problem}", field=field)
         limits: LimitsConfig = request.app.state.mendloop.settings.limits
         # A completion's every string is bounded by its model (the diff by its own, far above this cap).
-        if not _COMPLETE_PATH.fullmatch(request.scope["path"]):
+        if not _COMPLETE_PATH.fullmatch(route_path(request.scope)):
             long = schemas.overlong_string(raw, limits.max_string_chars)
             if long is not None:
                 cap = limits.max_string_chars
@@ -227,13 +228,14 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.mount("/_static/swagger", StaticFiles(directory=Path(swagger_ui_bundle.swagger_ui_path)), name="swagger")
 
     @api.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
+    async def docs(request: Request) -> HTMLResponse:
+        # Behind a proxy's path prefix the browser must ask for the prefixed paths.
         return get_swagger_ui_html(
-            openapi_url="/openapi.json",
+            openapi_url=prefixed(request, "/openapi.json"),
             title="mendloop API",
-            swagger_js_url="/_static/swagger/swagger-ui-bundle.js",
-            swagger_css_url="/_static/swagger/swagger-ui.css",
-            swagger_favicon_url="/_static/swagger/favicon-32x32.png",
+            swagger_js_url=prefixed(request, "/_static/swagger/swagger-ui-bundle.js"),
+            swagger_css_url=prefixed(request, "/_static/swagger/swagger-ui.css"),
+            swagger_favicon_url=prefixed(request, "/_static/swagger/favicon-32x32.png"),
         )
 
     tokens = [t for t in app.settings.api_tokens if t.strip()]
@@ -244,7 +246,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
 
         @api.middleware("http")
         async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            path = request.url.path
+            path = route_path(request.scope)
             if path in _PUBLIC or path.startswith(_PUBLIC_PREFIX):
                 return await call_next(request)
             if request.method == "POST" and path in ("/events", "/events/alertmanager"):
@@ -292,5 +294,9 @@ def uvicorn_config(api: FastAPI, settings: Settings, *, log_level: str = "info",
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=limits.keep_alive_timeout_seconds,
         http=protocol if protocol is not None else "auto",
+        root_path=settings.root_path,
+        # Only a listed proxy may say who the client is; nobody else's X-Forwarded-For is read.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=",".join(settings.forwarded_allow_ips) or None,
         **kw,
     )

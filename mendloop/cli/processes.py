@@ -33,6 +33,10 @@ def serve(
     host: Annotated[str | None, typer.Option(envvar="MENDLOOP_HOST", help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(envvar="MENDLOOP_PORT", help="Listen port.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker threads (0: API only).")] = None,
+    root_path: Annotated[
+        str | None,
+        typer.Option(envvar="MENDLOOP_ROOT_PATH", help="Path prefix a reverse proxy serves mendloop under."),
+    ] = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """API + workers in one process. Upgrades an empty database itself."""
@@ -48,7 +52,7 @@ def serve(
     from mendloop.storage.store import Store
 
     setup_logging(log_level)
-    settings = load_settings(config, host=host, port=port, workers=workers)
+    settings = load_settings(config, host=host, port=port, workers=workers, root_path=root_path)
     # What `config check` checks: every error at once (one line each, exit 2) before anything starts.
     for warning in preflight.require(settings):
         logging.getLogger("mendloop.preflight").warning("%s", warning.message)

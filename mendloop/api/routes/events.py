@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import auth, errors, views
-from mendloop.api.deps import AppDep
+from mendloop.api.deps import AppDep, route_path
 from mendloop.api.responses import (
     AlertOutcome,
     AlertsPublished,
@@ -194,7 +194,7 @@ class _Guard:
 
 def _guard(app: App, request: Request, raw: bytes) -> _Guard | None:
     signature = _check_intake_auth(app, request, raw)
-    return None if signature is None else _Guard(app, signature, request.url.path)
+    return None if signature is None else _Guard(app, signature, route_path(request.scope))
 
 
 async def _kept(guard: _Guard | None, response: Response) -> dict[str, Any] | None:
