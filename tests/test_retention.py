@@ -265,3 +265,21 @@ def test_backup_of_postgresql_with_pg_dump(database_url: str, tmp_path: Path) ->
     assert missing.returncode == 2 and missing.stderr.strip() == (
         "error: pg_dump is not on PATH: install the PostgreSQL client tools to back up PostgreSQL"
     )
+
+
+def test_a_declared_floor_hook_keeps_the_events_it_needs(database_url: str) -> None:
+    """The `retention floor` hook: any part appends a function giving the lowest event id it still needs."""
+    clock = FakeClock()
+    store = Store(database_url, clock=clock)
+    try:
+        ids = [e.id for e in store.publish([NewEvent(type="test.old", message=f"m{i}") for i in range(10)])]
+        clock.advance(40 * DAY)
+        store.retention.floors.append(lambda _conn: ids[6])
+        store.retention.floors.append(lambda _conn: None)  # a reader with nothing to keep
+        report = store.retention.prune(runs_before=None, events_before=clock() - 30 * DAY, batch=4)
+        assert (report.events, report.event_floor) == (6, ids[6])
+        with store.db.read() as conn:
+            left = list(conn.execute(sa.select(t.events.c.id).order_by(t.events.c.id)).scalars())
+        assert left == ids[6:]
+    finally:
+        store.close()

@@ -24,7 +24,7 @@ from mendloop.storage import schema as t
 from mendloop.storage import stats as stat_rows
 from mendloop.storage.store import Store
 from mendloop.testing import FakeClock
-from tests.support import api_client, drain, open_app, settings_for, write_playbooks
+from tests.support import api_client, drain, migrated_sqlite, open_app, settings_for, write_playbooks
 
 PY = sys.executable
 CHECK = "import sys,os; sys.exit(0 if os.path.exists(sys.argv[1]) else 1)"
@@ -307,5 +307,21 @@ def test_the_migration_fills_the_aggregates_from_the_rows_there(empty_database_u
         assert s.by_playbook["needs_code"].escalation_rate == 1.0
         assert s.by_component["svc1"].runs == 3 and s.by_component["svc1"].auto_fix_rate == round(1 / 3, 4)
         assert set(s.by_component) == {"svc1", "svc2"}  # r5 has no component
+    finally:
+        store.close()
+
+
+def test_the_stats_read_never_scans_history(tmp_path: Path) -> None:
+    """SQLite's plan: the live counts search the status indexes; only the small aggregate tables are scanned."""
+    url = migrated_sqlite(tmp_path / "plan.db")
+    store = Store(url)
+    try:
+        with store.db.read() as conn:
+            plans: list[str] = []
+            for q in stat_rows.live_queries():
+                sql = str(q.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+                plans += [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+        assert plans and all(p.startswith("SEARCH") and "INDEX" in p for p in plans), plans
+        assert not any("TEMP B-TREE" in p for p in plans), plans
     finally:
         store.close()

@@ -37,14 +37,21 @@ class Snapshot:
     live_work_orders: dict[str, int]
 
 
-def _count_by_status(conn: sa.Connection, table: sa.Table, statuses: list[str]) -> dict[str, int]:
-    q = sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
-    return {str(s): int(n) for s, n in conn.execute(q)}
+def live_queries() -> tuple[sa.Select[tuple[str, int]], sa.Select[tuple[str, int]]]:
+    """Runs and work orders by live status: searches of the status indexes, bounded by what is in flight."""
+
+    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[tuple[str, int]]:
+        return sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
+
+    return by_status(t.runs, _RUN_LIVE), by_status(t.work_orders, _WORK_ORDER_LIVE)
 
 
 def _live_in(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int]]:
-    """Runs and work orders by live status, counted over the status indexes: bounded by what is in flight."""
-    return _count_by_status(conn, t.runs, _RUN_LIVE), _count_by_status(conn, t.work_orders, _WORK_ORDER_LIVE)
+    runs, work_orders = live_queries()
+    return (
+        {str(s): int(n) for s, n in conn.execute(runs)},
+        {str(s): int(n) for s, n in conn.execute(work_orders)},
+    )
 
 
 def record(tx: Tx, deltas: Sequence[Delta]) -> None:
