@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -37,10 +38,10 @@ class Snapshot:
     live_work_orders: dict[str, int]
 
 
-def live_queries() -> tuple[sa.Select[tuple[str, int]], sa.Select[tuple[str, int]]]:
+def live_queries() -> tuple[sa.Select[Any], sa.Select[Any]]:
     """Runs and work orders by live status: searches of the status indexes, bounded by what is in flight."""
 
-    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[tuple[str, int]]:
+    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[Any]:
         return sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
 
     return by_status(t.runs, _RUN_LIVE), by_status(t.work_orders, _WORK_ORDER_LIVE)
