@@ -19,11 +19,12 @@ from mendloop.agents.embedded import EmbeddedRunner
 from mendloop.agents.runner_options import NOBODY
 from mendloop.bus.bus import Bus
 from mendloop.config import Settings
+from mendloop.domain import retention
 from mendloop.domain.records import PlaybookRef
 from mendloop.engine.held_patch import HeldPatches
 from mendloop.engine.service import Remediation
 from mendloop.engine.step_loop import StepLoop, StepLoopDeps
-from mendloop.engine.worker import WorkerPool
+from mendloop.engine.worker import WorkerPool, every
 from mendloop.errors import MendloopError
 from mendloop.infra import git, sandbox
 from mendloop.infra.redact import Redactor
@@ -38,6 +39,7 @@ from mendloop.rules.routing import Claim, Routing
 from mendloop.storage import migrate
 from mendloop.storage.health import WriteProbe
 from mendloop.storage.incidents import IncidentStore
+from mendloop.storage.retention import PruneReport
 from mendloop.storage.store import Store
 from mendloop.storage.watcher_offsets import DbOffsetStore
 
@@ -133,6 +135,9 @@ class App:
             wake=self.workers.notify,
         )
         self.workers.housekeeping.append(self.remediation.reap)
+        self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.stats.fold))
+        if s.retention.runs_days is not None or s.retention.events_days is not None:
+            self.workers.housekeeping.append(every(s.retention.interval_seconds, self.prune))
         self.incidents = IncidentStore(self.store, s.storm)
         self.log_intake = LogIntake(s, redactor=self.redactor)
         self.intake = Intake(
@@ -161,6 +166,19 @@ class App:
             ).start()
         self.ready = True
         return self
+
+    def prune(self) -> PruneReport:
+        """The `retention:` policy, once: finished runs and events older than it says."""
+        r = self.settings.retention
+        now = self.clock()
+        report = self.store.retention.prune(
+            runs_before=retention.cutoff(now, r.runs_days),
+            events_before=retention.cutoff(now, r.events_days),
+            batch=r.batch,
+        )
+        if report.runs or report.events:
+            log.info("retention: pruned %d run(s) and %d event(s)", report.runs, report.events)
+        return report
 
     def _start_supervised(self) -> None:
         """Adopt (or start) each `runs: {process: ...}` target's process: mendloop supervises it from its start,

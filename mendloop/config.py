@@ -566,6 +566,34 @@ class HealthConfig(_Strict):
     )
 
 
+class StatsConfig(_Strict):
+    """The statistics' aggregates: state changes add delta rows, folded into totals by a housekeeping job."""
+
+    fold_interval_seconds: float = Field(
+        default=10, gt=0, le=86400, description="How often unfolded statistics deltas are folded into their totals."
+    )
+
+
+class RetentionConfig(_Strict):
+    """Pruning by itself (what `mendloop db prune` does), as a housekeeping job of `serve` and `worker`. Off
+    until a number of days is set. Statistics are aggregates and stay whole."""
+
+    runs_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Finished runs older than this many days go, with their steps, events, "
+        "trust history and finished work orders (unset: kept).",
+    )
+    events_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Events older than this many days go, except those of live runs and those "
+        "a cursor still needs (unset: kept).",
+    )
+    interval_seconds: float = Field(default=3600, gt=0, description="How often the prune runs.")
+    batch: int = Field(default=500, ge=1, le=100_000, description="Runs (or events) deleted per transaction.")
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -671,6 +699,10 @@ class Settings(BaseSettings):
         default_factory=LimitsConfig, description="Request body size, nesting and string length caps; connections."
     )
     health: HealthConfig = Field(default_factory=HealthConfig, description="The write probe behind /health.")
+    stats: StatsConfig = Field(default_factory=StatsConfig, description="The statistics' aggregates.")
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig, description="Pruning old finished runs and events by itself."
+    )
 
     @classmethod
     def settings_customise_sources(

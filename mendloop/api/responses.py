@@ -193,6 +193,13 @@ class StormOut(_Answer):
     max_new_runs_per_component: int
 
 
+class RatesOut(_Answer):
+    runs: int
+    escalation_rate: float
+    auto_fix_rate: float
+    mean_time_to_heal_seconds: float | None = Field(description="mean of (finished_at - created_at), completed runs")
+
+
 class StatsOut(_Answer):
     total_playbook_runs: int
     work_orders: dict[str, int]
@@ -202,6 +209,8 @@ class StatsOut(_Answer):
     runs_by_status: dict[str, int]
     definitions: dict[str, str]
     storm: StormOut | None = None
+    by_playbook: dict[str, RatesOut] = Field(default_factory=dict)
+    by_component: dict[str, RatesOut] = Field(default_factory=dict, description="runs without a component left out")
 
 
 # -- events ------------------------------------------------------------------------------------------------------

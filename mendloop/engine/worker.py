@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from mendloop.engine.step_loop import StepLoop, describe_error
@@ -22,6 +23,21 @@ from mendloop.errors import StorageError
 from mendloop.storage.store import Store, default_owner, process_token
 
 log = logging.getLogger(__name__)
+
+
+def every(seconds: float, chore: Callable[[], object]) -> Callable[[], object]:
+    """A housekeeping chore run at most once per `seconds` (on the monotonic clock: the housekeeping thread
+    ticks every second, and a test's FakeClock must not stop the chore). The first tick runs it."""
+    last: list[float] = []
+
+    def tick() -> object:
+        now = time.monotonic()
+        if last and now - last[0] < seconds:
+            return None
+        last[:] = [now]
+        return chore()
+
+    return tick
 
 
 class WorkerPool:

@@ -14,11 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from mendloop.domain import runs as decide
+from mendloop.domain import stats
 from mendloop.domain.records import NewEvent, Run, StepRecord, WorkOrder
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, StepStatus, WorkOrderStatus, check_run_move
 from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
+from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.incident_resolution import resolve_completed_in
 from mendloop.storage.rows import run_of, step_of, work_order_of
@@ -157,6 +159,7 @@ class RunStore:
             "stalled_claims": 0,
         }
         tx.conn.execute(t.runs.insert(), row)
+        stat_rows.record(tx, stats.run_created(playbook["id"], component, status, escalated=False, seconds=0.0))
         tx.emit(
             [
                 decide.triggered_event(
@@ -303,6 +306,18 @@ class RunStore:
                 return None
             if outcome is not None:
                 tx.conn.execute(t.steps.insert(), _step_row(run.id, outcome, now))
+            if new_status is not None:
+                stat_rows.record(
+                    tx,
+                    stats.run_moved(
+                        run.playbook_id,
+                        run.component,
+                        run.status,
+                        RunStatus(new_status),
+                        escalated=bool(values.get("escalated", run.escalated)),
+                        seconds=float(values.get("finished_at") or now) - run.created_at,
+                    ),
+                )
             if trust is not None:
                 self.trust.apply(tx, trust, run.id)
             tx.emit(events)
@@ -369,6 +384,7 @@ class RunStore:
                 tx.rollback()
                 return None
             tx.conn.execute(sa.insert(t.work_orders).values(esc.work_order))
+            stat_rows.record(tx, stats.run_escalated(run.playbook_id, run.component))
             step = dataclasses.replace(
                 outcome, status=StepStatus.SUCCEEDED, output={"work_order_id": wo_id}, error=None
             )
@@ -398,17 +414,43 @@ class RunStore:
             updated = tx.conn.execute(
                 sa.update(t.runs).where(t.runs.c.id == run_id).values(changes).returning(*t.runs.c)
             ).one()
+            cancelled = run_of(updated)
+            stat_rows.record(
+                tx,
+                stats.run_moved(
+                    run.playbook_id,
+                    run.component,
+                    run.status,
+                    cancelled.status,
+                    escalated=cancelled.escalated,
+                    seconds=(cancelled.finished_at or tx.now) - run.created_at,
+                ),
+            )
             if run.coding_work_order_id:
-                tx.conn.execute(
+                # Only an open work order is cancelled, so it leaves no final state (no patch time to take back).
+                wo_row = tx.conn.execute(
                     sa.update(t.work_orders)
                     .where(
                         t.work_orders.c.id == run.coding_work_order_id,
                         t.work_orders.c.status.in_([s.value for s in WORK_ORDER_OPEN]),
                     )
                     .values(work_order)
-                )
+                    .returning(t.work_orders.c.playbook_id, t.work_orders.c.component)
+                ).first()
+                if wo_row is not None:
+                    stat_rows.record(
+                        tx,
+                        stats.work_order_moved(
+                            wo_row.playbook_id,
+                            wo_row.component,
+                            WorkOrderStatus.QUEUED,
+                            WorkOrderStatus.CANCELLED,
+                            old_seconds=None,
+                            new_seconds=None,
+                        ),
+                    )
             tx.emit(events)
-        return run_of(updated)
+        return cancelled
 
     # -- reads ----------------------------------------------------------------------------------------------
 
@@ -452,31 +494,3 @@ class RunStore:
         q = sa.select(t.steps).where(t.steps.c.run_id == run_id).order_by(t.steps.c.id)
         with self.db.read() as conn:
             return [step_of(r) for r in conn.execute(q)]
-
-    def stats(self) -> dict[str, Any]:
-        with self.db.read() as conn:
-            by_status = {
-                str(s): int(n)
-                for s, n in conn.execute(sa.select(t.runs.c.status, sa.func.count()).group_by(t.runs.c.status))
-            }
-            escalated = int(conn.execute(sa.select(sa.func.count()).where(t.runs.c.escalated.is_(True))).scalar_one())
-            auto_fixed = int(
-                conn.execute(
-                    sa.select(sa.func.count()).where(
-                        t.runs.c.escalated.is_(False), t.runs.c.status == RunStatus.COMPLETED.value
-                    )
-                ).scalar_one()
-            )
-            patch_seconds = conn.execute(
-                sa.select(sa.func.avg(t.work_orders.c.completed_at - t.work_orders.c.created_at)).where(
-                    t.work_orders.c.status == WorkOrderStatus.COMPLETED.value
-                )
-            ).scalar()
-        return {
-            "by_status": by_status,
-            "total": sum(by_status.values()),
-            "finished": sum(n for s, n in by_status.items() if RunStatus(s) in RUN_FINAL),
-            "escalated": escalated,
-            "auto_fixed": auto_fixed,
-            "average_patch_seconds": float(patch_seconds) if patch_seconds is not None else None,
-        }

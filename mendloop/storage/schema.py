@@ -76,6 +76,8 @@ runs = sa.Table(
     sa.Index("ix_runs_lease_owner", "lease_owner"),
     # Covers GET /metrics' runs by playbook and status and its duration histogram (migration 0006).
     sa.Index("ix_runs_metrics", "status", "playbook_id", "escalated", "created_at", "finished_at"),
+    # Retention finds finished runs by their finish time (migration 0009_stats_deltas).
+    sa.Index("ix_runs_status_finished_at", "status", "finished_at"),
 )
 
 steps = sa.Table(
@@ -220,5 +222,29 @@ watcher_offsets = sa.Table(
     sa.Column("inode", sa.BigInteger, nullable=False),
     sa.Column("head_hash", sa.String(64), nullable=False),
     sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
+)
+
+# Statistics (domain/stats.py): each counted state change inserts delta rows in its own transaction, so no
+# counter row serialises the workers; a housekeeping job folds them into `stat_totals`, one row per key and
+# measure. Readers sum both. Runs without a component are keyed by "" (domain.stats.NO_COMPONENT).
+stat_deltas = sa.Table(
+    "stat_deltas",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("playbook", sa.String(200), nullable=False),
+    sa.Column("component", sa.String(200), nullable=False),
+    sa.Column("measure", sa.String(64), nullable=False),
+    sa.Column("delta", sa.Double, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+)
+
+stat_totals = sa.Table(
+    "stat_totals",
+    metadata,
+    sa.Column("playbook", sa.String(200), primary_key=True),
+    sa.Column("component", sa.String(200), primary_key=True),
+    sa.Column("measure", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Double, nullable=False),
     sa.Column("updated_at", Epoch, nullable=False),
 )

@@ -19,10 +19,13 @@ from sqlalchemy.engine import Engine
 
 from mendloop.domain.records import EventRecord, NewEvent, Run, StepRecord, TrustChange, WorkOrder
 from mendloop.domain.states import RunStatus
+from mendloop.domain.stats import Summary, summarize
 from mendloop.domain.trust import TrustMove, TrustWeights
 from mendloop.storage.db import AfterCommit, Clock, Database
 from mendloop.storage.events import EventStore
+from mendloop.storage.retention import Retention
 from mendloop.storage.runs import RunStore, StepOutcome
+from mendloop.storage.stats import StatStore
 from mendloop.storage.trust import TrustStore
 from mendloop.storage.work_orders import WorkOrderStore
 
@@ -54,6 +57,9 @@ class Store:
         self.trust = TrustStore(self.db, trust or _DefaultWeights())
         self.runs = RunStore(self.db, self.trust)
         self.work_orders = WorkOrderStore(self.db)
+        self.stats = StatStore(self.db)
+        # Parts that read the events table by cursor declare their floor here (`retention.floors`).
+        self.retention = Retention(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -137,8 +143,21 @@ class Store:
     def cancel_run(self, run_id: str, reason: str) -> Run:
         return self.runs.cancel(run_id, reason)
 
+    def statistics(self) -> Summary:
+        """The statistics from their aggregates (storage/stats.py): cost bounded by keys, not by history."""
+        snap = self.stats.snapshot()
+        return summarize(snap.rows, snap.live_runs, snap.live_work_orders)
+
     def run_stats(self) -> dict[str, Any]:
-        return self.runs.stats()
+        s = self.statistics()
+        return {
+            "by_status": s.runs_by_status,
+            "total": s.overall.runs,
+            "finished": s.overall.finished,
+            "escalated": s.overall.escalated,
+            "auto_fixed": s.overall.auto_fixed,
+            "average_patch_seconds": s.average_patch_seconds,
+        }
 
     def get_work_order(self, wo_id: str) -> WorkOrder:
         return self.work_orders.get(wo_id)
@@ -149,7 +168,7 @@ class Store:
         return self.work_orders.find(status=status, run_id=run_id, limit=limit, offset=offset)
 
     def work_order_stats(self) -> dict[str, int]:
-        return self.work_orders.stats()
+        return self.statistics().work_orders
 
     def get_diff(self, wo_id: str) -> str:
         return self.work_orders.diff(wo_id)

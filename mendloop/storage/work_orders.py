@@ -13,12 +13,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mendloop.domain import stats
 from mendloop.domain import work_orders as decide
 from mendloop.domain.records import Run, WorkOrder
-from mendloop.domain.states import WorkOrderStatus
+from mendloop.domain.states import RunStatus, WorkOrderStatus
 from mendloop.domain.work_orders import Transition
 from mendloop.errors import Conflict, InputError, MendloopError, NotFound
 from mendloop.storage import schema as t
+from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.rows import run_of, work_order_of
 
@@ -167,6 +169,7 @@ class WorkOrderStore:
                     index_elements=["work_order_id"], set_={"diff": transition.diff, "created_at": tx.now}
                 )
             )
+        stat_rows.record(tx, _deltas(wo, run, transition, tx.now))
         tx.emit(transition.events)
 
     def reap(self, decision: Decide) -> list[str]:
@@ -227,19 +230,6 @@ class WorkOrderStore:
             total = int(conn.execute(c).scalar_one())
         return [work_order_of(r) for r in rows], total
 
-    def stats(self) -> dict[str, int]:
-        with self.db.read() as conn:
-            counts = {
-                str(s): int(n)
-                for s, n in conn.execute(
-                    sa.select(t.work_orders.c.status, sa.func.count()).group_by(t.work_orders.c.status)
-                )
-            }
-        stats = {"total_work_orders": sum(counts.values())}
-        for s in WorkOrderStatus:
-            stats[s.value] = counts.get(s.value, 0)
-        return stats
-
     def diff(self, wo_id: str) -> str:
         with self.db.read() as conn:
             value = conn.execute(sa.select(t.diffs.c.diff).where(t.diffs.c.work_order_id == wo_id)).scalar()
@@ -265,6 +255,33 @@ class WorkOrderStore:
             return None
         row = tx.conn.execute(sa.select(t.runs).where(t.runs.c.id == wo.self_healing_run_id).with_for_update()).first()
         return run_of(row) if row is not None else None
+
+
+def _deltas(wo: WorkOrder, run: Run | None, transition: Transition, now: float) -> list[stats.Delta]:
+    """What a persisted decision moves in the statistics: the work order's status, and its run's."""
+    deltas: list[stats.Delta] = []
+    wo_changes = transition.work_order or {}
+    if "status" in wo_changes:
+        completed_at = wo_changes.get("completed_at", wo.completed_at)
+        deltas += stats.work_order_moved(
+            wo.playbook_id,
+            wo.component,
+            wo.status,
+            WorkOrderStatus(wo_changes["status"]),
+            old_seconds=wo.completed_at - wo.created_at if wo.completed_at is not None else None,
+            new_seconds=(completed_at if completed_at is not None else now) - wo.created_at,
+        )
+    run_changes = transition.run or {}
+    if run is not None and "status" in run_changes:
+        deltas += stats.run_moved(
+            run.playbook_id,
+            run.component,
+            run.status,
+            RunStatus(run_changes["status"]),
+            escalated=bool(run_changes.get("escalated", run.escalated)),
+            seconds=float(run_changes.get("finished_at") or now) - run.created_at,
+        )
+    return deltas
 
 
 class _Replay(Exception):

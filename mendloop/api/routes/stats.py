@@ -1,4 +1,5 @@
-"""/patches/stats: how often runs escalate, how often they heal by themselves, how long patches take."""
+"""/patches/stats: how often runs escalate, how often they heal by themselves, how long patches take; overall,
+per playbook and per component. Read from the aggregates (storage/stats.py), never by counting history."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api.deps import AppDep
-from mendloop.api.responses import StatsOut, StormOut
+from mendloop.api.responses import RatesOut, StatsOut, StormOut
 from mendloop.api.schemas import ERROR_RESPONSES
+from mendloop.domain.stats import Rates
 from mendloop.storage.incidents import StormCounts
 
 router = APIRouter(prefix="/patches", tags=["stats"], responses=ERROR_RESPONSES)
@@ -16,6 +18,7 @@ DEFINITIONS = {
     "escalation_rate": "escalated runs / all runs",
     "auto_fix_rate": "runs completed without escalation / finished runs",
     "average_patch_time_minutes": "mean of (completed_at - created_at) over completed work orders",
+    "mean_time_to_heal_seconds": "mean of (finished_at - created_at) over completed runs",
     "storm.rate_limited": "detections recorded as incidents without a run because a cap on new runs was full",
 }
 
@@ -32,20 +35,31 @@ def storm_out(c: StormCounts) -> StormOut:
     )
 
 
+def rates_out(r: Rates) -> RatesOut:
+    return RatesOut(
+        runs=r.runs,
+        escalation_rate=r.escalation_rate,
+        auto_fix_rate=r.auto_fix_rate,
+        mean_time_to_heal_seconds=r.mean_time_to_heal_seconds,
+    )
+
+
 @router.get("/stats")
 async def stats(app: AppDep) -> StatsOut:
     def query() -> StatsOut:
-        runs = app.store.run_stats()
-        patch_seconds = runs["average_patch_seconds"]
+        s = app.store.statistics()
+        patch_seconds = s.average_patch_seconds
         return StatsOut(
-            total_playbook_runs=runs["total"],
-            work_orders=app.store.work_order_stats(),
-            escalation_rate=round(runs["escalated"] / runs["total"], 4) if runs["total"] else 0.0,
-            auto_fix_rate=round(runs["auto_fixed"] / runs["finished"], 4) if runs["finished"] else 0.0,
+            total_playbook_runs=s.overall.runs,
+            work_orders=s.work_orders,
+            escalation_rate=s.overall.escalation_rate,
+            auto_fix_rate=s.overall.auto_fix_rate,
             average_patch_time_minutes=round(patch_seconds / 60, 2) if patch_seconds is not None else None,
-            runs_by_status=runs["by_status"],
+            runs_by_status=s.runs_by_status,
             definitions=dict(DEFINITIONS),
             storm=storm_out(app.incidents.storm_counts()),
+            by_playbook={k: rates_out(v) for k, v in s.by_playbook.items()},
+            by_component={k: rates_out(v) for k, v in s.by_component.items()},
         )
 
     return await run_in_threadpool(query)

@@ -1,0 +1,143 @@
+"""The statistics' aggregates: delta rows written with each counted state change, folded into totals.
+
+- `record(tx, deltas)` inserts into `stat_deltas` inside the caller's transaction (the one that changes the run
+  or the work order), so a statistic is never ahead of or behind the state it counts. Inserts only: concurrent
+  workers never wait on one counter row.
+- `fold()` (a housekeeping job) moves deltas into `stat_totals`. It deletes a bounded id range with
+  `DELETE ... RETURNING` and adds exactly the rows it deleted: two processes folding at once (SQLite or
+  PostgreSQL) can't both delete one row, so nothing is counted twice, and a delta committed late with a low id
+  (PostgreSQL) is simply found by the next fold, since a fold takes what is there rather than what follows a cursor.
+- `sums()` reads totals and unfolded deltas in one statement (one snapshot on both backends: a fold that commits
+  meanwhile is seen whole or not at all); its cost is bounded by the number of keys and the fold interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from mendloop.domain.states import RUN_FINAL, WORK_ORDER_FINAL, RunStatus, WorkOrderStatus
+from mendloop.domain.stats import Delta
+from mendloop.storage import schema as t
+from mendloop.storage.db import Database, Tx
+
+FOLD_BATCH = 10_000
+_RUN_LIVE = [s.value for s in RunStatus if s not in RUN_FINAL]
+_WORK_ORDER_LIVE = [s.value for s in WorkOrderStatus if s not in WORK_ORDER_FINAL]
+
+Row = tuple[str, str, str, float]  # playbook, component, measure, sum
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    rows: list[Row]
+    live_runs: dict[str, int]  # live status -> runs
+    live_work_orders: dict[str, int]
+
+
+def live_queries() -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """Runs and work orders by live status: searches of the status indexes, bounded by what is in flight."""
+
+    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[Any]:
+        return sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
+
+    return by_status(t.runs, _RUN_LIVE), by_status(t.work_orders, _WORK_ORDER_LIVE)
+
+
+def _live_in(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    runs, work_orders = live_queries()
+    return (
+        {str(s): int(n) for s, n in conn.execute(runs)},
+        {str(s): int(n) for s, n in conn.execute(work_orders)},
+    )
+
+
+def record(tx: Tx, deltas: Sequence[Delta]) -> None:
+    if deltas:
+        tx.conn.execute(
+            t.stat_deltas.insert(),
+            [
+                {
+                    "playbook": d.playbook,
+                    "component": d.component,
+                    "measure": d.measure,
+                    "delta": d.delta,
+                    "created_at": tx.now,
+                }
+                for d in deltas
+            ],
+        )
+
+
+class StatStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def fold(self, batch: int = FOLD_BATCH) -> int:
+        """Fold deltas into totals, one bounded id range per transaction (no long lock); returns how many."""
+        folded = 0
+        while True:
+            n = self._fold_once(batch)
+            folded += n
+            if n < batch:
+                return folded
+
+    def _fold_once(self, batch: int) -> int:
+        with self.db.read() as conn:
+            first = conn.execute(sa.select(sa.func.min(t.stat_deltas.c.id))).scalar()
+        if first is None:
+            return 0
+        d = t.stat_deltas.c
+        with self.db.write() as tx:
+            taken = tx.conn.execute(
+                sa.delete(t.stat_deltas)
+                .where(d.id < int(first) + batch)
+                .returning(d.playbook, d.component, d.measure, d.delta)
+            ).all()
+            sums: dict[tuple[str, str, str], float] = {}
+            for playbook, component, measure, delta in taken:
+                key = (str(playbook), str(component), str(measure))
+                sums[key] = sums.get(key, 0.0) + float(delta)
+            if sums:
+                ins = self.db.insert(t.stat_totals)
+                # Sorted: two folds upserting the same keys take their row locks in one order (no deadlock).
+                tx.conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=["playbook", "component", "measure"],
+                        set_={
+                            "value": t.stat_totals.c.value + ins.excluded.value,
+                            "updated_at": ins.excluded.updated_at,
+                        },
+                    ),
+                    [
+                        {"playbook": p, "component": c, "measure": m, "value": v, "updated_at": tx.now}
+                        for (p, c, m), v in sorted(sums.items())
+                    ],
+                )
+        return len(taken)
+
+    def snapshot(self) -> Snapshot:
+        """The sums and the live counts, read in one transaction."""
+        with self.db.read() as conn:
+            return Snapshot(self.sums_in(conn), *_live_in(conn))
+
+    @staticmethod
+    def sums_in(conn: sa.Connection) -> list[Row]:
+        """(playbook, component, measure, totals + unfolded deltas), in one statement."""
+        tot, dl = t.stat_totals.c, t.stat_deltas.c
+        both = sa.union_all(
+            sa.select(tot.playbook, tot.component, tot.measure, tot.value.label("v")),
+            sa.select(dl.playbook, dl.component, dl.measure, dl.delta.label("v")),
+        ).subquery()
+        q = sa.select(both.c.playbook, both.c.component, both.c.measure, sa.func.sum(both.c.v)).group_by(
+            both.c.playbook, both.c.component, both.c.measure
+        )
+        return [(str(p), str(c), str(m), float(v)) for p, c, m, v in conn.execute(q)]
+
+    def pending(self) -> int:
+        """Deltas not folded yet."""
+        with self.db.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(t.stat_deltas)).scalar_one())
