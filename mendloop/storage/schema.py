@@ -76,7 +76,7 @@ runs = sa.Table(
     sa.Index("ix_runs_lease_owner", "lease_owner"),
     # Covers GET /metrics' runs by playbook and status and its duration histogram (migration 0006).
     sa.Index("ix_runs_metrics", "status", "playbook_id", "escalated", "created_at", "finished_at"),
-    # Retention finds finished runs by their finish time (migration 0009_stats_deltas).
+    # Retention finds finished runs by their finish time (migration 0007_stats_deltas).
     sa.Index("ix_runs_status_finished_at", "status", "finished_at"),
 )
 

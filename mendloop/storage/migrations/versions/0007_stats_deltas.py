@@ -7,7 +7,7 @@ already there, with the measures of mendloop/domain/stats.py (the names are repe
 not change when the code does). Retention (mendloop/storage/retention.py) finds finished runs by an index on
 (status, finished_at).
 
-Revision ID: 0009_stats_deltas
+Revision ID: 0007
 Revises: 0006
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_stats_deltas"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
