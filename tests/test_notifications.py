@@ -377,6 +377,23 @@ def test_a_restart_does_not_deliver_again_and_a_new_target_starts_at_the_newest_
     assert rows["ops"].delivered == 2 and rows["late"].delivered == 1  # counters survive the restart
 
 
+def test_two_processes_notifying_one_target_deliver_each_event_once(tmp_path: Path, database_url: str) -> None:
+    """`serve` and a `mendloop worker` both run a notifier: the target's lease lets one of them deliver it."""
+    with receiver() as rx:
+        ops = {"name": "ops", "url": f"json://127.0.0.1:{rx.port}/ops", "event_types": ["self_healing.completed"]}
+        apps = [notifying_app(tmp_path, database_url, [ops]) for _ in range(2)]
+        try:
+            run_ids = [run(apps[i % 2]) for i in range(4)]
+            wait_for(lambda: all(settled(app, "ops") for app in apps))
+            holders = [app.notifier.snapshot()["ops"].delivering for app in apps if app.notifier is not None]
+        finally:
+            for app in apps:
+                app.close()
+    got = sorted(json.loads(raw)["message"].split(" ")[1] for _, _, raw in rx.got)
+    assert got == sorted(run_ids)
+    assert holders.count(True) == 1
+
+
 def test_kill_9_of_serve_between_the_event_and_its_delivery_still_delivers_it(tmp_path: Path) -> None:
     url = migrated_sqlite(tmp_path / "mendloop.db")
     port = free_port()

@@ -50,14 +50,14 @@ _NOTIFY_TYPES = {
     "critical": apprise.NotifyType.FAILURE,
 }
 
-# Apprise logs each request's URL, token and payload at DEBUG: whatever the process's level, never below WARNING.
-logging.getLogger("apprise").setLevel(logging.WARNING)
-
 
 class Channel:
     """One target's Apprise sender, built once from its expanded URL, with mendloop's timeouts."""
 
     def __init__(self, target: NotifyTarget, *, timeout: float, redactor: Redactor | None = None) -> None:
+        # Apprise logs each request's URL, token and payload at DEBUG: whatever the process's level, never that.
+        if logging.getLogger("apprise").getEffectiveLevel() < logging.WARNING:
+            logging.getLogger("apprise").setLevel(logging.WARNING)
         self.target = target
         self.redactor = redactor
         asset = apprise.AppriseAsset(async_mode=False)
