@@ -58,14 +58,15 @@ class Receiver:
     """A real HTTP receiver on 127.0.0.1:port that records every POST (path, content type, body) and answers 200.
     `up()` and `down()` start and stop it on the same port."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, gate: threading.Event | None = None) -> None:
         self.port = port
+        self.gate = gate  # when given, each request is answered only once it is set (a slow target)
         self.got: list[tuple[str, str, bytes]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def up(self) -> Receiver:
-        got = self.got
+        got, gate = self.got, self.gate
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *_: Any) -> None:
@@ -74,6 +75,8 @@ class Receiver:
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 got.append((self.path, self.headers.get("Content-Type") or "", raw))
+                if gate is not None:
+                    gate.wait(60)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -105,8 +108,10 @@ class Receiver:
 
 
 @contextmanager
-def receiver(port: int | None = None, *, started: bool = True) -> Iterator[Receiver]:
-    r = Receiver(port or free_port())
+def receiver(
+    port: int | None = None, *, started: bool = True, gate: threading.Event | None = None
+) -> Iterator[Receiver]:
+    r = Receiver(port or free_port(), gate)
     if started:
         r.up()
     try:
@@ -336,6 +341,32 @@ def test_a_receiver_that_is_down_blocks_no_run_and_gets_the_event_once_back(tmp_
     assert health["delivered"] == 2 and health["pending"] == 0 and health["dropped"] == 0
     assert metrics[("mendloop_notifications_delivered_total", "ops")] == 2
     assert metrics[("mendloop_notifications_failed_total", "ops")] == health["failed"] >= 2
+
+
+def test_a_target_that_does_not_answer_does_not_hold_up_another(tmp_path: Path) -> None:
+    url = migrated_sqlite(tmp_path / "mendloop.db")
+    gate = threading.Event()
+    with receiver(gate=gate) as slow, receiver() as fast:
+        wants = {"event_types": ["self_healing.completed"]}
+        app = notifying_app(
+            tmp_path,
+            url,
+            [
+                {"name": "slow", "url": f"json://127.0.0.1:{slow.port}/hook", **wants},
+                {"name": "fast", "url": f"json://127.0.0.1:{fast.port}/hook", **wants},
+            ],
+            attempt_timeout_seconds=30,
+        )
+        try:
+            run_id = run(app)
+            wait_for(lambda: len(slow.got) == 1)  # the slow target has the request and sits on it
+            wait_for(lambda: settled(app, "fast"))
+            assert not gate.is_set() and len(fast.got) == 1  # delivered while the other attempt is in flight
+            assert app.notifier is not None and app.notifier.snapshot()["slow"].delivered == 0
+        finally:
+            gate.set()
+            app.close()
+    assert fast.texts()[0].startswith(f"Run {run_id} completed")
 
 
 def test_an_event_is_dropped_after_max_attempts_and_the_cursor_moves_on(tmp_path: Path) -> None:

@@ -51,19 +51,28 @@ _NOTIFY_TYPES = {
 }
 
 
+def _quiet_apprise_log() -> None:
+    """Apprise logs each request's URL, token and payload at DEBUG, and hosts in its warnings: none of it reaches
+    mendloop's log (the notifier logs each failure itself, redacted). The reasons come back in each call's result."""
+    logger = logging.getLogger("apprise")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        logger.addHandler(logging.NullHandler())
+
+
 class Channel:
     """One target's Apprise sender, built once from its expanded URL, with mendloop's timeouts."""
 
     def __init__(self, target: NotifyTarget, *, timeout: float, redactor: Redactor | None = None) -> None:
-        # Apprise logs each request's URL, token and payload at DEBUG: whatever the process's level, never that.
-        if logging.getLogger("apprise").getEffectiveLevel() < logging.WARNING:
-            logging.getLogger("apprise").setLevel(logging.WARNING)
+        _quiet_apprise_log()
         self.target = target
         self.redactor = redactor
         asset = apprise.AppriseAsset(async_mode=False)
         plugin = apprise.Apprise.instantiate(target.expanded_url, asset=asset)
         if plugin is None:  # config.py checked it; the environment can't have changed since
             raise MendloopError(f"notify target {target.name}: Apprise can't use its URL")
+        self.timeout = timeout
         plugin.socket_connect_timeout = timeout
         plugin.socket_read_timeout = timeout
         self.apprise = apprise.Apprise(asset=asset)
@@ -72,16 +81,22 @@ class Channel:
     def send(self, notice: n.Notice) -> str | None:
         """Deliver one notice; None when it was accepted, else why not (redacted, one line)."""
         try:
-            with apprise.LogCapture(level=logging.WARNING) as captured:  # type: ignore[no-untyped-call]
-                ok = self.apprise.notify(
-                    title=notice.title, body=notice.body, notify_type=_NOTIFY_TYPES[notice.severity]
-                )
-                lines = [line for line in captured.getvalue().splitlines() if line.strip()]
+            result = self.apprise.notify(
+                title=notice.title,
+                body=notice.body,
+                notify_type=_NOTIFY_TYPES[notice.severity],
+                timeout=self.timeout * 2 + 1,  # connect and read each, then a grace: a hung plugin can't hold on
+                log_level=logging.WARNING,
+            )
         except Exception as exc:  # a plugin's bug must not kill the target's thread
             return self.redact(f"{type(exc).__name__}: {exc}")
-        if ok:
+        if result:
             return None
-        return self.redact(lines[-1].split(" - ", 2)[-1] if lines else "the notification was not accepted")
+        for r in result.results:
+            if r.status is apprise.AppriseResultStatus.TIMEOUT:
+                return f"no answer within {self.timeout * 2 + 1:g} s"
+        lines = [e.message for r in result.results for e in r.logs() if str(e.message).strip()]
+        return self.redact(str(lines[-1]) if lines else "the notification was not accepted")
 
     def redact(self, text: str) -> str:
         for secret in sorted({self.target.expanded_url, *self.target.secrets}, key=len, reverse=True):
