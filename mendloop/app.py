@@ -22,6 +22,7 @@ from mendloop.config import Settings
 from mendloop.domain import retention
 from mendloop.domain.records import PlaybookRef
 from mendloop.engine.held_patch import HeldPatches
+from mendloop.engine.notifier import Notifier
 from mendloop.engine.service import Remediation
 from mendloop.engine.step_loop import StepLoop, StepLoopDeps
 from mendloop.engine.worker import WorkerPool, every
@@ -76,6 +77,8 @@ class App:
     watchers: WatcherService | None = field(default=None, init=False)
     # The write probe whose last result /health reports (a thread: no write on the request path).
     health: WriteProbe | None = field(default=None, init=False)
+    # Delivers `notify:` targets from the events table (threads, with workers only; /health reads its snapshot).
+    notifier: Notifier | None = field(default=None, init=False)
 
     def open(
         self,
@@ -158,6 +161,10 @@ class App:
             self._recover_repositories()  # before any run can resume an apply a crash interrupted
             self._start_supervised()
             self.workers.start()
+            if s.notify:
+                self.notifier = Notifier(
+                    self.store.db, s.notify, s.notify_settings, clock=self.clock, redactor=self.redactor
+                ).start()
         if embedded is not None:
             self.agent_runner = embedded.start()
         if s.watchers and (self.watch if start_watchers is None else start_watchers):
@@ -214,6 +221,9 @@ class App:
         if self.agent_runner is not None:
             self.agent_runner.stop()  # kills its agent's process group
             self.agent_runner = None
+        if self.notifier is not None:
+            self.notifier.stop()  # hands its targets' leases back, so the next process goes on at once
+            self.notifier = None
         if self.health is not None:
             self.health.stop()
             self.health = None

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mendloop.domain import restart_plan, test_command
+from mendloop.domain import notifications, restart_plan, test_command
 from mendloop.errors import ConfigError
 
 # Watcher event types of the spec and the error type each stands for when it triggers a run.
@@ -594,6 +604,107 @@ class RetentionConfig(_Strict):
     batch: int = Field(default=500, ge=1, le=100_000, description="Runs (or events) deleted per transaction.")
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str) -> tuple[str, tuple[str, ...]]:
+    """`text` with each `${NAME}` replaced by that environment variable, and the values put in (for redaction).
+    A variable unset or empty is an error naming it, never the text (it may hold other secrets)."""
+    values: list[str] = []
+
+    def value(m: re.Match[str]) -> str:
+        found = os.environ.get(m.group(1))
+        if not found:
+            raise ValueError(f"the environment variable {m.group(1)} is not set (or empty)")
+        values.append(found)
+        return found
+
+    return _ENV_REF.sub(value, text), tuple(values)
+
+
+class NotifyTarget(_Strict):
+    """Where notifications go: an Apprise URL (Slack, Teams, Discord, email, PagerDuty, ntfy, json://, ...) and
+    which events it wants. A new target starts at the newest event: it is never sent the history before it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="The target's name (its cursor, metrics).")
+    url: str = Field(
+        description="An Apprise URL; `${NAME}` is replaced by that environment variable when the config is loaded "
+        "(secrets stay out of the file). Only this text, never the expanded URL, is shown or stored.",
+    )
+    event_types: list[str] = Field(
+        default_factory=list, description="Globs of event types (`self_healing.*`); empty: every type."
+    )
+    components: list[str] = Field(default_factory=list, description="Components to notify about; empty: every one.")
+    min_severity: Literal["info", "warning", "error", "critical"] = Field(
+        default="info", description="The least severity sent (domain/notifications.py maps events to severities)."
+    )
+    # The URL with the environment put in, and the values put in (redacted from any error shown): never dumped.
+    _expanded: str = PrivateAttr(default="")
+    _secrets: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("url")
+    @classmethod
+    def _apprise_url(cls, url: str) -> str:
+        import apprise
+
+        expanded, _ = expand_env(url)
+        if apprise.Apprise.instantiate(expanded) is None:
+            scheme = url.split("://", 1)[0] if "://" in url else url[:20]
+            raise ValueError(f"Apprise can't use this URL (scheme {scheme!r} unknown, or the URL is incomplete)")
+        return url
+
+    @field_validator("event_types")
+    @classmethod
+    def _globs(cls, globs: list[str]) -> list[str]:
+        for glob in globs:
+            problem = notifications.glob_problem(glob)
+            if problem is not None:
+                raise ValueError(problem)
+        return globs
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._expanded, self._secrets = expand_env(self.url)
+
+    @property
+    def expanded_url(self) -> str:
+        return self._expanded
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
+
+
+class NotifySettings(_Strict):
+    """How notifications are delivered: from the events table by a durable cursor per target, at least once."""
+
+    public_url: str | None = Field(
+        default=None,
+        description="The address users reach mendloop by (https://mendloop.example.com): run links are made "
+        "absolute under it. Unset: links are paths (/patches/runs/ID).",
+    )
+    poll_interval_seconds: float = Field(default=1, gt=0, le=300, description="How often new events are looked for.")
+    attempt_timeout_seconds: float = Field(
+        default=5, gt=0, le=300, description="Connect and read timeout of one delivery attempt."
+    )
+    retry_base_seconds: float = Field(default=2, gt=0, le=3600, description="The wait after a first failed attempt.")
+    retry_max_seconds: float = Field(default=300, gt=0, le=86400, description="The longest wait between attempts.")
+    max_attempts: int = Field(
+        default=8, ge=1, le=1000, description="Attempts at one event before it is counted dropped and skipped."
+    )
+    lease_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="A target is delivered by one process at a time (serve, a worker): its lease lapses this long "
+        "after that process stops renewing it (a crash).",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_is_http(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -703,6 +814,12 @@ class Settings(BaseSettings):
     retention: RetentionConfig = Field(
         default_factory=RetentionConfig, description="Pruning old finished runs and events by itself."
     )
+    notify: list[NotifyTarget] = Field(
+        default_factory=list, description="Notification targets (Apprise URLs), each with a filter of events."
+    )
+    notify_settings: NotifySettings = Field(
+        default_factory=NotifySettings, description="Delivery of notifications: retries, timeouts, run links."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -751,6 +868,15 @@ class Settings(BaseSettings):
         if self.default_target and self.default_target not in self.targets:
             raise ValueError(f"default_target {self.default_target!r} is not among targets")
         return self
+
+    @field_validator("notify")
+    @classmethod
+    def _unique_notify_names(cls, targets: list[NotifyTarget]) -> list[NotifyTarget]:
+        names = [t.name for t in targets]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two targets are named {name!r} (the name keys its cursor)")
+        return targets
 
     def event_error_table(self) -> dict[str, str]:
         return {**DEFAULT_EVENT_ERROR_TYPES, **self.event_error_types}

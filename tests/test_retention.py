@@ -21,6 +21,7 @@ from mendloop.domain.records import NewEvent
 from mendloop.domain.states import RunStatus
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
+from mendloop.storage.notify_cursor import NotifyCursors
 from mendloop.storage.store import Store
 from mendloop.testing import FakeClock
 from tests.support import (
@@ -85,9 +86,7 @@ def test_prune_removes_only_old_finished_rows_keeps_stats_and_the_floor(database
                 ).scalars()
             )
         cursor = old_events[len(old_events) // 2]
-        with app.store.engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE notify_cursors (target VARCHAR(200) PRIMARY KEY, last_event_id BIGINT)"))
-            conn.execute(sa.text("INSERT INTO notify_cursors VALUES ('ops', :c)"), {"c": cursor})
+        NotifyCursors(app.store.db).ensure("ops", cursor)
         kept_events = _count(app, t.events, t.events.c.id > cursor)
         with api_client(app) as client:
             before = figures(client)
@@ -123,7 +122,7 @@ def test_prune_removes_only_old_finished_rows_keeps_stats_and_the_floor(database
             assert figures(client) == before
             # The cursor moves on: the rest can go.
             with app.store.engine.begin() as conn:
-                conn.execute(sa.text("UPDATE notify_cursors SET last_event_id = :c"), {"c": 10**12})
+                conn.execute(sa.update(t.notify_cursors).values(cursor=10**12))
             app.store.retention.prune(runs_before=None, events_before=clock() - 30 * DAY)
             assert _count(app, t.events, t.events.c.run_id.in_(old)) == 0
             assert app.store.run_events(queued)  # a live run's events are never old

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mendloop.app import App
 from mendloop.domain.states import RUN_FINAL
 from mendloop.storage import metrics as m
+from mendloop.storage.notify_cursor import NotifyCursors
 from mendloop.storage.watcher_offsets import DbOffsetStore
 
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -126,6 +127,36 @@ class DatabaseCollector(Collector):
         yield queue
 
 
+class NotifyCollector(Collector):
+    """Notification deliveries per target, from `notify_cursors` at scrape time: every process's deliveries."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        delivered = CounterMetricFamily(
+            "mendloop_notifications_delivered", "Notifications delivered, by target.", labels=["target"]
+        )
+        failed = CounterMetricFamily(
+            "mendloop_notifications_failed",
+            "Failed notification attempts (each retry counts), by target.",
+            labels=["target"],
+        )
+        dropped = CounterMetricFamily(
+            "mendloop_notifications_dropped",
+            "Notifications given up after notify_settings.max_attempts, by target.",
+            labels=["target"],
+        )
+        for row in NotifyCursors(self.app.store.db).all():
+            delivered.add_metric([row.target], row.delivered)
+            failed.add_metric([row.target], row.failed)
+            dropped.add_metric([row.target], row.dropped)
+        yield from (delivered, failed, dropped)
+
+
 class WatcherCollector(Collector):
     """This process's log watchers (`serve` runs them): what they read, and how far behind the files they are."""
 
@@ -222,6 +253,7 @@ def registry_for(app: App) -> tuple[CollectorRegistry, Counter, Histogram]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(app))
     registry.register(WatcherCollector(app))
+    registry.register(NotifyCollector(app))
     requests = Counter(
         "mendloop_process_http_requests",
         "HTTP requests this process answered, by method, route and status.",

@@ -320,6 +320,18 @@ class IncidentList(_Answer):
 # -- system ------------------------------------------------------------------------------------------------------
 
 
+class NotifyTargetOut(_Answer):
+    """A notification target's deliveries, from the notifier's last round (counters of every process)."""
+
+    delivered: int
+    failed: int = Field(description="Failed delivery attempts (each retry counts).")
+    dropped: int = Field(description="Events given up after notify_settings.max_attempts.")
+    pending: int = Field(description="Events the target wants and has not been sent yet (at most 500).")
+    last_error: str | None = Field(description="Why the last attempt failed (redacted).")
+    last_delivered_at: float | None
+    next_attempt_at: float | None = Field(description="When a failed delivery is tried again.")
+
+
 class HealthOut(_Answer):
     status: Literal["ok", "degraded"]
     database: str
@@ -332,6 +344,9 @@ class HealthOut(_Answer):
         default=None, description="Seconds since the write probe last wrote to the database (None: never)."
     )
     storm: StormOut | None = None
+    notifications: dict[str, NotifyTargetOut] = Field(
+        default_factory=dict, description="Each `notify:` target's deliveries (empty without targets or workers)."
+    )
 
 
 class Handles(_Answer):

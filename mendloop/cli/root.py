@@ -9,13 +9,14 @@ import click
 import typer
 
 from mendloop import errors
-from mendloop.cli import admin, incidents, playbooks, processes, runs, work_orders
+from mendloop.cli import admin, incidents, notifications, playbooks, processes, runs, work_orders
 from mendloop.cli.common import err
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="mendloop: self-healing with coding agents.")
 cli.add_typer(runs.runs_cli, name="runs")
 cli.add_typer(work_orders.wo_cli, name="work-orders")
 cli.add_typer(incidents.incidents_cli, name="incidents")
+cli.add_typer(notifications.notifications_cli, name="notifications")
 cli.add_typer(playbooks.pb_cli, name="playbooks")
 cli.add_typer(admin.db_cli, name="db")
 cli.add_typer(admin.config_cli, name="config")

@@ -11,7 +11,7 @@ The statistics survive: they are aggregates (storage/stats.py), not counts over 
 **The retention floor.** Whatever reads the events table by cursor (notification delivery, live streams) may
 declare the lowest event id it still needs: a hook `Callable[[Connection], int | None]` (None: it needs nothing)
 appended to `Retention.floors`. No event at or above the lowest floor is deleted. Built in: the
-`notify_cursors(target, last_event_id)` table, when it exists (each target still needs last_event_id + 1).
+`notify_cursors` table (each target still needs the events after its `cursor`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ _FINAL_WORK_ORDERS = [s.value for s in WORK_ORDER_FINAL]
 
 
 def notify_cursors_floor(conn: Connection) -> int | None:
-    """The notification targets' cursors, once a `notify_cursors` table exists (it is another part's)."""
-    if not sa.inspect(conn).has_table("notify_cursors"):
-        return None
-    low = conn.execute(sa.text("SELECT MIN(last_event_id) FROM notify_cursors")).scalar()
+    """The notification targets' cursors (storage/notify_cursor.py): each still needs the events after its own."""
+    low = conn.execute(sa.select(sa.func.min(t.notify_cursors.c.cursor))).scalar()
     return int(low) + 1 if low is not None else None
 
 

@@ -248,3 +248,25 @@ stat_totals = sa.Table(
     sa.Column("value", sa.Double, nullable=False),
     sa.Column("updated_at", Epoch, nullable=False),
 )
+
+# One durable cursor per notification target (`notify:`): the last event it was given, its counters (kept here so
+# they survive restarts and count across processes), its retry state, and the lease of the one process that
+# delivers it.
+notify_cursors = sa.Table(
+    "notify_cursors",
+    metadata,
+    sa.Column("target", sa.String(100), primary_key=True),
+    sa.Column("cursor", sa.BigInteger, nullable=False),
+    sa.Column("delivered", sa.BigInteger, nullable=False),
+    sa.Column("failed", sa.BigInteger, nullable=False),
+    sa.Column("dropped", sa.BigInteger, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", Epoch, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("last_error_at", Epoch, nullable=True),
+    sa.Column("last_delivered_at", Epoch, nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", Epoch, nullable=True),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Column("updated_at", Epoch, nullable=False),
+)

@@ -12,6 +12,7 @@ from mendloop.api.responses import (
     ComponentTrust,
     Handles,
     HealthOut,
+    NotifyTargetOut,
     PlaybookList,
     PlaybookOut,
     PlaybookStep,
@@ -46,6 +47,18 @@ async def health(app: AppDep, response: Response) -> HealthOut:
         watchers=app.watchers.snapshot() if app.watchers is not None else {},
         last_write_age_seconds=round(age, 3) if age is not None else None,
         storm=storm_out(state.storm) if state is not None and state.storm is not None else None,
+        notifications={
+            name: NotifyTargetOut(
+                delivered=st.delivered,
+                failed=st.failed,
+                dropped=st.dropped,
+                pending=st.pending,
+                last_error=st.last_error,
+                last_delivered_at=st.last_delivered_at,
+                next_attempt_at=st.next_attempt_at,
+            )
+            for name, st in (app.notifier.snapshot().items() if app.notifier is not None else ())
+        },
     )
 
 
