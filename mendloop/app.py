@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,9 +37,11 @@ from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
 from mendloop.rules.routing import Claim, Routing
 from mendloop.storage import migrate
+from mendloop.storage.audit import AuditLog
 from mendloop.storage.health import WriteProbe
 from mendloop.storage.incidents import IncidentStore
 from mendloop.storage.store import Store
+from mendloop.storage.tokens import Keyring, TokenStore
 from mendloop.storage.watcher_offsets import DbOffsetStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,13 @@ class App:
     watchers: WatcherService | None = field(default=None, init=False)
     # The write probe whose last result /health reports (a thread: no write on the request path).
     health: WriteProbe | None = field(default=None, init=False)
+    # Who a bearer token stands for; the tokens made with `mendloop tokens create`; the audit log.
+    keyring: Keyring = field(init=False)
+    tokens: TokenStore = field(init=False)
+    audit: AuditLog = field(init=False)
+    # The embedded runner's credential (an agent's, for every repository): random, made by open(), held only
+    # here, so it is never stored anywhere and dies with the process.
+    agent_token: str = field(default="", init=False, repr=False)
 
     def open(
         self,
@@ -92,6 +102,10 @@ class App:
         self.store = Store(s.database_url, clock=self.clock, trust=s.trust, after_commit=self.bus.fan_out)
         if upgrade:
             migrate.upgrade(self.store.engine)
+        self.tokens = TokenStore(self.store.db)
+        self.audit = AuditLog(self.store.db)
+        self.agent_token = secrets.token_urlsafe(32)
+        self.keyring = Keyring(s, self.tokens, process_token=self.agent_token)
         compiled = CompiledCache(templates)
         self.http = httpx.Client(follow_redirects=False)
         step_loop = StepLoop(
@@ -148,7 +162,8 @@ class App:
         ).start()
         embedded = None
         if self.embedded_agent and s.agent_runner.enabled:
-            embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
+            # Checks its repository and adapter before anything starts.
+            embedded = EmbeddedRunner(s, token=self.agent_token)
         if start_workers:
             self._recover_repositories()  # before any run can resume an apply a crash interrupted
             self._start_supervised()

@@ -296,3 +296,11 @@ JSON_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     }
     for code, text in _ERRORS.items()
 }
+
+
+class TokenCreate(_Body):
+    name: StrictStr = Field(min_length=1, max_length=200)
+    role: Literal["viewer", "operator", "agent", "intake", "admin"]
+    repositories: list[Annotated[StrictStr, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=list, max_length=100
+    )
