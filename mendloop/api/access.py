@@ -32,7 +32,7 @@ from mendloop.domain import roles
 from mendloop.domain.roles import Action, Credential
 from mendloop.errors import AuthError, Forbidden, MendloopError, NotFound
 from mendloop.storage.audit import AuditEntry
-from mendloop.storage.tokens import ANONYMOUS
+from mendloop.storage.tokens import ANONYMOUS, MISS_REFRESH_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,9 @@ class Access:
             await run_in_threadpool(keyring.refresh)
         token = auth.bearer_token(_header(scope, b"authorization"))
         credential = keyring.resolve(token)
+        if credential is None and token is not None and keyring.stale(MISS_REFRESH_SECONDS):
+            await run_in_threadpool(keyring.refresh, MISS_REFRESH_SECONDS)
+            credential = keyring.resolve(token)
         params = matched[1] if matched else {}
         refusal = await self._refusal(action, credential, keyring.is_open(), params)
         if credential is not None and refusal is None:

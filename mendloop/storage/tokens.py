@@ -5,7 +5,8 @@ A token is 256 random bits; the table keeps its SHA-256, never the token. The ke
 token's digest against every known digest with `hmac.compare_digest` and no early exit, so an unknown token takes
 as long to refuse as a known one to accept. It holds the database's active tokens in memory and reads them again
 every `REFRESH_SECONDS` (a revocation from another process counts within that; one through the API at once), so
-checking a token is no database read on the request path.
+checking a token is no database read on the request path. A token it does not know makes it read the table
+again first (at most every `MISS_REFRESH_SECONDS`), so a token just made works at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from mendloop.storage import schema as t
 from mendloop.storage.db import Database
 
 REFRESH_SECONDS = 1.0
+# A token not found reads the table again first if it was read longer ago than this: a token made a moment ago
+# (by `mendloop tokens create` in another process) works at once, and a flood of wrong tokens costs at most a few
+# reads a second.
+MISS_REFRESH_SECONDS = 0.2
 TOKEN_PREFIX = "mlt_"
 
 
@@ -175,13 +180,13 @@ class Keyring:
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
 
-    def stale(self) -> bool:
+    def stale(self, older_than: float = REFRESH_SECONDS) -> bool:
         loaded = self._loaded_at
-        return loaded is None or time.monotonic() - loaded >= REFRESH_SECONDS
+        return loaded is None or time.monotonic() - loaded >= older_than
 
-    def refresh(self) -> None:
+    def refresh(self, older_than: float = REFRESH_SECONDS) -> None:
         with self._lock:
-            if not self.stale():
+            if not self.stale(older_than):
                 return
             self._stored = self.store.active()
             self._loaded_at = time.monotonic()
