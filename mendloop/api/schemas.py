@@ -279,6 +279,8 @@ def overlong_string(raw: bytes, max_chars: int) -> str | None:
 
 _ERRORS = {
     400: "Malformed JSON",
+    401: "No bearer token, or an unknown or revoked one; `field` is `Authorization`",
+    403: "The token's role or repositories do not allow this; `field` is `Authorization`, `role` and `action` say why",
     404: "Not found",
     409: "Not allowed in the current state",
     413: "The body is larger than its limit; `limit` names the setting and `max` its value",
