@@ -414,3 +414,48 @@ def test_serve_without_tokens_refuses_other_addresses_and_warns_on_loopback(tmp_
     with serve_process(config, port, log=log):
         assert httpx.get(f"http://127.0.0.1:{port}/patches/runs").status_code == 200
     assert "no API tokens" in log.read_text() and "open" in log.read_text()
+
+
+def test_the_embedded_runner_claims_with_an_in_process_credential(tmp_path: Path) -> None:
+    from tests.support import git, migrated_sqlite
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "x.py").write_text("a\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "initial")
+    port = free_port()
+    admin = "config-admin-token-0123456789"
+    settings = settings_for(
+        migrated_sqlite(tmp_path / "mendloop.db"),
+        tmp_path,
+        port=port,
+        api_tokens=[admin],
+        agent_runner={
+            "enabled": True,
+            "run_as": "none",
+            "repository": str(repo),
+            "adapter": "command",
+            "argv": ["true"],
+        },
+    )
+    app = open_app(settings, embedded_agent=True)
+    other = open_app(settings)
+    try:
+        runner = app.agent_runner
+        assert runner is not None
+        # Random per process, in no configuration and no table.
+        assert app.agent_token and app.agent_token != other.agent_token and app.agent_token != admin
+        assert app.tokens.rows() == []
+        with api_server(app, port) as client:
+            assert runner.client.claim("probe") is None  # 204: allowed, no work (a 401 or 403 would raise)
+            refused = client.post("/patches/trigger", json={}, headers=_as(app.agent_token))
+            assert refused.status_code == 403 and refused.json()["role"] == "agent"
+            # Another process's credential is nothing here.
+            assert client.get("/patches/runs", headers=_as(other.agent_token)).status_code == 401
+        (entry,) = app.audit.list()
+        assert (entry.actor_id, entry.action, entry.status) == ("process:agent", "runs.trigger", 403)
+    finally:
+        other.close()
+        app.close()
