@@ -179,6 +179,11 @@ def test_the_role_matrix_on_a_real_server(app: App, server: httpx.Client, tmp_pa
                 unknown = _call(server, method, template, "not-a-token-anyone-made-0123")
                 assert unknown.status_code == 401, (method, template)
     assert checked >= 30 * len(Role)
+    # HEAD is GET's; a path no route has needs a token all the same, then it is a 404 (a wrong method a 405).
+    assert server.head("/openapi.json").status_code == 200
+    assert server.get("/no/such/path").status_code == 401
+    assert server.get("/no/such/path", headers=_as(tokens[IN])).status_code == 404
+    assert server.put("/patches/runs", headers=_as(tokens[VI])).status_code == 405
 
 
 def test_config_tokens_keep_working_with_a_role_each(database_url: str, tmp_path: Path) -> None:
