@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +39,12 @@ from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
 from mendloop.rules.routing import Claim, Routing
 from mendloop.storage import migrate
+from mendloop.storage.audit import AuditLog
 from mendloop.storage.health import WriteProbe
 from mendloop.storage.incidents import IncidentStore
 from mendloop.storage.retention import PruneReport
 from mendloop.storage.store import Store
+from mendloop.storage.tokens import Keyring, TokenStore
 from mendloop.storage.watcher_offsets import DbOffsetStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,13 @@ class App:
     health: WriteProbe | None = field(default=None, init=False)
     # Delivers `notify:` targets from the events table (threads, with workers only; /health reads its snapshot).
     notifier: Notifier | None = field(default=None, init=False)
+    # Who a bearer token stands for; the tokens made with `mendloop tokens create`; the audit log.
+    keyring: Keyring = field(init=False)
+    tokens: TokenStore = field(init=False)
+    audit: AuditLog = field(init=False)
+    # The embedded runner's credential (an agent's, for every repository): random, made by open(), held only
+    # here, so it is never stored anywhere and dies with the process.
+    agent_token: str = field(default="", init=False, repr=False)
 
     def open(
         self,
@@ -97,6 +107,10 @@ class App:
         self.store = Store(s.database_url, clock=self.clock, trust=s.trust, after_commit=self.bus.fan_out)
         if upgrade:
             migrate.upgrade(self.store.engine)
+        self.tokens = TokenStore(self.store.db)
+        self.audit = AuditLog(self.store.db)
+        self.agent_token = secrets.token_urlsafe(32)
+        self.keyring = Keyring(s, self.tokens, process_token=self.agent_token)
         compiled = CompiledCache(templates)
         self.http = httpx.Client(follow_redirects=False)
         step_loop = StepLoop(
@@ -139,7 +153,7 @@ class App:
         )
         self.workers.housekeeping.append(self.remediation.reap)
         self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.stats.fold))
-        if s.retention.runs_days is not None or s.retention.events_days is not None:
+        if any(d is not None for d in (s.retention.runs_days, s.retention.events_days, s.retention.audit_days)):
             self.workers.housekeeping.append(every(s.retention.interval_seconds, self.prune))
         self.incidents = IncidentStore(self.store, s.storm)
         self.log_intake = LogIntake(s, redactor=self.redactor)
@@ -156,7 +170,8 @@ class App:
         ).start()
         embedded = None
         if self.embedded_agent and s.agent_runner.enabled:
-            embedded = EmbeddedRunner(s)  # checks its repository and adapter before anything starts
+            # Checks its repository and adapter before anything starts.
+            embedded = EmbeddedRunner(s, token=self.agent_token)
         if start_workers:
             self._recover_repositories()  # before any run can resume an apply a crash interrupted
             self._start_supervised()
@@ -181,10 +196,13 @@ class App:
         report = self.store.retention.prune(
             runs_before=retention.cutoff(now, r.runs_days),
             events_before=retention.cutoff(now, r.events_days),
+            audit_before=retention.cutoff(now, r.audit_days),
             batch=r.batch,
         )
-        if report.runs or report.events:
-            log.info("retention: pruned %d run(s) and %d event(s)", report.runs, report.events)
+        if report.runs or report.events or report.audit:
+            log.info(
+                "retention: pruned %d run(s), %d event(s), %d audit row(s)", report.runs, report.events, report.audit
+            )
         return report
 
     def _start_supervised(self) -> None:

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mendloop.domain import notifications, restart_plan, test_command
+from mendloop.domain import notifications, restart_plan, roles, test_command
 from mendloop.errors import ConfigError
 
 # Watcher event types of the spec and the error type each stands for when it triggers a run.
@@ -600,6 +600,9 @@ class RetentionConfig(_Strict):
         description="Events older than this many days go, except those of live runs and those "
         "a cursor still needs (unset: kept).",
     )
+    audit_days: float | None = Field(
+        default=None, gt=0, description="Audit log rows older than this many days go (unset: kept)."
+    )
     interval_seconds: float = Field(default=3600, gt=0, description="How often the prune runs.")
     batch: int = Field(default=500, ge=1, le=100_000, description="Runs (or events) deleted per transaction.")
 
@@ -705,6 +708,58 @@ class NotifySettings(_Strict):
         return _http_url(value)
 
 
+def _token_problem(token: str) -> str | None:
+    """Why a configured token is too weak to stand for a caller (None: it is not). Never names the token."""
+    if not token.strip():
+        return "is empty or whitespace"
+    if token != token.strip() or any(c.isspace() or not c.isprintable() for c in token):
+        return "contains whitespace or control characters"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"is shorter than {MIN_TOKEN_LENGTH} characters"
+    return None
+
+
+RoleName = Literal["viewer", "operator", "agent", "intake", "admin"]
+
+
+class TokenConfig(_Strict):
+    """A bearer token from the configuration, with its role (`mendloop tokens create` keeps them, hashed, in the
+    database instead)."""
+
+    name: str = Field(min_length=1, max_length=200, description="Who the token stands for, in the audit log.")
+    token: str = Field(
+        repr=False, description="The secret (at least 16 characters); from the environment, not a file in git."
+    )
+    role: RoleName = Field(description="viewer, operator, agent, intake or admin.")
+    repositories: list[str] = Field(
+        default_factory=list,
+        description="An agent token: the repositories (work orders' `repository`) it may work for; `*`: all.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _strong(cls, token: str) -> str:
+        problem = _token_problem(token)
+        if problem:
+            raise ValueError(f"the token {problem}")
+        return token
+
+    @model_validator(mode="after")
+    def _scope(self) -> TokenConfig:
+        problem = roles.spec_problem(self.role, self.repositories)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _unique_names(tokens: list[TokenConfig]) -> list[TokenConfig]:
+    names = [t.name for t in tokens]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"two tokens are named {name!r}")
+    return tokens
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -727,7 +782,11 @@ class Settings(BaseSettings):
     )
     api_tokens: list[str] = Field(
         default_factory=list,
-        description="Bearer tokens; without any, `serve` refuses non-loopback addresses.",
+        description="Admin bearer tokens (see `tokens` for others); with no token in the config or the "
+        "database, `serve` is open on loopback and refuses other addresses.",
+    )
+    tokens: Annotated[list[TokenConfig], AfterValidator(_unique_names)] = Field(
+        default_factory=list, description="Bearer tokens with a role: `{name, token, role, repositories}`."
     )
     workers: int = Field(default=2, ge=0, description="Worker threads in `serve` / `worker`.")
     lease_seconds: float = Field(default=30, gt=0, description="How long a claimed run stays leased.")
@@ -855,12 +914,9 @@ class Settings(BaseSettings):
         # An empty or guessable token must never pass for authentication (nor for "tokens are configured"). The
         # message names the entry, never the token.
         for i, token in enumerate(tokens):
-            if not token.strip():
-                raise ValueError(f"entry {i} is empty or whitespace")
-            if token != token.strip() or any(c.isspace() or not c.isprintable() for c in token):
-                raise ValueError(f"entry {i} contains whitespace or control characters")
-            if len(token) < MIN_TOKEN_LENGTH:
-                raise ValueError(f"entry {i} is shorter than {MIN_TOKEN_LENGTH} characters")
+            problem = _token_problem(token)
+            if problem:
+                raise ValueError(f"entry {i} {problem}")
         return tokens
 
     @model_validator(mode="after")

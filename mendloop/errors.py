@@ -55,6 +55,10 @@ class AuthError(MendloopError):
     """Missing or invalid credentials."""
 
 
+class Forbidden(MendloopError):
+    """The credentials are valid, but their role or scope does not allow this."""
+
+
 class NotFound(MendloopError):
     """The object does not exist."""
 

@@ -85,6 +85,22 @@ def test_story_exits_zero_and_commits_in_the_copy(tmp_path: Path) -> None:
     assert not (state / "demo.json").exists()
 
 
+def test_story_with_tokens_runs_on_its_own_credentials(tmp_path: Path) -> None:
+    """A server closed by a token: the story drives it with an operator credential of the demo's own and the
+    embedded runner claims with the server's in-process one; neither is the configured token, which is admin's."""
+    admin = "demo-admin-token-0123456789"
+    state = tmp_path / "demo"
+    argv = [sys.executable, "-m", "mendloop", "demo", "--exit", "--port", str(free_port())]
+    argv += ["--service-port", str(free_port()), "--state-dir", str(state)]
+    env = {**_env(), "MENDLOOP_API_TOKENS": json.dumps([admin])}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "Trust restored" in output
+    assert admin not in (state / "mendloop.yaml").read_text()  # the written config holds no credential
+    assert "tokens:" not in (state / "mendloop.yaml").read_text()
+
+
 def test_story_the_embedded_runner_commits_tests_and_the_run_completes(tmp_path: Path) -> None:
     """The story without --exit: while the demo serves on, the API shows what the embedded runner did."""
     state = tmp_path / "demo"

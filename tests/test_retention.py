@@ -21,6 +21,7 @@ from mendloop.domain.records import NewEvent
 from mendloop.domain.states import RunStatus
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
+from mendloop.storage.audit import AuditEntry
 from mendloop.storage.notify_cursor import NotifyCursors
 from mendloop.storage.store import Store
 from mendloop.testing import FakeClock
@@ -143,6 +144,28 @@ def test_the_retention_policy_prunes_by_itself(database_url: str, tmp_path: Path
     try:
         wait_for(lambda: _count(app, t.runs, t.runs.c.id.in_(old)) == 0, timeout=30)
         assert app.store.statistics().overall.runs == len(old)
+    finally:
+        app.close()
+
+
+def test_the_audit_log_is_kept_by_its_own_age(database_url: str, tmp_path: Path) -> None:
+    clock = FakeClock()
+    app = _app(database_url, tmp_path, clock, retention={"audit_days": 90, "runs_days": 30})
+    try:
+
+        def entry(at: float) -> AuditEntry:
+            return AuditEntry(
+                at=at, actor_id="t1", actor_name="alice", role="operator", action="runs.cancel",
+                method="POST", path="/patches/runs/r1/cancel", target_id="r1", client="127.0.0.1", status=200,
+            )  # fmt: skip
+
+        for age_days in (200, 100, 60, 1):
+            app.audit.write(entry(clock() - age_days * DAY))
+        dry = app.store.retention.prune(runs_before=None, audit_before=clock() - 90 * DAY, dry_run=True)
+        assert dry.audit == 2 and len(app.audit.list(limit=10)) == 4
+        report = app.prune()  # the policy: runs by 30 days, the audit log by its own 90
+        assert report.audit == 2
+        assert sorted(round((clock() - e.at) / DAY) for e in app.audit.list(limit=10)) == [1, 60]
     finally:
         app.close()
 

@@ -1,7 +1,7 @@
 """The agent runner embedded in `serve`: the same `AgentRunner` as `mendloop agent`, in a thread of the server's
-process, claiming through the pull API on the server's own loopback URL (with an API token when the server
-requires one). It waits for the server to answer /health before its first claim, and `stop()` ends it with its
-agent's whole process group."""
+process, claiming through the pull API on the server's own loopback URL with the server's in-process agent
+credential (`App.agent_token`: never stored, gone with the process). It waits for the server to answer /health
+before its first claim, and `stop()` ends it with its agent's whole process group."""
 
 from __future__ import annotations
 
@@ -51,14 +51,13 @@ def run_as_option(value: str) -> tuple[int, int] | Literal["auto"] | None:
 class EmbeddedRunner:
     """An AgentRunner thread of `serve`, built from `settings.agent_runner`."""
 
-    def __init__(self, settings: Settings, *, url: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, token: str | None = None, url: str | None = None) -> None:
         cfg: AgentRunnerConfig = settings.agent_runner
         if not cfg.repository or not cfg.adapter:
             raise ConfigError("agent_runner: repository and adapter are required when it is enabled")
         if settings.port == 0 and url is None:
             raise ConfigError("agent_runner: the embedded runner needs the server's port (port 0 was given)")
         self.url = url or server_url(settings)
-        token = settings.api_tokens[0] if settings.api_tokens else None
         adapter = adapters.create(cfg.adapter, cfg.argv)
         # An explicit transport: no proxy from the environment between the server and itself.
         self.client = AgentClient(self.url, token, transport=httpx.HTTPTransport())

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[errors.MendloopError], int]] = [
     (errors.AuthError, 401),
+    (errors.Forbidden, 403),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.InputError, 422),
@@ -53,18 +54,24 @@ def limit_body(*, field: str, message: str, limit: str, value: int) -> dict[str,
     }
 
 
+def answer(exc: errors.MendloopError) -> JSONResponse:
+    """The JSON answer to one of mendloop's errors (the exception handler's, and the access middleware's)."""
+    status = _status_for(exc)
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    body: dict[str, Any] = {"detail": exc.message, "error": type(exc).__name__}
+    body.update({k: v for k, v in exc.fields.items() if v is not None})
+    if status < 500 and isinstance(body.get("field"), str):
+        # The same shape as a request validation error: `detail`, `field` and the list of `errors`.
+        body.setdefault("errors", [{"field": body["field"], "message": exc.message, "type": type(exc).__name__}])
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.MendloopError)
     async def _mendloop_error(_request: Request, exc: errors.MendloopError) -> JSONResponse:
-        status = _status_for(exc)
-        if status >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        body: dict[str, Any] = {"detail": exc.message, "error": type(exc).__name__}
-        body.update({k: v for k, v in exc.fields.items() if v is not None})
-        if status < 500 and isinstance(body.get("field"), str):
-            # The same shape as a request validation error: `detail`, `field` and the list of `errors`.
-            body.setdefault("errors", [{"field": body["field"], "message": exc.message, "type": type(exc).__name__}])
-        return JSONResponse(body, status_code=status)
+        return answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

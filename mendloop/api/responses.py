@@ -401,3 +401,45 @@ class ErrorOut(BaseModel):
     detail: Any
     field: str | None = None
     error: str | None = None
+
+
+# -- tokens and the audit log ------------------------------------------------------------------------------------
+
+
+class TokenOut(_Answer):
+    """A stored token: never the token itself, nor its digest."""
+
+    id: str
+    name: str
+    role: str
+    repositories: list[str]
+    created_at: Timestamp
+    revoked_at: Timestamp
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The token: shown this once, kept only as a digest.")
+
+
+class TokenList(_Answer):
+    tokens: list[TokenOut]
+    count: int
+
+
+class AuditEntryOut(_Answer):
+    id: int
+    at: Timestamp
+    actor_id: str | None = Field(description="db:<token id>, config:<name>, process:agent, or anonymous")
+    actor_name: str | None
+    role: str | None
+    action: str
+    method: str
+    path: str
+    target_id: str | None
+    client: str | None
+    status: int
+
+
+class AuditList(_Answer):
+    entries: list[AuditEntryOut]
+    count: int

@@ -279,6 +279,8 @@ def overlong_string(raw: bytes, max_chars: int) -> str | None:
 
 _ERRORS = {
     400: "Malformed JSON",
+    401: "No bearer token, or an unknown or revoked one; `field` is `Authorization`",
+    403: "The token's role or repositories do not allow this; `field` is `Authorization`, `role` and `action` say why",
     404: "Not found",
     409: "Not allowed in the current state",
     413: "The body is larger than its limit; `limit` names the setting and `max` its value",
@@ -296,3 +298,11 @@ JSON_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     }
     for code, text in _ERRORS.items()
 }
+
+
+class TokenCreate(_Body):
+    name: StrictStr = Field(min_length=1, max_length=200)
+    role: Literal["viewer", "operator", "agent", "intake", "admin"]
+    repositories: list[Annotated[StrictStr, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=list, max_length=100
+    )

@@ -7,34 +7,32 @@ import json
 import math
 import re
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import swagger_ui_bundle
 import uvicorn
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
-from mendloop.api import auth, errors, metrics, schemas
+from mendloop.api import access, errors, metrics, schemas
 from mendloop.api.deps import prefixed, route_path
 from mendloop.api.http_protocol import header_timeout_protocol
-from mendloop.api.routes import events, incidents, routing, runs, stats, system, work_orders
+from mendloop.api.routes import audit, events, incidents, routing, runs, stats, system, work_orders
 from mendloop.api.routes import metrics as metrics_route
+from mendloop.api.routes import tokens as tokens_route
 from mendloop.api.streams import StreamSlots
 from mendloop.app import App
 from mendloop.config import LimitsConfig, Settings
 from mendloop.errors import ConfigError, InputError
 
-# Reachable without a token: liveness checks and the docs (exact paths), and the docs' static files (a prefix).
-_PUBLIC = frozenset({"/health", "/docs", "/openapi.json"})
-_PUBLIC_PREFIX = "/_static/"
 # Longer than any id, component or file name mendloop hands out (the widest such column holds 300).
 MAX_PATH_PARAM = 300
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -242,22 +240,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     if len(tokens) != len(app.settings.api_tokens):
         # Settings refuse these when loaded; a Settings built around that check must not open the API either.
         raise ConfigError("api_tokens: an entry is empty or whitespace", field="api_tokens")
-    if tokens:
-
-        @api.middleware("http")
-        async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            path = route_path(request.scope)
-            if path in _PUBLIC or path.startswith(_PUBLIC_PREFIX):
-                return await call_next(request)
-            if request.method == "POST" and path in ("/events", "/events/alertmanager"):
-                return await call_next(request)  # intake checks intake tokens and signatures itself
-            if not auth.token_accepted(request.headers.get("authorization"), tokens):
-                return JSONResponse(
-                    {"detail": "a valid bearer token is required", "field": "Authorization"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            return await call_next(request)
+    # Who may call what (domain/roles.py); innermost of the middlewares, so the HTTP counter counts its 401s.
+    api.add_middleware(access.Access, mendloop=app)
 
     limits = app.settings.limits
     api.state.streams = StreamSlots(limits.max_sse_streams, limits.max_sse_streams_per_client)
@@ -275,6 +259,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(system.router)
     api.include_router(routing.router)
     api.include_router(metrics_route.router)
+    api.include_router(tokens_route.router)
+    api.include_router(audit.router)
     return api
 
 

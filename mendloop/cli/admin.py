@@ -55,6 +55,9 @@ def db_prune(
     events: Annotated[
         bool, typer.Option("--events/--no-events", help="Also events older than that (not only the runs' own).")
     ] = True,
+    audit_older_than: Annotated[
+        str | None, typer.Option("--audit-older-than", help="Also audit log rows older than this (kept otherwise).")
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -66,11 +69,13 @@ def db_prune(
 
     settings = load_settings(config)
     cutoff = time.time() - parse_age(older_than)
+    audit_cutoff = time.time() - parse_age(audit_older_than) if audit_older_than is not None else None
     store = Store(settings.database_url)
     try:
         report = store.retention.prune(
             runs_before=cutoff,
             events_before=cutoff if events else None,
+            audit_before=audit_cutoff,
             dry_run=dry_run,
             batch=settings.retention.batch,
         )

@@ -9,7 +9,7 @@ import click
 import typer
 
 from mendloop import errors
-from mendloop.cli import admin, incidents, notifications, playbooks, processes, runs, work_orders
+from mendloop.cli import admin, incidents, notifications, playbooks, processes, runs, tokens, work_orders
 from mendloop.cli.common import err
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="mendloop: self-healing with coding agents.")
@@ -20,6 +20,8 @@ cli.add_typer(notifications.notifications_cli, name="notifications")
 cli.add_typer(playbooks.pb_cli, name="playbooks")
 cli.add_typer(admin.db_cli, name="db")
 cli.add_typer(admin.config_cli, name="config")
+cli.add_typer(tokens.tokens_cli, name="tokens")
+cli.add_typer(tokens.audit_cli, name="audit")
 
 cli.command()(processes.serve)
 cli.command()(processes.worker)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -49,6 +50,8 @@ class Demo:
     api_url: str = ""
     service_url: str = ""
     token: str | None = None
+    # What the demo's `mendloop serve` gets in its environment beside the demo's own (its credential, if any).
+    server_env: dict[str, str] = field(default_factory=dict)
     database: str = ""
     trigger_timeout: float = 60.0
     wrote_info: bool = False
@@ -158,7 +161,13 @@ class Demo:
         self.trigger_timeout = settings.trigger_wait_seconds + 30
         self.runner = settings.agent_runner  # as MENDLOOP_AGENT_RUNNER__* may have changed it (a real agent)
         self.watched = _watches(settings, self.service_log)
-        self.token = settings.api_tokens[0] if settings.api_tokens else None
+        if settings.api_tokens or settings.tokens:
+            # The server asks for tokens: the demo drives its story with an operator credential of its own, made
+            # here, handed to its server in the environment only, and gone when the demo stops.
+            self.token = secrets.token_urlsafe(32)
+            own = {"name": "mendloop demo", "token": self.token, "role": "operator", "repositories": []}
+            entries = [t.model_dump() for t in settings.tokens if t.name != own["name"]]
+            self.server_env = {"MENDLOOP_TOKENS": json.dumps([*entries, own])}
         host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         self.api_url = f"http://{host}:{self.port}" if ":" not in host else f"http://[{host}]:{self.port}"
 
@@ -193,6 +202,7 @@ class Demo:
         self._write_config()
         mendloop_env = {
             **env,
+            **self.server_env,
             # `serve` lets the environment beat --port; pin it so the demo and its server agree on the port.
             "MENDLOOP_PORT": str(self.port),
             # The child must run this very mendloop, whose examples/ the demo uses.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mendloop.config import Settings
@@ -219,9 +219,15 @@ class Remediation:
 
     # -- the pull API -----------------------------------------------------------------------------------------
 
-    def claim_work_order(self, agent_id: str, repository: str | None) -> WorkOrder | None:
+    def claim_work_order(
+        self, agent_id: str, repository: str | None, repositories: Sequence[str] | None = None
+    ) -> WorkOrder | None:
+        """`repositories`: the claiming token's scope (None: any repository)."""
         return self.store.work_orders.claim(
-            agent_id, repository=repository, lease_seconds=self.settings.agent_lease_seconds
+            agent_id,
+            repository=repository,
+            lease_seconds=self.settings.agent_lease_seconds,
+            repositories=repositories,
         )
 
     def heartbeat(self, wo_id: str, lease_id: str, note: str | None) -> WorkOrder:

@@ -47,12 +47,13 @@ class PruneReport:
     trust_history: int = 0
     work_orders: int = 0
     diffs: int = 0
+    audit: int = 0
     # The lowest event id a declared reader still needs (None: none declared one); no event at or above it went.
     event_floor: int | None = None
     dry_run: bool = False
 
     def add(self, other: PruneReport) -> None:
-        for name in ("runs", "steps", "events", "trust_history", "work_orders", "diffs"):
+        for name in ("runs", "steps", "events", "trust_history", "work_orders", "diffs", "audit"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,17 +74,22 @@ class Retention:
         *,
         runs_before: float | None,
         events_before: float | None = None,
+        audit_before: float | None = None,
         dry_run: bool = False,
         batch: int = BATCH,
     ) -> PruneReport:
         """Delete runs finished before `runs_before` (and what is theirs), and events created before
-        `events_before`; None leaves that kind alone. `dry_run` counts what would go and deletes nothing."""
+        `events_before`, and audit log rows written before `audit_before`; None leaves that kind alone.
+        `dry_run` counts what would go and deletes nothing."""
         report = PruneReport(dry_run=dry_run)
         with self.db.read() as conn:
             report.event_floor = self.floor(conn)
         if dry_run:
             with self.db.read() as conn:
                 report.add(self._count(conn, runs_before, events_before, report.event_floor))
+                if audit_before is not None:
+                    q = sa.select(sa.func.count()).select_from(t.audit_log).where(t.audit_log.c.at < audit_before)
+                    report.audit = int(conn.execute(q).scalar_one())
             return report
         if runs_before is not None:
             while True:
@@ -95,6 +101,12 @@ class Retention:
             while True:
                 n = self._prune_events(events_before, batch)
                 report.events += n
+                if n < batch:
+                    break
+        if audit_before is not None:
+            while True:
+                n = self._prune_audit(audit_before, batch)
+                report.audit += n
                 if n < batch:
                     break
         return report
@@ -149,6 +161,15 @@ class Retention:
             if not ids_list:
                 return 0
             return int(tx.conn.execute(sa.delete(t.events).where(t.events.c.id.in_(ids_list))).rowcount)
+
+    def _prune_audit(self, cutoff: float, batch: int) -> int:
+        # The audit log is kept by its own age (`retention.audit_days`): auditors usually want it longer.
+        a = t.audit_log.c
+        with self.db.write() as tx:
+            ids = list(tx.conn.execute(sa.select(a.id).where(a.at < cutoff).order_by(a.id).limit(batch)).scalars())
+            if not ids:
+                return 0
+            return int(tx.conn.execute(sa.delete(t.audit_log).where(a.id.in_(ids))).rowcount)
 
     def _count(
         self, conn: Connection, runs_before: float | None, events_before: float | None, floor: int | None

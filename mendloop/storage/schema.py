@@ -270,3 +270,40 @@ notify_cursors = sa.Table(
     sa.Column("created_at", Epoch, nullable=False),
     sa.Column("updated_at", Epoch, nullable=False),
 )
+
+# API tokens made with `mendloop tokens create`: only the SHA-256 of each (a token is 256 random bits, so its
+# digest is as good as a salted hash); `repositories` is the JSON list an agent token may work for.
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("repositories", sa.JSON, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Column("revoked_at", Epoch, nullable=True),
+    sa.Index("ix_api_tokens_digest", "digest", unique=True),
+    sa.Index("ix_api_tokens_name", "name", "revoked_at"),
+)
+
+# Every operator and admin action, and every refusal with 403: who (the token's id, name and role), what (the
+# action, the method and path, the object it names), when, from where, and the status answered.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", Epoch, nullable=False),
+    sa.Column("actor_id", sa.String(200), nullable=True),
+    sa.Column("actor_name", sa.String(200), nullable=True),
+    sa.Column("role", sa.String(16), nullable=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("path", sa.String(2000), nullable=False),
+    sa.Column("target_id", sa.String(300), nullable=True),
+    sa.Column("client", sa.String(200), nullable=True),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Index("ix_audit_log_at", "at"),
+    sa.Index("ix_audit_log_actor", "actor_name", "id"),
+    sa.Index("ix_audit_log_action", "action", "id"),
+)

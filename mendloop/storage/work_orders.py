@@ -7,7 +7,7 @@ Same dialect rules as runs: `FOR UPDATE SKIP LOCKED` on PostgreSQL, one writer a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -39,7 +39,23 @@ class WorkOrderStore:
 
     # -- the pull API ---------------------------------------------------------------------------------------
 
-    def claim(self, agent_id: str, *, repository: str | None, lease_seconds: float) -> WorkOrder | None:
+    def repository_of(self, wo_id: str) -> str | None:
+        """The repository a work order is for (None: it names none); NotFound when there is no such work order."""
+        with self.db.read() as conn:
+            row = conn.execute(sa.select(t.work_orders.c.repository).where(t.work_orders.c.id == wo_id)).first()
+        if row is None:
+            raise NotFound("work order", wo_id)
+        return None if row.repository is None else str(row.repository)
+
+    def claim(
+        self,
+        agent_id: str,
+        *,
+        repository: str | None,
+        lease_seconds: float,
+        repositories: Sequence[str] | None = None,
+    ) -> WorkOrder | None:
+        """`repositories`: the agent token's scope (None: any), so only work orders of those repositories."""
         lease_id = uuid.uuid4().hex
         with self.db.write() as tx:
             now = tx.now
@@ -56,6 +72,8 @@ class WorkOrderStore:
             )
             if repository:
                 q = q.where(sa.or_(t.work_orders.c.repository == repository, t.work_orders.c.repository.is_(None)))
+            if repositories is not None:
+                q = q.where(t.work_orders.c.repository.in_(list(repositories)))
             row = tx.conn.execute(
                 sa.update(t.work_orders)
                 .where(t.work_orders.c.id == q.scalar_subquery())

@@ -20,6 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import auth, errors, views
+from mendloop.api.access import credential_of
 from mendloop.api.deps import AppDep, route_path
 from mendloop.api.responses import (
     AlertOutcome,
@@ -32,6 +33,7 @@ from mendloop.api.responses import (
 from mendloop.api.schemas import ERROR_RESPONSES, JSON_ERROR_RESPONSES, EventIn
 from mendloop.api.streams import HeldStream, StreamSlots
 from mendloop.app import App
+from mendloop.domain import roles
 from mendloop.domain.event_cursor import event_filter, parse_cursor, resume
 from mendloop.domain.records import Detection, DetectionOutcome
 from mendloop.errors import AuthError, Conflict, InputError
@@ -78,14 +80,16 @@ _EVENT_BODY = {
 
 
 def _check_intake_auth(app: App, request: Request, raw: bytes) -> auth.Signature | None:
-    """None when the caller needs no credentials or showed a token; the verified signature of a signed webhook.
-    Raises AuthError naming the header (or the part of it) that is missing or wrong."""
+    """None when the caller needs no credentials or showed a token that may post events (the access middleware
+    resolved it); the verified signature of a signed webhook. Raises AuthError naming the header (or the part of
+    it) that is missing or wrong."""
+    credential = credential_of(request)
+    if credential is not None and roles.allows(credential.role, roles.Action.INTAKE):
+        return None
     s = app.settings
-    if not (s.api_tokens or s.intake_tokens or s.forwarder_tokens or s.webhook_hmac_secret):
+    if app.keyring.is_open() and not (s.intake_tokens or s.forwarder_tokens or s.webhook_hmac_secret):
         return None
     authorization = request.headers.get("authorization")
-    if auth.token_accepted(authorization, (*s.api_tokens, *s.intake_tokens, *s.forwarder_tokens)):
-        return None
     signature = request.headers.get(auth.SIGNATURE_HEADER)
     if signature is not None or (s.webhook_hmac_secret and not authorization):
         return auth.verify_signature(

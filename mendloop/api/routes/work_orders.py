@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
+from mendloop.api.access import credential_of
 from mendloop.api.deps import AppDep, Limit, Offset
 from mendloop.api.responses import ClaimOut, CompleteOut, HeartbeatOut, WorkOrderList, WorkOrderOut
 from mendloop.api.schemas import (
@@ -23,7 +24,9 @@ from mendloop.api.schemas import (
     RejectRequest,
 )
 from mendloop.domain.records import EventRecord
+from mendloop.domain.roles import Action
 from mendloop.domain.states import WorkOrderStatus
+from mendloop.errors import Forbidden
 
 router = APIRouter(prefix="/patches", tags=["work orders"], responses=ERROR_RESPONSES)
 
@@ -126,8 +129,19 @@ async def reject_work_order(app: AppDep, work_order_id: str, body: RejectRequest
     response_model=ClaimOut,
     responses={204: {"description": "No work within wait_seconds"}},
 )
-async def claim_work_order(app: AppDep, body: ClaimRequest) -> ClaimOut | Response:
-    """Lease the oldest queued work order to an agent; long-polls up to `wait_seconds` for one to appear."""
+async def claim_work_order(app: AppDep, request: Request, body: ClaimRequest) -> ClaimOut | Response:
+    """Lease the oldest queued work order to an agent; long-polls up to `wait_seconds` for one to appear. An agent
+    token naming repositories is handed only work orders of those repositories."""
+    credential = credential_of(request)
+    scope = credential.claim_scope() if credential is not None else None
+    if credential is not None and body.repository is not None and not credential.works_for(body.repository):
+        raise Forbidden(
+            f"this agent token does not work for repository {body.repository}",
+            field="Authorization",
+            role=credential.role.value,
+            action=Action.CLAIM.value,
+            repository=body.repository,
+        )
     loop = asyncio.get_running_loop()
     arrived = asyncio.Event()
 
@@ -140,7 +154,7 @@ async def claim_work_order(app: AppDep, body: ClaimRequest) -> ClaimOut | Respon
         deadline = loop.time() + body.wait_seconds
         while True:
             arrived.clear()
-            wo = await run_in_threadpool(app.remediation.claim_work_order, body.agent_id, body.repository)
+            wo = await run_in_threadpool(app.remediation.claim_work_order, body.agent_id, body.repository, scope)
             remaining = deadline - loop.time()
             if wo is not None or remaining <= 0:
                 break

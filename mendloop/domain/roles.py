@@ -1,0 +1,199 @@
+"""Who may do what: the roles of API tokens, the action each route is, and which roles may take which actions.
+
+A route is named by its method and its path template (`POST /patches/runs/{run_id}/cancel`); `RULES` says which
+action it is, and `ALLOWED` which actions a role may take. A route missing from `RULES` is `UNLISTED`, which only
+`admin` may call: a new route is closed until someone decides who may call it (a test walks the app's routes and
+fails on any that is not listed). Pure: the API's access middleware asks, storage and config do not decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    AGENT = "agent"
+    INTAKE = "intake"
+    ADMIN = "admin"
+
+
+class Action(StrEnum):
+    PUBLIC = "public"  # no token needed: liveness and the docs
+    UNROUTED = "unrouted"  # no route matches (a 404 or 405): any valid token may learn that
+    UNLISTED = "unlisted"  # a route without a rule: admin only, until it has one
+    READ = "read"
+    TRIGGER = "runs.trigger"
+    CANCEL = "runs.cancel"
+    APPROVE = "work_orders.approve"
+    MERGED = "work_orders.merged"
+    REJECT = "work_orders.reject"
+    RESOLVE = "incidents.resolve"
+    CLAIM = "work_orders.claim"
+    HEARTBEAT = "work_orders.heartbeat"
+    COMPLETE = "work_orders.complete"
+    FAIL = "work_orders.fail"
+    INTAKE = "events.intake"
+    TOKENS_LIST = "tokens.list"
+    TOKENS_CREATE = "tokens.create"
+    TOKENS_REVOKE = "tokens.revoke"
+    AUDIT_READ = "audit.read"
+
+
+# A Mount (the docs' static files) has no methods: its rule's method is "*".
+ANY_METHOD = "*"
+_WO = "/patches/work-orders/{work_order_id}"
+
+RULES: dict[tuple[str, str], Action] = {
+    ("GET", "/health"): Action.PUBLIC,
+    ("GET", "/docs"): Action.PUBLIC,
+    ("GET", "/openapi.json"): Action.PUBLIC,
+    (ANY_METHOD, "/_static/swagger"): Action.PUBLIC,
+    ("GET", "/patches/work-orders"): Action.READ,
+    ("GET", _WO): Action.READ,
+    ("GET", "/patches/diffs/{work_order_id}.diff"): Action.READ,
+    ("GET", "/patches/runs"): Action.READ,
+    ("GET", "/patches/runs/{run_id}"): Action.READ,
+    ("GET", "/patches/stats"): Action.READ,
+    ("GET", "/events/recent"): Action.READ,
+    ("GET", "/events/stream"): Action.READ,
+    ("GET", "/incidents"): Action.READ,
+    ("GET", "/incidents/{incident_id}"): Action.READ,
+    ("GET", "/playbooks"): Action.READ,
+    ("GET", "/trust"): Action.READ,
+    ("GET", "/trust/{component}"): Action.READ,
+    ("GET", "/routing"): Action.READ,
+    ("GET", "/metrics"): Action.READ,
+    ("POST", "/patches/trigger"): Action.TRIGGER,
+    ("POST", "/patches/runs/{run_id}/cancel"): Action.CANCEL,
+    ("POST", f"{_WO}/approve"): Action.APPROVE,
+    ("POST", f"{_WO}/merged"): Action.MERGED,
+    ("POST", f"{_WO}/reject"): Action.REJECT,
+    ("POST", "/incidents/{incident_id}/resolve"): Action.RESOLVE,
+    ("POST", "/patches/work-orders/claim"): Action.CLAIM,
+    ("POST", f"{_WO}/heartbeat"): Action.HEARTBEAT,
+    ("POST", f"{_WO}/complete"): Action.COMPLETE,
+    ("POST", f"{_WO}/fail"): Action.FAIL,
+    ("POST", "/events"): Action.INTAKE,
+    ("POST", "/events/alertmanager"): Action.INTAKE,
+    ("GET", "/tokens"): Action.TOKENS_LIST,
+    ("POST", "/tokens"): Action.TOKENS_CREATE,
+    ("DELETE", "/tokens/{token_id}"): Action.TOKENS_REVOKE,
+    ("GET", "/audit"): Action.AUDIT_READ,
+}
+
+OPERATOR_ACTIONS = frozenset(
+    {Action.TRIGGER, Action.CANCEL, Action.APPROVE, Action.MERGED, Action.REJECT, Action.RESOLVE}
+)
+AGENT_ACTIONS = frozenset({Action.CLAIM, Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
+ADMIN_ACTIONS = frozenset(
+    {Action.TOKENS_LIST, Action.TOKENS_CREATE, Action.TOKENS_REVOKE, Action.AUDIT_READ, Action.UNLISTED}
+)
+_EVERYONE = frozenset({Action.PUBLIC, Action.UNROUTED})
+
+ALLOWED: dict[Role, frozenset[Action]] = {
+    Role.VIEWER: _EVERYONE | {Action.READ},
+    Role.OPERATOR: _EVERYONE | {Action.READ} | OPERATOR_ACTIONS,
+    Role.AGENT: _EVERYONE | {Action.READ} | AGENT_ACTIONS,
+    Role.INTAKE: _EVERYONE | {Action.INTAKE},
+    Role.ADMIN: frozenset(Action),
+}
+
+# The actions whose work order (the path's `work_order_id`) must be of a repository the agent's token names.
+WORK_ORDER_SCOPED = frozenset({Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
+# What the audit log keeps: every operator and admin action, allowed or not. An agent's claims and heartbeats and
+# intake's events are not operators' actions (a runner long-polls claim every few seconds, forever); any refusal
+# with 403 is kept whatever its action.
+AUDITED = OPERATOR_ACTIONS | ADMIN_ACTIONS
+# In a token's repositories: every repository (and work orders that name none).
+ALL_REPOSITORIES = "*"
+
+
+def action_for(method: str, template: str) -> Action:
+    """The action a route is; `UNLISTED` for a route without a rule. HEAD is GET's."""
+    method = "GET" if method == "HEAD" else method
+    found = RULES.get((method, template)) or RULES.get((ANY_METHOD, template))
+    return found if found is not None else Action.UNLISTED
+
+
+def allows(role: Role, action: Action) -> bool:
+    return action in ALLOWED[role]
+
+
+def roles_for(action: Action) -> list[Role]:
+    """The roles that may take `action`, for the 403's message."""
+    return [role for role in Role if action in ALLOWED[role]]
+
+
+def audited(action: Action, status: int) -> bool:
+    return action in AUDITED or status == 403
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Whoever a token stands for. `id` says where it comes from (`db:<id>`, `config:<name>`, `process:agent`);
+    `repositories` is None when the token may work for every repository."""
+
+    id: str
+    name: str
+    role: Role
+    repositories: tuple[str, ...] | None = None
+
+    def works_for(self, repository: str | None) -> bool:
+        """Whether this token may claim, heartbeat, complete or fail a work order of `repository` (None: the work
+        order names none). Only agent tokens are scoped; an admin works for every repository."""
+        if self.role is not Role.AGENT or self.repositories is None:
+            return True
+        return repository is not None and repository in self.repositories
+
+    def claim_scope(self) -> tuple[str, ...] | None:
+        """The repositories a claim may hand out work orders of; None: any."""
+        return self.repositories if self.role is Role.AGENT else None
+
+
+def scope_of(repositories: Iterable[str]) -> tuple[str, ...] | None:
+    """A token's stored repositories as a scope: `*` is every repository."""
+    given = tuple(repositories)
+    return None if ALL_REPOSITORIES in given else given
+
+
+def spec_problem(role: str, repositories: Iterable[str]) -> str | None:
+    """What is wrong with a token of `role` naming `repositories` (None when nothing): only agent tokens name
+    repositories, and they must name at least one (`*` for every repository, alone)."""
+    if role not in {r.value for r in Role}:
+        return f"unknown role {role!r}; known: {', '.join(Role)}"
+    given = list(repositories)
+    if role != Role.AGENT:
+        return f"only agent tokens name repositories, not {role} tokens" if given else None
+    if not given:
+        return f"an agent token names the repositories it may work for ({ALL_REPOSITORIES!r} for every repository)"
+    if any(not r.strip() for r in given):
+        return "a repository is empty"
+    if ALL_REPOSITORIES in given and len(given) > 1:
+        return f"{ALL_REPOSITORIES!r} (every repository) stands alone"
+    return None
+
+
+__all__ = [
+    "ADMIN_ACTIONS",
+    "AGENT_ACTIONS",
+    "ALLOWED",
+    "ALL_REPOSITORIES",
+    "ANY_METHOD",
+    "AUDITED",
+    "OPERATOR_ACTIONS",
+    "RULES",
+    "WORK_ORDER_SCOPED",
+    "Action",
+    "Credential",
+    "Role",
+    "action_for",
+    "allows",
+    "audited",
+    "roles_for",
+    "scope_of",
+    "spec_problem",
+]
