@@ -51,7 +51,9 @@ def nginx_conf(tmp: Path, listen: int, upstream: int) -> Path:
         f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/nginx-error.log warn;\ndaemon off;\n"
         "events { worker_connections 64; }\n"
         f"http {{\n    access_log off;\n{paths}"
-        f"  server {{\n    listen 127.0.0.1:{listen};\n{documented_location(upstream)}  }}\n}}\n"
+        # From 127.0.0.2, the one address mendloop believes forwarded headers from: a caller on 127.0.0.1 is not it.
+        f"  server {{\n    listen 127.0.0.1:{listen};\n    proxy_bind 127.0.0.2;\n"
+        f"{documented_location(upstream)}  }}\n}}\n"
     )
     return conf
 
@@ -81,7 +83,7 @@ def proxied(tmp_path: Path) -> Iterator[tuple[str, str]]:
                 "playbook_dirs": ["pb"],
                 "api_tokens": [TOKEN],
                 "root_path": "/mendloop",
-                "forwarded_allow_ips": ["127.0.0.1"],
+                "forwarded_allow_ips": ["127.0.0.2"],
                 "limits": {"sse_keepalive_seconds": 0.5},
             }
         )
@@ -172,6 +174,21 @@ def test_docs_health_runs_and_the_stream_work_under_the_prefix(proxied: tuple[st
 
     # Straight to the server (not through the proxy) the app is still reachable without the prefix.
     assert httpx.get(f"{direct}/health", timeout=10).status_code == 200
+
+
+def test_the_client_address_comes_from_the_proxy_only(proxied: tuple[str, str]) -> None:
+    base, direct = proxied
+    spoof = {**AUTH, "X-Forwarded-For": "203.0.113.7"}
+    body = {"error_type": "proxied_failure", "description": "d", "component": "svc", "wait_seconds": 0}
+    # Through nginx, which connects from 127.0.0.2 and names the caller it saw (127.0.0.1): believed, so the
+    # client is 127.0.0.1, not the proxy's 127.0.0.2.
+    assert httpx.post(f"{base}/patches/trigger", json=body, headers=AUTH, timeout=60).status_code == 200
+    # Straight to mendloop from 127.0.0.1, which is not a listed proxy: the header is ignored.
+    assert httpx.post(f"{direct}/patches/trigger", json=body, headers=spoof, timeout=60).status_code == 200
+    audit = httpx.get(f"{direct}/audit", params={"action": "runs.trigger"}, headers=AUTH, timeout=10)
+    assert audit.status_code == 200, audit.text
+    clients = sorted(e["client"] for e in audit.json()["entries"])
+    assert clients == ["127.0.0.1", "127.0.0.1"]
 
 
 @pytest.mark.parametrize("value", ["mendloop", "/mendloop/", "/a b", "/../x"])
