@@ -105,6 +105,7 @@ class App:
                 rnd=self.rnd,
                 targets=s.targets,
                 redactor=self.redactor,
+                control=s.control,
                 # The server's tests of a held patch run sandboxed as uid 65534 when it is root, like the runner's.
                 patches=HeldPatches(
                     store=self.store,
@@ -133,6 +134,7 @@ class App:
             wake=self.workers.notify,
         )
         self.workers.housekeeping.append(self.remediation.reap)
+        self.workers.housekeeping.append(self.remediation.reap_approvals)
         self.incidents = IncidentStore(self.store, s.storm)
         self.log_intake = LogIntake(s, redactor=self.redactor)
         self.intake = Intake(

@@ -566,6 +566,32 @@ class HealthConfig(_Strict):
     )
 
 
+class ControlConfig(_Strict):
+    """Human control: how much mendloop may do on its own."""
+
+    trust_gates: dict[str, float] = Field(
+        default_factory=dict,
+        description="component -> trust level (0 to 1) below which its `destructive: true` steps and its patch "
+        "applies wait for an operator's approval; at or above it they run on their own. `*`: every other component.",
+    )
+    approval_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="Deadline of a trust gate's approval (none: it waits); `on_timeout` is reject."
+    )
+
+    @field_validator("trust_gates")
+    @classmethod
+    def _gates(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, gate in value.items():
+            if not 0 <= gate <= 1:
+                raise ValueError(f"{name}: a trust gate is between 0 and 1")
+        return value
+
+    def gate_for(self, component: str | None) -> float | None:
+        if component and component in self.trust_gates:
+            return self.trust_gates[component]
+        return self.trust_gates.get("*")
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -601,6 +627,9 @@ class Settings(BaseSettings):
     )
     trust: TrustConfig = Field(
         default_factory=TrustConfig, description="How incidents and verified fixes move a component's trust score."
+    )
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Human control: trust gates in front of destructive steps."
     )
     trigger_wait_seconds: float = Field(
         default=30,

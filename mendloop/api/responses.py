@@ -108,6 +108,10 @@ class RunOut(_Answer):
     updated_at: Timestamp
     finished_at: Timestamp
     error: str | None
+    approval: dict[str, Any] | None = Field(
+        default=None,
+        description="In awaiting_approval: what it waits for (step_id, rule, score, gate, deadline_at, on_timeout).",
+    )
 
 
 class RunList(_Answer):

@@ -114,6 +114,12 @@ class RejectRequest(_Body):
     reason: StrictStr = Field(default="rejected", min_length=1, max_length=2000)
 
 
+class DecisionRequest(_Body):
+    """An operator's approval or rejection of what a run waits for."""
+
+    comment: StrictStr | None = Field(default=None, min_length=1, max_length=2000)
+
+
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 

@@ -82,6 +82,7 @@ def _run_fields(r: Run) -> dict[str, object]:
         "updated_at": iso(r.updated_at),
         "finished_at": iso(r.finished_at),
         "error": r.error,
+        "approval": r.pending.get("approval") if r.status is RunStatus.AWAITING_APPROVAL else None,
     }
 
 

@@ -11,6 +11,9 @@ class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     AWAITING_PATCH = "awaiting_patch"
+    # Parked like awaiting_patch (no lease, not claimable) until an operator approves or rejects, or the deadline
+    # (`next_run_at`) passes and its `on_timeout` decides.
+    AWAITING_APPROVAL = "awaiting_approval"
     VERIFYING = "verifying"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -38,7 +41,7 @@ class StepStatus(StrEnum):
 
 RUN_FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED})
 # A trigger's caller waits until the run reaches one of these.
-RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH}
+RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH, RunStatus.AWAITING_APPROVAL}
 WORK_ORDER_FINAL = frozenset({WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED})
 # The agent's job is over in these; COMPLETED can still turn FAILED when verification overrules the claim.
 WORK_ORDER_HELD = frozenset(
@@ -56,6 +59,7 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
             RunStatus.QUEUED,  # lease released for a backoff or a sleep, or reclaimed after a crash
             RunStatus.RUNNING,
             RunStatus.AWAITING_PATCH,
+            RunStatus.AWAITING_APPROVAL,
             RunStatus.VERIFYING,
             RunStatus.COMPLETED,
             RunStatus.FAILED,
@@ -69,6 +73,7 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
             RunStatus.RUNNING,
             RunStatus.VERIFYING,
             RunStatus.AWAITING_PATCH,
+            RunStatus.AWAITING_APPROVAL,
             RunStatus.COMPLETED,
             RunStatus.FAILED,
             RunStatus.NEEDS_HUMAN,
@@ -76,6 +81,10 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         }
     ),
     RunStatus.AWAITING_PATCH: frozenset(
+        {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
+    ),
+    # Approved: queued to go on; rejected: a human takes over; timed out with on_timeout=fail: failed.
+    RunStatus.AWAITING_APPROVAL: frozenset(
         {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
     ),
     RunStatus.COMPLETED: frozenset(),

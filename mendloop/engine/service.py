@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mendloop.config import Settings
-from mendloop.domain import runs
+from mendloop.domain import approvals, runs
 from mendloop.domain import work_orders as decide
 from mendloop.domain.bounded import MAX_CONTEXT_DEPTH, nesting
 from mendloop.domain.records import NewEvent, PlaybookRef, Run, WorkOrder
@@ -268,6 +268,47 @@ class Remediation:
             return RunStatus.NEEDS_HUMAN
         pb = self.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
         return RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
+
+    # -- approvals of runs -------------------------------------------------------------------------------------
+
+    def approve_run(self, run_id: str, comment: str | None = None, by: str = "operator") -> Run:
+        """Approve what the run waits for: its approval step or trust gate, or the patch its work order holds for
+        approval (the work order's own approve)."""
+        wo_id = self._held_patch_of(run_id)
+        if wo_id is not None:
+            self.approve(wo_id)
+            return self.store.get_run(run_id)
+        run = self.store.approvals.decide(
+            run_id, lambda run, now: approvals.decide(run, approved=True, by=by, comment=comment, now=now)
+        )
+        self._wake()
+        return run
+
+    def reject_run(self, run_id: str, comment: str | None = None, by: str = "operator") -> Run:
+        wo_id = self._held_patch_of(run_id)
+        if wo_id is not None:
+            self.reject(wo_id, comment or "rejected")
+            return self.store.get_run(run_id)
+        return self.store.approvals.decide(
+            run_id, lambda run, now: approvals.decide(run, approved=False, by=by, comment=comment, now=now)
+        )
+
+    def _held_patch_of(self, run_id: str) -> str | None:
+        run = self.store.get_run(run_id)
+        if run.status is RunStatus.AWAITING_PATCH and run.coding_work_order_id:
+            wo = self.store.get_work_order(run.coding_work_order_id)
+            if wo.status is WorkOrderStatus.AWAITING_APPROVAL:
+                return wo.id
+        return None
+
+    def reap_approvals(self) -> list[str]:
+        """Approvals past their deadline: each run's `on_timeout` decides."""
+        due = self.store.approvals.due()
+        for run_id in due:
+            self.store.approvals.decide(run_id, lambda run, now: approvals.time_out(run, now=now))
+        if due:
+            self._wake()
+        return due
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from mendloop.domain.records import EventRecord, NewEvent, Run, StepRecord, TrustChange, WorkOrder
 from mendloop.domain.states import RunStatus
 from mendloop.domain.trust import TrustMove, TrustWeights
+from mendloop.storage.approvals import ApprovalStore
 from mendloop.storage.db import AfterCommit, Clock, Database
 from mendloop.storage.events import EventStore
 from mendloop.storage.runs import RunStore, StepOutcome
@@ -54,6 +55,7 @@ class Store:
         self.trust = TrustStore(self.db, trust or _DefaultWeights())
         self.runs = RunStore(self.db, self.trust)
         self.work_orders = WorkOrderStore(self.db)
+        self.approvals = ApprovalStore(self.db)
 
     def close(self) -> None:
         self.db.close()

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from mendloop.api import views
 from mendloop.api.deps import AppDep, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
-from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, TriggerRequest
+from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, TriggerRequest
 from mendloop.app import App
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
@@ -53,6 +53,21 @@ async def cancel_run(app: AppDep, run_id: str, body: CancelRequest | None = None
     reason = app.redactor.text(body.reason) if body else "cancelled by an operator"
     r = await run_in_threadpool(app.remediation.cancel_run, run_id, reason)
     return views.run(r)
+
+
+@router.post("/runs/{run_id}/approve")
+async def approve_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+    """Approve what a run in `awaiting_approval` waits for (an approval step, a trust gate), or the patch its
+    work order holds for approval; the run goes on."""
+    comment = app.redactor.text(body.comment) if body and body.comment else None
+    return views.run(await run_in_threadpool(app.remediation.approve_run, run_id, comment))
+
+
+@router.post("/runs/{run_id}/reject")
+async def reject_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+    """Reject it: the run needs a human."""
+    comment = app.redactor.text(body.comment) if body and body.comment else None
+    return views.run(await run_in_threadpool(app.remediation.reject_run, run_id, comment))
 
 
 async def wait_settled(app: App, run_id: str, timeout: float) -> RunStatus:
