@@ -289,8 +289,24 @@ class Remediation:
         if wo_id is not None:
             self.reject(wo_id, comment or "rejected")
             return self.store.get_run(run_id)
-        return self.store.approvals.decide(
+        run = self.store.approvals.decide(
             run_id, lambda run, now: approvals.decide(run, approved=False, by=by, comment=comment, now=now)
+        )
+        self._drop_held_patch(run, comment or "rejected")
+        return run
+
+    def _drop_held_patch(self, run: Run, why: str) -> None:
+        """A run stopped at the trust gate of its patch apply: its work order's diff will never be applied, so the
+        work order fails too (left `awaiting_apply`, it would look open for ever)."""
+        if run.status not in (RunStatus.NEEDS_HUMAN, RunStatus.FAILED) or not run.coding_work_order_id:
+            return
+        if self.store.get_work_order(run.coding_work_order_id).status is not WorkOrderStatus.AWAITING_APPLY:
+            return
+        self._change(
+            run.coding_work_order_id,
+            lambda wo, run, now: decide.overrule(
+                wo, run, reason="needs_human", details={"message": f"its apply was not approved: {why}"}, now=now
+            ),
         )
 
     def _held_patch_of(self, run_id: str) -> str | None:
@@ -305,7 +321,8 @@ class Remediation:
         """Approvals past their deadline: each run's `on_timeout` decides."""
         due = self.store.approvals.due()
         for run_id in due:
-            self.store.approvals.decide(run_id, lambda run, now: approvals.time_out(run, now=now))
+            run = self.store.approvals.decide(run_id, lambda run, now: approvals.time_out(run, now=now))
+            self._drop_held_patch(run, "no decision before the deadline")
         if due:
             self._wake()
         return due
