@@ -112,6 +112,9 @@ class RunOut(_Answer):
         default=None,
         description="In awaiting_approval: what it waits for (step_id, rule, score, gate, deadline_at, on_timeout).",
     )
+    paused: str | None = Field(
+        default=None, description="Not yet ended while its component (or all) is paused: the pause's reason."
+    )
 
 
 class RunList(_Answer):
@@ -295,11 +298,23 @@ class IncidentOut(_Answer):
     resolved_by_run: str | None = Field(description="The run whose verified fix resolved it (None: not by a run).")
     resolved_commit: str | None = Field(description="The commit of the patch that run applied, if any.")
     last_resolved_at: Timestamp = Field(description="When it was resolved before it last reopened.")
+    paused: str | None = Field(default=None, description="While its component (or all) is paused: the reason.")
 
 
 class IncidentRun(_Answer):
     run_id: str
     status: str
+
+
+class PauseOut(_Answer):
+    scope: str = Field(description="The paused component, or `*` for all of them.")
+    reason: str
+    paused_at: Timestamp
+
+
+class PauseList(_Answer):
+    pauses: list[PauseOut]
+    count: int
 
 
 class IncidentDetail(IncidentOut):
@@ -316,6 +331,9 @@ class IncidentList(_Answer):
 
 
 class HealthOut(_Answer):
+    paused: list[PauseOut] = Field(
+        default_factory=list, description="Paused components (`*`: all), as the write probe last read them."
+    )
     status: Literal["ok", "degraded"]
     database: str
     dialect: str

@@ -120,6 +120,15 @@ class DecisionRequest(_Body):
     comment: StrictStr | None = Field(default=None, min_length=1, max_length=2000)
 
 
+class PauseRequest(_Body):
+    component: StrictStr | None = Field(default=None, min_length=1, max_length=200, description="None: all.")
+    reason: StrictStr = Field(min_length=1, max_length=2000, description="Shown on /health, runs and incidents.")
+
+
+class ResumeRequest(_Body):
+    component: StrictStr | None = Field(default=None, min_length=1, max_length=200, description="None: every pause.")
+
+
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mendloop import __version__
 from mendloop.api import auth, errors, metrics, schemas
 from mendloop.api.http_protocol import header_timeout_protocol
-from mendloop.api.routes import events, incidents, routing, runs, stats, system, work_orders
+from mendloop.api.routes import control, events, incidents, routing, runs, stats, system, work_orders
 from mendloop.api.routes import metrics as metrics_route
 from mendloop.api.streams import StreamSlots
 from mendloop.app import App
@@ -267,6 +267,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
 
     api.include_router(work_orders.router)
     api.include_router(runs.router)
+    api.include_router(control.router)
     api.include_router(stats.router)
     api.include_router(events.router)
     api.include_router(incidents.router)

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from mendloop.config import Settings
-from mendloop.domain import approvals, runs
+from mendloop.domain import approvals, pauses, runs
 from mendloop.domain import work_orders as decide
 from mendloop.domain.bounded import MAX_CONTEXT_DEPTH, nesting
+from mendloop.domain.pauses import Pause
 from mendloop.domain.records import NewEvent, PlaybookRef, Run, WorkOrder
 from mendloop.domain.states import FAIL_REASONS, WORK_ORDER_OPERATOR_HOLDS, RunStatus, WorkOrderStatus
 from mendloop.domain.work_orders import Completion
@@ -326,6 +327,20 @@ class Remediation:
         if due:
             self._wake()
         return due
+
+    # -- pauses ---------------------------------------------------------------------------------------------
+
+    def pause(self, component: str | None, reason: str) -> Pause:
+        """No queued run of the component (None: of any) is claimed until it is resumed; detections still open
+        incidents and queue their runs, so nothing is lost."""
+        return self.store.pauses.pause(pauses.scope_of(component), reason)
+
+    def resume(self, component: str | None) -> list[Pause]:
+        """Lift the component's pause (None: every pause); the held runs start."""
+        lifted = self.store.pauses.resume(pauses.scope_of(component) if component is not None else None)
+        if lifted:
+            self._wake()
+        return lifted
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)

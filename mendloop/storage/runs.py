@@ -208,6 +208,9 @@ class RunStore:
                 ),
             )
         ]
+        # Paused (by component, or all): a queued run waits for the resume. A lapsed lease is still re-claimed: that
+        # run had started, and a crash must not leave it half done for the length of a pause.
+        conds.append(~sa.exists().where(sa.or_(t.pauses.c.scope == "*", t.pauses.c.scope == t.runs.c.component)))
         if capped:
             running = sa.select(sa.func.count()).select_from(other).where(other.c.status.in_(_ACTIVE)).scalar_subquery()
             conds.append(running < sa.bindparam("cap", type_=sa.Integer()))

@@ -222,3 +222,13 @@ watcher_offsets = sa.Table(
     sa.Column("offset", sa.BigInteger, nullable=False),
     sa.Column("updated_at", Epoch, nullable=False),
 )
+
+# Paused components (migration 0010): no queued run of a paused component is claimed until it is resumed.
+# `scope` is a component's name, or `*` for all of them.
+pauses = sa.Table(
+    "pauses",
+    metadata,
+    sa.Column("scope", sa.String(200), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+)

@@ -23,6 +23,7 @@ from mendloop.domain.trust import TrustMove, TrustWeights
 from mendloop.storage.approvals import ApprovalStore
 from mendloop.storage.db import AfterCommit, Clock, Database
 from mendloop.storage.events import EventStore
+from mendloop.storage.pauses import PauseStore
 from mendloop.storage.runs import RunStore, StepOutcome
 from mendloop.storage.trust import TrustStore
 from mendloop.storage.work_orders import WorkOrderStore
@@ -56,6 +57,7 @@ class Store:
         self.runs = RunStore(self.db, self.trust)
         self.work_orders = WorkOrderStore(self.db)
         self.approvals = ApprovalStore(self.db)
+        self.pauses = PauseStore(self.db)
 
     def close(self) -> None:
         self.db.close()

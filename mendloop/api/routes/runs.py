@@ -26,7 +26,8 @@ RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this st
 async def list_runs(app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0) -> RunList:
     def query() -> RunList:
         items, total = app.store.list_runs(status=status.value if status else None, limit=limit, offset=offset)
-        return RunList(runs=[views.run(r) for r in items], count=len(items), total=total)
+        pauses = app.store.pauses.current()
+        return RunList(runs=[views.run(r, pauses) for r in items], count=len(items), total=total)
 
     return await run_in_threadpool(query)
 
@@ -40,6 +41,7 @@ def run_detail(app: App, run_id: str) -> RunDetail:
         trust_score=app.store.trust_score(r.component) if r.component else None,
         trust_changes=app.store.trust_history(run_id=run_id),
         wo=app.store.get_work_order(r.coding_work_order_id) if r.coding_work_order_id else None,
+        pauses=app.store.pauses.current(),
     )
 
 

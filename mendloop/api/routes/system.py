@@ -46,6 +46,7 @@ async def health(app: AppDep, response: Response) -> HealthOut:
         watchers=app.watchers.snapshot() if app.watchers is not None else {},
         last_write_age_seconds=round(age, 3) if age is not None else None,
         storm=storm_out(state.storm) if state is not None and state.storm is not None else None,
+        paused=[views.pause(p) for p in state.pauses] if state is not None else [],
     )
 
 
