@@ -32,6 +32,7 @@ from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
 from mendloop.intake.watcher import WatcherService
 from mendloop.playbooks.actions.capability import Capabilities
+from mendloop.playbooks import dry_run
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
 from mendloop.rules.routing import Claim, Routing
@@ -106,6 +107,12 @@ class App:
                 targets=s.targets,
                 redactor=self.redactor,
                 control=s.control,
+                planner=lambda pb, run: [
+                    step.as_dict()
+                    for step in dry_run.plan(
+                        pb, run.context.get("event", {}), s, target=run.context.get("target")
+                    ).steps
+                ],
                 # The server's tests of a held patch run sandboxed as uid 65534 when it is root, like the runner's.
                 patches=HeldPatches(
                     store=self.store,

@@ -574,6 +574,11 @@ class ControlConfig(_Strict):
         description="component -> trust level (0 to 1) below which its `destructive: true` steps and its patch "
         "applies wait for an operator's approval; at or above it they run on their own. `*`: every other component.",
     )
+    dry_run: bool = Field(
+        default=False,
+        description="Every new run renders and records its steps, executes none, and ends as `dry_run` (a playbook's "
+        "own `dry_run: true` does it for that playbook).",
+    )
     approval_timeout_seconds: float | None = Field(
         default=None, gt=0, description="Deadline of a trust gate's approval (none: it waits); `on_timeout` is reject."
     )

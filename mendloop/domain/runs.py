@@ -45,12 +45,16 @@ def plan(
     event: dict[str, Any],
     targets: Collection[str],
     default_target: str | None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """What a new run is made of, whoever starts it (a trigger, a detection): the columns of `RunStore.create`.
 
     The target is the named component when it is a configured target, else the playbook's own, else the default;
     the run's component is the one named, or its target. The context carries the caller's facts, then the error,
-    the target and the triggering event, which templates read as `event`."""
+    the target and the triggering event, which templates read as `event`. A dry run (`dry_run`: the config's, or
+    the playbook's own `dry_run: true`) is decided here, once: the step loop then renders and records its steps
+    and executes none, whatever the config says by the time a worker claims it."""
+    dry = dry_run or pb.document.get("dry_run") is True
     named = pb.document.get("target")
     if component and component in targets:
         target: str | None = component
@@ -68,8 +72,9 @@ def plan(
             "description": description,
             "target": target,
             "event": event,
+            **({"dry_run": True} if dry else {}),
         },
-        "message": f"Running playbook: {pb.id}",
+        "message": f"Running playbook: {pb.id}" + (" (dry run: nothing is executed)" if dry else ""),
     }
 
 

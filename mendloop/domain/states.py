@@ -19,6 +19,8 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     NEEDS_HUMAN = "needs_human"
     CANCELLED = "cancelled"
+    # A dry run ended: its steps were rendered and recorded, none executed (not a fix: no incident is resolved).
+    DRY_RUN = "dry_run"
 
 
 class WorkOrderStatus(StrEnum):
@@ -39,7 +41,9 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
-RUN_FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED})
+RUN_FINAL = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED, RunStatus.DRY_RUN}
+)
 # A trigger's caller waits until the run reaches one of these.
 RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH, RunStatus.AWAITING_APPROVAL}
 WORK_ORDER_FINAL = frozenset({WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED})
@@ -58,6 +62,7 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {
             RunStatus.QUEUED,  # lease released for a backoff or a sleep, or reclaimed after a crash
             RunStatus.RUNNING,
+            RunStatus.DRY_RUN,
             RunStatus.AWAITING_PATCH,
             RunStatus.AWAITING_APPROVAL,
             RunStatus.VERIFYING,
@@ -71,6 +76,7 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {
             RunStatus.QUEUED,
             RunStatus.RUNNING,
+            RunStatus.DRY_RUN,
             RunStatus.VERIFYING,
             RunStatus.AWAITING_PATCH,
             RunStatus.AWAITING_APPROVAL,
@@ -88,6 +94,7 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
     ),
     RunStatus.COMPLETED: frozenset(),
+    RunStatus.DRY_RUN: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.NEEDS_HUMAN: frozenset(),
     RunStatus.CANCELLED: frozenset(),

@@ -105,6 +105,7 @@ class Remediation:
             event=payload,
             targets=self.settings.targets,
             default_target=self.settings.target_for(None),
+            dry_run=self.settings.control.dry_run,
         )
         trigger = NewEvent(
             type=event_type,

@@ -81,6 +81,8 @@ class StepLoopDeps:
     redactor: Redactor
     patches: HeldPatches
     control: ControlConfig = dataclasses.field(default_factory=ControlConfig)
+    # A dry run's steps as they would run (`playbooks/dry_run.py` `plan`, with the settings `app.py` holds).
+    planner: Callable[[CompiledPlaybook, Run], list[dict[str, Any]]] | None = None
 
 
 class StepLoop:
@@ -96,6 +98,9 @@ class StepLoop:
             self._give_up(run, owner)
             return
         pb = self.d.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
+        if run.context.get("dry_run"):
+            self._dry_run(run, pb, owner)
+            return
         current: Run | None = run
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
             if self.d.patches.pending(current):
@@ -249,6 +254,32 @@ class StepLoop:
             {"outputs": {**run.outputs, step.id: output}, "pending": {}},
             events=events,
             trust=trust,
+        )
+
+    def _dry_run(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
+        """Render every step, record it as skipped with what it would have done, execute none, and end the run as
+        `dry_run`. Each step's record commits on its own: a crash resumes at the next step, as a real run does."""
+        assert self.d.planner is not None, "a dry run needs the planner app.py gives the step loop"
+        planned = self.d.planner(pb, run)
+        current: Run | None = run
+        while current is not None and current.step_index < len(pb.steps):
+            index = current.step_index
+            cs = pb.steps[index]
+            key = f"{run.id}:{cs.step.id}:dry_run"
+            output = self.d.redactor.value(storable({"dry_run": True, **planned[index]}))
+            outcome = _outcome(cs, current, 1, self.d.clock(), key, StepStatus.SKIPPED, output, None)
+            current = self.d.store.advance(
+                current,
+                owner,
+                outcome=outcome,
+                changes={"step_index": index + 1, "attempt": 0, "status": RunStatus.RUNNING.value},
+                lease_seconds=self.d.lease_seconds,
+            )
+        if current is None:
+            return None
+        summary = {"steps": len(pb.steps), "would_fail": [p["id"] for p in planned if p["status"] == "would fail"]}
+        return self._finish(
+            current, owner, RunStatus.DRY_RUN, None, None, changes={"outputs": {**current.outputs, "dry_run": summary}}
         )
 
     def _approval(self, run: Run, owner: str, cs: CompiledStep, scope: dict[str, Any]) -> Run | None:
@@ -613,7 +644,9 @@ class StepLoop:
         trust: TrustMove | None = None,
         events: list[NewEvent] | None = None,
     ) -> Run | None:
-        if status is RunStatus.COMPLETED:
+        if status is RunStatus.DRY_RUN:
+            message = f"Run {run.id} dry run done: {len(run.playbook.get('steps', []))} steps rendered, none executed"
+        elif status is RunStatus.COMPLETED:
             message = f"Run {run.id} completed: {run.playbook_id} finished" + (
                 " after the coding agent's patch" if run.escalated else " without escalation"
             )

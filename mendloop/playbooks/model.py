@@ -163,6 +163,8 @@ class Playbook(_Strict):
     target: str | None = None
     handles: Handles = Field(default_factory=Handles)
     steps: list[Step] = Field(min_length=1)
+    # Every run renders and records its steps and executes none (`control.dry_run` does it for all playbooks).
+    dry_run: bool = False
 
     @field_validator("id")
     @classmethod
