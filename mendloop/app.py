@@ -31,8 +31,8 @@ from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
 from mendloop.intake.watcher import WatcherService
-from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks import dry_run
+from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
 from mendloop.rules.routing import Claim, Routing
