@@ -129,6 +129,10 @@ class ResumeRequest(_Body):
     component: StrictStr | None = Field(default=None, min_length=1, max_length=200, description="None: every pause.")
 
 
+class RetryRequest(_Body):
+    from_step: StrictStr = Field(min_length=1, max_length=200, description="The id of the step to start again from.")
+
+
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 

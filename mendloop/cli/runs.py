@@ -99,3 +99,19 @@ def runs_reject(
 ) -> None:
     """Reject it; the run needs a human."""
     _decide("reject", run_id, comment, url, token, as_json)
+
+
+@runs_cli.command("retry")
+def runs_retry(
+    run_id: str,
+    from_step: Annotated[str, typer.Option("--from-step", help="The id of the step to start again from.")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a failed run again from a step, as a new run with the earlier steps' outputs."""
+    answer = call("POST", url, f"/patches/runs/{run_id}/retry", token, json={"from_step": from_step})
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{run_id} retried from {from_step} as {answer['run_id']}: {answer['status']}", markup=False)

@@ -343,6 +343,12 @@ class Remediation:
             self._wake()
         return lifted
 
+    def retry_run(self, run_id: str, from_step: str) -> Run:
+        """A new run of a failed one from a chosen step, with the earlier steps' outputs; the workers take it."""
+        run = self.store.retry_run(run_id, from_step)
+        self._wake()
+        return run
+
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)
 

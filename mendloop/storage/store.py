@@ -138,6 +138,9 @@ class Store:
     def run_steps(self, run_id: str) -> list[StepRecord]:
         return self.runs.steps(run_id)
 
+    def retry_run(self, run_id: str, from_step: str) -> Run:
+        return self.runs.retry(run_id, from_step)
+
     def cancel_run(self, run_id: str, reason: str) -> Run:
         return self.runs.cancel(run_id, reason)
 

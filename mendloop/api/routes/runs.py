@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from mendloop.api import views
 from mendloop.api.deps import AppDep, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
-from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, TriggerRequest
+from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
 from mendloop.app import App
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
@@ -70,6 +70,14 @@ async def reject_run(app: AppDep, run_id: str, body: DecisionRequest | None = No
     """Reject it: the run needs a human."""
     comment = app.redactor.text(body.comment) if body and body.comment else None
     return views.run(await run_in_threadpool(app.remediation.reject_run, run_id, comment))
+
+
+@router.post("/runs/{run_id}/retry")
+async def retry_run(app: AppDep, run_id: str, body: RetryRequest) -> RunOut:
+    """Start a failed (needs_human, cancelled) run again from `from_step`, as a new run with the outputs of the
+    steps before it; the old run's timeline links to it (`run.retried`), the new run's context names the old one
+    (`retry_of`)."""
+    return views.run(await run_in_threadpool(app.remediation.retry_run, run_id, body.from_step))
 
 
 async def wait_settled(app: App, run_id: str, timeout: float) -> RunStatus:
