@@ -130,6 +130,7 @@ class App:
             poll_interval=s.poll_interval,
             clock=self.clock,
             max_concurrent=s.storm.max_concurrent_runs,
+            shutdown_timeout=s.control.shutdown_timeout_seconds,
         )
         self.routing = Routing(s.routing, playbook_claims(self.playbooks))
         self.remediation = Remediation(

@@ -579,6 +579,13 @@ class ControlConfig(_Strict):
         description="Every new run renders and records its steps, executes none, and ends as `dry_run` (a playbook's "
         "own `dry_run: true` does it for that playbook).",
     )
+    shutdown_timeout_seconds: float = Field(
+        default=20,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, `serve` and `worker` stop claiming and let the steps in flight finish this long; "
+        "then the runs they hold are handed back (their leases released) for another worker.",
+    )
     approval_timeout_seconds: float | None = Field(
         default=None, gt=0, description="Deadline of a trust gate's approval (none: it waits); `on_timeout` is reject."
     )

@@ -88,6 +88,8 @@ class StepLoopDeps:
 class StepLoop:
     def __init__(self, deps: StepLoopDeps) -> None:
         self.d = deps
+        # Set by the worker pool while it shuts down: the step in flight finishes, no further step starts.
+        self.stopping: Callable[[], bool] = lambda: False
 
     def advance(self, run: Run, owner: str) -> None:
         """Run steps until the run finishes, parks (escalation, sleep, backoff) or the lease is lost.
@@ -103,6 +105,8 @@ class StepLoop:
             return
         current: Run | None = run
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
+            if self.stopping():
+                return  # the worker pool hands the run back (releases its lease) for another worker
             if self.d.patches.pending(current):
                 parked = self._trust_gate(current, owner, approvals.APPLY_PATCH)
                 current = parked if parked is not False else self._apply_patch(current, pb, owner)
