@@ -177,3 +177,25 @@ def test_a_destructive_step_below_the_gate_waits_and_runs_once_approved(
         assert app.store.run_status(run["run_id"]) is RunStatus.COMPLETED
     finally:
         app.close()
+
+
+def test_approving_the_run_approves_the_patch_its_work_order_holds(
+    database_url: str, tmp_path: Path, repo: Path
+) -> None:
+    """One verb for operators: a run parked on a work order held for approval is approved through the run too."""
+    app = _app(database_url, tmp_path, repo, gate=0.5)
+    try:
+        with api_client(app) as client:
+            run = client.post("/patches/trigger", json={"description": "d", "error_type": "code"}).json()
+            held = client.post(
+                f"/patches/work-orders/{run['work_order_id']}/complete",
+                json={"tests_passed": True, "files_changed": 1, "diff": DIFF, "approval_required": True},
+            )
+            assert held.json()["status"] == "awaiting_approval", held.text
+            assert _status(client, run["run_id"]) == "awaiting_patch"
+            assert client.post(f"/patches/runs/{run['run_id']}/approve").status_code == 200
+            wait_for(lambda: _status(client, run["run_id"]) in ("completed", "needs_human", "failed"), timeout=60)
+            assert _status(client, run["run_id"]) == "completed"
+        assert (repo / "app.py").read_text() == "VALUE = 2\n"
+    finally:
+        app.close()
