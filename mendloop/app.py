@@ -34,6 +34,7 @@ from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
 from mendloop.intake.watcher import WatcherService
+from mendloop.playbooks import dry_run
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
 from mendloop.playbooks.templates import Templates
@@ -124,6 +125,13 @@ class App:
                 rnd=self.rnd,
                 targets=s.targets,
                 redactor=self.redactor,
+                control=s.control,
+                planner=lambda pb, run: [
+                    step.as_dict()
+                    for step in dry_run.plan(
+                        pb, run.context.get("event", {}), s, target=run.context.get("target")
+                    ).steps
+                ],
                 # The server's tests of a held patch run sandboxed as uid 65534 when it is root, like the runner's.
                 patches=HeldPatches(
                     store=self.store,
@@ -141,6 +149,7 @@ class App:
             poll_interval=s.poll_interval,
             clock=self.clock,
             max_concurrent=s.storm.max_concurrent_runs,
+            shutdown_timeout=s.control.shutdown_timeout_seconds,
         )
         self.routing = Routing(s.routing, playbook_claims(self.playbooks))
         self.remediation = Remediation(
@@ -155,6 +164,7 @@ class App:
         self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.stats.fold))
         if any(d is not None for d in (s.retention.runs_days, s.retention.events_days, s.retention.audit_days)):
             self.workers.housekeeping.append(every(s.retention.interval_seconds, self.prune))
+        self.workers.housekeeping.append(self.remediation.reap_approvals)
         self.incidents = IncidentStore(self.store, s.storm)
         self.log_intake = LogIntake(s, redactor=self.redactor)
         self.intake = Intake(

@@ -760,6 +760,44 @@ def _unique_names(tokens: list[TokenConfig]) -> list[TokenConfig]:
     return tokens
 
 
+class ControlConfig(_Strict):
+    """Human control: how much mendloop may do on its own."""
+
+    trust_gates: dict[str, float] = Field(
+        default_factory=dict,
+        description="component -> trust level (0 to 1) below which its `destructive: true` steps and its patch "
+        "applies wait for an operator's approval; at or above it they run on their own. `*`: every other component.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Every new run renders and records its steps, executes none, and ends as `dry_run` (a playbook's "
+        "own `dry_run: true` does it for that playbook).",
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=20,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, `serve` and `worker` stop claiming and let the steps in flight finish this long; "
+        "then the runs they hold are handed back (their leases released) for another worker.",
+    )
+    approval_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="Deadline of a trust gate's approval (none: it waits); `on_timeout` is reject."
+    )
+
+    @field_validator("trust_gates")
+    @classmethod
+    def _gates(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, gate in value.items():
+            if not 0 <= gate <= 1:
+                raise ValueError(f"{name}: a trust gate is between 0 and 1")
+        return value
+
+    def gate_for(self, component: str | None) -> float | None:
+        if component and component in self.trust_gates:
+            return self.trust_gates[component]
+        return self.trust_gates.get("*")
+
+
 class Settings(BaseSettings):
     """mendloop's configuration. Every key can come from the YAML file given with `--config` or from
     `MENDLOOP_<KEY>` (nested keys with `__`, e.g. `MENDLOOP_TRUST__INITIAL=0.9`); the environment wins."""
@@ -810,6 +848,9 @@ class Settings(BaseSettings):
     )
     trust: TrustConfig = Field(
         default_factory=TrustConfig, description="How incidents and verified fixes move a component's trust score."
+    )
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Human control: trust gates in front of destructive steps."
     )
     trigger_wait_seconds: float = Field(
         default=30,

@@ -108,6 +108,13 @@ class RunOut(_Answer):
     updated_at: Timestamp
     finished_at: Timestamp
     error: str | None
+    approval: dict[str, Any] | None = Field(
+        default=None,
+        description="In awaiting_approval: what it waits for (step_id, rule, score, gate, deadline_at, on_timeout).",
+    )
+    paused: str | None = Field(
+        default=None, description="Not yet ended while its component (or all) is paused: the pause's reason."
+    )
 
 
 class RunList(_Answer):
@@ -300,11 +307,23 @@ class IncidentOut(_Answer):
     resolved_by_run: str | None = Field(description="The run whose verified fix resolved it (None: not by a run).")
     resolved_commit: str | None = Field(description="The commit of the patch that run applied, if any.")
     last_resolved_at: Timestamp = Field(description="When it was resolved before it last reopened.")
+    paused: str | None = Field(default=None, description="While its component (or all) is paused: the reason.")
 
 
 class IncidentRun(_Answer):
     run_id: str
     status: str
+
+
+class PauseOut(_Answer):
+    scope: str = Field(description="The paused component, or `*` for all of them.")
+    reason: str
+    paused_at: Timestamp
+
+
+class PauseList(_Answer):
+    pauses: list[PauseOut]
+    count: int
 
 
 class IncidentDetail(IncidentOut):
@@ -333,6 +352,9 @@ class NotifyTargetOut(_Answer):
 
 
 class HealthOut(_Answer):
+    paused: list[PauseOut] = Field(
+        default_factory=list, description="Paused components (`*`: all), as the write probe last read them."
+    )
     status: Literal["ok", "degraded"]
     database: str
     dialect: str

@@ -114,6 +114,25 @@ class RejectRequest(_Body):
     reason: StrictStr = Field(default="rejected", min_length=1, max_length=2000)
 
 
+class DecisionRequest(_Body):
+    """An operator's approval or rejection of what a run waits for."""
+
+    comment: StrictStr | None = Field(default=None, min_length=1, max_length=2000)
+
+
+class PauseRequest(_Body):
+    component: StrictStr | None = Field(default=None, min_length=1, max_length=200, description="None: all.")
+    reason: StrictStr = Field(min_length=1, max_length=2000, description="Shown on /health, runs and incidents.")
+
+
+class ResumeRequest(_Body):
+    component: StrictStr | None = Field(default=None, min_length=1, max_length=200, description="None: every pause.")
+
+
+class RetryRequest(_Body):
+    from_step: StrictStr = Field(min_length=1, max_length=200, description="The id of the step to start again from.")
+
+
 class CancelRequest(_Body):
     reason: StrictStr = Field(default="cancelled by an operator", max_length=2000)
 

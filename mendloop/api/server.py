@@ -25,7 +25,7 @@ from mendloop import __version__
 from mendloop.api import access, errors, metrics, schemas
 from mendloop.api.deps import prefixed, route_path
 from mendloop.api.http_protocol import header_timeout_protocol
-from mendloop.api.routes import audit, events, incidents, routing, runs, stats, system, work_orders
+from mendloop.api.routes import audit, control, events, incidents, routing, runs, stats, system, work_orders
 from mendloop.api.routes import metrics as metrics_route
 from mendloop.api.routes import tokens as tokens_route
 from mendloop.api.streams import StreamSlots
@@ -253,6 +253,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
 
     api.include_router(work_orders.router)
     api.include_router(runs.router)
+    api.include_router(control.router)
     api.include_router(stats.router)
     api.include_router(events.router)
     api.include_router(incidents.router)

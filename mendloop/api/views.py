@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from mendloop.api import responses as out
+from mendloop.domain import pauses as pauses_decide
 from mendloop.domain.bounded import bounded
 from mendloop.domain.incidents import TrackedIncident
+from mendloop.domain.pauses import Pause
 from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
-from mendloop.domain.states import RunStatus
+from mendloop.domain.states import RUN_FINAL, RunStatus
 
 # Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
 # fail (the answer's serialiser recurses once per level).
@@ -56,8 +59,12 @@ def work_order(wo: WorkOrder) -> out.WorkOrderOut:
     )
 
 
-def run(r: Run) -> out.RunOut:
-    return out.RunOut.model_validate(_run_fields(r))
+def run(r: Run, pauses: Mapping[str, Pause] | None = None) -> out.RunOut:
+    return out.RunOut.model_validate({**_run_fields(r), "paused": _run_paused(r, pauses)})
+
+
+def _run_paused(r: Run, pauses: Mapping[str, Pause] | None) -> str | None:
+    return paused_reason(pauses, r.component, ended=r.status in RUN_FINAL) if pauses else None
 
 
 def _run_fields(r: Run) -> dict[str, object]:
@@ -82,6 +89,7 @@ def _run_fields(r: Run) -> dict[str, object]:
         "updated_at": iso(r.updated_at),
         "finished_at": iso(r.finished_at),
         "error": r.error,
+        "approval": r.pending.get("approval") if r.status is RunStatus.AWAITING_APPROVAL else None,
     }
 
 
@@ -93,10 +101,12 @@ def run_detail(
     trust_score: float | None,
     trust_changes: list[TrustChange],
     wo: WorkOrder | None,
+    pauses: Mapping[str, Pause] | None = None,
 ) -> out.RunDetail:
     return out.RunDetail.model_validate(
         {
             **_run_fields(r),
+            "paused": _run_paused(r, pauses),
             "steps": [step(s) for s in steps],
             "timeline": timeline(r, steps, events),
             "context": bounded(r.context, READ_DEPTH),
@@ -180,13 +190,33 @@ def trust_change(c: TrustChange) -> out.TrustChangeOut:
     )
 
 
-def incident(i: TrackedIncident) -> out.IncidentOut:
-    return out.IncidentOut.model_validate(_incident_fields(i))
+def pause(p: Pause) -> out.PauseOut:
+    return out.PauseOut(scope=p.scope, reason=p.reason, paused_at=iso(p.created_at))
 
 
-def incident_detail(i: TrackedIncident, runs: list[tuple[str, str]]) -> out.IncidentDetail:
-    fields = {**_incident_fields(i), "runs": [out.IncidentRun(run_id=run_id, status=status) for run_id, status in runs]}
+def paused_reason(pauses: Mapping[str, Pause], component: str | None, *, ended: bool = False) -> str | None:
+    """What a run or an incident shows while a pause holds its component's runs."""
+    held = None if ended else pauses_decide.applying(pauses, component)
+    return held.reason if held is not None else None
+
+
+def incident(i: TrackedIncident, pauses: Mapping[str, Pause] | None = None) -> out.IncidentOut:
+    return out.IncidentOut.model_validate({**_incident_fields(i), "paused": _incident_paused(i, pauses)})
+
+
+def incident_detail(
+    i: TrackedIncident, runs: list[tuple[str, str]], pauses: Mapping[str, Pause] | None = None
+) -> out.IncidentDetail:
+    fields = {
+        **_incident_fields(i),
+        "runs": [out.IncidentRun(run_id=run_id, status=status) for run_id, status in runs],
+        "paused": _incident_paused(i, pauses),
+    }
     return out.IncidentDetail.model_validate(fields)
+
+
+def _incident_paused(i: TrackedIncident, pauses: Mapping[str, Pause] | None) -> str | None:
+    return paused_reason(pauses, i.component, ended=i.status == "resolved") if pauses else None
 
 
 def _incident_fields(i: TrackedIncident) -> dict[str, object]:

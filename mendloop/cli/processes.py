@@ -84,6 +84,10 @@ def serve(
     app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
     api = create_api(app)
     server = uvicorn.Server(uvicorn_config(api, settings, log_level=log_level))
+    # uvicorn handles SIGTERM while it runs (a graceful shutdown: the App closes, its workers finish the steps in
+    # flight and hand their runs back), then raises the signal again under the handler it found. By then the
+    # shutdown is done, so this one lets `serve` exit 0, as `worker` does.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if not server.started:
         raise typer.Exit(1)

@@ -9,7 +9,17 @@ import click
 import typer
 
 from mendloop import errors
-from mendloop.cli import admin, incidents, notifications, playbooks, processes, runs, tokens, work_orders
+from mendloop.cli import (
+    admin,
+    control,
+    incidents,
+    notifications,
+    playbooks,
+    processes,
+    runs,
+    tokens,
+    work_orders,
+)
 from mendloop.cli.common import err
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="mendloop: self-healing with coding agents.")
@@ -28,6 +38,8 @@ cli.command()(processes.worker)
 cli.command()(processes.watch)
 cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(processes.agent)
 cli.command()(runs.trigger)
+cli.command()(control.pause)
+cli.command()(control.resume)
 cli.command()(playbooks.routing)
 cli.command()(processes.demo)
 

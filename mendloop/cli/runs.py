@@ -71,3 +71,47 @@ def runs_show(run_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as
         out.print(f"error: {answer['error']}", markup=False)
     for item in answer["timeline"]:
         out.print(f"  [{item['time'][11:19]}] {item['message']}", markup=False)
+
+
+def _decide(verb: str, run_id: str, comment: str | None, url: str, token: str | None, as_json: bool) -> None:
+    body = {"comment": comment} if comment else {}
+    answer = call("POST", url, f"/patches/runs/{run_id}/{verb}", token, json=body)
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{answer['run_id']}: {answer['status']}", markup=False)
+
+
+CommentOpt = Annotated[str | None, typer.Option("--comment", "-m", help="Why; kept on the run's timeline.")]
+
+
+@runs_cli.command("approve")
+def runs_approve(
+    run_id: str, comment: CommentOpt = None, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Approve what a run waits for (an approval step, a trust gate, a held patch); it goes on."""
+    _decide("approve", run_id, comment, url, token, as_json)
+
+
+@runs_cli.command("reject")
+def runs_reject(
+    run_id: str, comment: CommentOpt = None, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Reject it; the run needs a human."""
+    _decide("reject", run_id, comment, url, token, as_json)
+
+
+@runs_cli.command("retry")
+def runs_retry(
+    run_id: str,
+    from_step: Annotated[str, typer.Option("--from-step", help="The id of the step to start again from.")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a failed run again from a step, as a new run with the earlier steps' outputs."""
+    answer = call("POST", url, f"/patches/runs/{run_id}/retry", token, json={"from_step": from_step})
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{run_id} retried from {from_step} as {answer['run_id']}: {answer['status']}", markup=False)

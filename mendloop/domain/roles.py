@@ -32,6 +32,11 @@ class Action(StrEnum):
     MERGED = "work_orders.merged"
     REJECT = "work_orders.reject"
     RESOLVE = "incidents.resolve"
+    RUN_APPROVE = "runs.approve"
+    RUN_REJECT = "runs.reject"
+    RETRY = "runs.retry"
+    PAUSE = "control.pause"
+    RESUME = "control.resume"
     CLAIM = "work_orders.claim"
     HEARTBEAT = "work_orders.heartbeat"
     COMPLETE = "work_orders.complete"
@@ -67,6 +72,12 @@ RULES: dict[tuple[str, str], Action] = {
     ("GET", "/trust/{component}"): Action.READ,
     ("GET", "/routing"): Action.READ,
     ("GET", "/metrics"): Action.READ,
+    ("GET", "/pauses"): Action.READ,
+    ("POST", "/patches/runs/{run_id}/approve"): Action.RUN_APPROVE,
+    ("POST", "/patches/runs/{run_id}/reject"): Action.RUN_REJECT,
+    ("POST", "/patches/runs/{run_id}/retry"): Action.RETRY,
+    ("POST", "/pause"): Action.PAUSE,
+    ("POST", "/resume"): Action.RESUME,
     ("POST", "/patches/trigger"): Action.TRIGGER,
     ("POST", "/patches/runs/{run_id}/cancel"): Action.CANCEL,
     ("POST", f"{_WO}/approve"): Action.APPROVE,
@@ -86,7 +97,19 @@ RULES: dict[tuple[str, str], Action] = {
 }
 
 OPERATOR_ACTIONS = frozenset(
-    {Action.TRIGGER, Action.CANCEL, Action.APPROVE, Action.MERGED, Action.REJECT, Action.RESOLVE}
+    {
+        Action.TRIGGER,
+        Action.CANCEL,
+        Action.APPROVE,
+        Action.MERGED,
+        Action.REJECT,
+        Action.RESOLVE,
+        Action.RUN_APPROVE,
+        Action.RUN_REJECT,
+        Action.RETRY,
+        Action.PAUSE,
+        Action.RESUME,
+    }
 )
 AGENT_ACTIONS = frozenset({Action.CLAIM, Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
 ADMIN_ACTIONS = frozenset(

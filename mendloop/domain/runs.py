@@ -12,6 +12,10 @@ from typing import Any
 
 from mendloop.domain.records import NewEvent, PlaybookRef, Run
 from mendloop.domain.states import RunStatus, WorkOrderStatus, check_run_move
+from mendloop.errors import Conflict, InputError
+
+# A run that ended without its fix can be retried from a step; a completed run (or a dry run) has nothing to redo.
+RETRYABLE = frozenset({RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED})
 
 
 def stamp(now: float) -> datetime:
@@ -45,12 +49,16 @@ def plan(
     event: dict[str, Any],
     targets: Collection[str],
     default_target: str | None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """What a new run is made of, whoever starts it (a trigger, a detection): the columns of `RunStore.create`.
 
     The target is the named component when it is a configured target, else the playbook's own, else the default;
     the run's component is the one named, or its target. The context carries the caller's facts, then the error,
-    the target and the triggering event, which templates read as `event`."""
+    the target and the triggering event, which templates read as `event`. A dry run (`dry_run`: the config's, or
+    the playbook's own `dry_run: true`) is decided here, once: the step loop then renders and records its steps
+    and executes none, whatever the config says by the time a worker claims it."""
+    dry = dry_run or pb.document.get("dry_run") is True
     named = pb.document.get("target")
     if component and component in targets:
         target: str | None = component
@@ -68,8 +76,9 @@ def plan(
             "description": description,
             "target": target,
             "event": event,
+            **({"dry_run": True} if dry else {}),
         },
-        "message": f"Running playbook: {pb.id}",
+        "message": f"Running playbook: {pb.id}" + (" (dry run: nothing is executed)" if dry else ""),
     }
 
 
@@ -172,6 +181,49 @@ def escalate(
         ),
     ]
     return Escalation(work_order=work_order, run=run_changes, events=events)
+
+
+def retry(run: Run, *, from_step: str) -> dict[str, Any]:
+    """A new run of the same playbook document, context and component, starting at `from_step`, with the outputs
+    of the steps before it carried over (templates read them as `steps.<id>`, as in the first run). The old run
+    stays as it ended: final states have no way out, and each run's timeline stays its own. Its work order is not
+    carried over: a step after an escalation that is retried sees the patch's outputs, not an open work order."""
+    if run.status not in RETRYABLE:
+        raise Conflict(
+            f"run {run.id} is {run.status}; only a failed, needs_human or cancelled run can be retried",
+            id=run.id,
+            status=str(run.status),
+        )
+    ids = [str(s.get("id")) for s in run.playbook.get("steps", [])]
+    if from_step not in ids:
+        raise InputError(f"run {run.id} has no step {from_step!r}; its steps: {', '.join(ids)}", field="from_step")
+    index = ids.index(from_step)
+    earlier = set(ids[:index])
+    if any(s.get("action") == "escalate" for s in run.playbook["steps"][:index]):
+        earlier |= {"patch", "apply_patch"}  # what the escalation brought back, read by the later steps
+    return {
+        "playbook": run.playbook,
+        "playbook_version": run.playbook_version,
+        "component": run.component,
+        "error_type": run.error_type,
+        "description": run.description,
+        "context": {**run.context, "retry_of": run.id, "retry_from": from_step},
+        "outputs": {k: v for k, v in run.outputs.items() if k in earlier},
+        "step_index": index,
+        "incident_id": run.incident_id,
+        "mutex_key": run.mutex_key,
+        "message": f"Retry of run {run.id} from step {from_step!r}: playbook {run.playbook_id}",
+    }
+
+
+def retried_event(run: Run, new_run_id: str, from_step: str) -> NewEvent:
+    return NewEvent(
+        type="run.retried",
+        message=f"Run {run.id} retried from step {from_step!r} as run {new_run_id}",
+        payload={"new_run_id": new_run_id, "from_step": from_step},
+        run_id=run.id,
+        component=run.component,
+    )
 
 
 def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], dict[str, Any], list[NewEvent]]:

@@ -11,11 +11,16 @@ class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     AWAITING_PATCH = "awaiting_patch"
+    # Parked like awaiting_patch (no lease, not claimable) until an operator approves or rejects, or the deadline
+    # (`next_run_at`) passes and its `on_timeout` decides.
+    AWAITING_APPROVAL = "awaiting_approval"
     VERIFYING = "verifying"
     COMPLETED = "completed"
     FAILED = "failed"
     NEEDS_HUMAN = "needs_human"
     CANCELLED = "cancelled"
+    # A dry run ended: its steps were rendered and recorded, none executed (not a fix: no incident is resolved).
+    DRY_RUN = "dry_run"
 
 
 class WorkOrderStatus(StrEnum):
@@ -36,9 +41,11 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
-RUN_FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED})
+RUN_FINAL = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.NEEDS_HUMAN, RunStatus.CANCELLED, RunStatus.DRY_RUN}
+)
 # A trigger's caller waits until the run reaches one of these.
-RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH}
+RUN_SETTLED = RUN_FINAL | {RunStatus.AWAITING_PATCH, RunStatus.AWAITING_APPROVAL}
 WORK_ORDER_FINAL = frozenset({WorkOrderStatus.COMPLETED, WorkOrderStatus.FAILED, WorkOrderStatus.CANCELLED})
 # The agent's job is over in these; COMPLETED can still turn FAILED when verification overrules the claim.
 WORK_ORDER_HELD = frozenset(
@@ -55,7 +62,9 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {
             RunStatus.QUEUED,  # lease released for a backoff or a sleep, or reclaimed after a crash
             RunStatus.RUNNING,
+            RunStatus.DRY_RUN,
             RunStatus.AWAITING_PATCH,
+            RunStatus.AWAITING_APPROVAL,
             RunStatus.VERIFYING,
             RunStatus.COMPLETED,
             RunStatus.FAILED,
@@ -67,8 +76,10 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {
             RunStatus.QUEUED,
             RunStatus.RUNNING,
+            RunStatus.DRY_RUN,
             RunStatus.VERIFYING,
             RunStatus.AWAITING_PATCH,
+            RunStatus.AWAITING_APPROVAL,
             RunStatus.COMPLETED,
             RunStatus.FAILED,
             RunStatus.NEEDS_HUMAN,
@@ -78,7 +89,12 @@ _RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.AWAITING_PATCH: frozenset(
         {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
     ),
+    # Approved: queued to go on; rejected: a human takes over; timed out with on_timeout=fail: failed.
+    RunStatus.AWAITING_APPROVAL: frozenset(
+        {RunStatus.QUEUED, RunStatus.NEEDS_HUMAN, RunStatus.FAILED, RunStatus.CANCELLED}
+    ),
     RunStatus.COMPLETED: frozenset(),
+    RunStatus.DRY_RUN: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.NEEDS_HUMAN: frozenset(),
     RunStatus.CANCELLED: frozenset(),

@@ -131,7 +131,8 @@ class Rates:
 def rates(sums: Sums) -> Rates:
     """The rates of one key (everything, a playbook, a component), with the spec's definitions."""
     runs = int(sums.get(RUNS, 0))
-    finished = int(sum(sums.get(run_status_measure(s), 0) for s in RUN_FINAL))
+    # A dry run fixed nothing and failed at nothing: it is left out of the rates' denominator.
+    finished = int(sum(sums.get(run_status_measure(s), 0) for s in RUN_FINAL if s is not RunStatus.DRY_RUN))
     escalated = int(sums.get(RUNS_ESCALATED, 0))
     auto_fixed = int(sums.get(RUNS_AUTO_FIXED, 0))
     completed = int(sums.get(run_status_measure(RunStatus.COMPLETED), 0))

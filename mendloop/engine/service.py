@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mendloop.config import Settings
-from mendloop.domain import runs
+from mendloop.domain import approvals, pauses, runs
 from mendloop.domain import work_orders as decide
 from mendloop.domain.bounded import MAX_CONTEXT_DEPTH, nesting
+from mendloop.domain.pauses import Pause
 from mendloop.domain.records import NewEvent, PlaybookRef, Run, WorkOrder
 from mendloop.domain.states import FAIL_REASONS, WORK_ORDER_OPERATOR_HOLDS, RunStatus, WorkOrderStatus
 from mendloop.domain.work_orders import Completion
@@ -104,6 +105,7 @@ class Remediation:
             event=payload,
             targets=self.settings.targets,
             default_target=self.settings.target_for(None),
+            dry_run=self.settings.control.dry_run,
         )
         trigger = NewEvent(
             type=event_type,
@@ -274,6 +276,84 @@ class Remediation:
             return RunStatus.NEEDS_HUMAN
         pb = self.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
         return RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
+
+    # -- approvals of runs -------------------------------------------------------------------------------------
+
+    def approve_run(self, run_id: str, comment: str | None = None, by: str = "operator") -> Run:
+        """Approve what the run waits for: its approval step or trust gate, or the patch its work order holds for
+        approval (the work order's own approve)."""
+        wo_id = self._held_patch_of(run_id)
+        if wo_id is not None:
+            self.approve(wo_id)
+            return self.store.get_run(run_id)
+        run = self.store.approvals.decide(
+            run_id, lambda run, now: approvals.decide(run, approved=True, by=by, comment=comment, now=now)
+        )
+        self._wake()
+        return run
+
+    def reject_run(self, run_id: str, comment: str | None = None, by: str = "operator") -> Run:
+        wo_id = self._held_patch_of(run_id)
+        if wo_id is not None:
+            self.reject(wo_id, comment or "rejected")
+            return self.store.get_run(run_id)
+        run = self.store.approvals.decide(
+            run_id, lambda run, now: approvals.decide(run, approved=False, by=by, comment=comment, now=now)
+        )
+        self._drop_held_patch(run, comment or "rejected")
+        return run
+
+    def _drop_held_patch(self, run: Run, why: str) -> None:
+        """A run stopped at the trust gate of its patch apply: its work order's diff will never be applied, so the
+        work order fails too (left `awaiting_apply`, it would look open for ever)."""
+        if run.status not in (RunStatus.NEEDS_HUMAN, RunStatus.FAILED) or not run.coding_work_order_id:
+            return
+        if self.store.get_work_order(run.coding_work_order_id).status is not WorkOrderStatus.AWAITING_APPLY:
+            return
+        self._change(
+            run.coding_work_order_id,
+            lambda wo, run, now: decide.overrule(
+                wo, run, reason="needs_human", details={"message": f"its apply was not approved: {why}"}, now=now
+            ),
+        )
+
+    def _held_patch_of(self, run_id: str) -> str | None:
+        run = self.store.get_run(run_id)
+        if run.status is RunStatus.AWAITING_PATCH and run.coding_work_order_id:
+            wo = self.store.get_work_order(run.coding_work_order_id)
+            if wo.status is WorkOrderStatus.AWAITING_APPROVAL:
+                return wo.id
+        return None
+
+    def reap_approvals(self) -> list[str]:
+        """Approvals past their deadline: each run's `on_timeout` decides."""
+        due = self.store.approvals.due()
+        for run_id in due:
+            run = self.store.approvals.decide(run_id, lambda run, now: approvals.time_out(run, now=now))
+            self._drop_held_patch(run, "no decision before the deadline")
+        if due:
+            self._wake()
+        return due
+
+    # -- pauses ---------------------------------------------------------------------------------------------
+
+    def pause(self, component: str | None, reason: str) -> Pause:
+        """No queued run of the component (None: of any) is claimed until it is resumed; detections still open
+        incidents and queue their runs, so nothing is lost."""
+        return self.store.pauses.pause(pauses.scope_of(component), reason)
+
+    def resume(self, component: str | None) -> list[Pause]:
+        """Lift the component's pause (None: every pause); the held runs start."""
+        lifted = self.store.pauses.resume(pauses.scope_of(component) if component is not None else None)
+        if lifted:
+            self._wake()
+        return lifted
+
+    def retry_run(self, run_id: str, from_step: str) -> Run:
+        """A new run of a failed one from a chosen step, with the earlier steps' outputs; the workers take it."""
+        run = self.store.retry_run(run_id, from_step)
+        self._wake()
+        return run
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         return self.store.cancel_run(run_id, reason)

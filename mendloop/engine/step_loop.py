@@ -16,12 +16,13 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from mendloop.agents import context as agent_context
-from mendloop.config import TargetConfig, WorkOrderPolicy
+from mendloop.config import ControlConfig, TargetConfig, WorkOrderPolicy
+from mendloop.domain import approvals
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import RunStatus, StepStatus
 from mendloop.domain.trust import TrustMove, TrustReason
@@ -33,6 +34,7 @@ from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.actions.diagnose import diagnose
 from mendloop.playbooks.actions.registry import ACTIONS
 from mendloop.playbooks.loader import CompiledCache, CompiledPlaybook, CompiledStep
+from mendloop.playbooks.model import duration_seconds
 from mendloop.playbooks.templates import TemplateRenderError
 from mendloop.storage.store import StepOutcome, Store
 
@@ -78,11 +80,16 @@ class StepLoopDeps:
     targets: Mapping[str, TargetConfig]
     redactor: Redactor
     patches: HeldPatches
+    control: ControlConfig = dataclasses.field(default_factory=ControlConfig)
+    # A dry run's steps as they would run (`playbooks/dry_run.py` `plan`, with the settings `app.py` holds).
+    planner: Callable[[CompiledPlaybook, Run], list[dict[str, Any]]] | None = None
 
 
 class StepLoop:
     def __init__(self, deps: StepLoopDeps) -> None:
         self.d = deps
+        # Set by the worker pool while it shuts down: the step in flight finishes, no further step starts.
+        self.stopping: Callable[[], bool] = lambda: False
 
     def advance(self, run: Run, owner: str) -> None:
         """Run steps until the run finishes, parks (escalation, sleep, backoff) or the lease is lost.
@@ -93,10 +100,16 @@ class StepLoop:
             self._give_up(run, owner)
             return
         pb = self.d.compiled.get(run.playbook_id, run.playbook_version, run.playbook)
+        if run.context.get("dry_run"):
+            self._dry_run(run, pb, owner)
+            return
         current: Run | None = run
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
+            if self.stopping():
+                return  # the worker pool hands the run back (releases its lease) for another worker
             if self.d.patches.pending(current):
-                current = self._apply_patch(current, pb, owner)
+                parked = self._trust_gate(current, owner, approvals.APPLY_PATCH)
+                current = parked if parked is not False else self._apply_patch(current, pb, owner)
                 continue
             current = self._step(current, pb, owner)
 
@@ -144,7 +157,7 @@ class StepLoop:
             run,
             owner,
             outcome=outcome(StepStatus.SUCCEEDED, output, None),
-            changes={"outputs": {**run.outputs, "apply_patch": output}},
+            changes={"outputs": {**run.outputs, "apply_patch": output}, "pending": {}},
             # Their payloads quote the tests' output.
             events=[
                 dataclasses.replace(e, message=redact.text(e.message), payload=redact.value(e.payload))
@@ -174,6 +187,12 @@ class StepLoop:
                     _outcome(cs, run, attempt, started, key, StepStatus.SKIPPED, {}, None),
                     {},
                 )
+            if step.destructive:
+                parked = self._trust_gate(run, owner, step.id)
+                if parked is not False:
+                    return parked
+            if step.action == "approval":
+                return self._approval(run, owner, cs, scope)
             if step.action == "escalate":
                 return self._escalate(run, owner, cs, attempt, started, key, scope, failure=None)
             if step.action == "sleep":
@@ -239,6 +258,81 @@ class StepLoop:
             {"outputs": {**run.outputs, step.id: output}, "pending": {}},
             events=events,
             trust=trust,
+        )
+
+    def _dry_run(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
+        """Render every step, record it as skipped with what it would have done, execute none, and end the run as
+        `dry_run`. Each step's record commits on its own: a crash resumes at the next step, as a real run does."""
+        assert self.d.planner is not None, "a dry run needs the planner app.py gives the step loop"
+        planned = self.d.planner(pb, run)
+        current: Run | None = run
+        while current is not None and current.step_index < len(pb.steps):
+            index = current.step_index
+            cs = pb.steps[index]
+            key = f"{run.id}:{cs.step.id}:dry_run"
+            output = self.d.redactor.value(storable({"dry_run": True, **planned[index]}))
+            outcome = _outcome(cs, current, 1, self.d.clock(), key, StepStatus.SKIPPED, output, None)
+            current = self.d.store.advance(
+                current,
+                owner,
+                outcome=outcome,
+                changes={"step_index": index + 1, "attempt": 0, "status": RunStatus.RUNNING.value},
+                lease_seconds=self.d.lease_seconds,
+            )
+        if current is None:
+            return None
+        summary = {"steps": len(pb.steps), "would_fail": [p["id"] for p in planned if p["status"] == "would fail"]}
+        return self._finish(
+            current, owner, RunStatus.DRY_RUN, None, None, changes={"outputs": {**current.outputs, "dry_run": summary}}
+        )
+
+    def _approval(self, run: Run, owner: str, cs: CompiledStep, scope: dict[str, Any]) -> Run | None:
+        """Park the run until an operator decides, or the deadline passes (`approvals.time_out`, by the reaper)."""
+        params = cs.params(scope)
+        now = self.d.clock()
+        timeout = params.get("timeout")
+        decision = approvals.request(
+            run,
+            kind="step",
+            step_id=cs.step.id,
+            rule=approvals.Rule("approval_step"),
+            message=self.d.redactor.text(str(params["message"])) if params.get("message") else None,
+            deadline_at=now + duration_seconds(timeout) if timeout is not None else None,
+            on_timeout=params.get("on_timeout", "reject"),
+            now=now,
+        )
+        return self._park(run, owner, decision)
+
+    def _trust_gate(self, run: Run, owner: str, step_id: str) -> Run | Literal[False] | None:
+        """In front of a destructive step or a patch apply: False to go on (no gate, trust at or above it, or an
+        operator approved this very step), else the run parked for approval (None: the lease was lost)."""
+        if run.pending.get("approved") == step_id or not run.component:
+            return False
+        gate = self.d.control.gate_for(run.component)
+        rule = approvals.trust_gate(self.d.store.trust_score(run.component), gate) if gate is not None else None
+        if rule is None:
+            return False
+        if not approvals.needs_approval(rule):
+            # Its own short transaction: the timeline says why no one was asked, whatever the step then does.
+            self.d.store.publish([approvals.autonomous_event(run, step_id, rule)])
+            return False
+        now = self.d.clock()
+        timeout = self.d.control.approval_timeout_seconds
+        decision = approvals.request(
+            run,
+            kind="gate",
+            step_id=step_id,
+            rule=rule,
+            message=None,
+            deadline_at=now + timeout if timeout else None,
+            on_timeout="reject",
+            now=now,
+        )
+        return self._park(run, owner, decision)
+
+    def _park(self, run: Run, owner: str, decision: approvals.Decision) -> Run | None:
+        return self.d.store.advance(
+            run, owner, outcome=None, changes=decision.run, events=decision.events, lease_seconds=self.d.lease_seconds
         )
 
     def _repository(self, target: str | None) -> Path | None:
@@ -554,7 +648,9 @@ class StepLoop:
         trust: TrustMove | None = None,
         events: list[NewEvent] | None = None,
     ) -> Run | None:
-        if status is RunStatus.COMPLETED:
+        if status is RunStatus.DRY_RUN:
+            message = f"Run {run.id} dry run done: {len(run.playbook.get('steps', []))} steps rendered, none executed"
+        elif status is RunStatus.COMPLETED:
             message = f"Run {run.id} completed: {run.playbook_id} finished" + (
                 " after the coding agent's patch" if run.escalated else " without escalation"
             )

@@ -53,6 +53,7 @@ class WorkerPool:
         name: str = "w",
         housekeeping_interval: float = 1.0,
         max_concurrent: int = 0,
+        shutdown_timeout: float = 20.0,
     ) -> None:
         self.store = store
         self.step_loop = step_loop
@@ -61,7 +62,12 @@ class WorkerPool:
         self.poll_interval = poll_interval
         self.clock = clock
         self.name = name
+        # Closing: the workers claim nothing more and stop after the step in flight. Stop: every thread ends
+        # (the lease keeper only after the workers, so a step that finishes during the shutdown keeps its lease).
+        self._closing = threading.Event()
         self._stop = threading.Event()
+        self.shutdown_timeout = shutdown_timeout
+        step_loop.stopping = self._closing.is_set
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._held: dict[str, str] = {}  # run id -> owner
@@ -86,12 +92,42 @@ class WorkerPool:
             chores.start()
             self._threads.append(chores)
 
-    def stop(self, timeout: float = 10) -> None:
-        self._stop.set()
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful: claim nothing more, let the steps in flight finish for up to `timeout` (the settings'
+        `control.shutdown_timeout_seconds`), then hand back every run still held by releasing its lease, so
+        another worker resumes it at once instead of after `lease_seconds`. A step cut off by the timeout runs
+        again there with the same idempotency key, as after a crash."""
+        deadline = time.monotonic() + (self.shutdown_timeout if timeout is None else timeout)
+        self._closing.set()
         self.notify()
+        workers = [th for th in self._threads if th.name.startswith("mendloop-worker-")]
+        with self._held_lock:
+            in_flight = len(self._held)
+        if in_flight:
+            log.info(
+                "shutdown: claiming nothing more; waiting up to %.0f s for %d step(s) in flight",
+                max(0.0, deadline - time.monotonic()),
+                in_flight,
+            )
+        for th in workers:
+            th.join(max(0.0, deadline - time.monotonic()))
+        with self._held_lock:
+            still = sorted(set(self._held.values()))
+        if still:
+            log.warning("shutdown: %d step(s) still running after the timeout; handing their runs back", len(still))
+            self._release(still)
+        self._stop.set()
         for th in self._threads:
-            th.join(timeout)
+            if th not in workers:
+                th.join(5)
         self._threads.clear()
+
+    def _release(self, owners: list[str]) -> None:
+        try:
+            self.store.release_leases_of(owners)
+        except StorageError as exc:
+            # The leases then lapse after lease_seconds, and another worker takes the runs over.
+            log.warning("shutdown: could not release the leases of %s: %s", ", ".join(owners), exc)
 
     def notify(self) -> None:
         with self._wake:
@@ -134,6 +170,9 @@ class WorkerPool:
         finally:
             with self._held_lock:
                 self._held.pop(run.id, None)
+        if self._closing.is_set():
+            # The step loop stopped between steps for the shutdown: the run goes back to the queue now.
+            self._release([owner])
         return True
 
     def _record_crash(self, run_id: str, owner: str, error: str) -> None:
@@ -144,7 +183,7 @@ class WorkerPool:
             log.exception("worker %s: could not record the crash of run %s", owner, run_id)
 
     def _loop(self, owner: str) -> None:
-        while not self._stop.is_set():
+        while not self._closing.is_set():
             try:
                 if self.run_once(owner):
                     continue

@@ -169,6 +169,7 @@ class Intake:
                 event={**d.payload, "event_type": d.event_type, "line": d.message},
                 targets=self.settings.targets,
                 default_target=self.settings.target_for(None),
+                dry_run=self.settings.control.dry_run,
             ),
             "trigger": None,
         }

@@ -107,6 +107,12 @@ STEP_OUTPUTS: dict[str, tuple[Name, ...]] = {
         _n("result", "object", "What the check answered: a `result` of the check's kind (above)."),
     ),
     "sleep": (_n("slept_until", "number", "When the sleep ended (Unix seconds)."),),
+    "approval": (
+        _n("approved", "boolean", "Whether it was approved (a rejection ends the run)."),
+        _n("by", "string", "Who decided: `operator`, or `timeout` when the deadline's `on_timeout` did."),
+        _n("comment", "string or null", "The operator's comment."),
+        _n("decided_at", "number", "When (Unix seconds)."),
+    ),
     "diagnose": (
         _n(
             "outputs",

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PlaybookType = Literal["data_fix", "cache_clear", "retry", "code_patch", "hybrid"]
-ActionName = Literal["command", "http", "capability", "diagnose", "sleep", "escalate", "verify"]
+ActionName = Literal["command", "http", "capability", "diagnose", "sleep", "escalate", "verify", "approval"]
 _ID = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _ON_FAILURE = re.compile(r"^(fail|continue|escalate|needs_human|goto:[a-z][a-z0-9_.-]*)$")
 
@@ -46,7 +46,20 @@ _REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "sleep": ("seconds",),
     "escalate": (),
     "verify": ("check", "expect"),
+    "approval": (),
 }
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: Any) -> float:
+    """`90`, `"90s"`, `"30m"`, `"2h"`, `"7d"` as seconds; ValueError for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    found = _DURATION.match(value) if isinstance(value, str) else None
+    if found is None or float(found.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a duration: a positive number of seconds, or e.g. 90s, 30m, 2h, 7d")
+    return float(found.group(1)) * _UNIT_SECONDS[found.group(2) or "s"]
 
 
 class Step(_Strict):
@@ -60,6 +73,8 @@ class Step(_Strict):
     on_failure: str = "fail"
     # A capability the service may not have: unbound, the step is skipped and the timeline says so.
     optional: bool = False
+    # Below its component's trust gate (`control.trust_gates`), an operator approves the step before it runs.
+    destructive: bool = False
 
     @field_validator("id")
     @classmethod
@@ -94,6 +109,8 @@ class Step(_Strict):
                 raise ValueError("with.check must name exactly one of capability, http or command")
             if isinstance(check.get("command"), dict):
                 _option_positions(check["command"], "with.check.command")
+        if self.action == "approval":
+            _approval_params(self.params)
         if self.optional and not (self.action == "capability" or "capability" in self.params.get("check", {})):
             raise ValueError("optional: only a capability step, or a verify step checking one, can be optional")
         return self
@@ -101,6 +118,22 @@ class Step(_Strict):
     @property
     def title(self) -> str:
         return self.name or self.id.replace("_", " ")
+
+
+def _approval_params(params: dict[str, Any]) -> None:
+    """`with: {timeout: 2h, on_timeout: reject|approve|fail, message: ...}`; all optional (no timeout: it waits)."""
+    unknown = sorted(set(params) - {"timeout", "on_timeout", "message"})
+    if unknown:
+        raise ValueError(f"with.{unknown[0]}: an approval step takes only timeout, on_timeout and message")
+    if "timeout" in params:
+        try:
+            duration_seconds(params["timeout"])
+        except ValueError as exc:
+            raise ValueError(f"with.timeout: {exc}") from None
+    if params.get("on_timeout", "reject") not in ("reject", "approve", "fail"):
+        raise ValueError("with.on_timeout must be reject, approve or fail")
+    if not isinstance(params.get("message", ""), str):
+        raise ValueError("with.message must be a string")
 
 
 def _option_positions(params: dict[str, Any], where: str) -> None:
@@ -130,6 +163,8 @@ class Playbook(_Strict):
     target: str | None = None
     handles: Handles = Field(default_factory=Handles)
     steps: list[Step] = Field(min_length=1)
+    # Every run renders and records its steps and executes none (`control.dry_run` does it for all playbooks).
+    dry_run: bool = False
 
     @field_validator("id")
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from mendloop.domain.pauses import Pause
 from mendloop.errors import MendloopError
 from mendloop.storage import schema as t
 from mendloop.storage.incidents import IncidentStore, StormCounts
@@ -34,6 +35,8 @@ class ProbeState:
     last_attempt_at: float | None
     error: str | None
     storm: StormCounts | None
+    # Paused components (`*`: all), read with the storm counters.
+    pauses: tuple[Pause, ...] = ()
 
 
 class WriteProbe:
@@ -55,7 +58,9 @@ class WriteProbe:
                 tx.conn.execute(self.store.db.insert(seq).values(name=_HEARTBEAT, value=0).on_conflict_do_nothing())
                 tx.conn.execute(sa.update(seq).where(seq.c.name == _HEARTBEAT).values(value=int(time.time())))
         except MendloopError as exc:
-            self._state = ProbeState(self._state.last_ok_at, attempt, exc.message, self._state.storm)
+            self._state = ProbeState(
+                self._state.last_ok_at, attempt, exc.message, self._state.storm, self._state.pauses
+            )
             log.warning("health: the write probe failed: %s", exc.message)
             return self._state
         storm = self._state.storm
@@ -63,7 +68,12 @@ class WriteProbe:
             storm = self.incidents.storm_counts()
         except MendloopError as exc:
             log.warning("health: reading the storm counters failed: %s", exc.message)
-        self._state = ProbeState(time.monotonic(), attempt, None, storm)
+        pauses = self._state.pauses
+        try:
+            pauses = tuple(sorted(self.store.pauses.current().values(), key=lambda p: p.scope))
+        except MendloopError as exc:
+            log.warning("health: reading the pauses failed: %s", exc.message)
+        self._state = ProbeState(time.monotonic(), attempt, None, storm, pauses)
         return self._state
 
     def state(self) -> ProbeState:

@@ -121,8 +121,12 @@ class RunStore:
         mutex_key: str | None = None,
         status: RunStatus = RunStatus.QUEUED,
         error: str | None = None,
+        step_index: int = 0,
+        outputs: dict[str, Any] | None = None,
+        new_incident: bool = True,
     ) -> Run:
-        """A new run inside the caller's transaction, with its trigger event and the incident's trust move."""
+        """A new run inside the caller's transaction, with its trigger event and the incident's trust move (none for
+        a retry, `new_incident=False`: the same incident is not counted twice)."""
         now = tx.now
         run_id = decide.run_id(now, tx.take_seq(decide.run_counter(now)))
         trigger_id: int | None = None
@@ -139,9 +143,9 @@ class RunStore:
             "error_type": error_type,
             "description": description,
             "context": context,
-            "step_index": 0,
+            "step_index": step_index,
             "attempt": 0,
-            "outputs": {},
+            "outputs": outputs or {},
             "pending": {},
             "escalated": False,
             "coding_work_order_id": None,
@@ -172,9 +176,21 @@ class RunStore:
                 )
             ]
         )
-        if component:
+        if component and new_incident:
             self.trust.apply(tx, TrustMove(component, TrustReason.INCIDENT), run_id)
         return run_of(row)
+
+    def retry(self, run_id: str, from_step: str) -> Run:
+        """A new run from `from_step` of a run that ended without its fix (`domain.runs.retry`), in one transaction
+        with a `run.retried` event on the old run's timeline."""
+        with self.db.write() as tx:
+            row = tx.conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id)).first()
+            if row is None:
+                raise NotFound("run", run_id)
+            old = run_of(row)
+            new = self.insert(tx, **decide.retry(old, from_step=from_step), trigger=None, new_incident=False)
+            tx.emit([decide.retried_event(old, new.id, from_step)])
+        return new
 
     def claim(self, owner: str, lease_seconds: float, *, max_concurrent: int = 0) -> Run | None:
         """Lease the next due run: a queued one whose time has come, or one whose lease lapsed. A run whose mutex
@@ -211,6 +227,9 @@ class RunStore:
                 ),
             )
         ]
+        # Paused (by component, or all): a queued run waits for the resume. A lapsed lease is still re-claimed: that
+        # run had started, and a crash must not leave it half done for the length of a pause.
+        conds.append(~sa.exists().where(sa.or_(t.pauses.c.scope == "*", t.pauses.c.scope == t.runs.c.component)))
         if capped:
             running = sa.select(sa.func.count()).select_from(other).where(other.c.status.in_(_ACTIVE)).scalar_subquery()
             conds.append(running < sa.bindparam("cap", type_=sa.Integer()))

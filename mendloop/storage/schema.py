@@ -307,3 +307,13 @@ audit_log = sa.Table(
     sa.Index("ix_audit_log_actor", "actor_name", "id"),
     sa.Index("ix_audit_log_action", "action", "id"),
 )
+
+# Paused components (migration 0010): no queued run of a paused component is claimed until it is resumed.
+# `scope` is a component's name, or `*` for all of them.
+pauses = sa.Table(
+    "pauses",
+    metadata,
+    sa.Column("scope", sa.String(200), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+)

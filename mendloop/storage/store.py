@@ -21,8 +21,10 @@ from mendloop.domain.records import EventRecord, NewEvent, Run, StepRecord, Trus
 from mendloop.domain.states import RunStatus
 from mendloop.domain.stats import Summary, summarize
 from mendloop.domain.trust import TrustMove, TrustWeights
+from mendloop.storage.approvals import ApprovalStore
 from mendloop.storage.db import AfterCommit, Clock, Database
 from mendloop.storage.events import EventStore
+from mendloop.storage.pauses import PauseStore
 from mendloop.storage.retention import Retention
 from mendloop.storage.runs import RunStore, StepOutcome
 from mendloop.storage.stats import StatStore
@@ -60,6 +62,8 @@ class Store:
         self.stats = StatStore(self.db)
         # Parts that read the events table by cursor declare their floor here (`retention.floors`).
         self.retention = Retention(self.db)
+        self.approvals = ApprovalStore(self.db)
+        self.pauses = PauseStore(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -139,6 +143,9 @@ class Store:
 
     def run_steps(self, run_id: str) -> list[StepRecord]:
         return self.runs.steps(run_id)
+
+    def retry_run(self, run_id: str, from_step: str) -> Run:
+        return self.runs.retry(run_id, from_step)
 
     def cancel_run(self, run_id: str, reason: str) -> Run:
         return self.runs.cancel(run_id, reason)

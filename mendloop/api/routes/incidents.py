@@ -29,13 +29,16 @@ async def list_incidents(
         items, total = app.incidents.find(
             status=status, fingerprint=fingerprint, error_type=error_type, limit=limit, offset=offset
         )
-        return IncidentList(incidents=[views.incident(i) for i in items], count=len(items), total=total)
+        pauses = app.store.pauses.current()
+        return IncidentList(incidents=[views.incident(i, pauses) for i in items], count=len(items), total=total)
 
     return await run_in_threadpool(query)
 
 
 def _detail(app: App, incident_id: str) -> IncidentDetail:
-    return views.incident_detail(app.incidents.get(incident_id), app.incidents.runs_of(incident_id))
+    return views.incident_detail(
+        app.incidents.get(incident_id), app.incidents.runs_of(incident_id), app.store.pauses.current()
+    )
 
 
 @router.get("/{incident_id}")

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from mendloop.api import views
 from mendloop.api.deps import AppDep, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
-from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, TriggerRequest
+from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
 from mendloop.app import App
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
@@ -26,7 +26,8 @@ RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this st
 async def list_runs(app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0) -> RunList:
     def query() -> RunList:
         items, total = app.store.list_runs(status=status.value if status else None, limit=limit, offset=offset)
-        return RunList(runs=[views.run(r) for r in items], count=len(items), total=total)
+        pauses = app.store.pauses.current()
+        return RunList(runs=[views.run(r, pauses) for r in items], count=len(items), total=total)
 
     return await run_in_threadpool(query)
 
@@ -40,6 +41,7 @@ def run_detail(app: App, run_id: str) -> RunDetail:
         trust_score=app.store.trust_score(r.component) if r.component else None,
         trust_changes=app.store.trust_history(run_id=run_id),
         wo=app.store.get_work_order(r.coding_work_order_id) if r.coding_work_order_id else None,
+        pauses=app.store.pauses.current(),
     )
 
 
@@ -53,6 +55,29 @@ async def cancel_run(app: AppDep, run_id: str, body: CancelRequest | None = None
     reason = app.redactor.text(body.reason) if body else "cancelled by an operator"
     r = await run_in_threadpool(app.remediation.cancel_run, run_id, reason)
     return views.run(r)
+
+
+@router.post("/runs/{run_id}/approve")
+async def approve_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+    """Approve what a run in `awaiting_approval` waits for (an approval step, a trust gate), or the patch its
+    work order holds for approval; the run goes on."""
+    comment = app.redactor.text(body.comment) if body and body.comment else None
+    return views.run(await run_in_threadpool(app.remediation.approve_run, run_id, comment))
+
+
+@router.post("/runs/{run_id}/reject")
+async def reject_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+    """Reject it: the run needs a human."""
+    comment = app.redactor.text(body.comment) if body and body.comment else None
+    return views.run(await run_in_threadpool(app.remediation.reject_run, run_id, comment))
+
+
+@router.post("/runs/{run_id}/retry")
+async def retry_run(app: AppDep, run_id: str, body: RetryRequest) -> RunOut:
+    """Start a failed (needs_human, cancelled) run again from `from_step`, as a new run with the outputs of the
+    steps before it; the old run's timeline links to it (`run.retried`), the new run's context names the old one
+    (`retry_of`)."""
+    return views.run(await run_in_threadpool(app.remediation.retry_run, run_id, body.from_step))
 
 
 async def wait_settled(app: App, run_id: str, timeout: float) -> RunStatus:

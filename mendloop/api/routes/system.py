@@ -59,6 +59,7 @@ async def health(app: AppDep, response: Response) -> HealthOut:
             )
             for name, st in (app.notifier.snapshot().items() if app.notifier is not None else ())
         },
+        paused=[views.pause(p) for p in state.pauses] if state is not None else [],
     )
 
 
