@@ -35,9 +35,7 @@ def test_reads_answer_while_another_connection_holds_the_write_lock(tmp_path: Pa
     # A second process's writer, as sqlite3 sees it: the write lock taken and a row written, not committed.
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
-    writer.execute(
-        "INSERT INTO events (type, source, message, payload, created_at) VALUES ('held', 's', 'm', '{}', 0)"
-    )
+    writer.execute("INSERT INTO events (type, source, message, payload, created_at) VALUES ('held', 's', 'm', '{}', 0)")
     answers: dict[str, Any] = {}
     failure: list[BaseException] = []
     done = threading.Event()

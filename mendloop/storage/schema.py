@@ -30,7 +30,8 @@ events = sa.Table(
     sa.Column("component", sa.String(200), nullable=True),
     sa.Column("created_at", Epoch, nullable=False),
     sa.Index("ix_events_type_id", "type", "id"),
-    sa.Index("ix_events_run_id", "run_id"),
+    # A run's timeline, in id order (migration 0011; was run_id alone, which left PostgreSQL a sort).
+    sa.Index("ix_events_run", "run_id", "id"),
     sa.Index("ix_events_created_at", "created_at"),
     # GET /metrics counts events by type and source (migration 0006).
     sa.Index("ix_events_type_source", "type", "source"),

@@ -3,10 +3,11 @@
 The lists are newest first on (sort key, id): runs and work orders by created_at, incidents by last_seen, events by
 id. Each filter a list offers gets an index of its columns then (sort key, id), so a page is a range walk that stops
 after `limit` rows instead of a scan and a sort of the whole history (tests/test_query_plans.py holds each query
-to it). A run's detail reads its trust changes by run id, and an incident's runs by (incident_id, id).
+to it). A run's detail reads its trust changes by run id and its events by (run_id, id), and an incident's runs by
+(incident_id, id).
 
 Two older indexes are replaced by their longer forms (the longer one serves every lookup the shorter did):
-(status, last_seen) on incidents and (incident_id) on runs. Indexes only: no data changes.
+(status, last_seen) on incidents, (incident_id) on runs and (run_id) on events. Indexes only: no data changes.
 
 Revision ID: 0011_read_indexes
 Revises: 0006
@@ -35,10 +36,12 @@ _NEW = [
     ("ix_incidents_error_type_last_seen", "incidents", ["error_type", "last_seen", "id"]),
     ("ix_incidents_status_error_type", "incidents", ["status", "error_type", "last_seen", "id"]),
     ("ix_trust_history_run_id", "trust_history", ["run_id", "id"]),
+    ("ix_events_run", "events", ["run_id", "id"]),
 ]
 _REPLACED = [
     ("ix_incidents_status_last_seen", "incidents", ["status", "last_seen"]),
     ("ix_runs_incident_id", "runs", ["incident_id"]),
+    ("ix_events_run_id", "events", ["run_id"]),
 ]
 
 
