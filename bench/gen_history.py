@@ -17,6 +17,7 @@ generator's version, so a rerun only copies one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -38,7 +39,6 @@ from mendloop.storage import migrate  # noqa: E402
 from mendloop.storage import schema as t  # noqa: E402
 from mendloop.storage.db import sqlite_insert  # noqa: E402
 
-VERSION = 1  # bump when the shape changes: the cache key has it
 CACHE = ROOT / "bench" / ".cache"
 COMPONENTS = [f"svc-{i:02d}" for i in range(50)]
 PLAYBOOKS = [
@@ -79,7 +79,11 @@ def _playbook(pb_id: str, kind: str) -> dict[str, Any]:
 
 
 def cache_key(runs: int) -> str:
-    return f"history-{runs}-{migrate.head()}-v{VERSION}"
+    """Size, schema head and a digest of the migrations and of this file: an edited index or shape rebuilds."""
+    digest = hashlib.sha1(Path(__file__).read_bytes())
+    for path in sorted((migrate.MIGRATIONS / "versions").glob("*.py")):
+        digest.update(path.read_bytes())
+    return f"history-{runs}-{migrate.head()}-{digest.hexdigest()[:10]}"
 
 
 def _columns(table: sa.Table, row: dict[str, Any]) -> tuple[Any, ...]:
