@@ -278,9 +278,14 @@ def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> d
 
 
 def run(
-    *, sizes: list[int], requests: int = 300, max_seconds: float = 30.0, postgres: str | None = None
+    *,
+    sizes: list[int],
+    requests: int = 300,
+    max_seconds: float = 30.0,
+    postgres: str | None = None,
+    sqlite: bool = True,
 ) -> dict[str, Any]:
-    backends = ["sqlite"] + (["postgresql"] if postgres else [])
+    backends = (["sqlite"] if sqlite else []) + (["postgresql"] if postgres else [])
     out: dict[str, Any] = {}
     for backend in backends:
         for runs in sizes:
@@ -356,6 +361,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=sizes_of, default=[10_000, 100_000])
     parser.add_argument("--requests", type=int, default=300, help="requests per endpoint and size")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-load", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,7 +369,7 @@ def main() -> None:
         _write_load(json.loads(args.write_load))
         return
     pg = None if args.no_postgres else postgres_url()
-    result = run(sizes=args.sizes, requests=args.requests, postgres=pg)
+    result = run(sizes=args.sizes, requests=args.requests, postgres=pg, sqlite=not args.no_sqlite)
     print(json.dumps(result, indent=2) if args.json else "\n".join(report(result)))
 
 
