@@ -180,3 +180,12 @@ def test_every_list_refuses_a_cursor_of_another(seeded: httpx.Client, path: str)
     runs_cursor = seeded.get("/patches/runs", params={"limit": 1}).json()["next_cursor"]
     r = seeded.get(path, params={"cursor": runs_cursor})
     assert r.status_code == 422 and r.json()["field"] == "cursor"
+
+
+def test_a_components_trust_history_is_its_newest_changes_oldest_first(seeded: httpx.Client) -> None:
+    full = seeded.get("/trust/svc", params={"limit": 1000}).json()["history"]
+    assert len(full) >= 23  # one move per run's incident at least
+    last = seeded.get("/trust/svc", params={"limit": 3}).json()["history"]
+    assert last == full[-3:]
+    assert seeded.get("/trust/svc").json()["history"] == full[-100:]
+    assert seeded.get("/trust/svc", params={"limit": 0}).status_code == 422
