@@ -40,6 +40,7 @@ from mendloop.storage import schema as t  # noqa: E402
 from mendloop.storage.db import sqlite_insert  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
+SHAPE = 1  # bump when `rows` changes what it builds: the cache key has it
 COMPONENTS = [f"svc-{i:02d}" for i in range(50)]
 PLAYBOOKS = [
     ("database_reconnect", "retry"),
@@ -79,8 +80,8 @@ def _playbook(pb_id: str, kind: str) -> dict[str, Any]:
 
 
 def cache_key(runs: int) -> str:
-    """Size, schema head and a digest of the migrations and of this file: an edited index or shape rebuilds."""
-    digest = hashlib.sha1(Path(__file__).read_bytes())
+    """Size, schema head, a digest of the migrations (an edited index rebuilds) and SHAPE."""
+    digest = hashlib.sha1(str(SHAPE).encode())
     for path in sorted((migrate.MIGRATIONS / "versions").glob("*.py")):
         digest.update(path.read_bytes())
     return f"history-{runs}-{migrate.head()}-{digest.hexdigest()[:10]}"
@@ -368,6 +369,16 @@ def postgres_copy(runs: int, admin_url: str, name: str) -> str:
     finally:
         admin.dispose()
     return _on(admin_url, name)
+
+
+def drop_copy(admin_url: str, name: str) -> None:
+    """Drop a copy made by `postgres_copy` (the cached history stays)."""
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def _on(url: str, database: str) -> str:

@@ -298,7 +298,12 @@ def run(
                     assert postgres is not None
                     url = gen_history.postgres_copy(runs, postgres, f"bench_reads_{runs}")
                 prepared = time.monotonic() - started
-                result = _one(tmp, url, runs, requests, max_seconds)
+                try:
+                    result = _one(tmp, url, runs, requests, max_seconds)
+                finally:
+                    if backend == "postgresql":
+                        assert postgres is not None
+                        gen_history.drop_copy(postgres, f"bench_reads_{runs}")
                 result["prepare_seconds"] = prepared
                 out.setdefault(backend, {})[str(runs)] = result
     return out
