@@ -11,6 +11,10 @@
 6. Redaction of log lines and event payloads (bench/redact.py), beside the regex Redactor it replaced.
 7. `/health` p50/p99 while 10,000 distinct errors arrive at a real `mendloop serve` (bench/health.py), beside
    `/health` on the same server idle, measured in the same run.
+8. Reads as history grows (bench/reads.py): p50/p99 of every list and detail endpoint, with each filter, with 20
+   concurrent clients and 200 events/s written beside them, at 10,000 and 100,000 runs (`--reads-sizes` adds
+   1,000,000), on SQLite and on PostgreSQL when MENDLOOP_BENCH_POSTGRES_URL is set; the baseline is the smallest
+   size, measured in the same run.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import detect as detect_bench  # noqa: E402
 import health as health_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
+import reads as reads_bench  # noqa: E402
 import redact as redact_bench  # noqa: E402
 import runner as agent_runner_bench  # noqa: E402
 import scan as scan_bench  # noqa: E402
@@ -243,6 +248,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--runner-orders", type=int, default=7, help="Work orders through the agent runner.")
     parser.add_argument("--intake-seconds", type=float, default=5.0, help="Length of each webhook intake figure.")
+    parser.add_argument(
+        "--reads-sizes",
+        type=reads_bench.sizes_of,
+        default=[10_000, 100_000],
+        help="Runs in the databases of the read bench, e.g. 10000,100000,1000000 (the first is the baseline).",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mendloop-bench-") as d:
@@ -259,6 +270,7 @@ def main() -> None:
     detect = detect_bench.run()
     redaction = redact_bench.run()
     health = health_bench.run()
+    reads = reads_bench.run(sizes=args.reads_sizes, postgres=reads_bench.postgres_url())
     result = {
         "throughput": tp,
         "latency": lat,
@@ -269,6 +281,7 @@ def main() -> None:
         "detection": detect,
         "redaction": redaction,
         "health": health,
+        "reads": reads,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -292,6 +305,7 @@ def main() -> None:
     print("\n".join(detect_bench.report(detect)))
     print("\n".join(redact_bench.report(redaction)))
     print("\n".join(health_bench.report(health)))
+    print("\n".join(reads_bench.report(reads)))
 
 
 def scan_report(r: dict[str, Any]) -> list[str]:

@@ -37,3 +37,9 @@ def prefixed(request: Request, path: str) -> str:
 # Paging, the same on every list.
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
+# Keyset paging: the `next_cursor` of the page before. It costs the same however deep the page is; an offset walks
+# past every item before it.
+Cursor = Annotated[
+    str | None,
+    Query(max_length=500, description="Start after the last item of a page: pass that page's `next_cursor`"),
+]

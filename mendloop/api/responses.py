@@ -59,6 +59,9 @@ class WorkOrderList(_Answer):
     count: int
     total: int
     stats: dict[str, int] = Field(description="total_work_orders, and the number of work orders in each status")
+    next_cursor: str | None = Field(
+        default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
+    )
 
 
 class CompleteOut(BaseModel):
@@ -121,6 +124,9 @@ class RunList(_Answer):
     runs: list[RunOut]
     count: int
     total: int
+    next_cursor: str | None = Field(
+        default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
+    )
 
 
 class StepOut(_Answer):
@@ -239,6 +245,9 @@ class EventOut(_Answer):
 class EventList(_Answer):
     events: list[EventOut]
     count: int
+    next_cursor: str | None = Field(
+        default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
+    )
 
 
 class EventOutcome(_Answer):
@@ -334,6 +343,9 @@ class IncidentList(_Answer):
     incidents: list[IncidentOut]
     count: int
     total: int
+    next_cursor: str | None = Field(
+        default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
+    )
 
 
 # -- system ------------------------------------------------------------------------------------------------------

@@ -7,10 +7,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mendloop.domain.page_cursor import After
 from mendloop.domain.records import EventRecord, NewEvent
 from mendloop.storage import schema as t
 from mendloop.storage.db import Database
+from mendloop.storage.pages import EVENTS_PAGE, newest_first
 from mendloop.storage.rows import event_of
+
+# Longer than any write transaction holds an event id before it commits (they take milliseconds).
+_SINCE_SLACK = 60.0
 
 
 class EventStore:
@@ -24,13 +29,46 @@ class EventStore:
     def recent(
         self, *, event_type: str | None = None, limit: int = 50, since: float | None = None
     ) -> list[EventRecord]:
-        q = sa.select(t.events).order_by(t.events.c.id.desc()).limit(limit)
+        return self.recent_page(event_type=event_type, limit=limit, since=since)[0]
+
+    def recent_page(
+        self,
+        *,
+        event_type: str | None = None,
+        limit: int = 50,
+        since: float | None = None,
+        after: After | None = None,
+        offset: int = 0,
+    ) -> tuple[list[EventRecord], str | None]:
+        """Newest first (id), from a cursor: the events and the next page's cursor."""
+        q = sa.select(t.events)
         if event_type:
             q = q.where(t.events.c.type == event_type)
-        if since is not None:
-            q = q.where(t.events.c.created_at >= since)
         with self.db.read() as conn:
-            return [event_of(r) for r in conn.execute(q)]
+            if since is not None:
+                # Bounded below by id too: walking ids down from the newest, a filter on created_at alone would go
+                # on through the whole history once the events since then are passed. Ids follow created_at but
+                # for transactions committing out of order, so the bound starts `_SINCE_SLACK` seconds earlier.
+                first = conn.execute(
+                    sa.select(t.events.c.id)
+                    .where(t.events.c.created_at >= since - _SINCE_SLACK)
+                    .order_by(t.events.c.created_at)
+                    .limit(1)
+                ).scalar()
+                if first is None:
+                    return [], None
+                q = q.where(t.events.c.id >= first, t.events.c.created_at >= since)
+            rows, cursor = newest_first(
+                conn,
+                q,
+                kind=EVENTS_PAGE,
+                key=t.events.c.id,
+                item_id=t.events.c.id,
+                after=after,
+                limit=limit,
+                offset=offset,
+            )
+        return [event_of(r) for r in rows], cursor
 
     def after(self, after_id: int, limit: int = 500) -> list[EventRecord]:
         """The events visible now with an id above `after_id`. Not a cursor: on PostgreSQL a transaction holding a

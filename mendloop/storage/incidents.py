@@ -16,6 +16,7 @@ from mendloop.config import StormConfig
 from mendloop.domain import incidents as lifecycle
 from mendloop.domain import storm
 from mendloop.domain.incidents import OPEN, RESOLVED, TrackedIncident
+from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Detection, DetectionOutcome, NewEvent
 from mendloop.domain.runs import stamp
 from mendloop.domain.states import RUN_FINAL, RunStatus
@@ -25,6 +26,7 @@ from mendloop.errors import NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Tx, sqlite_insert
 from mendloop.storage.incident_resolution import resolve_by_operator_in
+from mendloop.storage.pages import INCIDENTS_PAGE, newest_first
 from mendloop.storage.store import Store
 
 # What a new run needs from the caller, who knows playbooks and targets: insert_run's keyword arguments.
@@ -183,6 +185,22 @@ class IncidentStore:
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[TrackedIncident], int]:
+        found, total, _ = self.page(
+            status=status, fingerprint=fingerprint, error_type=error_type, limit=limit, offset=offset
+        )
+        return found, total
+
+    def page(
+        self,
+        *,
+        status: str | None = None,
+        fingerprint: str | None = None,
+        error_type: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[TrackedIncident], int, str | None]:
+        """Most recently seen first (last_seen, id), from a cursor: the incidents, how many match, the next cursor."""
         conds = []
         if status:
             conds.append(t.incidents.c.status == status)
@@ -190,13 +208,21 @@ class IncidentStore:
             conds.append(t.incidents.c.fingerprint == fingerprint)
         if error_type:
             conds.append(t.incidents.c.error_type == error_type)
-        q = sa.select(t.incidents).where(*conds).order_by(t.incidents.c.last_seen.desc(), t.incidents.c.id.desc())
-        q = q.limit(limit).offset(offset)
+        q = sa.select(t.incidents).where(*conds)
         c = sa.select(sa.func.count()).select_from(t.incidents).where(*conds)
         with self.store.db.read() as conn:
-            rows = conn.execute(q).all()
+            rows, cursor = newest_first(
+                conn,
+                q,
+                kind=INCIDENTS_PAGE,
+                key=t.incidents.c.last_seen,
+                item_id=t.incidents.c.id,
+                after=after,
+                limit=limit,
+                offset=offset,
+            )
             total = int(conn.execute(c).scalar_one())
-        return [_incident(r) for r in rows], total
+        return [_incident(r) for r in rows], total, cursor
 
     def runs_of(self, incident_id: str) -> list[tuple[str, str]]:
         q = sa.select(t.runs.c.id, t.runs.c.status).where(t.runs.c.incident_id == incident_id).order_by(t.runs.c.id)

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from mendloop.domain import runs as decide
 from mendloop.domain import stats
+from mendloop.domain.page_cursor import After
 from mendloop.domain.records import NewEvent, Run, StepRecord, WorkOrder
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, StepStatus, WorkOrderStatus, check_run_move
 from mendloop.domain.trust import TrustMove, TrustReason
@@ -23,6 +24,7 @@ from mendloop.storage import schema as t
 from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.incident_resolution import resolve_completed_in
+from mendloop.storage.pages import RUNS_PAGE, newest_first
 from mendloop.storage.rows import run_of, step_of, work_order_of
 from mendloop.storage.trust import TrustStore
 
@@ -499,15 +501,31 @@ class RunStore:
         return RunStatus(value)
 
     def find(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Run], int]:
-        q = sa.select(t.runs).order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
+        runs, total, _ = self.page(status=status, limit=limit, offset=offset)
+        return runs, total
+
+    def page(
+        self, *, status: str | None = None, after: After | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Run], int, str | None]:
+        """Newest first (created_at, id), from a cursor: the runs, how many match, the next page's cursor."""
+        q = sa.select(t.runs)
         c = sa.select(sa.func.count()).select_from(t.runs)
         if status:
             q = q.where(t.runs.c.status == status)
             c = c.where(t.runs.c.status == status)
         with self.db.read() as conn:
-            rows = conn.execute(q.limit(limit).offset(offset)).all()
+            rows, cursor = newest_first(
+                conn,
+                q,
+                kind=RUNS_PAGE,
+                key=t.runs.c.created_at,
+                item_id=t.runs.c.id,
+                after=after,
+                limit=limit,
+                offset=offset,
+            )
             total = int(conn.execute(c).scalar_one())
-        return [run_of(r) for r in rows], total
+        return [run_of(r) for r in rows], total, cursor
 
     def steps(self, run_id: str) -> list[StepRecord]:
         q = sa.select(t.steps).where(t.steps.c.run_id == run_id).order_by(t.steps.c.id)

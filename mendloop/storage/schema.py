@@ -30,7 +30,8 @@ events = sa.Table(
     sa.Column("component", sa.String(200), nullable=True),
     sa.Column("created_at", Epoch, nullable=False),
     sa.Index("ix_events_type_id", "type", "id"),
-    sa.Index("ix_events_run_id", "run_id"),
+    # A run's timeline, in id order (migration 0011; was run_id alone, which left PostgreSQL a sort).
+    sa.Index("ix_events_run", "run_id", "id"),
     sa.Index("ix_events_created_at", "created_at"),
     # GET /metrics counts events by type and source (migration 0006).
     sa.Index("ix_events_type_source", "type", "source"),
@@ -71,13 +72,16 @@ runs = sa.Table(
     # Claims since the run last committed progress: bounded, so a run that crashes its worker can't loop forever.
     sa.Column("stalled_claims", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Index("ix_runs_status_next_run_at", "status", "next_run_at"),
-    sa.Index("ix_runs_incident_id", "incident_id"),
+    sa.Index("ix_runs_incident", "incident_id", "id"),
     sa.Index("ix_runs_mutex_key", "mutex_key", "status"),
     sa.Index("ix_runs_lease_owner", "lease_owner"),
     # Covers GET /metrics' runs by playbook and status and its duration histogram (migration 0006).
     sa.Index("ix_runs_metrics", "status", "playbook_id", "escalated", "created_at", "finished_at"),
     # Retention finds finished runs by their finish time (migration 0007_stats_deltas).
     sa.Index("ix_runs_status_finished_at", "status", "finished_at"),
+    # The runs list, newest first from a cursor, unfiltered and by status (migration 0011).
+    sa.Index("ix_runs_created_at", "created_at", "id"),
+    sa.Index("ix_runs_status_created_at", "status", "created_at", "id"),
 )
 
 steps = sa.Table(
@@ -131,6 +135,10 @@ work_orders = sa.Table(
     sa.Column("note", sa.Text, nullable=True),
     sa.Index("ix_work_orders_status", "status"),
     sa.Index("ix_work_orders_run", "self_healing_run_id"),
+    # The work orders list, newest first from a cursor, with each filter (migration 0011).
+    sa.Index("ix_work_orders_created_at", "created_at", "id"),
+    sa.Index("ix_work_orders_status_created_at", "status", "created_at", "id"),
+    sa.Index("ix_work_orders_run_created_at", "self_healing_run_id", "created_at", "id"),
 )
 
 diffs = sa.Table(
@@ -162,6 +170,8 @@ trust_history = sa.Table(
     # The incident's recurrence count a `recurrence` move was for (NULL for other reasons).
     sa.Column("recurrences", sa.Integer, nullable=True),
     sa.Index("ix_trust_history_component", "component", "id"),
+    # A run's detail: its trust changes (migration 0011).
+    sa.Index("ix_trust_history_run_id", "run_id", "id"),
 )
 
 # Per-day counters behind readable ids such as wo_20251113_0001; incremented in the creating transaction.
@@ -208,7 +218,13 @@ incidents = sa.Table(
     sa.Column("resolved_commit", sa.String(64), nullable=True),
     sa.Column("last_resolved_at", Epoch, nullable=True),
     sa.Index("ix_incidents_fingerprint", "fingerprint", "status"),
-    sa.Index("ix_incidents_status_last_seen", "status", "last_seen"),
+    # The incidents list, most recently seen first from a cursor, with each filter and pair (migration 0011).
+    sa.Index("ix_incidents_last_seen", "last_seen", "id"),
+    sa.Index("ix_incidents_status_last_seen_id", "status", "last_seen", "id"),
+    sa.Index("ix_incidents_fingerprint_last_seen", "fingerprint", "last_seen", "id"),
+    sa.Index("ix_incidents_status_fingerprint", "status", "fingerprint", "last_seen", "id"),
+    sa.Index("ix_incidents_error_type_last_seen", "error_type", "last_seen", "id"),
+    sa.Index("ix_incidents_status_error_type", "status", "error_type", "last_seen", "id"),
 )
 
 # Where each watcher has read up to in each file, with the file's identity, so a restart neither misses nor

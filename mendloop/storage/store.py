@@ -186,8 +186,10 @@ class Store:
     def trust_scores(self) -> dict[str, float]:
         return self.trust.scores()
 
-    def trust_history(self, component: str | None = None, run_id: str | None = None) -> list[TrustChange]:
-        return self.trust.history(component, run_id)
+    def trust_history(
+        self, component: str | None = None, run_id: str | None = None, *, last: int | None = None
+    ) -> list[TrustChange]:
+        return self.trust.history(component, run_id, last=last)
 
 
 @functools.cache

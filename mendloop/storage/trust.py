@@ -56,11 +56,19 @@ class TrustStore:
             rows = conn.execute(sa.select(t.trust_scores.c.component, t.trust_scores.c.score))
             return {str(c): float(s) for c, s in rows}
 
-    def history(self, component: str | None = None, run_id: str | None = None) -> list[TrustChange]:
-        q = sa.select(t.trust_history).order_by(t.trust_history.c.id)
+    def history(
+        self, component: str | None = None, run_id: str | None = None, *, last: int | None = None
+    ) -> list[TrustChange]:
+        """Oldest first; with `last`, only the newest `last` changes (a component's history grows with every run,
+        so the API reads it by its (component, id) index from the newest end)."""
+        q = sa.select(t.trust_history)
         if component:
             q = q.where(t.trust_history.c.component == component)
         if run_id:
             q = q.where(t.trust_history.c.run_id == run_id)
+        if last is not None:
+            q = q.order_by(t.trust_history.c.id.desc()).limit(last)
+            with self.db.read() as conn:
+                return [trust_change_of(r) for r in reversed(conn.execute(q).all())]
         with self.db.read() as conn:
-            return [trust_change_of(r) for r in conn.execute(q)]
+            return [trust_change_of(r) for r in conn.execute(q.order_by(t.trust_history.c.id))]

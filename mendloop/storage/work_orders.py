@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from mendloop.domain import stats
 from mendloop.domain import work_orders as decide
+from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Run, WorkOrder
 from mendloop.domain.states import RunStatus, WorkOrderStatus
 from mendloop.domain.work_orders import Transition
@@ -22,6 +23,7 @@ from mendloop.errors import Conflict, InputError, MendloopError, NotFound
 from mendloop.storage import schema as t
 from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
+from mendloop.storage.pages import WORK_ORDERS_PAGE, newest_first
 from mendloop.storage.rows import run_of, work_order_of
 
 # A decision: the locked work order, its run (if any) and the transaction's time → what changes.
@@ -233,7 +235,20 @@ class WorkOrderStore:
     def find(
         self, *, status: str | None = None, run_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[WorkOrder], int]:
-        q = sa.select(t.work_orders).order_by(t.work_orders.c.created_at.desc(), t.work_orders.c.id.desc())
+        found, total, _ = self.page(status=status, run_id=run_id, limit=limit, offset=offset)
+        return found, total
+
+    def page(
+        self,
+        *,
+        status: str | None = None,
+        run_id: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[WorkOrder], int, str | None]:
+        """Newest first (created_at, id), from a cursor: the work orders, how many match, the next cursor."""
+        q = sa.select(t.work_orders)
         c = sa.select(sa.func.count()).select_from(t.work_orders)
         conds = []
         if status:
@@ -244,9 +259,18 @@ class WorkOrderStore:
             q = q.where(*conds)
             c = c.where(*conds)
         with self.db.read() as conn:
-            rows = conn.execute(q.limit(limit).offset(offset)).all()
+            rows, cursor = newest_first(
+                conn,
+                q,
+                kind=WORK_ORDERS_PAGE,
+                key=t.work_orders.c.created_at,
+                item_id=t.work_orders.c.id,
+                after=after,
+                limit=limit,
+                offset=offset,
+            )
             total = int(conn.execute(c).scalar_one())
-        return [work_order_of(r) for r in rows], total
+        return [work_order_of(r) for r in rows], total, cursor
 
     def diff(self, wo_id: str) -> str:
         with self.db.read() as conn:

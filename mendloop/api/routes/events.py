@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import auth, errors, views
 from mendloop.api.access import credential_of
-from mendloop.api.deps import AppDep, route_path
+from mendloop.api.deps import AppDep, Cursor, Offset, route_path
 from mendloop.api.responses import (
     AlertOutcome,
     AlertsPublished,
@@ -40,6 +40,7 @@ from mendloop.errors import AuthError, Conflict, InputError
 from mendloop.intake.service import aggregate, records_of
 from mendloop.storage import schema as t
 from mendloop.storage.event_feed import EventFeed
+from mendloop.storage.pages import EVENTS_PAGE, cursor_of
 
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
@@ -50,9 +51,17 @@ async def recent(
     event_type: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     since: Annotated[float | None, Query(description="Only events at or after this Unix time", ge=0)] = None,
+    offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> EventList:
-    events = await run_in_threadpool(lambda: app.store.recent_events(event_type=event_type, limit=limit, since=since))
-    return EventList(events=[views.event(e) for e in events], count=len(events))
+    """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
+    after = cursor_of(EVENTS_PAGE, cursor)
+    events, next_cursor = await run_in_threadpool(
+        lambda: app.store.events.recent_page(
+            event_type=event_type, limit=limit, since=since, after=after, offset=offset
+        )
+    )
+    return EventList(events=[views.event(e) for e in events], count=len(events), next_cursor=next_cursor)
 
 
 _EVENT_BODY = {

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
-from mendloop.api.deps import AppDep
+from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import IncidentDetail, IncidentList
 from mendloop.api.schemas import ERROR_RESPONSES
 from mendloop.app import App
+from mendloop.storage.pages import INCIDENTS_PAGE, cursor_of
 
 router = APIRouter(prefix="/incidents", tags=["incidents"], responses=ERROR_RESPONSES)
 
@@ -22,15 +23,21 @@ async def list_incidents(
     status: Annotated[Literal["open", "resolved"] | None, Query()] = None,
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
     error_type: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> IncidentList:
+    """Most recently seen first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
+    after = cursor_of(INCIDENTS_PAGE, cursor)
+
     def query() -> IncidentList:
-        items, total = app.incidents.find(
-            status=status, fingerprint=fingerprint, error_type=error_type, limit=limit, offset=offset
+        items, total, next_cursor = app.incidents.page(
+            status=status, fingerprint=fingerprint, error_type=error_type, after=after, limit=limit, offset=offset
         )
         pauses = app.store.pauses.current()
-        return IncidentList(incidents=[views.incident(i, pauses) for i in items], count=len(items), total=total)
+        return IncidentList(
+            incidents=[views.incident(i, pauses) for i in items], count=len(items), total=total, next_cursor=next_cursor
+        )
 
     return await run_in_threadpool(query)
 

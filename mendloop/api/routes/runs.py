@@ -10,12 +10,13 @@ from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
-from mendloop.api.deps import AppDep, Limit, Offset
+from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
 from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
 from mendloop.app import App
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
+from mendloop.storage.pages import RUNS_PAGE, cursor_of
 
 router = APIRouter(prefix="/patches", tags=["runs"], responses=ERROR_RESPONSES)
 
@@ -23,11 +24,20 @@ RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this st
 
 
 @router.get("/runs")
-async def list_runs(app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0) -> RunList:
+async def list_runs(
+    app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0, cursor: Cursor = None
+) -> RunList:
+    """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
+    after = cursor_of(RUNS_PAGE, cursor)
+
     def query() -> RunList:
-        items, total = app.store.list_runs(status=status.value if status else None, limit=limit, offset=offset)
+        items, total, next_cursor = app.store.runs.page(
+            status=status.value if status else None, after=after, limit=limit, offset=offset
+        )
         pauses = app.store.pauses.current()
-        return RunList(runs=[views.run(r, pauses) for r in items], count=len(items), total=total)
+        return RunList(
+            runs=[views.run(r, pauses) for r in items], count=len(items), total=total, next_cursor=next_cursor
+        )
 
     return await run_in_threadpool(query)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop import __version__
@@ -94,7 +96,12 @@ async def trust(app: AppDep) -> TrustList:
 
 
 @router.get("/trust/{component}", tags=["trust"])
-async def trust_component(app: AppDep, component: str) -> ComponentTrust:
+async def trust_component(
+    app: AppDep,
+    component: str,
+    limit: Annotated[int, Query(ge=1, le=1000, description="The newest this many changes (oldest first)")] = 100,
+) -> ComponentTrust:
+    """The score and its most recent changes, oldest first: a component's history grows with every run."""
     score = await run_in_threadpool(app.store.trust_score, component)
-    history = await run_in_threadpool(lambda: app.store.trust_history(component=component))
+    history = await run_in_threadpool(lambda: app.store.trust_history(component=component, last=limit))
     return ComponentTrust(component=component, score=score, history=[views.trust_change(c) for c in history])

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.access import credential_of
-from mendloop.api.deps import AppDep, Limit, Offset
+from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import ClaimOut, CompleteOut, HeartbeatOut, WorkOrderList, WorkOrderOut
 from mendloop.api.schemas import (
     ERROR_RESPONSES,
@@ -27,6 +27,7 @@ from mendloop.domain.records import EventRecord
 from mendloop.domain.roles import Action
 from mendloop.domain.states import WorkOrderStatus
 from mendloop.errors import Forbidden
+from mendloop.storage.pages import WORK_ORDERS_PAGE, cursor_of
 
 router = APIRouter(prefix="/patches", tags=["work orders"], responses=ERROR_RESPONSES)
 
@@ -46,16 +47,25 @@ async def list_work_orders(
     self_healing_run_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Limit = 20,
     offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> WorkOrderList:
+    """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
+    after = cursor_of(WORK_ORDERS_PAGE, cursor)
+
     def query() -> WorkOrderList:
-        items, total = app.store.list_work_orders(
-            status=status.value if status else None, run_id=self_healing_run_id, limit=limit, offset=offset
+        items, total, next_cursor = app.store.work_orders.page(
+            status=status.value if status else None,
+            run_id=self_healing_run_id,
+            after=after,
+            limit=limit,
+            offset=offset,
         )
         return WorkOrderList(
             work_orders=[views.work_order(w) for w in items],
             count=len(items),
             total=total,
             stats=app.store.work_order_stats(),
+            next_cursor=next_cursor,
         )
 
     return await run_in_threadpool(query)
