@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -991,6 +992,16 @@ class Settings(BaseSettings):
 def _where(loc: tuple[int | str, ...]) -> str:
     # pydantic puts a mapping key's own error at (..., KEY, "[key]"): the field is the key's path.
     return ".".join(str(p) for p in loc if p != "[key]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a listen address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

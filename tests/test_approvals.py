@@ -244,7 +244,44 @@ def test_a_run_waits_for_approval_and_goes_on_after_it(database_url: str, tmp_pa
         assert types.index("run.approval_requested") < types.index("run.approved")
         steps = [(s.step_id, s.status.value) for s in app.store.run_steps(run_id)]
         assert steps == [("look", "succeeded"), ("ask", "succeeded"), ("act", "succeeded")]
-        assert any("approved by operator: go ahead" in t["message"] for t in detail["timeline"])
+        assert any("approved by anonymous: go ahead" in t["message"] for t in detail["timeline"])
+    finally:
+        app.close()
+
+
+def test_the_timeline_names_who_approved_rejected_and_paused(database_url: str, tmp_path: Path) -> None:
+    from tests.support import write_playbooks
+
+    write_playbooks(tmp_path / "pb", _playbook())
+    token = "alice-operator-token-0123456789"
+    settings = settings_for(
+        database_url, tmp_path, playbook_dirs=[str(tmp_path / "pb")], routing={"gated": "gated"}, default_target="svc",
+        targets={"svc": {}}, tokens=[{"name": "alice", "token": token, "role": "operator"}],
+    )  # fmt: skip
+    app = open_app(settings, clock=FakeClock())
+    try:
+        first, second = _trigger(app), _trigger(app)
+        with api_client(app) as client:
+            auth = {"Authorization": f"Bearer {token}"}
+            assert (
+                client.post(f"/patches/runs/{first}/approve", json={"comment": "ok"}, headers=auth).status_code == 200
+            )
+            assert client.post(f"/patches/runs/{second}/reject", json={}, headers=auth).status_code == 200
+            assert client.post("/pause", json={"component": "svc", "reason": "deploy"}, headers=auth).status_code == 200
+            assert client.post("/resume", json={"component": "svc"}, headers=auth).status_code == 200
+        assert app.store.get_run(first).outputs["ask"]["by"] == "alice"
+        (asked,) = [s for s in app.store.run_steps(second) if s.step_id == "ask"]
+        assert asked.output["by"] == "alice"  # a rejected run has no outputs to go on with: the step keeps it
+        # The rejection ended a run: the statistics count it where /metrics and the runs table do.
+        assert app.store.get_run(second).status is RunStatus.NEEDS_HUMAN
+        stats = app.store.statistics()
+        assert stats.runs_by_status["needs_human"] == 1 and stats.overall.finished == 1
+        control = [e for e in app.store.recent_events(limit=50) if e.type.startswith("control.")]
+        assert sorted((e.type, e.payload["by"]) for e in control) == [
+            ("control.paused", "alice"),
+            ("control.resumed", "alice"),
+        ]
+        assert all("by alice" in e.message for e in control)
     finally:
         app.close()
 

@@ -174,6 +174,12 @@ def test_each_event_type_has_a_severity() -> None:
     assert n.severity_of("coding_agent.work_order_updated", {"status": "claimed"}) == "info"
     assert n.severity_of("self_healing.triggered", {}) == "info"
     assert n.severity_of("trust.updated", {}) == "info"
+    # Human control: a run waiting for a person is worth a warning; the rest of it is routine.
+    assert n.severity_of("self_healing.completed", {"status": "dry_run"}) == "info"
+    for waiting in ("run.approval_requested", "run.rejected", "run.approval_timed_out", "control.paused"):
+        assert n.severity_of(waiting, {}) == "warning", waiting
+    for routine in ("run.approved", "run.autonomous", "run.retried", "control.resumed"):
+        assert n.severity_of(routine, {}) == "info", routine
     # A detection says its own severity; one that doesn't is an error, as intake assumes.
     assert n.severity_of("ingestion.failed", {"severity": "critical"}) == "critical"
     assert n.severity_of("ingestion.failed", {"severity": "loud"}) == "error"

@@ -166,6 +166,8 @@ def _b64(value: Any) -> str:
         _b64(["runs", True, "run_1"]),
         base64.urlsafe_b64encode(b'["runs", NaN, "run_1"]').decode(),
         _b64(["runs", 1.0, "r" * 300]),
+        base64.urlsafe_b64encode(b'["runs", 1.0, "\\ud800"]').decode(),  # a lone surrogate: no database stores it
+        _b64(["runs", 1.0, "run\x00_1"]),  # a NUL: PostgreSQL refuses it
         "x" * 501,
     ],
 )

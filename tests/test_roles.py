@@ -26,7 +26,16 @@ from mendloop.domain.roles import ANY_METHOD, RULES, Action, Role
 from mendloop.errors import ConfigError
 from mendloop.storage.tokens import digest
 from mendloop.testing import FakeClock
-from tests.support import api_server, free_port, mendloop_argv, open_app, settings_for, wait_for, write_playbooks
+from tests.support import (
+    api_client,
+    api_server,
+    free_port,
+    mendloop_argv,
+    open_app,
+    settings_for,
+    wait_for,
+    write_playbooks,
+)
 
 VI, OP, AG, IN, AD = Role.VIEWER, Role.OPERATOR, Role.AGENT, Role.INTAKE, Role.ADMIN
 READERS = {VI, OP, AG, AD}
@@ -359,6 +368,23 @@ def test_a_server_without_tokens_is_open_and_audits_anonymous(database_url: str,
             assert made.status_code == 201 and made.json()["token"].startswith("mlt_")
             assert client.get("/patches/runs").status_code == 401
             assert client.get("/patches/runs", headers=_as(made.json()["token"])).status_code == 200
+            # Revoking the last token does not open it again: whoever revoked it meant to close it.
+            revoked = client.delete(f"/tokens/{made.json()['id']}", headers=_as(made.json()["token"]))
+            assert revoked.status_code == 200, revoked.text
+            assert client.get("/patches/runs").status_code == 401
+            assert client.post("/tokens", json={"name": "again", "role": "admin"}).status_code == 401
+    finally:
+        app.close()
+
+
+def test_a_server_without_tokens_off_loopback_is_never_open(database_url: str, tmp_path: Path) -> None:
+    # `serve` refuses to start like this; an App built around such settings still asks every caller for a token.
+    app = open_app(settings_for(database_url, tmp_path, host="0.0.0.0"))
+    try:
+        assert not app.keyring.is_open()
+        with api_client(app) as client:
+            assert client.get("/patches/runs").status_code == 401
+            assert client.post("/tokens", json={"name": "first", "role": "admin"}).status_code == 401
     finally:
         app.close()
 

@@ -47,6 +47,12 @@ def credential_of(request: Request) -> Credential | None:
     return found if isinstance(found, Credential) else None
 
 
+def actor_of(request: Request) -> str:
+    """Who is acting, for the timeline: the token's name, or `anonymous` on a server open without tokens."""
+    found = credential_of(request)
+    return found.name if found is not None else ANONYMOUS.name
+
+
 @dataclass(frozen=True, slots=True)
 class _Route:
     template: str

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import sys
@@ -39,15 +38,6 @@ def setup_logging(level: str) -> None:
     if level.upper() not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
         fail(f"--log-level: {level!r} is not one of critical, error, warning, info, debug")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def print_json(body: Any) -> None:

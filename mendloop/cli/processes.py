@@ -19,7 +19,6 @@ from mendloop.cli.common import (
     UrlOpt,
     err,
     fail,
-    is_loopback,
     out,
     setup_logging,
 )
@@ -46,7 +45,7 @@ def serve(
     from mendloop.agents.runner_options import NOBODY
     from mendloop.api.server import create_api, uvicorn_config
     from mendloop.app import App
-    from mendloop.config import load_settings
+    from mendloop.config import is_loopback, load_settings
     from mendloop.infra import sandbox
     from mendloop.storage import migrate
     from mendloop.storage.store import Store

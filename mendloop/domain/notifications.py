@@ -6,14 +6,15 @@ critical, and a target's `min_severity` passes what is at least as severe. mendl
 
 | event | severity |
 |---|---|
-| `self_healing.completed` with status `completed` | info |
+| `self_healing.completed` with status `completed` or `dry_run` | info |
 | `self_healing.completed` with status `cancelled` | warning |
 | `self_healing.completed` with status `failed` or `needs_human` | error |
 | `self_healing.escalated` (to a coding agent), `self_healing.patch_reverted` | error |
 | `self_healing.circuit_open` | critical |
 | `self_healing.step_failed`, `incident.reopened` | warning |
+| `run.approval_requested`, `run.rejected`, `run.approval_timed_out`, `control.paused` (waits for a person) | warning |
 | `coding_agent.work_order_updated` with status `failed` | error |
-| any other `self_healing.*`, `coding_agent.*`, `incident.*`, `trust.*` | info |
+| any other `self_healing.*`, `coding_agent.*`, `incident.*`, `trust.*`, `run.*`, `control.*` | info |
 
 Anything else is a detection or an event posted from outside: its payload's `severity` when that is one of the
 four, else error (what intake assumes of a detection without one).
@@ -31,15 +32,26 @@ SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error", "critical")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 # mendloop's own event families: an event of one of them not in the table below is routine.
-_OWN_PREFIXES = ("self_healing.", "coding_agent.", "incident.", "trust.")
+_OWN_PREFIXES = ("self_healing.", "coding_agent.", "incident.", "trust.", "run.", "control.")
 _BY_TYPE: dict[str, Severity] = {
     "self_healing.escalated": "error",
     "self_healing.patch_reverted": "error",
     "self_healing.circuit_open": "critical",
     "self_healing.step_failed": "warning",
     "incident.reopened": "warning",
+    # A run waits for a person: whoever is told of warnings should know.
+    "run.approval_requested": "warning",
+    "run.rejected": "warning",
+    "run.approval_timed_out": "warning",
+    "control.paused": "warning",
 }
-_RUN_END: dict[str, Severity] = {"completed": "info", "cancelled": "warning", "failed": "error", "needs_human": "error"}
+_RUN_END: dict[str, Severity] = {
+    "completed": "info",
+    "dry_run": "info",
+    "cancelled": "warning",
+    "failed": "error",
+    "needs_human": "error",
+}
 
 # An event-type glob: the characters of an event type, plus `*` and `?`.
 _GLOB = re.compile(r"[A-Za-z0-9_\-.*?]{1,100}")

@@ -63,5 +63,14 @@ def _checked(part: object, want: type[Key]) -> Key | None:
     if want is int and isinstance(part, int):
         return part if -(2**63) <= part < 2**63 else None
     if want is str and isinstance(part, str):
-        return part if len(part) <= 200 else None
+        # JSON may carry a lone surrogate or a NUL: neither is in any id, and no database takes them as a value.
+        return part if len(part) <= 200 and "\x00" not in part and part.isprintable() and _utf8(part) else None
     return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -39,19 +39,19 @@ def _what(scope: str) -> str:
     return "every component" if scope == ALL else f"component {scope}"
 
 
-def paused_event(pause: Pause) -> NewEvent:
+def paused_event(pause: Pause, by: str) -> NewEvent:
     return NewEvent(
         type="control.paused",
-        message=f"Paused {_what(pause.scope)}: {pause.reason} (detections still open incidents; no run starts)",
-        payload={"scope": pause.scope, "reason": pause.reason},
+        message=f"Paused {_what(pause.scope)} by {by}: {pause.reason} (detections still open incidents; no run starts)",
+        payload={"scope": pause.scope, "reason": pause.reason, "by": by},
         component=None if pause.scope == ALL else pause.scope,
     )
 
 
-def resumed_event(pause: Pause) -> NewEvent:
+def resumed_event(pause: Pause, by: str) -> NewEvent:
     return NewEvent(
         type="control.resumed",
-        message=f"Resumed {_what(pause.scope)} (was paused: {pause.reason})",
-        payload={"scope": pause.scope, "reason": pause.reason},
+        message=f"Resumed {_what(pause.scope)} by {by} (was paused: {pause.reason})",
+        payload={"scope": pause.scope, "reason": pause.reason, "by": by},
         component=None if pause.scope == ALL else pause.scope,
     )

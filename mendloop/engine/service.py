@@ -337,14 +337,14 @@ class Remediation:
 
     # -- pauses ---------------------------------------------------------------------------------------------
 
-    def pause(self, component: str | None, reason: str) -> Pause:
+    def pause(self, component: str | None, reason: str, by: str = "operator") -> Pause:
         """No queued run of the component (None: of any) is claimed until it is resumed; detections still open
         incidents and queue their runs, so nothing is lost."""
-        return self.store.pauses.pause(pauses.scope_of(component), reason)
+        return self.store.pauses.pause(pauses.scope_of(component), reason, by)
 
-    def resume(self, component: str | None) -> list[Pause]:
+    def resume(self, component: str | None, by: str = "operator") -> list[Pause]:
         """Lift the component's pause (None: every pause); the held runs start."""
-        lifted = self.store.pauses.resume(pauses.scope_of(component) if component is not None else None)
+        lifted = self.store.pauses.resume(pauses.scope_of(component) if component is not None else None, by)
         if lifted:
             self._wake()
         return lifted

@@ -11,11 +11,13 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from mendloop.domain import stats
 from mendloop.domain.approvals import Decision
 from mendloop.domain.records import Run
 from mendloop.domain.states import RunStatus
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
+from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.rows import run_of
 
@@ -56,6 +58,20 @@ class ApprovalStore:
         values = dict(decision.run)
         values.update(updated_at=tx.now, lease_owner=None, lease_expires_at=None, stalled_claims=0)
         tx.conn.execute(sa.update(t.runs).where(t.runs.c.id == run.id).values(values))
+        new_status = values.get("status")
+        if new_status is not None:
+            # A rejection or a timeout ends the run: the statistics count it like any other end.
+            stat_rows.record(
+                tx,
+                stats.run_moved(
+                    run.playbook_id,
+                    run.component,
+                    run.status,
+                    RunStatus(new_status),
+                    escalated=run.escalated,
+                    seconds=float(values.get("finished_at") or tx.now) - run.created_at,
+                ),
+            )
         if decision.step is not None:
             step = decision.step
             tx.conn.execute(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from mendloop.config import Settings
+from mendloop.config import Settings, is_loopback
 from mendloop.domain import roles
 from mendloop.domain.roles import Credential, Role
 from mendloop.errors import Conflict, InputError, NotFound
@@ -171,6 +171,10 @@ class Keyring:
         self._configured = configured_credentials(settings)
         # The tokens that close the API: not intake's, which only open POST /events.
         self._closing = bool(settings.api_tokens or settings.tokens)
+        # Open (no token asked) only on loopback, and only until a token first exists: revoking the last token
+        # must not open the API again (on 0.0.0.0 that would make every caller admin).
+        self._open_allowed = is_loopback(settings.host)
+        self._was_closed = False
         self._process: list[tuple[str, Credential]] = []
         if process_token:
             self._process.append(
@@ -190,6 +194,8 @@ class Keyring:
                 return
             self._stored = self.store.active()
             self._loaded_at = time.monotonic()
+            if self._stored:
+                self._was_closed = True
 
     def invalidate(self) -> None:
         """Read the table again before the next check (a token was just created or revoked)."""
@@ -197,7 +203,7 @@ class Keyring:
 
     def is_open(self) -> bool:
         """No token in the configuration or the database: the API asks for none."""
-        return not self._closing and not self._stored
+        return self._open_allowed and not self._was_closed and not self._closing and not self._stored
 
     def resolve(self, token: str | None) -> Credential | None:
         """The credential `token` stands for; None for no token or an unknown or revoked one."""

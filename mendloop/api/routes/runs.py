@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
+from mendloop.api.access import actor_of
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
 from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
@@ -61,25 +62,25 @@ async def get_run(app: AppDep, run_id: str) -> RunDetail:
 
 
 @router.post("/runs/{run_id}/cancel")
-async def cancel_run(app: AppDep, run_id: str, body: CancelRequest | None = None) -> RunOut:
-    reason = app.redactor.text(body.reason) if body else "cancelled by an operator"
+async def cancel_run(app: AppDep, request: Request, run_id: str, body: CancelRequest | None = None) -> RunOut:
+    reason = app.redactor.text(body.reason) if body else f"cancelled by {actor_of(request)}"
     r = await run_in_threadpool(app.remediation.cancel_run, run_id, reason)
     return views.run(r)
 
 
 @router.post("/runs/{run_id}/approve")
-async def approve_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+async def approve_run(app: AppDep, request: Request, run_id: str, body: DecisionRequest | None = None) -> RunOut:
     """Approve what a run in `awaiting_approval` waits for (an approval step, a trust gate), or the patch its
     work order holds for approval; the run goes on."""
     comment = app.redactor.text(body.comment) if body and body.comment else None
-    return views.run(await run_in_threadpool(app.remediation.approve_run, run_id, comment))
+    return views.run(await run_in_threadpool(app.remediation.approve_run, run_id, comment, actor_of(request)))
 
 
 @router.post("/runs/{run_id}/reject")
-async def reject_run(app: AppDep, run_id: str, body: DecisionRequest | None = None) -> RunOut:
+async def reject_run(app: AppDep, request: Request, run_id: str, body: DecisionRequest | None = None) -> RunOut:
     """Reject it: the run needs a human."""
     comment = app.redactor.text(body.comment) if body and body.comment else None
-    return views.run(await run_in_threadpool(app.remediation.reject_run, run_id, comment))
+    return views.run(await run_in_threadpool(app.remediation.reject_run, run_id, comment, actor_of(request)))
 
 
 @router.post("/runs/{run_id}/retry")
