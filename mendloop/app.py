@@ -51,6 +51,9 @@ from mendloop.storage.watcher_offsets import DbOffsetStore
 log = logging.getLogger(__name__)
 
 
+PRUNE_BATCHES_PER_ROUND = 20
+
+
 @dataclass
 class App:
     settings: Settings
@@ -208,6 +211,8 @@ class App:
             events_before=retention.cutoff(now, r.events_days),
             audit_before=retention.cutoff(now, r.audit_days),
             batch=r.batch,
+            # One housekeeping round holds up the reapers and the fold: a big first prune goes a slice a round.
+            max_batches=PRUNE_BATCHES_PER_ROUND,
         )
         if report.runs or report.events or report.audit:
             log.info(

@@ -13,8 +13,10 @@ import subprocess
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from mendloop.app import App
 from mendloop.domain.records import NewEvent
@@ -59,6 +61,19 @@ def _old_history(app: App, clock: FakeClock, tmp_path: Path) -> tuple[list[str],
     return old, parked.id, queued.id
 
 
+def ended_runs(client: httpx.Client) -> dict[tuple[tuple[str, str], ...], float]:
+    """The /metrics counters that count ended runs and escalations, by their labels."""
+    answer = client.get("/metrics")
+    assert answer.status_code == 200, answer.text
+    return {
+        (sample.name, *sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        if family.name in ("mendloop_runs", "mendloop_escalations")
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
 def _app(database_url: str, tmp_path: Path, clock: FakeClock, *, start: bool = False, **extra: object) -> App:
     pbs = _playbooks(tmp_path / "fixed")
     write_playbooks(tmp_path / "pb", *pbs)
@@ -91,6 +106,8 @@ def test_prune_removes_only_old_finished_rows_keeps_stats_and_the_floor(database
         kept_events = _count(app, t.events, t.events.c.id > cursor)
         with api_client(app) as client:
             before = figures(client)
+            counted_before = ended_runs(client)
+            assert sum(counted_before.values()) >= len(old)
             counted = app.store.retention.prune(runs_before=clock() - 30 * DAY, dry_run=True)
             assert counted.runs == len(old) and counted.event_floor == cursor + 1
             assert _count(app, t.runs) == len(old) + 2 + len(recent)  # a dry run deletes nothing
@@ -117,8 +134,10 @@ def test_prune_removes_only_old_finished_rows_keeps_stats_and_the_floor(database
             # Every event the cursor still needs is there; the old runs' earlier events are gone.
             assert _count(app, t.events, t.events.c.id > cursor) == kept_events
             assert _count(app, t.events, t.events.c.run_id.in_(old), t.events.c.id <= cursor) == 0
-            # The statistics are aggregates: the same before and after, and after a fold.
+            # The statistics are aggregates: the same before and after, and after a fold; so are the /metrics
+            # counters of ended runs and escalations (a counter that went down would read as a reset).
             assert figures(client) == before
+            assert ended_runs(client) == counted_before
             app.store.stats.fold()
             assert figures(client) == before
             # The cursor moves on: the rest can go.
@@ -144,6 +163,22 @@ def test_the_retention_policy_prunes_by_itself(database_url: str, tmp_path: Path
     try:
         wait_for(lambda: _count(app, t.runs, t.runs.c.id.in_(old)) == 0, timeout=30)
         assert app.store.statistics().overall.runs == len(old)
+    finally:
+        app.close()
+
+
+def test_a_bounded_prune_goes_a_slice_at_a_time(database_url: str, tmp_path: Path) -> None:
+    clock = FakeClock()
+    app = _app(database_url, tmp_path, clock)
+    try:
+        old = run_script(app, clock, tmp_path)
+        clock.advance(31 * DAY)
+        left = len(old)
+        while left:
+            report = app.store.retention.prune(runs_before=clock() - 30 * DAY, batch=1, max_batches=2)
+            assert report.runs == min(2, left)
+            left -= report.runs
+            assert _count(app, t.runs, t.runs.c.id.in_(old)) == left
     finally:
         app.close()
 

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop.app import App
 from mendloop.domain.states import RUN_FINAL
+from mendloop.domain.stats import ended_and_escalated
 from mendloop.storage import metrics as m
 from mendloop.storage.notify_cursor import NotifyCursors
 from mendloop.storage.watcher_offsets import DbOffsetStore
@@ -67,17 +68,24 @@ class DatabaseCollector(Collector):
         yield incidents
         runs = CounterMetricFamily(
             "mendloop_runs",
-            "Runs that ended, by playbook and final status (completed, failed, needs_human, cancelled).",
+            "Runs that ended, by playbook and final status (completed, failed, needs_human, cancelled, dry_run).",
             labels=["playbook", "status"],
         )
         active = GaugeMetricFamily(
             "mendloop_runs_active",
-            "Runs not yet ended, by playbook and status (queued, running, verifying, awaiting_patch).",
+            "Runs not yet ended, by playbook and status (queued, running, verifying, awaiting_patch, "
+            "awaiting_approval).",
             labels=["playbook", "status"],
         )
+        # Ended runs and escalations come from the statistics' aggregates, not from counting the runs table:
+        # retention deletes old runs, and a counter must never go down.
+        ended, escalated = ended_and_escalated(self.app.store.stats.snapshot().rows)
+        for (playbook, status), n in sorted(ended.items()):
+            runs.add_metric([playbook, status], n)
         final = {str(x) for x in RUN_FINAL}
         for (playbook, status), n in sorted(s.runs.items()):
-            (runs if status in final else active).add_metric([playbook, status], n)
+            if status not in final:
+                active.add_metric([playbook, status], n)
         yield runs
         yield active
         escalations = CounterMetricFamily(
@@ -85,9 +93,8 @@ class DatabaseCollector(Collector):
             "Runs that escalated to a coding agent (a work order), by playbook.",
             labels=["playbook"],
         )
-        for playbook, n in sorted(s.escalated.items()):
-            if n:
-                escalations.add_metric([playbook], n)
+        for playbook, n in sorted(escalated.items()):
+            escalations.add_metric([playbook], n)
         yield escalations
         yield _histogram(
             "mendloop_run_duration_seconds",

@@ -197,3 +197,20 @@ def summarize(
         by_playbook={k: rates(v) for k, v in sorted(group(rows, "playbook").items())},
         by_component={k: rates(v) for k, v in sorted(group(rows, "component").items())},
     )
+
+
+def ended_and_escalated(
+    rows: Iterable[tuple[str, str, str, float]],
+) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """From the aggregates' (playbook, component, measure, value) rows: runs ended by (playbook, final status), and
+    runs escalated by playbook, summed over components. Counters for /metrics that pruning never lowers."""
+    ended: dict[tuple[str, str], int] = {}
+    escalated: dict[str, int] = {}
+    finals = {run_status_measure(s): s.value for s in RUN_FINAL}
+    for playbook, _component, measure, value in rows:
+        if measure in finals:
+            key = (playbook, finals[measure])
+            ended[key] = ended.get(key, 0) + int(value)
+        elif measure == RUNS_ESCALATED:
+            escalated[playbook] = escalated.get(playbook, 0) + int(value)
+    return {k: v for k, v in ended.items() if v}, {k: v for k, v in escalated.items() if v}

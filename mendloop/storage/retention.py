@@ -16,6 +16,7 @@ appended to `Retention.floors`. No event at or above the lowest floor is deleted
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,10 +78,12 @@ class Retention:
         audit_before: float | None = None,
         dry_run: bool = False,
         batch: int = BATCH,
+        max_batches: int | None = None,
     ) -> PruneReport:
         """Delete runs finished before `runs_before` (and what is theirs), and events created before
         `events_before`, and audit log rows written before `audit_before`; None leaves that kind alone.
-        `dry_run` counts what would go and deletes nothing."""
+        `dry_run` counts what would go and deletes nothing. `max_batches` bounds the transactions of each kind
+        (the policy's housekeeping round must not hold up the other chores); the rest goes next time."""
         report = PruneReport(dry_run=dry_run)
         with self.db.read() as conn:
             report.event_floor = self.floor(conn)
@@ -91,20 +94,21 @@ class Retention:
                     q = sa.select(sa.func.count()).select_from(t.audit_log).where(t.audit_log.c.at < audit_before)
                     report.audit = int(conn.execute(q).scalar_one())
             return report
+        rounds = range(max_batches) if max_batches is not None else itertools.count()
         if runs_before is not None:
-            while True:
+            for _ in rounds:
                 part = self._prune_runs(runs_before, batch)
                 report.add(part)
                 if part.runs < batch:
                     break
         if events_before is not None:
-            while True:
+            for _ in rounds:
                 n = self._prune_events(events_before, batch)
                 report.events += n
                 if n < batch:
                     break
         if audit_before is not None:
-            while True:
+            for _ in rounds:
                 n = self._prune_audit(audit_before, batch)
                 report.audit += n
                 if n < batch:
