@@ -340,3 +340,22 @@ def test_a_declared_floor_hook_keeps_the_events_it_needs(database_url: str) -> N
         assert left == ids[6:]
     finally:
         store.close()
+
+
+def test_a_notification_cursor_nobody_delivers_any_more_stops_holding_events(database_url: str) -> None:
+    """A target removed from the config leaves its row; once no process has touched it for a week, its cursor no
+    longer keeps events from going (a delivering process renews its lease on the row every few seconds)."""
+    clock = FakeClock()
+    store = Store(database_url, clock=clock)
+    try:
+        ids = [e.id for e in store.publish([NewEvent(type="test.old", message=f"m{i}") for i in range(10)])]
+        cursors = NotifyCursors(store.db)
+        cursors.ensure("renamed-away", ids[2])
+        clock.advance(40 * DAY)
+        cursors.ensure("still-here", ids[5])  # written now: someone delivers it
+        report = store.retention.prune(runs_before=None, events_before=clock() - 30 * DAY, dry_run=True)
+        assert report.event_floor == ids[5] + 1  # the stale cursor at ids[2] holds nothing back
+        report = store.retention.prune(runs_before=None, events_before=clock() - 30 * DAY)
+        assert report.events == 6
+    finally:
+        store.close()

@@ -34,9 +34,17 @@ _FINAL_RUNS = [s.value for s in RUN_FINAL]
 _FINAL_WORK_ORDERS = [s.value for s in WORK_ORDER_FINAL]
 
 
-def notify_cursors_floor(conn: Connection) -> int | None:
+# A notification target whose row no process has touched for this long is no longer delivered by anyone (removed
+# or renamed in the config: a delivering process renews its lease on the row every few seconds); its cursor must
+# not hold back pruning for ever.
+STALE_CURSOR_SECONDS = 7 * 86400
+
+
+def notify_cursors_floor(conn: Connection, now: float) -> int | None:
     """The notification targets' cursors (storage/notify_cursor.py): each still needs the events after its own."""
-    low = conn.execute(sa.select(sa.func.min(t.notify_cursors.c.cursor))).scalar()
+    c = t.notify_cursors.c
+    q = sa.select(sa.func.min(c.cursor)).where(c.updated_at >= now - STALE_CURSOR_SECONDS)
+    low = conn.execute(q).scalar()
     return int(low) + 1 if low is not None else None
 
 
@@ -64,7 +72,10 @@ class PruneReport:
 @dataclass
 class Retention:
     db: Database
-    floors: list[FloorHook] = field(default_factory=lambda: [notify_cursors_floor])
+    floors: list[FloorHook] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.floors.insert(0, lambda conn: notify_cursors_floor(conn, self.db.clock()))
 
     def floor(self, conn: Connection) -> int | None:
         found = [f for f in (hook(conn) for hook in self.floors) if f is not None]
