@@ -496,3 +496,28 @@ def test_the_embedded_runner_claims_with_an_in_process_credential(tmp_path: Path
     finally:
         other.close()
         app.close()
+
+
+def test_health_needs_no_token_but_shows_operators_words_only_to_callers_with_one(
+    database_url: str, tmp_path: Path
+) -> None:
+    admin = "health-admin-token-0123456789"
+    app = open_app(settings_for(database_url, tmp_path, api_tokens=[admin], health={"probe_interval_seconds": 0.05}))
+    try:
+        with api_client(app) as client:
+            paused = client.post(
+                "/pause", json={"component": "svc", "reason": "db failover at 3am"}, headers=_as(admin)
+            )
+            assert paused.status_code == 200, paused.text
+
+            def shown(headers: dict[str, str]) -> list[str]:
+                answer = client.get("/health", headers=headers)
+                assert answer.status_code == 200, answer.text
+                return [p["reason"] for p in answer.json()["paused"]]
+
+            wait_for(lambda: len(shown({})) == 1)  # the write probe reads the pauses each round
+            assert shown({}) != ["db failover at 3am"]
+            assert shown(_as(admin)) == ["db failover at 3am"]
+            assert shown(_as("not-a-token-anyone-made-0123")) != ["db failover at 3am"]
+    finally:
+        app.close()

@@ -47,6 +47,14 @@ def credential_of(request: Request) -> Credential | None:
     return found if isinstance(found, Credential) else None
 
 
+def known_caller(app: App, request: Request) -> bool:
+    """Whether a public route's caller sent a token that stands for someone (or the server asks for none). From
+    the keyring in memory: no database read on the way."""
+    if app.keyring.is_open():
+        return True
+    return app.keyring.resolve(auth.bearer_token(request.headers.get("authorization"))) is not None
+
+
 def actor_of(request: Request) -> str:
     """Who is acting, for the timeline: the token's name, or `anonymous` on a server open without tokens."""
     found = credential_of(request)

@@ -190,8 +190,10 @@ def trust_change(c: TrustChange) -> out.TrustChangeOut:
     )
 
 
-def pause(p: Pause) -> out.PauseOut:
-    return out.PauseOut(scope=p.scope, reason=p.reason, paused_at=iso(p.created_at))
+def pause(p: Pause, *, reason: bool = True) -> out.PauseOut:
+    """A pause; `reason=False` (an anonymous caller of /health) leaves the operator's words out."""
+    shown = p.reason if reason else "(send a token to see why)"
+    return out.PauseOut(scope=p.scope, reason=shown, paused_at=iso(p.created_at))
 
 
 def paused_reason(pauses: Mapping[str, Pause], component: str | None, *, ended: bool = False) -> str | None:

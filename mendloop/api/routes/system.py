@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop import __version__
 from mendloop.api import views
+from mendloop.api.access import known_caller
 from mendloop.api.deps import AppDep
 from mendloop.api.responses import (
     ComponentTrust,
@@ -28,10 +29,13 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/health", tags=["system"], responses={503: {"model": HealthOut, "description": "Not ready"}})
-async def health(app: AppDep, response: Response) -> HealthOut:
+async def health(app: AppDep, request: Request, response: Response) -> HealthOut:
     """From memory only: the write probe (a thread, `health:`) keeps the database's state and the storm counters,
     so this answers at once however busy the database and the thread pool are. Degraded (503) while the last
-    write failed or is older than `health.max_write_age_seconds`, or the App is not open."""
+    write failed or is older than `health.max_write_age_seconds`, or the App is not open. It needs no token;
+    without one (on a server that asks for tokens) the operators' words are left out: a notification's last
+    error (it names hosts) and a pause's reason."""
+    told = known_caller(app, request)
     probe = app.health
     problem = probe.problem() if probe is not None else "error: the write probe is not running"
     db = problem or "ok"
@@ -55,13 +59,13 @@ async def health(app: AppDep, response: Response) -> HealthOut:
                 failed=st.failed,
                 dropped=st.dropped,
                 pending=st.pending,
-                last_error=st.last_error,
+                last_error=st.last_error if told else None,
                 last_delivered_at=st.last_delivered_at,
                 next_attempt_at=st.next_attempt_at,
             )
             for name, st in (app.notifier.snapshot().items() if app.notifier is not None else ())
         },
-        paused=[views.pause(p) for p in state.pauses] if state is not None else [],
+        paused=[views.pause(p, reason=told) for p in state.pauses] if state is not None else [],
     )
 
 
