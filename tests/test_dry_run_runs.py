@@ -127,3 +127,19 @@ def test_the_playbook_field_is_a_boolean(value: bool) -> None:
         {"id": "p", "type": "retry", "description": "d", "dry_run": value, "steps": [{"id": "s", "action": "escalate"}]}
     )
     assert pb.dry_run is value
+
+
+def test_dry_runs_stay_out_of_the_rates() -> None:
+    from mendloop.domain import stats
+
+    sums = {
+        stats.RUNS: 4,
+        stats.run_status_measure(RunStatus.DRY_RUN): 2,
+        stats.run_status_measure(RunStatus.COMPLETED): 1,
+        stats.run_status_measure(RunStatus.FAILED): 1,
+        stats.RUNS_ESCALATED: 1,
+        stats.RUNS_AUTO_FIXED: 1,
+    }
+    rates = stats.rates(sums)
+    # Of the two runs that really ran, one escalated and one of the two finished was fixed on its own.
+    assert (rates.escalation_rate, rates.auto_fix_rate, rates.finished) == (0.5, 0.5, 2)

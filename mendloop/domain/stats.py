@@ -137,13 +137,15 @@ def rates(sums: Sums) -> Rates:
     auto_fixed = int(sums.get(RUNS_AUTO_FIXED, 0))
     completed = int(sums.get(run_status_measure(RunStatus.COMPLETED), 0))
     heal = sums.get(HEAL_SECONDS, 0.0)
+    dry_runs = int(sums.get(run_status_measure(RunStatus.DRY_RUN), 0))
     return Rates(
         runs=runs,
         finished=finished,
         escalated=escalated,
         auto_fixed=auto_fixed,
         completed=completed,
-        escalation_rate=round(escalated / runs, 4) if runs else 0.0,
+        # Nor in the escalation rate's: it could not have escalated.
+        escalation_rate=round(escalated / real, 4) if (real := runs - dry_runs) > 0 else 0.0,
         auto_fix_rate=round(auto_fixed / finished, 4) if finished else 0.0,
         mean_time_to_heal_seconds=round(heal / completed, 3) if completed else None,
     )
