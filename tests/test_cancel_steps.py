@@ -190,6 +190,15 @@ def _parking_playbook(tmp_path: Path) -> None:
             ],
         },
         {
+            "id": "escalates",
+            "type": "code_patch",
+            "description": "waits for the coding agent",
+            "steps": [
+                {"id": "esc", "action": "escalate", "with": {"description": "fix it"}},
+                {"id": "after", "action": "command", "with": _touch(tmp_path / "after")},
+            ],
+        },
+        {
             "id": "asks",
             "type": "retry",
             "description": "waits for an operator",
@@ -207,19 +216,24 @@ def _parking_playbook(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("error_type", "parked"),
-    [("backoff", RunStatus.QUEUED), ("sleepy", RunStatus.QUEUED), ("asks", RunStatus.AWAITING_APPROVAL)],
+    [
+        ("backoff", RunStatus.QUEUED),
+        ("sleepy", RunStatus.QUEUED),
+        ("asks", RunStatus.AWAITING_APPROVAL),
+        ("escalates", RunStatus.AWAITING_PATCH),
+    ],
 )
 def test_a_run_parked_in_the_database_stays_cancelled_and_never_resumes(
     error_type: str, parked: RunStatus, database_url: str, tmp_path: Path
 ) -> None:
-    """A backoff, a sleep and an approval wait hold no thread: the run waits in the database, so the cancel ends
-    it there. After the wait's deadline nothing claims it, the approval's timeout decides nothing, and an
-    operator can no longer approve it."""
+    """A backoff, a sleep, an approval wait and a wait for the coding agent hold no thread: the run waits in the
+    database, so the cancel ends it there. After the wait's deadline nothing claims it, the approval's timeout
+    decides nothing, an operator can no longer approve it, and a late patch is refused."""
     _parking_playbook(tmp_path)
     clock = FakeClock()
     settings = settings_for(
         database_url, tmp_path, playbook_dirs=[str(tmp_path / "pb")],
-        routing={"backoff": "backoff", "sleepy": "sleepy", "asks": "asks"},
+        routing={"backoff": "backoff", "sleepy": "sleepy", "asks": "asks", "escalates": "escalates"},
     )  # fmt: skip
     app = open_app(settings, clock=clock)
     try:
@@ -234,6 +248,12 @@ def test_a_run_parked_in_the_database_stays_cancelled_and_never_resumes(
         if error_type == "asks":
             with pytest.raises(Conflict):
                 app.remediation.approve_run(run.id)
+        if error_type == "escalates":
+            # The agent's patch arrives after the cancel: its work order was cancelled with the run.
+            wo_id = app.store.get_run(run.id).coding_work_order_id or ""
+            assert app.store.get_work_order(wo_id).status is WorkOrderStatus.CANCELLED
+            with pytest.raises(Conflict):
+                app.remediation.complete_work_order(wo_id, tests_passed=True, files_changed=1, diff_url=None)
         assert drain(app) == 0
         assert app.store.run_status(run.id) is RunStatus.CANCELLED
         assert _steps(app.store, run.id) == steps_before

@@ -416,6 +416,8 @@ class StepLoop:
                 result = ACTIONS["http"](dict(check["http"]), ctx)
             else:
                 result = ACTIONS["command"](dict(check["command"]), ctx)
+        except StepCancelled:
+            raise  # a killed check answered nothing to judge
         except ActionError as exc:
             # A check that answered (an exit code, a status) is judged by the criteria; one that could not run
             # at all (refused connection, missing program) is a failure to check, not a failed verification.
