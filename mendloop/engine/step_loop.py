@@ -251,7 +251,7 @@ class StepLoop:
                 output = ACTIONS[step.action](params, ctx)
         except (ActionError, TemplateRenderError) as exc:
             err = exc if isinstance(exc, ActionError) else ActionError(str(exc), retryable=False)
-            if cancel.is_set() or isinstance(err, StepCancelled):
+            if cancel.is_set():
                 # Whatever the action made of being stopped (a killed program, a wait cut short, a request that
                 # failed meanwhile): the step was cancelled, not failed, and is never retried.
                 return self._cancelled(
