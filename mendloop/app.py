@@ -153,6 +153,7 @@ class App:
             clock=self.clock,
             max_concurrent=s.storm.max_concurrent_runs,
             shutdown_timeout=s.control.shutdown_timeout_seconds,
+            cancel_poll_seconds=s.cancel_poll_seconds,
         )
         self.routing = Routing(s.routing, playbook_claims(self.playbooks))
         self.remediation = Remediation(
@@ -162,6 +163,7 @@ class App:
             compiled=compiled,
             router=self.routing,
             wake=self.workers.notify,
+            stop_step=self.workers.cancel_in_flight,
         )
         self.workers.housekeeping.append(self.remediation.reap)
         self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.stats.fold))

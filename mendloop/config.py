@@ -830,6 +830,13 @@ class Settings(BaseSettings):
     workers: int = Field(default=2, ge=0, description="Worker threads in `serve` / `worker`.")
     lease_seconds: float = Field(default=30, gt=0, description="How long a claimed run stays leased.")
     poll_interval: float = Field(default=0.5, gt=0, description="Idle workers look for due runs this often.")
+    cancel_poll_seconds: float = Field(
+        default=1,
+        gt=0,
+        le=60,
+        description="Workers check this often whether a run they execute was cancelled "
+        "(by any process: the database is what they share); a cancelled step is stopped then.",
+    )
     playbook_dirs: list[Path] = Field(
         default_factory=list,
         description="Extra directories of playbook YAML files (override built-ins by id).",

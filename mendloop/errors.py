@@ -83,6 +83,13 @@ class ActionError(MendloopError):
         self.retryable = retryable
 
 
+class StepCancelled(ActionError):
+    """The run was cancelled (or its lease lost) while this step ran: the step was stopped, not failed."""
+
+    def __init__(self, message: str = "stopped by the run's cancel") -> None:
+        super().__init__(message, retryable=False)
+
+
 class CapabilityNotBound(ActionError):
     """A playbook needs a capability the configuration does not bind."""
 

@@ -264,9 +264,9 @@ def _worktrees_now(repo: Path) -> str:
 
 
 def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_url: str, tmp_path: Path) -> None:
-    """The operator cancels while mendloop's own tests of the held diff run: the tests finish, the commit does
-    not land (checked under the repository's lock right before it would), the branch and checkout are as they
-    were."""
+    """The operator cancels while mendloop's own tests of the held diff run: the cancel stops the tests (see
+    tests/test_cancel_steps.py; the check under the repository's lock right before the commit backs it up), the
+    commit does not land, the branch and checkout are as they were."""
     write_playbooks(tmp_path / "pb", PLAYBOOK)
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -371,6 +372,7 @@ def apply_patch(
     report: ReportSetting | None = None,
     failing_tests: Sequence[str] = (),
     still_wanted: Callable[[], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ApplyResult:
     """Validate, test against the base in fresh worktrees, then commit `diff` on the repository's current branch.
 
@@ -387,7 +389,7 @@ def apply_patch(
     is not in a state to take it (detached HEAD, local changes in the touched files, a git failure). Either
     way the repository's branch, index and working tree are as they were. `still_wanted` is called under the
     repository's lock right before the commit lands and raises to stop it (the run was cancelled while the
-    tests ran).
+    tests ran). `cancel` stops the tests themselves (their process group killed; `test_suite.Cancelled`).
     """
     summary = check_patch(repo, diff, constraints)
     _with_trailers(message, trailers)
@@ -408,7 +410,7 @@ def apply_patch(
             report=report,
             workdir=worktree_parent,
         )
-        tests = suite.verify(base, patcher(diff, summary), failing_tests=failing_tests)
+        tests = suite.verify(base, patcher(diff, summary), failing_tests=failing_tests, cancel=cancel)
     elif not checked_at_base:
         with worktrees.worktree(root, base, parent=worktree_parent) as tree:
             patcher(diff, summary)(tree)

@@ -154,6 +154,8 @@ def _step_line(s: StepRecord, names: dict[str, str], attempts: dict[str, int]) -
     if s.status.value == "skipped":
         why = s.output.get("skipped") if isinstance(s.output, dict) else None
         return f"Step skipped: {title} ({why or 'condition not met'})"
+    if s.status.value == "cancelled":
+        return f"Step stopped by the cancel: {title}: {s.error}"
     # "attempt k/n" whenever the step may be tried more than once, so a failure that will be retried says so.
     most = attempts.get(s.step_id, 1)
     attempt = f" (attempt {s.attempt}/{most})" if most > 1 else ""

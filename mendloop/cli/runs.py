@@ -1,4 +1,5 @@
-"""`mendloop trigger` and `mendloop runs ...`: start a run, list runs, show one's timeline (over the HTTP API)."""
+"""`mendloop trigger` and `mendloop runs ...`: start a run, list runs, show one's timeline, decide, retry, cancel (over
+the HTTP API)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,19 @@ def runs_retry(
         print_json(answer)
         return
     out.print(f"{run_id} retried from {from_step} as {answer['run_id']}: {answer['status']}", markup=False)
+
+
+@runs_cli.command("cancel")
+def runs_cancel(
+    run_id: str,
+    reason: Annotated[str | None, typer.Option("--reason", "-m", help="Why; kept on the run.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a run; a step it is running is stopped (a command's process group killed) within a second."""
+    answer = call("POST", url, f"/patches/runs/{run_id}/cancel", token, json={"reason": reason} if reason else {})
+    if as_json:
+        print_json(answer)
+        return
+    out.print(f"{answer['run_id']}: {answer['status']}", markup=False)

@@ -39,6 +39,8 @@ class StepStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
+    # Stopped by the run's cancel while it ran (its program killed, its waits cut short); never retried.
+    CANCELLED = "cancelled"
 
 
 RUN_FINAL = frozenset(

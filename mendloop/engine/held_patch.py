@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mendloop.agents import patch_pipeline, patch_safety
-from mendloop.agents.test_suite import ReportSetting
+from mendloop.agents.test_suite import Cancelled, ReportSetting
 from mendloop.config import PatchPolicy, TargetConfig
 from mendloop.domain import work_orders as decide
 from mendloop.domain.records import NewEvent, Run
@@ -92,9 +93,11 @@ class HeldPatches:
         repo = wo.repository or (target.repository if target else None)
         return (Path(repo) if repo else None), target
 
-    def apply(self, run: Run) -> Applied:
+    def apply(self, run: Run, cancel: threading.Event | None = None) -> Applied:
         """Check, test and apply the held diff. Raises PatchRejected (the work order is then failed with the
-        reason) when anything is unsafe or the tests fail; the repository is left untouched."""
+        reason) when anything is unsafe or the tests fail; the repository is left untouched. `cancel` (the run's)
+        stops the tests and raises test_suite.Cancelled: nothing lands, and the cancel has decided the work
+        order already."""
         wo_id = run.coding_work_order_id or ""
         wo = self.store.get_work_order(wo_id)
         repo, target = self._repo_and_target(run)
@@ -136,6 +139,7 @@ class HeldPatches:
                     report=ReportSetting.from_value(target.report),
                     failing_tests=failing_tests_of(wo.context, target.failing_tests),
                     still_wanted=lambda: self._still_held(wo_id),
+                    cancel=cancel,
                 )
                 output = {
                     "commit": result.commit,
@@ -148,7 +152,7 @@ class HeldPatches:
         except PatchRejected as exc:
             self._overrule(wo_id, exc.reason, exc.message)
             raise
-        except Conflict:
+        except (Conflict, Cancelled):
             raise  # decided elsewhere while the tests ran (cancelled): nothing landed, nothing to overrule
         except MendloopError as exc:
             # Not the patch's fault (a detached HEAD, an operation in progress): nothing was applied, and the held

@@ -41,6 +41,7 @@ class Remediation:
         compiled: CompiledCache,
         router: Routing,
         wake: Callable[[], None],
+        stop_step: Callable[[str], object] = lambda _run_id: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -48,6 +49,9 @@ class Remediation:
         self.compiled = compiled
         self.router = router
         self._wake = wake
+        # A cancel made here stops the run's step at once when this process runs it; any other process's worker
+        # pool learns of the cancel from the database within `cancel_poll_seconds`.
+        self._stop_step = stop_step
         for pb in playbooks.by_id.values():
             compiled.put(pb)
             if pb.model.target and pb.model.target not in settings.targets:
@@ -356,7 +360,9 @@ class Remediation:
         return run
 
     def cancel_run(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
-        return self.store.cancel_run(run_id, reason)
+        cancelled = self.store.cancel_run(run_id, reason)
+        self._stop_step(run_id)
+        return cancelled
 
 
 __all__ = ["Remediation"]

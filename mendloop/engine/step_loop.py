@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import Any, Literal
 import httpx
 
 from mendloop.agents import context as agent_context
+from mendloop.agents.test_suite import Cancelled
 from mendloop.config import ControlConfig, TargetConfig, WorkOrderPolicy
 from mendloop.domain import approvals
 from mendloop.domain.records import NewEvent, Run
 from mendloop.domain.states import RunStatus, StepStatus
 from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.engine.held_patch import HeldPatches, on_patch_failure
-from mendloop.errors import ActionError, PatchRejected, StorageError
+from mendloop.errors import ActionError, PatchRejected, StepCancelled, StorageError
 from mendloop.infra.redact import Redactor
 from mendloop.playbooks.actions.base import ActionContext, glimpse, storable
 from mendloop.playbooks.actions.capability import Capabilities
@@ -91,11 +93,15 @@ class StepLoop:
         # Set by the worker pool while it shuts down: the step in flight finishes, no further step starts.
         self.stopping: Callable[[], bool] = lambda: False
 
-    def advance(self, run: Run, owner: str) -> None:
+    def advance(self, run: Run, owner: str, cancel: threading.Event | None = None) -> None:
         """Run steps until the run finishes, parks (escalation, sleep, backoff) or the lease is lost.
 
-        Raises only when the loop itself fails (the database, a bug); the worker then records the crash on the
-        run, and the claim after MAX_STALLED_CLAIMS such crashes hands the run to a human."""
+        `cancel` is set by the worker pool when the run was cancelled (or its lease lost) while it runs here: the
+        step in flight is stopped (its program killed, its waits and retries cut), recorded as `cancelled`, and
+        no further step starts. Raises only when the loop itself fails (the database, a bug); the worker then
+        records the crash on the run, and the claim after MAX_STALLED_CLAIMS such crashes hands the run to a
+        human."""
+        cancel = cancel if cancel is not None else threading.Event()
         if run.stalled_claims > MAX_STALLED_CLAIMS:
             self._give_up(run, owner)
             return
@@ -107,13 +113,15 @@ class StepLoop:
         while current is not None and current.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
             if self.stopping():
                 return  # the worker pool hands the run back (releases its lease) for another worker
+            if cancel.is_set():
+                return  # cancelled between two steps: the cancel already ended the run and took its lease
             if self.d.patches.pending(current):
                 parked = self._trust_gate(current, owner, approvals.APPLY_PATCH)
-                current = parked if parked is not False else self._apply_patch(current, pb, owner)
+                current = parked if parked is not False else self._apply_patch(current, pb, owner, cancel)
                 continue
-            current = self._step(current, pb, owner)
+            current = self._step(current, pb, owner, cancel)
 
-    def _apply_patch(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
+    def _apply_patch(self, run: Run, pb: CompiledPlaybook, owner: str, cancel: threading.Event) -> Run | None:
         """The agent's diff, checked, tested and committed before the playbook deploys anything."""
         started = self.d.clock()
         key = f"{run.id}:apply_patch:1"
@@ -122,7 +130,10 @@ class StepLoop:
             return StepOutcome(run.step_index, "apply_patch", "apply_patch", 1, status, started, output, error, key)
 
         try:
-            applied = self.d.patches.apply(run)
+            applied = self.d.patches.apply(run, cancel)
+        except Cancelled:
+            # The cancel stopped the tests of the held diff (their process group killed): nothing landed.
+            return self._cancelled(run, outcome(StepStatus.CANCELLED, {}, "its tests were stopped; nothing applied"))
         except PatchRejected as exc:
             exc.message = self.d.redactor.text(exc.message)  # it may quote the tests' output
             status = RunStatus.FAILED if on_patch_failure(pb) == "fail" else RunStatus.NEEDS_HUMAN
@@ -137,6 +148,11 @@ class StepLoop:
         except StorageError:
             raise
         except Exception as exc:
+            if cancel.is_set():
+                # Cancelled while the pipeline ran (its last check before the commit refused it): nothing landed.
+                return self._cancelled(
+                    run, outcome(StepStatus.CANCELLED, {}, f"nothing was applied: {describe_error(exc)}")
+                )
             # Not the patch's fault: the repository cannot take it now (a detached HEAD, an operation in progress)
             # or the pipeline broke. Nothing was applied; a human looks at the repository.
             log.warning("run %s: the patch pipeline failed", run.id, exc_info=True)
@@ -168,7 +184,7 @@ class StepLoop:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _step(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
+    def _step(self, run: Run, pb: CompiledPlaybook, owner: str, cancel: threading.Event) -> Run | None:
         if run.step_index >= len(pb.steps):
             return self._finish(run, owner, RunStatus.COMPLETED, None, None)
         cs = pb.steps[run.step_index]
@@ -206,6 +222,7 @@ class StepLoop:
                 timeout=step.timeout,
                 target=run.context.get("target"),
                 http=self.d.http,
+                cancel=cancel,
             )
             missing = self._unbound_optional(step.optional, step.action, params, ctx.target)
             if missing is not None:
@@ -234,6 +251,12 @@ class StepLoop:
                 output = ACTIONS[step.action](params, ctx)
         except (ActionError, TemplateRenderError) as exc:
             err = exc if isinstance(exc, ActionError) else ActionError(str(exc), retryable=False)
+            if cancel.is_set():
+                # Whatever the action made of being stopped (a killed program, a wait cut short, a request that
+                # failed meanwhile): the step was cancelled, not failed, and is never retried.
+                return self._cancelled(
+                    run, _outcome(cs, run, attempt, started, key, StepStatus.CANCELLED, err.output, err.message)
+                )
             return self._failed(run, owner, pb, cs, attempt, started, key, scope, err)
         except StorageError:
             # The database, not the step: the claim is retried (and bounded by MAX_STALLED_CLAIMS).
@@ -242,7 +265,16 @@ class StepLoop:
             # Anything else an action raised (a git error, a RecursionError, a bug) fails this step, not the
             # worker: left to escape, the run would be re-claimed every lease, forever.
             log.warning("run %s: step %r raised %s", run.id, step.id, type(exc).__name__, exc_info=True)
+            if cancel.is_set():
+                return self._cancelled(
+                    run, _outcome(cs, run, attempt, started, key, StepStatus.CANCELLED, {}, describe_error(exc))
+                )
             return self._failed(run, owner, pb, cs, attempt, started, key, scope, UnexpectedError(exc))
+        if cancel.is_set():
+            # It ended by itself (an HTTP request already sent when the cancel came): its output is kept, and the
+            # run does not go on.
+            done = "it finished after the run was cancelled; the run does not go on"
+            return self._cancelled(run, _outcome(cs, run, attempt, started, key, StepStatus.CANCELLED, output, done))
         # A step's output is data from outside (a command's stdout, an HTTP body): redacted before it is stored.
         output = self.d.redactor.value(storable(output))
         trust = None
@@ -259,6 +291,29 @@ class StepLoop:
             events=events,
             trust=trust,
         )
+
+    def _cancelled(self, run: Run, outcome: StepOutcome) -> Run | None:
+        """The step the cancel stopped, kept as `cancelled` (its output and what stopped it redacted) with a
+        timeline event. The run is not advanced: the cancel already ended it and released its lease (or the lease
+        went to another worker, which runs the step again with the same key; then nothing is kept here)."""
+        detail = self.d.redactor.text(outcome.error or "stopped by the run's cancel")
+        kept = dataclasses.replace(
+            outcome,
+            status=StepStatus.CANCELLED,
+            output=self.d.redactor.value(storable(outcome.output)),
+            error=detail,
+        )
+        event = NewEvent(
+            type="self_healing.step_cancelled",
+            message=f"Run {run.id}: step {outcome.step_id!r} ({outcome.action}) was stopped by the cancel: {detail}",
+            payload={"step_id": outcome.step_id, "action": outcome.action, "attempt": outcome.attempt},
+            run_id=run.id,
+            work_order_id=run.coding_work_order_id,
+            component=run.component,
+        )
+        if not self.d.store.record_cancelled_step(run.id, kept, [event]):
+            log.info("run %s: step %r stopped: the run's lease went to another worker", run.id, outcome.step_id)
+        return None
 
     def _dry_run(self, run: Run, pb: CompiledPlaybook, owner: str) -> Run | None:
         """Render every step, record it as skipped with what it would have done, execute none, and end the run as
@@ -361,6 +416,8 @@ class StepLoop:
                 result = ACTIONS["http"](dict(check["http"]), ctx)
             else:
                 result = ACTIONS["command"](dict(check["command"]), ctx)
+        except StepCancelled:
+            raise  # a killed check answered nothing to judge
         except ActionError as exc:
             # A check that answered (an exit code, a status) is judged by the criteria; one that could not run
             # at all (refused connection, missing program) is a failure to check, not a failed verification.

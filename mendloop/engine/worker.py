@@ -4,6 +4,11 @@ A lease keeper renews the leases of the runs this process is working on, so a lo
 while its worker is alive, and a killed worker's runs come back after `lease_seconds` at the latest.
 At start, leases held by dead processes on this host are released at once.
 
+A cancel watcher asks the database every `cancel_poll_seconds`, in one query for all the runs in flight here,
+whether each is still this process's and not cancelled, and sets the run's cancel Event when it is not: the step
+in flight stops (its program killed, its waits cut short), whichever process cancelled it (this server's API, the
+CLI against another server: they share only the database).
+
 An exception out of the step loop (the database, a bug: a step's own errors never get here) is recorded on the
 run, whose lease is released for a prompt retry; the step loop hands a run whose claims keep crashing to a human
 (`MAX_STALLED_CLAIMS`), so no run is re-claimed forever.
@@ -54,6 +59,7 @@ class WorkerPool:
         housekeeping_interval: float = 1.0,
         max_concurrent: int = 0,
         shutdown_timeout: float = 20.0,
+        cancel_poll_seconds: float = 1.0,
     ) -> None:
         self.store = store
         self.step_loop = step_loop
@@ -71,6 +77,8 @@ class WorkerPool:
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._held: dict[str, str] = {}  # run id -> owner
+        self._cancels: dict[str, threading.Event] = {}  # run id -> its cancel, set by the watcher
+        self.cancel_poll_seconds = cancel_poll_seconds
         self._held_lock = threading.Lock()
         # Periodic chores of whoever runs workers (e.g. returning lapsed work order leases to the queue).
         self.housekeeping: list[Callable[[], object]] = []
@@ -91,6 +99,9 @@ class WorkerPool:
             chores = threading.Thread(target=self._housekeep, name="mendloop-housekeeping", daemon=True)
             chores.start()
             self._threads.append(chores)
+            watcher = threading.Thread(target=self._watch_cancels, name="mendloop-cancel-watcher", daemon=True)
+            watcher.start()
+            self._threads.append(watcher)
 
     def stop(self, timeout: float | None = None) -> None:
         """Graceful: claim nothing more, let the steps in flight finish for up to `timeout` (the settings'
@@ -158,10 +169,12 @@ class WorkerPool:
         run = self.store.claim_run(owner, self.lease_seconds, max_concurrent=self.max_concurrent)
         if run is None:
             return False
+        cancel = threading.Event()
         with self._held_lock:
             self._held[run.id] = owner
+            self._cancels[run.id] = cancel
         try:
-            self.step_loop.advance(run, owner)
+            self.step_loop.advance(run, owner, cancel)
         except Exception as exc:
             # A bug must not kill the worker, nor be retried silently forever: the run keeps the error, and its
             # claims are counted (`Run.stalled_claims`) until the step loop gives up on it.
@@ -170,6 +183,7 @@ class WorkerPool:
         finally:
             with self._held_lock:
                 self._held.pop(run.id, None)
+                self._cancels.pop(run.id, None)
         if self._closing.is_set():
             # The step loop stopped between steps for the shutdown: the run goes back to the queue now.
             self._release([owner])
@@ -211,6 +225,37 @@ class WorkerPool:
                     log.warning("housekeeping: %s", exc)
                 except Exception:
                     log.exception("housekeeping failed")
+
+    def cancel_in_flight(self, run_id: str) -> bool:
+        """Stop the step of `run_id` now if it runs here (an in-process cancel need not wait for the watcher)."""
+        with self._held_lock:
+            cancel = self._cancels.get(run_id)
+        if cancel is not None:
+            cancel.set()
+        return cancel is not None
+
+    def check_cancels(self) -> int:
+        """One look at the database for all the runs in flight: set the cancel of each that was cancelled or
+        is no longer this process's. The number set."""
+        with self._held_lock:
+            held = dict(self._held)
+            cancels = dict(self._cancels)
+        stopped = self.store.stopped_runs(held)
+        for run_id in stopped:
+            # The Event of the claim the query saw; a newer claim of the same run has its own.
+            cancels[run_id].set()
+        return len(stopped)
+
+    def _watch_cancels(self) -> None:
+        # Until the workers are gone (`_stop`), not `_closing`: a step finishing during a shutdown is still
+        # stopped by a cancel.
+        while not self._stop.wait(self.cancel_poll_seconds):
+            try:
+                self.check_cancels()
+            except StorageError as exc:
+                log.warning("cancel watcher: %s", exc)
+            except Exception:
+                log.exception("cancel watcher failed")
 
     def _keep_leases(self) -> None:
         interval = self.lease_seconds / 3

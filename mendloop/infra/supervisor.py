@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from mendloop.config import ProcessRuns
-from mendloop.errors import ActionError
+from mendloop.errors import ActionError, StepCancelled
 from mendloop.infra.process import CannotStart, check_startable, kill_group, pick_env
 
 __all__ = ["Started", "Supervisor", "await_health", "default_state_dir"]
@@ -265,15 +265,19 @@ def await_health(
     alive: Callable[[], bool] | None = None,
     what: str = "the target",
     log_tail: Callable[[], str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> float:
     """Poll `url` until it answers 2xx; the seconds it took. Raises ActionError at the deadline, or as soon as
-    `alive` says the process is gone (with the log's tail when given)."""
+    `alive` says the process is gone (with the log's tail when given); StepCancelled once `cancel` is set."""
+    stop = cancel if cancel is not None else threading.Event()
     started = time.monotonic()
     deadline = started + timeout
     pause = 0.05
     last = "no answer yet"
     with httpx.Client(follow_redirects=False) as client:
         while True:
+            if stop.is_set():
+                raise StepCancelled(f"stopped by the run's cancel while waiting for {what} to become healthy")
             if alive is not None and not alive():
                 tail = log_tail() if log_tail else ""
                 raise ActionError(
@@ -290,7 +294,7 @@ def await_health(
                 last = type(exc).__name__
             if time.monotonic() + pause > deadline:
                 raise ActionError(f"{what} did not become healthy within {timeout:g} s: {url} gave {last}")
-            time.sleep(pause)  # a poll interval with a deadline, not a wait for a race
+            stop.wait(pause)  # a poll interval with a deadline, not a wait for a race; a cancel cuts it short
             pause = min(pause * 1.5, 0.5)
 
 

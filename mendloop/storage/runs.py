@@ -7,7 +7,7 @@ SQLite the write transaction (BEGIN IMMEDIATE) already serialises them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,6 +424,30 @@ class RunStore:
                 .values(status=RunStatus.QUEUED.value, lease_owner=None, lease_expires_at=None, next_run_at=tx.now)
             ).rowcount
         return int(n)
+
+    def stopped(self, held: Mapping[str, str]) -> set[str]:
+        """Of `held` (run id -> the owner executing it), the runs that owner no longer holds or that were
+        cancelled, in ONE query: the worker pool's cancel watcher asks every second for all its runs at once."""
+        if not held:
+            return set()
+        q = sa.select(t.runs.c.id, t.runs.c.lease_owner, t.runs.c.status).where(t.runs.c.id.in_(list(held)))
+        with self.db.read() as conn:
+            rows = conn.execute(q).all()
+        kept = {r.id for r in rows if r.lease_owner == held[r.id] and r.status != RunStatus.CANCELLED.value}
+        return set(held) - kept
+
+    def record_cancelled_step(self, run_id: str, outcome: StepOutcome, events: Sequence[NewEvent]) -> bool:
+        """Keep the step a cancel stopped, and say so on the timeline, once the run is cancelled: the cancel
+        released the lease, so `advance` cannot. False (nothing kept) when the run is not cancelled: its lease
+        was lost to another worker instead, which runs the step again."""
+        with self.db.write() as tx:
+            status = tx.conn.execute(sa.select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
+            if status != RunStatus.CANCELLED.value:
+                tx.rollback()
+                return False
+            tx.conn.execute(t.steps.insert(), _step_row(run_id, outcome, tx.now))
+            tx.emit(events)
+        return True
 
     def cancel(self, run_id: str, reason: str) -> Run:
         with self.db.write() as tx:

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -131,6 +131,12 @@ class Store:
 
     def lease_owners(self) -> list[str]:
         return self.runs.lease_owners()
+
+    def stopped_runs(self, held: Mapping[str, str]) -> set[str]:
+        return self.runs.stopped(held)
+
+    def record_cancelled_step(self, run_id: str, outcome: StepOutcome, events: Sequence[NewEvent]) -> bool:
+        return self.runs.record_cancelled_step(run_id, outcome, events)
 
     def get_run(self, run_id: str) -> Run:
         return self.runs.get(run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,9 @@ class ActionContext:
     target: str | None
     http: httpx.Client
     template_vars: Mapping[str, Any] = field(default_factory=dict)
+    # Set when the run is cancelled while the step runs (the worker pool watches the database): an action stops
+    # its program, its waits and its retries then (StepCancelled).
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class Action(Protocol):

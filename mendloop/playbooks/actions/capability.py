@@ -127,6 +127,7 @@ class Capabilities:
                     env=spec.get("env") or {},
                     timeout=limit,
                     idempotency_key=ctx.idempotency_key,
+                    cancel=ctx.cancel,
                 )
             else:
                 result = call_http(
@@ -138,6 +139,7 @@ class Capabilities:
                     expect_status=list(spec["expect_status"]),
                     timeout=limit,
                     idempotency_key=ctx.idempotency_key,
+                    cancel=ctx.cancel,
                 )
         except ActionError as exc:
             if exc.output:  # it answered, badly: a verify step still judges the normalised answer
@@ -159,7 +161,7 @@ def _provided(provider: Restarter, name: str, ctx: ActionContext, timeout: float
         if name == "health":
             result = provider.health(ctx.http, timeout)
         else:
-            result = provider.restart(idempotency_key=ctx.idempotency_key, timeout=timeout)
+            result = provider.restart(idempotency_key=ctx.idempotency_key, timeout=timeout, cancel=ctx.cancel)
     except ActionError as exc:
         if exc.output:
             exc.output = {**exc.output, "outputs": dict(exc.output)}

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from mendloop.errors import ActionError
+from mendloop.errors import ActionError, StepCancelled
 from mendloop.infra import process
 from mendloop.playbooks.actions.base import ActionContext, tail
 from mendloop.playbooks.templates import Tracked
@@ -60,7 +61,10 @@ def run_command(
     timeout: float,
     idempotency_key: str,
     option_positions: Collection[int] = (),
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
+    """`cancel`: the run's cancel; when it is set the program's whole group is SIGKILLed and StepCancelled
+    raised (with what the program printed until then)."""
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ActionError("argv must be a non-empty list of strings", retryable=False)
     check_argv(argv, option_positions)
@@ -78,10 +82,24 @@ def run_command(
         # group is killed all the same. die_with_parent: while the command runs, its group dies with mendloop
         # (even a `kill -9`), so a step never leaves an orphan working on after the server that judged it. Not in
         # the sandbox: these are the operator's own commands, run with mendloop's rights on purpose.
-        done = process.run(argv, cwd=cwd, env=child_env, timeout=timeout, kill_leftovers=False, die_with_parent=True)
+        if cancel is not None and cancel.is_set():
+            raise StepCancelled(f"stopped by the run's cancel; {argv[0]} was not started")
+        done = process.run(
+            argv,
+            cwd=cwd,
+            env=child_env,
+            timeout=timeout,
+            kill_leftovers=False,
+            die_with_parent=True,
+            cancel=cancel,
+        )
     except process.CannotStart as exc:
         raise ActionError(f"cannot start {argv[0]!r}: {exc.strerror}", retryable=False) from exc
     stdout = done.stdout_text()
+    if done.cancelled:
+        cancelled = StepCancelled(f"stopped by the run's cancel: {argv[0]} and its process group were killed")
+        cancelled.output = {"exit_code": None, "stdout_tail": tail(stdout), "cancelled": True}
+        raise cancelled
     if done.timed_out:
         raise ActionError(
             f"{argv[0]} timed out after {timeout:g}s",
@@ -124,4 +142,5 @@ def command_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]
         timeout=timeout,
         idempotency_key=ctx.idempotency_key,
         option_positions=frozenset(int(p) for p in params.get("option_positions") or ()),
+        cancel=ctx.cancel,
     )

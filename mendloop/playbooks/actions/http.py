@@ -10,13 +10,14 @@ and port must come from the template's literal text or the target's `base_url` (
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
 import httpx
 
-from mendloop.errors import ActionError
+from mendloop.errors import ActionError, StepCancelled
 from mendloop.playbooks.actions.base import ActionContext, tail
 from mendloop.playbooks.templates import TrackedUrl
 
@@ -35,7 +36,11 @@ def call_http(
     expect_status: list[int],
     timeout: float,
     idempotency_key: str,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
+    """`cancel`: the run's cancel, checked right before the request is sent (then nothing is). A request already
+    sent is not interrupted: it ends within its `timeout`, and the step loop then neither retries the step nor
+    goes on."""
     all_headers = {"Idempotency-Key": idempotency_key, **{str(k): str(v) for k, v in headers.items()}}
     if isinstance(url, TrackedUrl):
         try:
@@ -47,6 +52,8 @@ def call_http(
         # The request sent is the guarded one, so the headers (an Authorization) go only where the playbook said.
         url = guarded
     request = _build(client, method, url, json_body, all_headers, timeout)
+    if cancel is not None and cancel.is_set():
+        raise StepCancelled(f"stopped by the run's cancel; {method} {url} was not sent")
     try:
         resp = client.send(request)
     except httpx.TimeoutException as exc:
@@ -203,4 +210,5 @@ def http_action(params: dict[str, Any], ctx: ActionContext) -> dict[str, Any]:
         expect_status=[int(s) for s in expect],
         timeout=float(params.get("timeout") or ctx.timeout or 30),
         idempotency_key=ctx.idempotency_key,
+        cancel=ctx.cancel,
     )

@@ -11,6 +11,7 @@ The argv of the tools is built in `domain/restart_plan.py` alone.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import httpx
 from mendloop.config import RunsConfig
 from mendloop.domain import restart_plan
 from mendloop.domain.restart_plan import RestartPlan
-from mendloop.errors import ActionError
+from mendloop.errors import ActionError, StepCancelled
 from mendloop.infra import process
 from mendloop.infra.supervisor import Supervisor, await_health
 
@@ -83,19 +84,26 @@ class Restarter:
 
     # -- restart -----------------------------------------------------------------------------------------------------
 
-    def restart(self, *, idempotency_key: str, timeout: float | None) -> dict[str, Any]:
+    def restart(
+        self, *, idempotency_key: str, timeout: float | None, cancel: threading.Event | None = None
+    ) -> dict[str, Any]:
+        """`cancel`: the run's cancel. It stops the restart tool's commands (their group killed) and the waits
+        for readiness and health (StepCancelled); a process already restarted by the supervisor stays started."""
         budget = min(filter(None, [timeout, self.runs.ready_timeout]))
         started = time.monotonic()
+        stop = cancel if cancel is not None else threading.Event()
         if self.supervisor is not None:
-            out = self._restart_process(idempotency_key, budget)
+            out = self._restart_process(idempotency_key, budget, stop)
         else:
-            out = self._restart_with_tool(budget)
+            out = self._restart_with_tool(budget, stop)
         out["seconds"] = round(time.monotonic() - started, 3)
         return out
 
-    def _restart_process(self, idempotency_key: str, budget: float) -> dict[str, Any]:
+    def _restart_process(self, idempotency_key: str, budget: float, cancel: threading.Event) -> dict[str, Any]:
         sup = self.supervisor
         assert sup is not None
+        if cancel.is_set():
+            raise StepCancelled(f"stopped by the run's cancel; target {self.target!r} was not restarted")
         done = sup.restart(idempotency_key=idempotency_key)
         out: dict[str, Any] = {
             "restarted": done.restarted,
@@ -111,18 +119,19 @@ class Restarter:
                 alive=lambda: sup.alive(done.pid),
                 what=f"target {self.target!r} (pid {done.pid})",
                 log_tail=sup.log_tail,
+                cancel=cancel,
             )
             out["healthy"] = True
         elif not sup.alive(done.pid):
             raise ActionError(f"target {self.target!r}: pid {done.pid} exited right after it started", output=out)
         return out
 
-    def _restart_with_tool(self, budget: float) -> dict[str, Any]:
+    def _restart_with_tool(self, budget: float, cancel: threading.Event) -> dict[str, Any]:
         plan = self.plan(budget)
         assert plan is not None
         deadline = time.monotonic() + budget
         env = process.pick_env(_TOOL_ENV)
-        restart = _run(plan.restart, _remaining(deadline), env)
+        restart = _run(plan.restart, _remaining(deadline), env, cancel)
         if not restart.ok:
             raise ActionError(f"target {self.target!r}: {_said(restart)}", output=_output(plan, restart))
         checks = 0
@@ -130,7 +139,7 @@ class Restarter:
             checks += 1
             # kubectl's own --timeout ends its wait first; the margin only bounds a kubectl that hangs.
             limit = _remaining(deadline) + 5 if plan.status_waits else min(_STATUS_CALL_SECONDS, _remaining(deadline))
-            status = _run(plan.status, limit, env)
+            status = _run(plan.status, limit, env, cancel)
             if plan.status_waits:
                 ready: bool | None = status.ok
             elif plan.kind == "systemd":
@@ -144,7 +153,8 @@ class Restarter:
                     f"target {self.target!r} did not come back after {' '.join(plan.restart)}: {_said(status)}",
                     output=_output(plan, status),
                 )
-            time.sleep(min(0.5, 0.05 * checks))  # the next status poll; the deadline bounds the loop
+            # The next status poll; the deadline bounds the loop, and a cancel ends the wait (then `_run` raises).
+            cancel.wait(min(0.5, 0.05 * checks))
         out: dict[str, Any] = {
             "restarted": True,
             "kind": plan.kind,
@@ -154,7 +164,10 @@ class Restarter:
         }
         if self.runs.health is not None:
             await_health(
-                self.runs.health, timeout=max(0.1, deadline - time.monotonic()), what=f"target {self.target!r}"
+                self.runs.health,
+                timeout=max(0.1, deadline - time.monotonic()),
+                what=f"target {self.target!r}",
+                cancel=cancel,
             )
         return out
 
@@ -184,13 +197,18 @@ def _remaining(deadline: float) -> float:
     return max(1.0, deadline - time.monotonic())
 
 
-def _run(argv: tuple[str, ...], limit: float, env: dict[str, str]) -> process.Completed:
+def _run(argv: tuple[str, ...], limit: float, env: dict[str, str], cancel: threading.Event) -> process.Completed:
+    if cancel.is_set():
+        raise StepCancelled(f"stopped by the run's cancel; {argv[0]} was not started")
     try:
-        return process.run(list(argv), timeout=limit, env=env, keep_bytes=64_000)
+        done = process.run(list(argv), timeout=limit, env=env, keep_bytes=64_000, cancel=cancel)
     except process.CannotStart as exc:
         raise ActionError(
             f"cannot start {argv[0]!r}: {exc.strerror} (PATH={env.get('PATH', os.defpath)})", retryable=False
         ) from exc
+    if done.cancelled:
+        raise StepCancelled(f"stopped by the run's cancel: {argv[0]} and its process group were killed")
+    return done
 
 
 def _said(done: process.Completed) -> str:
