@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from mendloop.domain import stats
 from mendloop.domain.approvals import Decision
 from mendloop.domain.records import Run
 from mendloop.domain.states import RunStatus
@@ -61,16 +60,8 @@ class ApprovalStore:
         new_status = values.get("status")
         if new_status is not None:
             # A rejection or a timeout ends the run: the statistics count it like any other end.
-            stat_rows.record(
-                tx,
-                stats.run_moved(
-                    run.playbook_id,
-                    run.component,
-                    run.status,
-                    RunStatus(new_status),
-                    escalated=run.escalated,
-                    seconds=float(values.get("finished_at") or tx.now) - run.created_at,
-                ),
+            stat_rows.record_run_move(
+                tx, run, RunStatus(new_status), escalated=run.escalated, finished_at=values.get("finished_at")
             )
         if decision.step is not None:
             step = decision.step

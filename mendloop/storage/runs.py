@@ -328,16 +328,12 @@ class RunStore:
             if outcome is not None:
                 tx.conn.execute(t.steps.insert(), _step_row(run.id, outcome, now))
             if new_status is not None:
-                stat_rows.record(
+                stat_rows.record_run_move(
                     tx,
-                    stats.run_moved(
-                        run.playbook_id,
-                        run.component,
-                        run.status,
-                        RunStatus(new_status),
-                        escalated=bool(values.get("escalated", run.escalated)),
-                        seconds=float(values.get("finished_at") or now) - run.created_at,
-                    ),
+                    run,
+                    RunStatus(new_status),
+                    escalated=bool(values.get("escalated", run.escalated)),
+                    finished_at=values.get("finished_at") or now,
                 )
             if trust is not None:
                 self.trust.apply(tx, trust, run.id)
@@ -460,16 +456,8 @@ class RunStore:
                 sa.update(t.runs).where(t.runs.c.id == run_id).values(changes).returning(*t.runs.c)
             ).one()
             cancelled = run_of(updated)
-            stat_rows.record(
-                tx,
-                stats.run_moved(
-                    run.playbook_id,
-                    run.component,
-                    run.status,
-                    cancelled.status,
-                    escalated=cancelled.escalated,
-                    seconds=(cancelled.finished_at or tx.now) - run.created_at,
-                ),
+            stat_rows.record_run_move(
+                tx, run, cancelled.status, escalated=cancelled.escalated, finished_at=cancelled.finished_at
             )
             if run.coding_work_order_id:
                 # Only an open work order is cancelled, so it leaves no final state (no patch time to take back).

@@ -19,6 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mendloop.domain import stats
+from mendloop.domain.records import Run
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_FINAL, RunStatus, WorkOrderStatus
 from mendloop.domain.stats import Delta
 from mendloop.storage import schema as t
@@ -53,6 +55,12 @@ def _live_in(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int]]:
         {str(s): int(n) for s, n in conn.execute(runs)},
         {str(s): int(n) for s, n in conn.execute(work_orders)},
     )
+
+
+def record_run_move(tx: Tx, run: Run, new: RunStatus, *, escalated: bool, finished_at: float | None) -> None:
+    """The deltas of `run` moving to `new` (nothing unless it ends there), in the move's transaction."""
+    seconds = (finished_at or tx.now) - run.created_at
+    record(tx, stats.run_moved(run.playbook_id, run.component, run.status, new, escalated=escalated, seconds=seconds))
 
 
 def record(tx: Tx, deltas: Sequence[Delta]) -> None:
