@@ -386,3 +386,31 @@ def test_a_waiting_run_survives_a_restart_of_serve_and_is_approved_with_the_cli(
         )
         assert refused.returncode != 0 and "not waiting" in (refused.stdout + refused.stderr)
         assert len((refused.stdout + refused.stderr).strip().splitlines()) == 1
+
+
+def test_runs_stopped_at_an_approval_do_not_open_the_breaker(
+    database_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Rejecting risky actions is an operator's word, not a failure of the fixes: three rejected runs of one
+    component leave its breaker closed, where three failed runs open it (tests/test_intake.py)."""
+    app = _open(database_url, tmp_path, clock)
+    try:
+        with api_client(app) as client:
+
+            def detect(shape: str) -> dict[str, Any]:
+                body = {"event_type": "app.error", "component": "svc", "payload": {"error_type": "gated"}}
+                answer = client.post("/events", json={**body, "message": f"shape {shape} broke"})
+                assert answer.status_code == 202, answer.text
+                return dict(answer.json())
+
+            for shape in ("a", "bb", "ccc"):
+                run_id = str(detect(shape)["run_id"])
+                drain(app)
+                assert app.store.run_status(run_id) is RunStatus.AWAITING_APPROVAL
+                app.remediation.reject_run(run_id, "not now")
+                assert app.store.run_status(run_id) is RunStatus.NEEDS_HUMAN
+            fourth = detect("dddd")
+        assert fourth["verdict"] != "breaker_open", fourth
+        assert app.store.run_status(str(fourth["run_id"])) is RunStatus.QUEUED
+    finally:
+        app.close()

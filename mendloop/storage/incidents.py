@@ -19,7 +19,7 @@ from mendloop.domain.incidents import OPEN, RESOLVED, TrackedIncident
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Detection, DetectionOutcome, NewEvent
 from mendloop.domain.runs import stamp
-from mendloop.domain.states import RUN_FINAL, RunStatus
+from mendloop.domain.states import RUN_FINAL, RunStatus, StepStatus
 from mendloop.domain.storm import Situation, Verdict, WindowCounts, decide
 from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
@@ -529,7 +529,12 @@ class _Recording:
         return incident.in_progress
 
     def _failures(self, component: str) -> int:
-        runs = t.runs.c
+        runs, steps = t.runs.c, t.steps.c
+        # A run an operator stopped at an approval (rejected, or left to time out into failure) says nothing about
+        # whether the fixes work: it is not a failure the breaker counts.
+        stopped_at_approval = sa.exists().where(
+            steps.run_id == runs.id, steps.action == "approval", steps.status == StepStatus.FAILED.value
+        )
         return int(
             self.conn.execute(
                 sa.select(sa.func.count())
@@ -538,6 +543,7 @@ class _Recording:
                     runs.component == component,
                     runs.status.in_([RunStatus.FAILED.value, RunStatus.NEEDS_HUMAN.value]),
                     runs.finished_at >= self.now - self.storm.breaker_window_seconds,
+                    ~stopped_at_approval,
                 )
             ).scalar_one()
         )
