@@ -25,7 +25,6 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop.app import App
-from mendloop.domain.states import RUN_FINAL
 from mendloop.domain.stats import ended_and_escalated
 from mendloop.storage import metrics as m
 from mendloop.storage.notify_cursor import NotifyCursors
@@ -79,13 +78,11 @@ class DatabaseCollector(Collector):
         )
         # Ended runs and escalations come from the statistics' aggregates, not from counting the runs table:
         # retention deletes old runs, and a counter must never go down.
-        ended, escalated = ended_and_escalated(self.app.store.stats.snapshot().rows)
+        ended, escalated = ended_and_escalated(s.aggregates)
         for (playbook, status), n in sorted(ended.items()):
             runs.add_metric([playbook, status], n)
-        final = {str(x) for x in RUN_FINAL}
         for (playbook, status), n in sorted(s.runs.items()):
-            if status not in final:
-                active.add_metric([playbook, status], n)
+            active.add_metric([playbook, status], n)
         yield runs
         yield active
         escalations = CounterMetricFamily(

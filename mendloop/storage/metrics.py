@@ -21,8 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mendloop.domain.incidents import OPEN
-from mendloop.domain.states import RunStatus, WorkOrderStatus
+from mendloop.domain.states import RUN_FINAL, RunStatus, WorkOrderStatus
 from mendloop.storage import schema as t
+from mendloop.storage import stats
 from mendloop.storage.db import Database
 
 OTHER = "other"
@@ -48,8 +49,10 @@ class Histogram:
 class MetricsSnapshot:
     events: dict[tuple[str, str], int]  # (type, source) -> events stored
     incidents_open: dict[str, int]  # component ("" for none) -> open incidents
-    runs: dict[tuple[str, str], int]  # (playbook, status) -> runs
-    escalated: dict[str, int]  # playbook -> runs that escalated to a coding agent
+    runs: dict[tuple[str, str], int]  # (playbook, live status) -> runs not ended
+    # The statistics' (playbook, component, measure, sum) rows: ended runs and escalations are counted from them,
+    # since retention deletes old runs and a counter must never go down.
+    aggregates: list[stats.Row]
     run_seconds: dict[str, Histogram]  # final status -> created..finished
     step_seconds: dict[str, Histogram]  # action -> started..finished
     work_orders: dict[str, int]  # status -> work orders
@@ -102,14 +105,14 @@ class MetricsQueries:
 
     def snapshot(self, now: float) -> MetricsSnapshot:
         with self.db.read() as conn:
-            runs, escalated = self._runs(conn)
+            runs = self._runs(conn)
             trust, trust_components = self._trust(conn)
             due, waiting = self._queue(conn, now)
             return MetricsSnapshot(
                 events=self._events(conn),
                 incidents_open=self._incidents_open(conn),
                 runs=runs,
-                escalated=escalated,
+                aggregates=stats.StatStore.sums_in(conn),
                 run_seconds=self._run_seconds(conn),
                 step_seconds=self._step_seconds(conn),
                 work_orders=self._work_orders(conn),
@@ -140,20 +143,17 @@ class MetricsQueries:
         return {str(c): int(n) for c, n in conn.execute(self.incidents_query())}
 
     def runs_query(self) -> Query:
+        """Runs not ended, by playbook and status: what is in flight, not history."""
         r = t.runs.c
-        escalated = sa.func.sum(sa.case((r.escalated.is_(True), 1), else_=0)).label("escalated")
-        grouped = sa.select(r.playbook_id, r.status, sa.func.count().label("n"), escalated).group_by(
-            r.playbook_id, r.status
+        grouped = (
+            sa.select(r.playbook_id, r.status, sa.func.count().label("n"))
+            .where(r.status.not_in([s.value for s in RUN_FINAL]))
+            .group_by(r.playbook_id, r.status)
         )
-        return _folded(grouped, ["playbook_id"], ["status"], ["n", "escalated"], self.limit)
+        return _folded(grouped, ["playbook_id"], ["status"], ["n"], self.limit)
 
-    def _runs(self, conn: Connection) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-        runs: dict[tuple[str, str], int] = {}
-        escalated: dict[str, int] = {}
-        for playbook, status, n, esc in conn.execute(self.runs_query()):
-            runs[(str(playbook), str(status))] = int(n)
-            escalated[str(playbook)] = escalated.get(str(playbook), 0) + int(esc or 0)
-        return runs, escalated
+    def _runs(self, conn: Connection) -> dict[tuple[str, str], int]:
+        return {(str(playbook), str(status)): int(n) for playbook, status, n in conn.execute(self.runs_query())}
 
     def run_seconds_query(self) -> Query:
         r = t.runs.c
