@@ -81,12 +81,14 @@ class Tx:
 
     def take_seq(self, name: str, n: int = 1) -> int:
         """Reserve the next `n` numbers of a named counter; returns the last (the first is last - n + 1)."""
-        self.conn.execute(self.db.insert(t.sequences).values(name=name, value=0).on_conflict_do_nothing())
+        # One upsert: atomic on both databases (two first takers of a new name can't both start it at n), and
+        # one statement instead of an insert-if-missing plus an update on every run and work order created.
+        seq = t.sequences
+        stmt = self.db.insert(seq).values(name=name, value=n)
         value = self.conn.execute(
-            sa.update(t.sequences)
-            .where(t.sequences.c.name == name)
-            .values(value=t.sequences.c.value + n)
-            .returning(t.sequences.c.value)
+            stmt.on_conflict_do_update(index_elements=[seq.c.name], set_={"value": seq.c.value + n}).returning(
+                seq.c.value
+            )
         ).scalar_one()
         return int(value)
 

@@ -235,20 +235,27 @@ class RunStore:
         if capped:
             running = sa.select(sa.func.count()).select_from(other).where(other.c.status.in_(_ACTIVE)).scalar_subquery()
             conds.append(running < sa.bindparam("cap", type_=sa.Integer()))
-        due = (
+        # Two searches, each down its own index, instead of one OR: SQLite answers an OR of the two with a
+        # MULTI-INDEX OR that gathers every queued run and sorts them (0.4 ms a claim at 1,000 queued, growing
+        # with the backlog). A lapsed lease comes first (any one: only runs in flight are searched, no sort):
+        # that run had started, and a crash must not leave it half done behind new work. SKIP LOCKED on
+        # PostgreSQL; SQLite ignores it and serializes writers with BEGIN IMMEDIATE.
+        lapsed = (
             sa.select(t.runs.c.id)
-            .where(
-                sa.or_(
-                    sa.and_(t.runs.c.status == RunStatus.QUEUED.value, t.runs.c.next_run_at <= now, *conds),
-                    sa.and_(t.runs.c.status.in_(_ACTIVE), t.runs.c.lease_expires_at < now),
-                )
-            )
-            .order_by(t.runs.c.next_run_at)
+            .where(t.runs.c.status.in_(_ACTIVE), t.runs.c.lease_expires_at < now)
             .limit(1)
-            # SKIP LOCKED on PostgreSQL; SQLite ignores it and serializes writers with BEGIN IMMEDIATE.
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
+        queued = (
+            sa.select(t.runs.c.id)
+            .where(t.runs.c.status == RunStatus.QUEUED.value, t.runs.c.next_run_at <= now, *conds)
+            .order_by(t.runs.c.next_run_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        due = sa.func.coalesce(lapsed, queued)
         return (
             sa.update(t.runs)
             .where(t.runs.c.id == due)
