@@ -133,7 +133,14 @@ class Rig:
 def rig_factory(tmp_path: Path, free_port: int) -> Iterator[Any]:
     opened: list[Any] = []
 
-    def make(repo: Path, verify: list[str], *, tests_may_change: bool = False, server_repo: bool = True) -> Rig:
+    def make(
+        repo: Path,
+        verify: list[str],
+        *,
+        tests_may_change: bool = False,
+        server_repo: bool = True,
+        patch: dict[str, Any] | None = None,
+    ) -> Rig:
         # Without a repository in the target's config the server never applies a completed diff itself, so a
         # test of what the runner alone did (branch, approval) cannot race the server's own patch pipeline.
         write_playbooks(
@@ -167,7 +174,7 @@ def rig_factory(tmp_path: Path, free_port: int) -> Iterator[Any]:
                 "svc": {
                     **({"repository": str(repo)} if server_repo else {}),
                     "test_command": UNITTEST,
-                    "patch": {"tests_may_change": tests_may_change},
+                    "patch": {"tests_may_change": tests_may_change, **(patch or {})},
                     "work_orders": {"max_attempts": 1},
                 }
             },
@@ -300,6 +307,38 @@ def test_forbidden_path_is_rejected_as_unsafe_patch(tmp_path: Path, rig_factory:
     assert wo["fail_reason"] == "unsafe_patch"
     assert git(repo, "rev-parse", "HEAD").strip() == before
     assert not (repo / ".github").exists()
+
+
+# Fixes add() and adds a conftest.py: test-runner configuration, forbidden unless the target allows it.
+FIX_WITH_CONFTEST = (
+    "import os, pathlib; root = pathlib.Path(os.environ['WORKTREE']); calc = root / 'calc.py'; "
+    "calc.write_text(calc.read_text().replace('return a * b', 'return a + b')); "
+    "(root / 'conftest.py').write_text('FIXTURES = 1\\n')"
+)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_the_runner_follows_the_targets_test_config_allowance(tmp_path: Path, rig_factory: Any, allowed: bool) -> None:
+    """The runner judges a diff by the target's whole patch policy, as the server's `complete` does: a conftest.py
+    is refused by default and committed when the target's `patch.test_config_allowed` names it."""
+    repo = calc_repo(tmp_path)
+    patch = {"test_config_allowed": ["conftest.py"]} if allowed else {}
+    rig = rig_factory(repo, verify_calc(repo), patch=patch, server_repo=False)
+    before = git(repo, "rev-parse", "HEAD").strip()
+    run_id, wo_id = rig.escalate()
+    assert rig.work_order(wo_id)["context"]["constraints"]["test_config_allowed"] == (["conftest.py"] if allowed else [])
+
+    outcome = rig.run_once([PY, "-c", FIX_WITH_CONFTEST])
+
+    if allowed:
+        assert outcome.status == "completed", outcome.message
+        assert sorted(outcome.files) == ["calc.py", "conftest.py"]
+        assert git(repo, "rev-parse", "HEAD~1").strip() == before
+        wait_for(lambda: rig.run_status(run_id) == "completed", 20)
+    else:
+        assert (outcome.status, outcome.reason) == ("failed", "unsafe_patch")
+        assert "conftest.py" in outcome.message and "test_config_allowed" in outcome.message
+        assert git(repo, "rev-parse", "HEAD").strip() == before and not (repo / "conftest.py").exists()
 
 
 def test_agent_sees_a_minimal_environment_and_a_fenced_prompt_and_branch_mode_leaves_head(

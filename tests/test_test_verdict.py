@@ -7,6 +7,8 @@ server (the recorded fail reason), both with real test processes through the san
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 import textwrap
@@ -391,12 +393,29 @@ def test_the_base_run_is_cached_per_base_commit(py_repo: Path, tmp_path: Path) -
 
 
 def test_an_unreachable_test_program_is_test_env_error(py_repo: Path, tmp_path: Path) -> None:
+    # In the repository, so the tests' worktree (and the sandbox) holds them: a file that can't be run (the
+    # shell's 126), and a runnable script whose interpreter can't be.
+    (py_repo / "ci").mkdir()
+    (py_repo / "ci" / "runner").write_text("#!/bin/sh\nexit 0\n")
+    (py_repo / "ci" / "runner").chmod(0o644)
+    (py_repo / "ci" / "tests.sh").write_text("#!ci/runner\n")
+    (py_repo / "ci" / "tests.sh").chmod(0o755)
+    git(py_repo, "add", "ci")
+    git(py_repo, "commit", "-qm", "ci scripts")
     head = git(py_repo, "rev-parse", "HEAD")
     diff = diff_of(py_repo, FIX_DOUBLE)
-    for argv in (["/nonexistent/python3", "-m", "pytest"], ["sh", "-c", "exit 127"]):
+    for argv in (
+        ["/nonexistent/python3", "-m", "pytest"],
+        ["sh", "-c", "exit 127"],
+        ["sh", "-c", "exit 126"],
+        ["ci/runner"],
+        ["ci/tests.sh"],
+    ):
         with pytest.raises(PatchRejected, match="environment is broken") as caught:
             apply_py(py_repo, diff, tmp_path, test_command=argv)
         assert caught.value.reason == "test_env_error"
+        if argv[0].startswith("ci/"):  # found, and refused for what it is: not a missing file
+            assert re.search(r"exit code 126|[Pp]ermission denied", str(caught.value)), caught.value
         assert_untouched(py_repo, head)
 
 

@@ -73,13 +73,9 @@ def build(
         report = target.report
         context["test_report"] = report if report is None or isinstance(report, str) else report.model_dump()
         context["failing_tests"] = failing_tests_of(context, target.failing_tests)
-        context["constraints"] = {
-            "allowed_paths": policy.allowed_paths,
-            "forbidden_paths": policy.forbidden_paths,
-            "max_files": policy.max_files,
-            "max_changed_lines": policy.max_changed_lines,
-            "tests_may_change": policy.tests_may_change,
-        }
+        # Every field of the target's patch policy, so the agent runner judges a diff by the same rules as the
+        # server's `complete` (a field listed by hand here was once left out: test_config_allowed).
+        context["constraints"] = policy.model_dump()
     if failure is not None:
         context["failed_step"] = failure
     return redactor.value(context), (str(repository) if repository else None), base_commit

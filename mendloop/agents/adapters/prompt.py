@@ -124,6 +124,12 @@ def build_prompt(
         lines.append("- You may add or change tests; a regression test for the bug is welcome.")
     else:
         lines.append("- Do not add or change test files.")
+    config_allowed = constraints.get("test_config_allowed")
+    lines.append(
+        "- Do not change how tests are found or run (conftest.py, pytest.ini, tox.ini, test sections of"
+        " pyproject.toml or setup.cfg, ...)"
+        + (f", except: {', '.join(map(str, config_allowed))}." if config_allowed else ".")
+    )
     if test_command:
         shown = TestCommand.coerce(test_command).shown()
         lines.append(f"- The runner will run the tests itself afterwards: {shown}.")
