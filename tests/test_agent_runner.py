@@ -326,7 +326,8 @@ def test_the_runner_follows_the_targets_test_config_allowance(tmp_path: Path, ri
     rig = rig_factory(repo, verify_calc(repo), patch=patch, server_repo=False)
     before = git(repo, "rev-parse", "HEAD").strip()
     run_id, wo_id = rig.escalate()
-    assert rig.work_order(wo_id)["context"]["constraints"]["test_config_allowed"] == (["conftest.py"] if allowed else [])
+    constraints = rig.work_order(wo_id)["context"]["constraints"]
+    assert constraints["test_config_allowed"] == (["conftest.py"] if allowed else [])
 
     outcome = rig.run_once([PY, "-c", FIX_WITH_CONFTEST])
 

@@ -8,7 +8,6 @@ server (the recorded fail reason), both with real test processes through the san
 from __future__ import annotations
 
 import re
-
 import subprocess
 import sys
 import textwrap
