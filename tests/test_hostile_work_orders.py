@@ -314,3 +314,113 @@ def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_ur
         assert (repo / "x.py").read_text() == "a\n"
     finally:
         app.close()
+
+
+def _race(url: str, wo_id: str, n: int) -> list[tuple[str, httpx.Response]]:
+    """`n` completes and `n` fails of one work order, released together; (which, answer) for each."""
+    barrier = threading.Barrier(2 * n)
+    answers: list[tuple[str, httpx.Response]] = []
+    lock = threading.Lock()
+
+    def one(kind: str, i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            if kind == "complete":
+                r = complete(c, wo_id, tests_passed=True, files_changed=1, summary=f"agent {i}")
+            else:
+                r = c.post(f"/patches/work-orders/{wo_id}/fail", json={"reason": "agent_error", "retryable": False})
+        with lock:
+            answers.append((kind, r))
+
+    threads = [threading.Thread(target=one, args=(k, i)) for i in range(n) for k in ("complete", "fail")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return answers
+
+
+def test_completes_racing_fails_have_one_outcome(app: App, live_client: httpx.Client) -> None:
+    """Ten completes against ten fails of one work order: one wins, every other caller gets 409 or the winner's
+    own answer, one outcome is recorded, and the run ends the way the work order did."""
+    run = escalate(live_client)
+    wo_id = run["work_order_id"]
+    answers = _race(str(live_client.base_url), wo_id, 10)
+    assert {r.status_code for _, r in answers} <= {200, 409}, [r.text for _, r in answers if r.status_code >= 500]
+    final = app.store.get_work_order(wo_id)
+    won = {kind for kind, r in answers if r.status_code == 200}
+    assert len(won) == 1, [(k, r.status_code, r.text) for k, r in answers]
+    if won == {"complete"}:
+        assert final.status is WorkOrderStatus.COMPLETED
+        assert all(r.status_code == 409 for kind, r in answers if kind == "fail")
+        wait_for(lambda: run_status(live_client, run["run_id"]) == "completed")
+    else:
+        assert final.status is WorkOrderStatus.FAILED
+        assert sum(r.status_code == 200 for _, r in answers) == 1
+        wait_for(lambda: run_status(live_client, run["run_id"]) in ("needs_human", "failed"))
+    outcomes = [
+        m
+        for m in updates(app, wo_id)
+        if "completed by the coding agent" in m or m.startswith(f"Work order {wo_id} failed:")
+    ]
+    assert len(outcomes) == 1, outcomes
+
+
+def test_a_fail_while_the_server_tests_the_held_diff_is_refused_and_the_patch_lands(
+    database_url: str, tmp_path: Path, free_port: int
+) -> None:
+    """The agent sends `fail` (and more completes and fails) while mendloop's own tests of its held diff run:
+    each is a 409 (or the same answer, for the same claim), nothing changes the work order under the pipeline,
+    and when the tests pass the patch is committed once and the run completes, without looping."""
+    from tests.support import api_server
+
+    write_playbooks(tmp_path / "pb", PLAYBOOK)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "x.py").write_text("a\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "initial")
+    head = git(repo, "rev-parse", "HEAD")
+    gate = tmp_path / "gate"  # a directory, so the sandbox can show it; the tests wait for a file inside
+    gate.mkdir()
+    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
+    settings = settings_for(
+        database_url,
+        tmp_path,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"patchy": "patchy"},
+        targets={
+            "svc": {
+                "repository": str(repo),
+                "test_command": [python_for_tests(), "-c", wait, str(gate)],
+                "report": "none",
+                "test_timeout": 60,
+            }
+        },
+        default_target="svc",
+    )
+    app = open_app(settings, start_workers=True)
+    try:
+        with api_server(app, free_port) as client:
+            run = escalate(client)
+            wo_id = run["work_order_id"]
+            diff = "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-a\n+b\n"
+            held = complete(client, wo_id, tests_passed=True, files_changed=1, diff=diff)
+            assert held.status_code == 200 and held.json()["status"] == "awaiting_apply", held.text
+            wait_for(lambda: "mendloop-wt-" in _worktrees_now(repo))  # the pipeline is in the tests
+            refused = client.post(f"/patches/work-orders/{wo_id}/fail", json={"reason": "agent_error"})
+            assert refused.status_code == 409 and "awaiting_apply" in refused.json()["detail"], refused.text
+            answers = _race(str(client.base_url), wo_id, 5)
+            assert all(r.status_code == 409 for kind, r in answers if kind == "fail"), answers
+            assert {r.status_code for _, r in answers} <= {200, 409}
+            assert app.store.get_work_order(wo_id).status is WorkOrderStatus.AWAITING_APPLY
+            (gate / "open").write_text("")
+            wait_for(lambda: run_status(client, run["run_id"]) == "completed", 60)
+            assert app.store.get_work_order(wo_id).status is WorkOrderStatus.COMPLETED
+            assert git(repo, "rev-parse", "HEAD~1") == head
+            assert (repo / "x.py").read_text() == "b\n" and git(repo, "status", "--porcelain") == ""
+            applied = [e for e in app.store.recent_events(limit=500) if e.type == "self_healing.patch_applied"]
+            assert len(applied) == 1, applied
+    finally:
+        app.close()
