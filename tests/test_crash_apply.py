@@ -4,6 +4,9 @@ after the patch, never between, and the run finishes. Real serve processes, a re
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 from mendloop.agents.landing import JOURNAL_NAME
+from tests.interpreters import python_for_tests
 from tests.support import git, serve_process, wait_for, write_playbooks
 
 pytestmark = pytest.mark.slow
@@ -122,4 +126,93 @@ def test_serve_killed_at_each_stage_of_an_apply(
     assert git(repo, "status", "--porcelain") == "?? notes.txt"
     assert (repo / "notes.txt").read_text() == "the operator's own work in progress\n"
     assert not (repo / ".git" / JOURNAL_NAME).exists()
+    assert git(repo, "worktree", "list").count("\n") == 0
+
+
+def _test_processes(marker: str) -> list[int]:
+    """Pids of the held diff's test processes: the interpreter running the gated test script (not bwrap, setpriv
+    or the die-with-parent shim, whose argv hold the same command)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in argv and Path(argv[0].decode(errors="replace")).name.startswith("python"):
+            if argv[1:2] == [b"-c"]:
+                found.append(int(entry.name))
+    return found
+
+
+def _status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def test_the_servers_tests_of_a_held_diff_are_sandboxed_die_with_serve_and_leave_no_worktree(
+    database_url: str, tmp_path: Path, free_port: int
+) -> None:
+    """The tests mendloop runs for a diff posted to `complete` run in the sandbox (another user, no network, their
+    own mount namespace), end with a `kill -9` of serve, and the worktree they ran in is pruned when serve starts
+    again; the held diff is then tested again and lands."""
+    repo = make_repo(tmp_path / "repo")
+    initial = git(repo, "rev-parse", "HEAD")
+    gate = tmp_path / "gate"  # a directory, so the sandbox shows it; the test waits for a file inside
+    gate.mkdir()
+    marker = str(gate)
+    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
+    cfg = configure(tmp_path, database_url, repo)
+    config = yaml.safe_load(cfg.read_text())
+    config["targets"]["svc"].update({"test_command": [python_for_tests(), "-c", wait, marker], "report": "none", "test_timeout": 120})
+    cfg.write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{free_port}"
+    log = tmp_path / "serve1.log"
+    with serve_process(cfg, free_port, log=log) as first:
+        run = httpx.post(
+            f"{base}/patches/trigger", json={"description": "d", "error_type": "code", "component": "svc"}, timeout=30
+        ).json()
+        done = httpx.post(
+            f"{base}/patches/work-orders/{run['work_order_id']}/complete",
+            json={"tests_passed": True, "files_changed": 1, "diff": DIFF},
+            timeout=30,
+        )
+        assert done.status_code == 200 and done.json()["status"] == "awaiting_apply", done.text
+        try:
+            wait_for(lambda: bool(_test_processes(marker)), timeout=30)
+        except AssertionError:
+            wo = httpx.get(f"{base}/patches/work-orders/{run['work_order_id']}", timeout=10).json()
+            raise AssertionError(f"no test process; work order {wo['status']}: {wo.get('patch_result')}") from None
+        pids = _test_processes(marker)
+        for pid in pids:
+            if os.getuid() == 0:  # as root, the tests run as nobody (65534), never as the server's root
+                assert _status_field(pid, "Uid").split()[0] == "65534", pid
+            if shutil.which("bwrap"):
+                # Their own network (only a private loopback) and mount namespaces: not the server's.
+                for ns in ("net", "mnt"):
+                    assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        worktrees = [line for line in git(repo, "worktree", "list", "--porcelain").splitlines() if "worktree " in line]
+        assert len(worktrees) == 2, worktrees  # the operator's checkout and the tests' worktree
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        wait_for(lambda: not _test_processes(marker), timeout=10)  # nothing it started outlives it
+    stale = Path(worktrees[1].split(" ", 1)[1])
+    assert git(repo, "rev-parse", "HEAD") == initial
+
+    (gate / "open").write_text("")
+    with serve_process(cfg, free_port, log=tmp_path / "serve2.log"):
+        # Pruned while serve started, before anything else ran in the repository.
+        assert not stale.exists()
+
+        def finished() -> bool:
+            status = httpx.get(f"{base}/patches/runs/{run['run_id']}", timeout=10).json()["status"]
+            assert status not in ("failed", "needs_human"), status
+            return bool(status == "completed")
+
+        wait_for(finished, timeout=60)
+    assert git(repo, "rev-parse", "HEAD~1") == initial
+    assert (repo / "app.py").read_text() == "VALUE = 2\n"
     assert git(repo, "worktree", "list").count("\n") == 0
