@@ -167,7 +167,8 @@ def test_the_servers_tests_of_a_held_diff_are_sandboxed_die_with_serve_and_leave
     wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
     cfg = configure(tmp_path, database_url, repo)
     config = yaml.safe_load(cfg.read_text())
-    config["targets"]["svc"].update({"test_command": [python_for_tests(), "-c", wait, marker], "report": "none", "test_timeout": 120})
+    tests = {"test_command": [python_for_tests(), "-c", wait, marker], "report": "none", "test_timeout": 120}
+    config["targets"]["svc"].update(tests)
     cfg.write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{free_port}"
     log = tmp_path / "serve1.log"
