@@ -601,3 +601,69 @@ def test_a_broken_test_environment_is_recorded_as_such(database: str, tmp_path: 
     assert (wo["status"], wo["fail_reason"]) == ("failed", "test_env_error"), wo
     assert "environment is broken" in str(wo)
     assert_untouched(calc_repo, head)
+
+
+TRACEBACK_THROUGH_A_TEST = (
+    "Traceback (most recent call last):\n"
+    '  File "tests/test_calc.py", line 14, in test_sub\n'
+    "    self.assertEqual(calc.sub(5, 3), 2)\n"
+    '  File "calc.py", line 6, in sub\n'
+    "    return a + b\n"
+    "AssertionError: 8 != 2\n"
+)
+
+
+def test_a_test_named_by_the_failures_traceback_must_pass(database: str, tmp_path: Path, calc_repo: Path) -> None:
+    """No target list this time: the failing test comes from the traceback the failure brought (a frame in a test
+    file), through the work order's context to the verdict. A diff that leaves it failing is refused for that
+    reason; the real fix lands."""
+    write_playbooks(
+        tmp_path / "pb",
+        {
+            "id": "code",
+            "type": "code_patch",
+            "description": "escalates",
+            "steps": [{"id": "escalate", "action": "escalate", "with": {"description": "fix sub"}}],
+        },
+    )
+    target = {
+        "repository": str(calc_repo),
+        "test_command": [python_for_tests(), "-m", "unittest", "discover", "-s", "tests"],
+        "test_timeout": 60,
+    }
+    settings = settings_for(
+        database,
+        tmp_path,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"code": "code"},
+        default_target="svc",
+        targets={"svc": target},
+    )
+    app = open_app(settings, start_workers=True)
+    head = git(calc_repo, "rev-parse", "HEAD")
+    diffs = {
+        "no_fix": diff_of(calc_repo, {"calc.py": UNITTEST_PROJECT["calc.py"] + "# looked at it\n"}),
+        "fix": diff_of(calc_repo, {"calc.py": CALC_FIXED}),
+    }
+    outcomes = {}
+    try:
+        with api_client(app) as http:
+            for name, diff in diffs.items():
+                body = {"description": TRACEBACK_THROUGH_A_TEST, "error_type": "code", "component": "svc"}
+                wo_id = http.post("/patches/trigger", json=body).json()["work_order_id"]
+                wo_url = f"/patches/work-orders/{wo_id}"
+                assert http.get(wo_url).json()["context"]["failing_tests"] == ["tests/test_calc.py::test_sub"]
+                done = http.post(f"{wo_url}/complete", json={"tests_passed": True, "files_changed": 1, "diff": diff})
+                assert done.status_code == 200, done.text
+                wait_for(lambda u=wo_url: http.get(u).json()["status"] in ("completed", "failed"), 60)  # type: ignore[misc]
+                outcomes[name] = http.get(wo_url).json()
+                if name == "no_fix":
+                    assert_untouched(calc_repo, head)
+    finally:
+        app.close()
+    refused = outcomes["no_fix"]
+    assert (refused["status"], refused["fail_reason"]) == ("failed", "tests_failed")
+    assert "the failing tests the work order names do not pass" in str(refused["patch_result"])
+    assert "test_sub" in str(refused["patch_result"])
+    assert outcomes["fix"]["status"] == "completed", outcomes["fix"]["patch_result"]
+    assert git(calc_repo, "rev-parse", "HEAD~1") == head
