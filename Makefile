@@ -1,6 +1,7 @@
 # mendloop developer entry points. Everything runs from .venv, created/refreshed by scripts/bootstrap.sh.
 #   make test ARGS='-k foo -x'     pass extra arguments to pytest
-#   make bench ARGS='...'          pass extra arguments to bench/run.py
+#   make bench ARGS='...'          pass extra arguments to bench/run.py (writes bench/results.json, README table)
+#   make bench-check ARGS='--repeat 5'  CPU-per-unit figures against bench/results.json
 #   make fuzz ARGS='...'           the property tests with random seeds and 20x the examples
 
 VENV := .venv
@@ -9,7 +10,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench fmt
+.PHONY: all bootstrap demo test fuzz lint bench bench-check fmt
 
 all: lint test
 
@@ -35,6 +36,10 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py $(ARGS)
+
+# The CPU-per-unit figures alone, against the recorded bench/results.json: fails when one is more than 50% worse.
+bench-check: bootstrap
+	$(PY) bench/run.py --check $(ARGS)
 
 fmt: bootstrap
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)

@@ -45,11 +45,13 @@ from mendloop.config import load_settings  # noqa: E402
 from mendloop.domain.states import RunStatus  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import cpu_runs as cpu_runs_bench  # noqa: E402
 import detect as detect_bench  # noqa: E402
 import health as health_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
 import reads as reads_bench  # noqa: E402
 import redact as redact_bench  # noqa: E402
+import results as results_doc  # noqa: E402
 import runner as agent_runner_bench  # noqa: E402
 import scan as scan_bench  # noqa: E402
 
@@ -242,9 +244,40 @@ def bench_resume(tmp: Path) -> dict[str, float]:
     return {"resume_after_ready_ms": (resumed - ready) * 1000, "lease_seconds": 300}
 
 
+def check(args: argparse.Namespace) -> None:
+    """`make bench-check`: the CPU-per-unit figures alone (runs, single POSTs, batches), against the recorded
+    bench/results.json; exit 1 when one is more than `results.THRESHOLD` times worse. `--repeat N` measures N
+    times and prints each figure's spread (max / min), the number the threshold must stay above."""
+    recorded = json.loads(results_doc.RESULTS.read_text()) if results_doc.RESULTS.exists() else {}
+    if not recorded:
+        sys.exit("bench-check: no bench/results.json recorded yet; run `make bench` first")
+    docs = []
+    for i in range(args.repeat):
+        started = results_doc.machine()
+        result = {
+            "cpu_runs": cpu_runs_bench.run(args.cpu_runs),
+            "intake": intake_bench.run(duration=args.check_intake_seconds),
+        }
+        docs.append(results_doc.document(result, started))
+        print(f"bench-check {i + 1}/{args.repeat} (load average {started['load_average'][0]:.2f} at the start)")
+        print("\n".join(results_doc.compared(recorded, docs[-1])))
+    if args.repeat > 1:
+        print("spread across the runs (max / min):")
+        for key in [f["key"] for f in docs[0]["figures"] if f["cpu"]]:
+            values = [f["value"] for d in docs for f in d["figures"] if f["key"] == key and f["value"]]
+            if values:
+                print(f"  {key:<34} {max(values) / min(values):.2f}x   ({min(values):.1f} .. {max(values):.1f})")
+    worse = results_doc.check(recorded, docs[-1])
+    if worse:
+        print("bench-check: worse than recorded:\n  " + "\n  ".join(worse))
+        sys.exit(1)
+    print(f"bench-check: every CPU-per-unit figure within {results_doc.THRESHOLD:g}x of bench/results.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--cpu-runs", type=int, default=1000, help="Runs of the CPU-per-run figure.")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--runner-orders", type=int, default=7, help="Work orders through the agent runner.")
     parser.add_argument("--intake-seconds", type=float, default=5.0, help="Length of each webhook intake figure.")
@@ -255,7 +288,15 @@ def main() -> None:
         help="Runs in the databases of the read bench, e.g. 10000,100000,1000000 (the first is the baseline).",
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="Don't write bench/results.json nor the README.")
+    parser.add_argument("--check", action="store_true", help="Only the CPU figures, against bench/results.json.")
+    parser.add_argument("--repeat", type=int, default=1, help="With --check: measure this many times.")
+    parser.add_argument("--check-intake-seconds", type=float, default=3.0)
     args = parser.parse_args()
+    if args.check:
+        check(args)
+        return
+    started = results_doc.machine()
     with tempfile.TemporaryDirectory(prefix="mendloop-bench-") as d:
         tmp = Path(d)
         (tmp / "a").mkdir()
@@ -264,6 +305,7 @@ def main() -> None:
         tp = bench_throughput(tmp / "a", args.runs)
         lat = bench_latency(tmp / "b", args.samples)
         res = bench_resume(tmp / "c")
+    cpu = cpu_runs_bench.run(args.cpu_runs)
     agent = agent_runner_bench.run(files=5000, orders=args.runner_orders)
     intake = intake_bench.run(duration=args.intake_seconds)
     scan = scan_bench.run()
@@ -273,6 +315,7 @@ def main() -> None:
     reads = reads_bench.run(sizes=args.reads_sizes, postgres=reads_bench.postgres_url())
     result = {
         "throughput": tp,
+        "cpu_runs": cpu,
         "latency": lat,
         "resume": res,
         "agent_runner": agent,
@@ -283,15 +326,21 @@ def main() -> None:
         "health": health,
         "reads": reads,
     }
+    doc = results_doc.document(result, started)
+    if not args.no_write:
+        results_doc.write(doc)
+        results_doc.render_readme(doc)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(doc, indent=2))
         return
+    print("\n".join(results_doc.header(doc)))
     print(f"3-step no-op playbook, SQLite, one process, {tp['runs']} runs")
     print(f"  runs completed/s (execute)    {tp['execute_per_s']:9.0f}   goal >= 500")
     print(f"  runs triggered/s              {tp['trigger_per_s']:9.0f}")
     print(f"  runs/s trigger+execute        {tp['end_to_end_per_s']:9.0f}")
     print(f"  bare SQLite commits/s         {tp['bare_commits_per_s']:9.0f}   (the limit)")
     print(f"  ratio runs/s : bare commits/s {tp['execute_per_s'] / tp['bare_commits_per_s']:9.3f}")
+    print("\n".join(cpu_runs_bench.report(cpu)))
     print(f"database_reconnect vs the sample service, trigger -> completed ({lat['samples']} samples)")
     print(f"  p50 {lat['p50_ms']:.0f} ms   p99 {lat['p99_ms']:.0f} ms   (includes the playbook's 200 ms backoff)")
     print("kill -9 of serve mid-step, restart")
@@ -306,6 +355,8 @@ def main() -> None:
     print("\n".join(redact_bench.report(redaction)))
     print("\n".join(health_bench.report(health)))
     print("\n".join(reads_bench.report(reads)))
+    print("")
+    print("\n".join(results_doc.table(doc)))
 
 
 def scan_report(r: dict[str, Any]) -> list[str]:
