@@ -18,12 +18,14 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from mendloop.agents.adapters.prompt import build_prompt
 from mendloop.app import App
 from mendloop.domain import fix_memory, trust
 from mendloop.domain.fix_memory import Fix
 from mendloop.domain.states import RunStatus
+from mendloop.storage import migrate
 from mendloop.storage import schema as t
 from tests.interpreters import python_for_tests
 from tests.support import api_server, git, open_app, settings_for, wait_for, wait_status, write_playbooks
@@ -291,6 +293,37 @@ def test_bad_ids_are_named_and_the_cli_shows_the_history(
     assert "0 regressions" in shown.stdout
     assert bad.returncode != 0 and "inc_19700101_9999" in (bad.stderr + bad.stdout)
     assert len((bad.stderr + bad.stdout).strip().splitlines()) == 1
+
+
+def test_the_migration_upgrades_a_database_with_an_incident_and_downgrades(empty_database_url: str) -> None:
+    engine = sa.create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0011")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO incidents (id, fingerprint, status, error_type, event_type, component, source,"
+                    " title, sample, count, first_seen, last_seen, resolved_at, last_run_id, last_run_at, absorbed,"
+                    " recurrences, resolved_by_run, resolved_commit)"
+                    " VALUES ('inc_20261101_0001', 'fp1', 'resolved', 'x', 'app.error', 'svc', 'webhook',"
+                    " 't', 's', 7, 10.0, 20.0, 30.0, 'run_1', NULL, 2, 1, 'run_1', 'abc')"
+                )
+            )
+        migrate.upgrade(engine)
+        assert migrate.current(engine) == migrate.head()
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(t.incidents)).one()
+            assert conn.execute(sa.select(sa.func.count()).select_from(t.fixes)).scalar_one() == 0
+        assert (row.recurrences, row.resolved_commit, row.regressions, row.regressed_commit) == (1, "abc", 0, None)
+        with engine.begin() as conn:
+            cfg = migrate._config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0011")
+        assert not {"fixes", "fix_frames"} & set(sa.inspect(engine).get_table_names())
+        migrate.upgrade(engine)
+        assert {"fixes", "fix_frames"} <= set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
 
 
 # -- the decisions, as pure functions --------------------------------------------------------------------------
