@@ -22,7 +22,7 @@ from alembic import command
 
 from mendloop.agents.adapters.prompt import build_prompt
 from mendloop.app import App
-from mendloop.domain import fix_memory, trust
+from mendloop.domain import fix_memory, notifications, trust
 from mendloop.domain.fix_memory import Fix
 from mendloop.domain.states import RunStatus
 from mendloop.storage import migrate
@@ -209,6 +209,7 @@ def test_a_recurrence_shows_the_first_fix_and_is_flagged_a_regression(
     h = client.get(f"/incidents/{first['incident_id']}/history").json()
     assert h["regressions"] == 1 and h["regressed_commit"] == commit
     assert [(f["run_id"], f["commit"], f["matched"]) for f in h["fixes"]] == [(first["run_id"], commit, "own")]
+    assert "set VALUE to 2 (token " in h["fixes"][0]["what_was_done"] and SECRET not in str(h)
     assert h["related"] == []
 
 
@@ -374,6 +375,8 @@ def test_ranking_puts_the_same_fingerprint_first_then_shared_frames_then_newest_
 
 
 def test_regression_rule_and_weight() -> None:
+    assert notifications.severity_of("incident.regressed", {}) == "error"  # a reopening alone is a warning
+    assert notifications.severity_of("incident.reopened", {}) == "warning"
     assert fix_memory.is_regression(resolved_by_run="run_1", resolved_commit="abc")
     assert not fix_memory.is_regression(resolved_by_run="run_1", resolved_commit=None)  # a playbook-only fix
     assert not fix_memory.is_regression(resolved_by_run=None, resolved_commit=None)  # an operator's word
