@@ -98,6 +98,9 @@ def _traceback(repo: Path, error: str, message: str) -> str:
         "Traceback (most recent call last):\n"
         f'  File "{repo}/server.py", line 10, in handle\n'
         "    answer = ratio(a, b)\n"
+        # A hostile frame from the logs: longer than the index takes, in multi-byte characters.
+        f'  File "/srv/{"é" * 3000}.py", line 1, in {"ƒ" * 2000}\n'
+        "    x\n"
         f'  File "{repo}/app.py", line 2, in ratio\n'
         "    return total / count\n"
         f"{error}: {message}"
@@ -250,7 +253,7 @@ def test_another_fingerprint_through_the_same_code_finds_the_fix(app: App, clien
     wo = _work_order(client, other["run_id"])
     [past] = wo["context"]["past_fixes"]
     assert past["matched"] == "same_code" and past["commit"] == commit
-    assert past["shared_frames"] == 2  # server.py:handle and app.py:ratio
+    assert past["shared_frames"] == 3  # server.py:handle, app.py:ratio and the hostile one, cut to fit the index
     assert past["still_holding"] is True and past["recurred_at"] is None and past["held_seconds"] >= 0
     assert "regression" not in wo["context"]
     assert [r for r, _, _, _ in _moves(app, other["run_id"])] == ["incident"]
@@ -402,4 +405,6 @@ def test_diff_stat_and_frames() -> None:
         ]
     }
     assert fix_memory.frames_of(tb) == [("/usr/lib/python3/json/__init__.py", "loads"), ("server.py", "handle")]
+    long = fix_memory.frames_of({"frames": [{"file": "é" * 3000, "function": "ƒ" * 2000}]})
+    assert [(len(p.encode()), len(f.encode())) for p, f in long] == [(1000, 300)]
     assert fix_memory.frames_of(None) == [] and fix_memory.frames_of({"frames": "no"}) == []

@@ -36,6 +36,10 @@ MAX_SUMMARY_CHARS = 2000
 MAX_FILES = 50
 
 Frame = tuple[str, str]  # (repository path, function)
+# A frame is a key of PostgreSQL's (path, function, fix_id) index, whose entries must stay under ~2700 bytes: a
+# traceback's paths come from logs, so they are cut by bytes, not characters.
+MAX_PATH_BYTES = 1000
+MAX_FUNCTION_BYTES = 300
 
 _HUNK = re.compile(r"^@@ -\d+(?:,(?P<old>\d+))? \+\d+(?:,(?P<new>\d+))? @@")
 
@@ -76,9 +80,14 @@ def frames_of(traceback: Any) -> list[Frame]:
         path = f.get("repository_path") or f.get("file")
         function = f.get("function")
         if isinstance(path, str) and path and isinstance(function, str) and function:
-            out.pop((path[:1000], function[:300]), None)
-            out[(path[:1000], function[:300])] = None
+            key = (_clip(path, MAX_PATH_BYTES), _clip(function, MAX_FUNCTION_BYTES))
+            out.pop(key, None)
+            out[key] = None
     return list(out)[-MAX_FRAMES:]
+
+
+def _clip(text: str, limit: int) -> str:
+    return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
 
 
 def diff_stat(diff: str) -> tuple[tuple[str, ...], int, int]:
