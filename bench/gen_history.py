@@ -1,7 +1,8 @@
 """Build a database of mendloop's history in the schema's real shape, fast, for the read benches and plan tests.
 
 Per run: 5 steps, 6 events, 2 trust changes (the incident's and the outcome's). One incident per 5 runs (its
-runs share it), one work order per 10 runs (the escalated ones), 50 components, the built-in playbooks. Runs are
+runs share it), one work order per 10 runs (the escalated ones, each remembered as a fix with 3 traceback
+frames), 50 components, the built-in playbooks. Runs are
 spread over the `days` before yesterday, so a run created now never takes one of their ids. Statuses follow a
 long-lived installation: most runs finished, a few queued, running or waiting on a patch.
 
@@ -40,7 +41,7 @@ from mendloop.storage import schema as t  # noqa: E402
 from mendloop.storage.db import sqlite_insert  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
-SHAPE = 1  # bump when `rows` changes what it builds: the cache key has it
+SHAPE = 2  # bump when `rows` changes what it builds: the cache key has it
 COMPONENTS = [f"svc-{i:02d}" for i in range(50)]
 PLAYBOOKS = [
     ("database_reconnect", "retry"),
@@ -106,7 +107,19 @@ def rows(runs: int, *, end: float, days: float = 365.0, seed: int = 7) -> Iterat
         if i % BATCH == 0:
             if batch:
                 yield batch
-            batch = {name: [] for name in ("runs", "steps", "events", "trust_history", "incidents", "work_orders")}
+            batch = {
+                name: []
+                for name in (
+                    "runs",
+                    "steps",
+                    "events",
+                    "trust_history",
+                    "incidents",
+                    "work_orders",
+                    "fixes",
+                    "fix_frames",
+                )
+            }
         created = start + i * step
         status, _, finished = rnd.choices(STATUSES, weights)[0]
         pb_id, kind = PLAYBOOKS[i % len(PLAYBOOKS)]
@@ -144,6 +157,8 @@ def rows(runs: int, *, end: float, days: float = 365.0, seed: int = 7) -> Iterat
                         "resolved_by_run": None if open_incident else rid,
                         "resolved_commit": None,
                         "last_resolved_at": None if open_incident else last + 60,
+                        "regressions": 0,
+                        "regressed_commit": None,
                     },
                 )
             )
@@ -265,6 +280,36 @@ def rows(runs: int, *, end: float, days: float = 365.0, seed: int = 7) -> Iterat
                     },
                 )
             )
+            fix_id = i // RUNS_PER_WORK_ORDER + 1
+            batch["fixes"].append(
+                _columns(
+                    t.fixes,
+                    {
+                        "id": fix_id,
+                        "run_id": rid,
+                        "incident_id": incident,
+                        "fingerprint": f"{(i // RUNS_PER_INCIDENT) * RUNS_PER_INCIDENT:064x}"[-64:],
+                        "component": component,
+                        "work_order_id": wo_id,
+                        "playbook_id": pb_id,
+                        "summary": f"playbook {pb_id} applied commit {fix_id:012x}; Code patch required",
+                        "commit": f"{fix_id:040x}",
+                        "files": dumps([f"{component}/app.py"]),
+                        "added": 3,
+                        "removed": 1,
+                        "verified": status == "completed",
+                        "reverted": status != "completed",
+                        "fixed_at": done_at,
+                        "recurred_at": None,
+                    },
+                )
+            )
+            for path, function in (
+                (f"{component}/server.py", "handle"),
+                (f"{component}/app.py", f"step_{i % 40}"),
+                ("lib/db.py", "query"),
+            ):
+                batch["fix_frames"].append((fix_id, path, function))
     if batch:
         batch["trust_scores"] = [(c, s, end) for c, s in trust.items()]
         yield batch
@@ -278,6 +323,8 @@ _TABLES = {
     "incidents": t.incidents,
     "work_orders": t.work_orders,
     "trust_scores": t.trust_scores,
+    "fixes": t.fixes,
+    "fix_frames": t.fix_frames,
 }
 
 
@@ -326,6 +373,7 @@ def build_postgres(url: str, runs: int, *, end: float) -> None:
             raw.commit()
         # Events were given ids here: move their sequence past them.
         cur.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), (SELECT max(id) FROM events))")
+        cur.execute("SELECT setval(pg_get_serial_sequence('fixes', 'id'), max(id)) FROM fixes HAVING max(id) > 0")
         raw.commit()
         raw.dbapi_connection.autocommit = True  # type: ignore[union-attr]
         cur.execute("ANALYZE")

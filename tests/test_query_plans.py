@@ -26,7 +26,18 @@ from mendloop.app import App
 from tests.support import api_client, open_app, settings_for
 
 # The tables that grow with history: a plan may read them only through an index.
-BIG = {"runs", "steps", "events", "trust_history", "incidents", "work_orders", "diffs", "idempotency"}
+BIG = {
+    "runs",
+    "steps",
+    "events",
+    "trust_history",
+    "incidents",
+    "work_orders",
+    "diffs",
+    "idempotency",
+    "fixes",
+    "fix_frames",
+}
 RUNS = 300
 
 
@@ -98,6 +109,7 @@ def _requests(client: httpx.Client) -> list[tuple[str, dict[str, Any]]]:
         (f"/patches/runs/{run_id}", {}),
         (f"/patches/work-orders/{wo['work_order_id']}", {}),
         (f"/incidents/{incident['incident_id']}", {}),
+        (f"/incidents/{incident['incident_id']}/history", {}),
         ("/trust", {}),
         (f"/trust/{component}", {}),
         ("/health", {}),
@@ -186,6 +198,42 @@ def test_every_list_and_detail_reads_by_index(history: App) -> None:
                     failures.append(f"{request}\n  {' '.join(statement.split())}\n  " + "\n  ".join(plan))
         conn.rollback()
     assert explained >= len(requests)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_the_memory_of_past_fixes_reads_by_index(history: App) -> None:
+    """What a new work order's context recalls (by fingerprint and by traceback frames) and an incident's history:
+    each statement explained like the API's."""
+    app = history
+    with app.store.db.read_engine.connect() as conn:
+        f = sa.table("fixes", sa.column("incident_id"), sa.column("id"))
+        incident = conn.execute(sa.select(f.c.incident_id).order_by(f.c.id.desc()).limit(1)).scalar_one()
+        frames = [
+            (str(p), str(fn)) for p, fn in conn.exec_driver_sql("SELECT path, function FROM fix_frames LIMIT 3").all()
+        ]
+    captured = Captured(app)
+    try:
+        recalled = app.store.fixes.recall(incident_id=incident, frames=frames)
+        history_of = app.store.fixes.history(incident)
+    finally:
+        captured.close()
+    assert recalled and history_of["fixes"], "the history has no fixes: nothing was explained"
+    assert len(captured.statements) >= 4
+    failures = []
+    with app.store.db.read_engine.connect() as conn:
+        if not app.store.is_sqlite:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            conn.exec_driver_sql("SET enable_sort = off")
+        for statement, parameters in captured.statements:
+            if app.store.is_sqlite:
+                plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+                bad = _problems_sqlite(plan, False, statement)
+            else:
+                plan = [str(r[0]) for r in conn.exec_driver_sql("EXPLAIN " + statement, parameters)]
+                bad = _problems_postgres(plan, False, statement)
+            if bad:
+                failures.append(f"{' '.join(statement.split())}\n  " + "\n  ".join(plan))
+        conn.rollback()
     assert not failures, "\n\n".join(failures)
 
 

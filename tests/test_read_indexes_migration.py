@@ -44,16 +44,21 @@ def test_upgrade_from_the_previous_head_keeps_the_rows(empty_database_url: str) 
     engine = sa.create_engine(empty_database_url)
     try:
         migrate.upgrade(engine, PREVIOUS)
-        # The history's rows, written as at the previous head (0011 changes no column).
+        # The history's rows, written as at the previous head (0011 changes no column; later migrations add
+        # tables and columns the previous head does not have: left out).
+        inspector = sa.inspect(engine)
+        present = {name: {str(c["name"]) for c in inspector.get_columns(name)} for name in TABLES}
         with engine.begin() as conn:
             for batch in gen_history.rows(40, end=gen_history.end_of_history()):
                 for name, tuples in batch.items():
+                    if name not in present:
+                        continue
                     table = t.metadata.tables[name]
                     columns = [c.name for c in table.c]
-                    rows = [dict(zip(columns, tup, strict=True)) for tup in tuples]
+                    rows = [{k: v for k, v in zip(columns, tup, strict=True) if k in present[name]} for tup in tuples]
                     for row in rows:
                         for c in table.c:
-                            if isinstance(c.type, sa.JSON) and isinstance(row[c.name], str):
+                            if isinstance(c.type, sa.JSON) and isinstance(row.get(c.name), str):
                                 row[c.name] = json.loads(row[c.name])
                         if "id" in row and row["id"] is None:
                             row.pop("id")

@@ -51,6 +51,7 @@ EXPECTED: dict[tuple[str, str], set[Role]] = {
     ("GET", "/events/recent"): READERS,
     ("GET", "/metrics"): READERS,
     ("GET", "/incidents"): READERS,
+    ("GET", "/incidents/{incident_id}/history"): READERS,
     ("POST", "/patches/trigger"): {OP, AD},
     ("POST", "/patches/runs/{run_id}/cancel"): {OP, AD},
     ("POST", f"{WO}/approve"): {OP, AD},

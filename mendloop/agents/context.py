@@ -1,14 +1,18 @@
 """The context a coding agent gets with a work order: the error and its events, log lines, the parsed
 traceback located in the repository, the repository and base commit, the test command (with its `test_env` and
-`test_cwd`) and the constraints. Everything passes through the redactor before it is stored."""
+`test_cwd`), the constraints, and the past fixes of the same failure or the same code (`past_fixes`, with
+`regression` when this run is one: domain/fix_memory.py). Everything passes through the redactor before it is
+stored."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mendloop.config import TargetConfig
+from mendloop.domain import fix_memory
+from mendloop.domain.fix_memory import Frame
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.test_verdict import failing_tests_of
 from mendloop.infra import git, traceback
@@ -24,8 +28,10 @@ def build(
     events: Sequence[EventRecord],
     redactor: Redactor,
     failure: dict[str, Any] | None = None,
+    recall: Callable[[Sequence[Frame]], list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], str | None, str | None]:
-    """Returns (context, repository, base_commit)."""
+    """Returns (context, repository, base_commit). `recall`: the past fixes relevant to this run's incident and
+    the traceback's frames (`storage.fixes.FixStore.recall`)."""
     trigger = dict(run.context.get("event") or {})
     # The log lines around the trigger as its stored event has them now: after-lines arrive after the run began.
     held = trigger.pop("log_context", None)  # shown once, as `log_lines`
@@ -78,6 +84,8 @@ def build(
         context["constraints"] = policy.model_dump()
     if failure is not None:
         context["failed_step"] = failure
+    if recall is not None:
+        context["past_fixes"] = recall(fix_memory.frames_of(context.get("traceback")))
     return redactor.value(context), (str(repository) if repository else None), base_commit
 
 

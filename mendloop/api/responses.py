@@ -316,6 +316,10 @@ class IncidentOut(_Answer):
     resolved_by_run: str | None = Field(description="The run whose verified fix resolved it (None: not by a run).")
     resolved_commit: str | None = Field(description="The commit of the patch that run applied, if any.")
     last_resolved_at: Timestamp = Field(description="When it was resolved before it last reopened.")
+    regressions: int = Field(default=0, description="Recurrences after a run's verified fix: the fix did not hold.")
+    regressed_commit: str | None = Field(
+        default=None, description="The commit of the verified fix that did not hold, at the latest regression."
+    )
     paused: str | None = Field(default=None, description="While its component (or all) is paused: the reason.")
 
 
@@ -337,6 +341,46 @@ class PauseList(_Answer):
 
 class IncidentDetail(IncidentOut):
     runs: list[IncidentRun]
+
+
+class PastFixDiff(_Answer):
+    files: list[str]
+    added: int | None
+    removed: int | None
+
+
+class PastFix(_Answer):
+    """A past fix as a work order's context (`past_fixes`) and an incident's history show it."""
+
+    run_id: str
+    incident_id: str | None
+    work_order_id: str | None
+    matched: Literal["own", "same_fingerprint", "same_code"] = Field(
+        description="Why it is shown: the incident's own fix, the same fingerprint under an earlier incident, or "
+        "a traceback through the same files and functions."
+    )
+    shared_frames: int = Field(description="Traceback frames (file, function) it shares with this one.")
+    what_was_done: str
+    commit: str | None
+    diff: PastFixDiff
+    verified: bool = Field(description="Its verification passed.")
+    reverted: bool = Field(description="Verification failed after it was applied, and mendloop reverted it.")
+    fixed_at: float
+    recurred_at: float | None = Field(description="When its incident came back (None: it has not).")
+    held_seconds: float | None = Field(
+        description="How long it held: until it recurred, or until now. None when it never held."
+    )
+    still_holding: bool
+
+
+class IncidentHistory(_Answer):
+    incident_id: str
+    fingerprint: str
+    recurrences: int
+    regressions: int
+    regressed_commit: str | None
+    fixes: list[PastFix] = Field(description="The incident's own fixes, newest first.")
+    related: list[PastFix] = Field(description="The most relevant fixes of other incidents (at most 5).")
 
 
 class IncidentList(_Answer):

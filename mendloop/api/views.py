@@ -244,6 +244,8 @@ def _incident_fields(i: TrackedIncident) -> dict[str, object]:
         "resolved_by_run": i.resolved_by_run,
         "resolved_commit": i.resolved_commit,
         "last_resolved_at": iso(i.last_resolved_at),
+        "regressions": i.regressions,
+        "regressed_commit": i.regressed_commit,
     }
 
 

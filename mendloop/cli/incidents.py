@@ -84,3 +84,39 @@ def incidents_resolve(
         print_json(answer)
         return
     _print(answer)
+
+
+def _held(fix: dict[str, Any]) -> str:
+    if fix["held_seconds"] is None:
+        return "never held" if not fix["verified"] else ""
+    return f"held {fix['held_seconds']:.0f} s" + (" (still holding)" if fix["still_holding"] else " then recurred")
+
+
+@incidents_cli.command("history")
+def incidents_history(
+    incident_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """What was done about an incident and whether it held (GET /incidents/{id}/history): its own fixes, and the
+    most relevant fixes of other incidents with the same fingerprint or the same traceback frames."""
+    answer = call("GET", url, f"/incidents/{incident_id}/history", token)
+    if as_json:
+        print_json(answer)
+        return
+    out.print(
+        f"incident {answer['incident_id']}: {answer['recurrences']} recurrences, {answer['regressions']} regressions"
+        + (f" (last: commit {answer['regressed_commit']} did not hold)" if answer["regressed_commit"] else ""),
+        markup=False,
+    )
+    table = Table("matched", "run", "commit", "diff", "verified", "held", "what was done")
+    for fix in [*answer["fixes"], *answer["related"]]:
+        diff = fix["diff"]
+        table.add_row(
+            fix["matched"],
+            fix["run_id"],
+            (fix["commit"] or "")[:12],
+            f"{len(diff['files'])} files +{diff['added'] or 0}/-{diff['removed'] or 0}",
+            "yes" if fix["verified"] else ("reverted" if fix["reverted"] else "no"),
+            _held(fix),
+            fix["what_was_done"],
+        )
+    out.print(table)

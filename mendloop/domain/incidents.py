@@ -36,6 +36,9 @@ class TrackedIncident(Incident):
     resolved_commit: str | None = None
     # When it was resolved before its latest reopening (None: never reopened).
     last_resolved_at: float | None = None
+    # Recurrences after a run's verified fix (domain/fix_memory.py), and that fix's commit at the latest one.
+    regressions: int = 0
+    regressed_commit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ critical, and a target's `min_severity` passes what is at least as severe. mendl
 | `self_healing.completed` with status `cancelled` | warning |
 | `self_healing.completed` with status `failed` or `needs_human` | error |
 | `self_healing.escalated` (to a coding agent), `self_healing.patch_reverted` | error |
+| `incident.regressed` (a verified code fix did not hold) | error |
 | `self_healing.circuit_open` | critical |
 | `self_healing.step_failed`, `incident.reopened` | warning |
 | `run.approval_requested`, `run.rejected`, `run.approval_timed_out`, `control.paused` (waits for a person) | warning |
@@ -39,6 +40,8 @@ _BY_TYPE: dict[str, Severity] = {
     "self_healing.circuit_open": "critical",
     "self_healing.step_failed": "warning",
     "incident.reopened": "warning",
+    # A fix that passed its verification did not hold: the verification itself is in question.
+    "incident.regressed": "error",
     # A run waits for a person: whoever is told of warnings should know.
     "run.approval_requested": "warning",
     "run.rejected": "warning",

@@ -67,6 +67,7 @@ RULES: dict[tuple[str, str], Action] = {
     ("GET", "/events/stream"): Action.READ,
     ("GET", "/incidents"): Action.READ,
     ("GET", "/incidents/{incident_id}"): Action.READ,
+    ("GET", "/incidents/{incident_id}/history"): Action.READ,
     ("GET", "/playbooks"): Action.READ,
     ("GET", "/trust"): Action.READ,
     ("GET", "/trust/{component}"): Action.READ,

@@ -13,6 +13,14 @@ so together they cost what k + 1 incidents in a row would, (1 - incident_weight)
 and never more than MAX_RECURRENCE_WEIGHT (0.9) in one recurrence move. With the default incident weight 0.25:
 k = 1 → 0.25, k = 2 → 0.4375, k = 3 → 0.5781, ... capped at 0.9 from k = 9. A fix that keeps not holding loses
 trust faster each time; a first failure costs the plain incident weight.
+
+A regression is a recurrence after a run's *verified* code fix (domain/fix_memory.py): the patch's check passed
+and the failure came back anyway, so the fix's verification is worth less than it claimed. It takes the place of
+the recurrence move, one incident's worth heavier:
+
+    regression_weight(k) = min(MAX_RECURRENCE_WEIGHT, 1 - (1 - incident_weight) ** (k + 1))
+
+k = 1 → 0.4375 (a plain recurrence: 0.25), k = 2 → 0.5781, ... always at least the recurrence weight.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ MAX_RECURRENCE_WEIGHT = 0.9
 class TrustReason(StrEnum):
     INCIDENT = "incident"
     RECURRENCE = "recurrence"
+    REGRESSION = "regression"
     VERIFIED_FIX = "verified_fix"
     FAILED_VERIFICATION = "failed_verification"
 
@@ -63,6 +72,13 @@ def recurrence_weight(recurrences: int, incident_weight: float) -> float:
     return min(MAX_RECURRENCE_WEIGHT, 1.0 - (1.0 - incident_weight) ** recurrences)
 
 
+def regression_weight(recurrences: int, incident_weight: float) -> float:
+    """The weight of a regression move (see the module's docstring); 0 for a count below 1."""
+    if recurrences < 1:
+        return 0.0
+    return recurrence_weight(recurrences + 1, incident_weight)
+
+
 def next_score(old: float, reason: TrustReason, weights: TrustWeights, recurrences: int = 0) -> float:
     if reason is TrustReason.VERIFIED_FIX:
         goal, weight = 1.0, weights.verified_fix_weight
@@ -70,6 +86,8 @@ def next_score(old: float, reason: TrustReason, weights: TrustWeights, recurrenc
         goal, weight = 0.0, weights.incident_weight
     elif reason is TrustReason.RECURRENCE:
         goal, weight = 0.0, recurrence_weight(recurrences, weights.incident_weight)
+    elif reason is TrustReason.REGRESSION:
+        goal, weight = 0.0, regression_weight(recurrences, weights.incident_weight)
     else:
         goal, weight = 0.0, weights.failed_verification_weight
     new = old + weight * (goal - old)
@@ -79,7 +97,10 @@ def next_score(old: float, reason: TrustReason, weights: TrustWeights, recurrenc
 
 def describe(old: float, new: float, reason: TrustReason, recurrences: int = 0) -> str:
     verb = "restored" if reason is TrustReason.VERIFIED_FIX else "lowered"
-    why = f" (recurrence {recurrences})" if reason is TrustReason.RECURRENCE else ""
+    why = {
+        TrustReason.RECURRENCE: f" (recurrence {recurrences})",
+        TrustReason.REGRESSION: f" (regression: recurrence {recurrences} after a verified fix)",
+    }.get(reason, "")
     return f"Trust {verb}: {old:.2f} → {new:.2f}{why}"
 
 
@@ -97,7 +118,7 @@ def move(
     if move.reason is TrustReason.INCIDENT:
         return change, []
     payload: dict[str, object] = {"component": move.component, "old": before, "new": new, "reason": move.reason.value}
-    if move.reason is TrustReason.RECURRENCE:
+    if move.reason in (TrustReason.RECURRENCE, TrustReason.REGRESSION):
         payload["recurrences"] = move.recurrences
     event = NewEvent(
         type="trust.updated",

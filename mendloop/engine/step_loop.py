@@ -507,6 +507,9 @@ class StepLoop:
             events=self.d.store.run_events(run.id),
             redactor=self.d.redactor,
             failure=failed,
+            recall=lambda frames: self.d.store.fixes.recall(
+                incident_id=run.incident_id, frames=frames, exclude_run=run.id
+            ),
         )
         policy = target.work_orders if target else WorkOrderPolicy()
         outcome = _outcome(cs, run, attempt, started, key, StepStatus.SUCCEEDED, {}, None)

@@ -136,9 +136,11 @@ def _inside(root: Path, file: str) -> Path | None:
         candidates += [root.joinpath(*parts[i:]) for i in range(len(parts))]
     for c in candidates:
         try:
+            # is_file() raises for some errors it does not swallow (a name longer than the system allows, from a
+            # hostile log line): such a frame is simply not in the repository.
             resolved = c.resolve()
+            if resolved.is_file() and resolved.is_relative_to(root):
+                return resolved
         except OSError:
             continue
-        if resolved.is_file() and resolved.is_relative_to(root):
-            return resolved
     return None

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from mendloop.config import StormConfig
+from mendloop.domain import fix_memory, storm
 from mendloop.domain import incidents as lifecycle
-from mendloop.domain import storm
 from mendloop.domain.incidents import OPEN, RESOLVED, TrackedIncident
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Detection, DetectionOutcome, NewEvent
@@ -25,6 +25,7 @@ from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
 from mendloop.storage import schema as t
 from mendloop.storage.db import Tx, sqlite_insert
+from mendloop.storage.fixes import mark_recurred_in
 from mendloop.storage.incident_resolution import resolve_by_operator_in
 from mendloop.storage.pages import INCIDENTS_PAGE, newest_first
 from mendloop.storage.store import Store
@@ -85,6 +86,10 @@ class _Open:
     recurrences: int = 0
     resolved_at: float | None = None
     resolved_by_run: str | None = None
+    resolved_commit: str | None = None
+    regressions: int = 0
+    # Set by a reopening that is a regression (domain/fix_memory.py): what the run it starts is flagged with.
+    regression: dict[str, Any] | None = None
     # Whether its last run is still going: read only when a decision needs it.
     in_progress: bool | None = None
     # Created in this transaction and not inserted yet.
@@ -120,6 +125,8 @@ class IncidentStore:
                 c.recurrences,
                 c.resolved_at,
                 c.resolved_by_run,
+                c.resolved_commit,
+                c.regressions,
             )
             .where(c.fingerprint.in_(sa.bindparam("fps", expanding=True)))
             .order_by(c.first_seen)
@@ -346,13 +353,19 @@ class _Recording:
             self.known.update(dict.fromkeys(chunk))
             # Oldest first: the newest open incident wins, else the newest resolved one (from before reopening, a
             # fingerprint could have several).
-            for fp, incident_id, last_run_id, last_run_at, status, recurrences, resolved_at, by in self.conn.execute(
-                self.owner._by_fingerprint, {"fps": chunk}
-            ):
-                current = self.known[fp]
-                if current is None or status == OPEN or current.status != OPEN:
-                    self.known[fp] = _Open(
-                        incident_id, last_run_id, last_run_at, status, int(recurrences or 0), resolved_at, by
+            for r in self.conn.execute(self.owner._by_fingerprint, {"fps": chunk}):
+                current = self.known[r.fingerprint]
+                if current is None or r.status == OPEN or current.status != OPEN:
+                    self.known[r.fingerprint] = _Open(
+                        r.id,
+                        r.last_run_id,
+                        r.last_run_at,
+                        r.status,
+                        int(r.recurrences or 0),
+                        r.resolved_at,
+                        r.resolved_by_run,
+                        r.resolved_commit,
+                        int(r.regressions or 0),
                     )
 
     def _sequence(self) -> str:
@@ -390,7 +403,7 @@ class _Recording:
             outcome = self._start_run(d, incident, spec, verdict, failures)
             self.outcomes.append(outcome)
             if reopened is not None:
-                self.tx.emit([dataclasses.replace(reopened, run_id=outcome.run_id)])
+                self.tx.emit([dataclasses.replace(e, run_id=outcome.run_id) for e in reopened])
             return
         if verdict in (Verdict.ABSORBED_IN_PROGRESS, Verdict.ABSORBED_THROTTLED):
             incident.absorbed += d.count
@@ -400,7 +413,7 @@ class _Recording:
         self._pend(storm.detection_event(d, incident.id), incident.id, verdict.value)
         if reopened is not None:
             self._flush()  # after its detection's event, as when a run starts
-            self.tx.emit([reopened])
+            self.tx.emit(reopened)
 
     def _pend(self, event: NewEvent, incident_id: str | None, verdict: str) -> None:
         self.waiting.append((len(self.outcomes), len(self.events), incident_id, verdict))
@@ -428,6 +441,8 @@ class _Recording:
             "resolved_by_run": None,
             "resolved_commit": None,
             "last_resolved_at": None,
+            "regressions": 0,
+            "regressed_commit": None,
         }
         self.known[d.fingerprint] = incident
         return incident
@@ -448,10 +463,12 @@ class _Recording:
                 sa.update(t.incidents).where(t.incidents.c.id == incident.id).values(**values, last_seen=self.now)
             )
         incident.status, incident.resolved_at, incident.resolved_by_run = RESOLVED, self.now, None
+        incident.resolved_commit = None
 
-    def _reopen(self, d: Detection, incident: _Open) -> NewEvent:
-        """A detection of a resolved incident: open again, one recurrence more. Returns the event, published once
-        the detection's own outcome is written (with the run it starts, if any)."""
+    def _reopen(self, d: Detection, incident: _Open) -> list[NewEvent]:
+        """A detection of a resolved incident: open again, one recurrence more, and a regression when a run's
+        verified fix had resolved it. Returns the events, published once the detection's own outcome is written
+        (with the run it starts, if any)."""
         change = lifecycle.reopened(
             incident.id,
             recurrences=incident.recurrences,
@@ -460,13 +477,31 @@ class _Recording:
             component=d.component,
             run_id=None,
         )
+        values, events = dict(change.values), [change.event]
+        by, commit = incident.resolved_by_run, incident.resolved_commit
+        if fix_memory.is_regression(resolved_by_run=by, resolved_commit=commit) and by and commit:
+            flag, event = fix_memory.regressed(
+                incident.id,
+                resolved_by_run=by,
+                commit=commit,
+                resolved_at=incident.resolved_at,
+                now=self.now,
+                regressions=incident.regressions,
+                component=d.component,
+            )
+            values.update(regressions=incident.regressions + 1, regressed_commit=incident.resolved_commit)
+            events.append(event)
+            incident.regressions += 1
+            incident.regression = flag
         if incident.row is not None:
-            incident.row.update(change.values)
+            incident.row.update(values)
         else:
-            self.conn.execute(sa.update(t.incidents).where(t.incidents.c.id == incident.id).values(change.values))
+            self.conn.execute(sa.update(t.incidents).where(t.incidents.c.id == incident.id).values(values))
+            # Its fixes stop holding now (a row created in this call has none yet).
+            mark_recurred_in(self.conn, incident.id, self.now)
         incident.status, incident.recurrences = OPEN, incident.recurrences + 1
-        incident.resolved_at = incident.resolved_by_run = None
-        return change.event
+        incident.resolved_at = incident.resolved_by_run = incident.resolved_commit = None
+        return events
 
     # -- storm counters ---------------------------------------------------------------------------------------
 
@@ -556,6 +591,9 @@ class _Recording:
         start_as = storm.run_start(d, verdict, failures, self.storm)
         start = len(self.published)
         # The detection is the run's trigger: it opens the run's timeline.
+        if incident.regression is not None:
+            # The run (and the work order it may escalate to) is flagged with the fix that did not hold.
+            spec = {**spec, "context": {**spec.get("context", {}), "regression": incident.regression}}
         run = self.store.runs.insert(
             self.tx,
             **{**spec, "trigger": storm.detection_event(d, incident.id)},
@@ -573,9 +611,10 @@ class _Recording:
         incident.last_run_id, incident.last_run_at = run.id, self.now
         if incident.recurrences and run.component:
             # The run's insert took the plain incident move; a failure that came back after its resolution costs
-            # more, the more often it has (domain/trust.py).
-            move = TrustMove(run.component, TrustReason.RECURRENCE, incident.recurrences)
-            self.store.trust.apply(self.tx, move, run.id)
+            # more, the more often it has, and more again after a verified fix (a regression; domain/trust.py).
+            reason = TrustReason.REGRESSION if incident.regression is not None else TrustReason.RECURRENCE
+            self.store.trust.apply(self.tx, TrustMove(run.component, reason, incident.recurrences), run.id)
+        incident.regression = None
         self._count_new_run(d.component)
         incident.in_progress = run.status not in RUN_FINAL
         if verdict is Verdict.BREAKER_OPEN:
@@ -633,4 +672,6 @@ def _incident(r: Row[Any]) -> TrackedIncident:
         resolved_by_run=r.resolved_by_run,
         resolved_commit=r.resolved_commit,
         last_resolved_at=r.last_resolved_at,
+        regressions=int(r.regressions),
+        regressed_commit=r.regressed_commit,
     )

@@ -20,6 +20,7 @@ from mendloop.domain.records import NewEvent, Run, StepRecord, WorkOrder
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, StepStatus, WorkOrderStatus, check_run_move
 from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
+from mendloop.storage import fixes
 from mendloop.storage import schema as t
 from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
@@ -348,6 +349,9 @@ class RunStore:
             if values.get("status") == RunStatus.COMPLETED.value and run.incident_id:
                 # A verified fix resolves the run's incident in the transaction that completes the run.
                 resolve_completed_in(tx, dataclasses.replace(run, **{**values, "status": RunStatus.COMPLETED}))
+            if new_status is not None and RunStatus(new_status) in RUN_FINAL:
+                # What it did about its incident is remembered for the next work order of the same failure.
+                fixes.record_in(tx, dataclasses.replace(run, **{**values, "status": RunStatus(new_status)}))
         if "status" in values:
             values["status"] = RunStatus(values["status"])
         return dataclasses.replace(run, **values)

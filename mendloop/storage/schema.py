@@ -217,6 +217,9 @@ incidents = sa.Table(
     sa.Column("resolved_by_run", sa.String(64), nullable=True),
     sa.Column("resolved_commit", sa.String(64), nullable=True),
     sa.Column("last_resolved_at", Epoch, nullable=True),
+    # Recurrences after a run's verified fix (migration 0012), and the commit of that fix at the latest one.
+    sa.Column("regressions", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("regressed_commit", sa.String(64), nullable=True),
     sa.Index("ix_incidents_fingerprint", "fingerprint", "status"),
     # The incidents list, most recently seen first from a cursor, with each filter and pair (migration 0011).
     sa.Index("ix_incidents_last_seen", "last_seen", "id"),
@@ -225,6 +228,43 @@ incidents = sa.Table(
     sa.Index("ix_incidents_status_fingerprint", "status", "fingerprint", "last_seen", "id"),
     sa.Index("ix_incidents_error_type_last_seen", "error_type", "last_seen", "id"),
     sa.Index("ix_incidents_status_error_type", "status", "error_type", "last_seen", "id"),
+)
+
+# The memory of past fixes (migration 0012): one row per run that ended having applied a patch or resolved its
+# incident, with what it did, its commit and diff summary, whether its verification held, and when its incident
+# came back. Kept past the run's retention: it is what the next work order of the same failure learns from.
+fixes = sa.Table(
+    "fixes",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("incident_id", sa.String(64), nullable=True),
+    sa.Column("fingerprint", sa.String(64), nullable=True),
+    sa.Column("component", sa.String(200), nullable=True),
+    sa.Column("work_order_id", sa.String(64), nullable=True),
+    sa.Column("playbook_id", sa.String(200), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("commit", sa.String(64), nullable=True),
+    sa.Column("files", sa.JSON, nullable=False),
+    sa.Column("added", sa.Integer, nullable=True),
+    sa.Column("removed", sa.Integer, nullable=True),
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("reverted", sa.Boolean, nullable=False),
+    sa.Column("fixed_at", Epoch, nullable=False),
+    sa.Column("recurred_at", Epoch, nullable=True),
+    sa.Index("ix_fixes_fingerprint", "fingerprint", "id"),
+    sa.Index("ix_fixes_incident", "incident_id", "id"),
+)
+
+# The traceback frames (repository path, function) the failing work order of a fix went through: how a new failure
+# with another fingerprint finds fixes of the same code.
+fix_frames = sa.Table(
+    "fix_frames",
+    metadata,
+    sa.Column("fix_id", BigId, sa.ForeignKey("fixes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("path", sa.String(1000), primary_key=True),
+    sa.Column("function", sa.String(300), primary_key=True),
+    sa.Index("ix_fix_frames_path_function", "path", "function", "fix_id"),
 )
 
 # Where each watcher has read up to in each file, with the file's identity, so a restart neither misses nor

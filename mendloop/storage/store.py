@@ -24,6 +24,7 @@ from mendloop.domain.trust import TrustMove, TrustWeights
 from mendloop.storage.approvals import ApprovalStore
 from mendloop.storage.db import AfterCommit, Clock, Database
 from mendloop.storage.events import EventStore
+from mendloop.storage.fixes import FixStore
 from mendloop.storage.pauses import PauseStore
 from mendloop.storage.retention import Retention
 from mendloop.storage.runs import RunStore, StepOutcome
@@ -64,6 +65,7 @@ class Store:
         self.retention = Retention(self.db)
         self.approvals = ApprovalStore(self.db)
         self.pauses = PauseStore(self.db)
+        self.fixes = FixStore(self.db)
 
     def close(self) -> None:
         self.db.close()

@@ -10,6 +10,8 @@ from mendloop.storage import schema as t
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.rows import trust_change_of
 
+_COUNTED = (trust.TrustReason.RECURRENCE, trust.TrustReason.REGRESSION)
+
 
 class TrustStore:
     def __init__(self, db: Database, weights: trust.TrustWeights) -> None:
@@ -35,8 +37,8 @@ class TrustStore:
                 old=change.old,
                 new=change.new,
                 reason=change.reason,
-                # Which recurrence of its incident a recurrence move was for; NULL for every other reason.
-                recurrences=move.recurrences if move.reason is trust.TrustReason.RECURRENCE else None,
+                # Which recurrence of its incident a recurrence (or regression) move was for; NULL for the others.
+                recurrences=move.recurrences if move.reason in _COUNTED else None,
                 run_id=run_id,
                 created_at=tx.now,
             )

@@ -169,10 +169,33 @@ def build_prompt(
             "### The remediation step that failed",
             _data_block(json.dumps(failed, indent=2, default=str), "json"),
         ]
+    regression = context.get("regression")
+    if isinstance(regression, Mapping):
+        lines += [
+            "### This failure is a regression: it came back after a verified fix (below, its commit)",
+            _data_block(json.dumps(regression, indent=2, default=str), "json"),
+        ]
+    past = context.get("past_fixes")
+    if isinstance(past, list) and past:
+        lines += [
+            "### Past fixes of this failure or of the same code (what was done, whether it held)",
+            _data_block(json.dumps(past, indent=2, default=str), "json"),
+        ]
     other = {
         k: v
         for k, v in context.items()
-        if k not in ("error", "traceback", "log_lines", "failed_step", "constraints", "events", "repository")
+        if k
+        not in (
+            "error",
+            "traceback",
+            "log_lines",
+            "failed_step",
+            "constraints",
+            "events",
+            "repository",
+            "regression",
+            "past_fixes",
+        )
     }
     if other:
         lines += ["### Other context", _data_block(json.dumps(other, indent=2, default=str), "json")]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
-from mendloop.api.responses import IncidentDetail, IncidentList
+from mendloop.api.responses import IncidentDetail, IncidentHistory, IncidentList
 from mendloop.api.schemas import ERROR_RESPONSES
 from mendloop.app import App
 from mendloop.storage.pages import INCIDENTS_PAGE, cursor_of
@@ -51,6 +51,13 @@ def _detail(app: App, incident_id: str) -> IncidentDetail:
 @router.get("/{incident_id}")
 async def get_incident(app: AppDep, incident_id: str) -> IncidentDetail:
     return await run_in_threadpool(_detail, app, incident_id)
+
+
+@router.get("/{incident_id}/history")
+async def incident_history(app: AppDep, incident_id: Annotated[str, Path(max_length=64)]) -> IncidentHistory:
+    """What was done about it and whether it held: its own fixes (commit, diff summary, verified, how long each
+    lasted) and the most relevant fixes of other incidents with the same fingerprint or traceback frames."""
+    return IncidentHistory.model_validate(await run_in_threadpool(app.store.fixes.history, incident_id))
 
 
 @router.post("/{incident_id}/resolve")
