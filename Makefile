@@ -2,6 +2,7 @@
 #   make test ARGS='-k foo -x'     pass extra arguments to pytest
 #   make bench ARGS='...'          pass extra arguments to bench/run.py
 #   make fuzz ARGS='...'           the property tests with random seeds and 20x the examples
+#   make heal-bench ARGS='...'     pass extra arguments to `python -m bench.heal` (--only NAME,NAME --keep DIR)
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench fmt
+.PHONY: all bootstrap demo test fuzz lint bench heal-bench fmt
 
 all: lint test
 
@@ -35,6 +36,11 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py $(ARGS)
+
+# The fix rate: every fault scenario of bench/heal/scenarios.py healed (or handed to a human) by a real mendloop
+# serve, judged by each scenario's own probe; writes bench/heal-results.json and prints the table.
+heal-bench: bootstrap
+	$(PY) -m bench.heal $(ARGS)
 
 fmt: bootstrap
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)

@@ -36,6 +36,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "false_heals": sum(1 for r in results if r.get("false_heal")),
         "as_expected": sum(1 for r in results if r.get("as_expected")),
         "errors": sum(1 for r in results if r.get("error")),
+        "probes_blind": sum(1 for r in results if "control" in r and not r["control"].get("detects_fault")),
         "mean_time_to_heal_seconds": round(sum(times) / len(times), 2) if times else None,
     }
 
@@ -44,7 +45,7 @@ def table(results: list[dict[str, Any]], overall: dict[str, Any]) -> str:
     def yes(value: object) -> str:
         return "yes" if value else "no"
 
-    rows = [("scenario", "class", "healed", "escalated", "time to heal", "false heal", "fixed by")]
+    rows = [("scenario", "class", "healed", "escalated", "time to heal", "false heal", "probe sees fault", "fixed by")]
     for r in results:
         took = r.get("time_to_heal_seconds")
         rows.append(
@@ -55,6 +56,7 @@ def table(results: list[dict[str, Any]], overall: dict[str, Any]) -> str:
                 yes(r.get("escalated")),
                 f"{took:.1f} s" if took is not None else "-",
                 yes(r.get("false_heal")),
+                yes(r["control"].get("detects_fault")) if "control" in r else "-",
                 r.get("agent") or "playbook",
             )
         )
@@ -67,6 +69,7 @@ def table(results: list[dict[str, Any]], overall: dict[str, Any]) -> str:
             str(overall["escalated"]),
             f"{mean:.1f} s" if mean is not None else "-",
             str(overall["false_heals"]),
+            f"{overall['scenarios'] - overall['probes_blind']}/{overall['scenarios']}",
             "",
         )
     )
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenario names (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "heal-results.json"), help="the results file")
     parser.add_argument("--keep", help="keep each scenario's directory (copy, logs, database) under DIR")
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control arm (each fault left unhealed, where its probe must fail)",
+    )
     args = parser.parse_args(argv)
     scenarios = by_name(args.only.split(",")) if args.only else list(SCENARIOS)
     model = model_agent(dict(os.environ))
@@ -94,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             root = base / scenario.name
             if root.exists():
                 shutil.rmtree(root)
-            result = run_scenario(scenario, root, model=model if scenario.fix else None)
+            result = run_scenario(scenario, root, model=model if scenario.fix else None, control=not args.no_control)
             results.append(result)
             verdict = "ERROR " + result["error"] if result.get("error") else result["outcome"]
-            print(f"heal-bench: {scenario.name}: {verdict} ({result['seconds']} s)", flush=True)  # noqa: T201
+            print(f"heal-bench: {scenario.name}: {verdict} ({result['seconds']} s)", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": results,
     }
     Path(args.out).write_text(dumps(report), encoding="utf-8")
-    print(table(results, overall))  # noqa: T201 (the bench's own output)
-    print(f"heal-bench: {overall['wall_seconds']} s; results in {args.out}")  # noqa: T201
+    print(table(results, overall))
+    print(f"heal-bench: {overall['wall_seconds']} s; results in {args.out}")
     return 0 if overall["false_heals"] == 0 and overall["as_expected"] == len(results) else 1
 
 

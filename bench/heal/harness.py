@@ -132,6 +132,8 @@ class Stage:
     # 65534, which must be able to start it (not a pyenv shim under a 0700 /root); the demo's own choice.
     python: str = "python3"
     run_as: str = "auto"
+    # The control arm: mendloop watches nothing (and runs no agent), so the fault stays; the probe must see it.
+    control: bool = False
     children: list[tuple[process.Child, IO[bytes]]] = field(default_factory=list)
     injected_at: list[float] = field(default_factory=list)
     mendloop: process.Child | None = None
@@ -384,12 +386,22 @@ def setup(stage: Stage) -> None:
         _copy_repo(stage, SAMPLE)
         stage.spawn(
             "sample_service",
-            [stage.python, "-B", str(stage.repo / "service.py"), "--port", str(stage.service_port), "--state-dir",
-             str(stage.state)],
+            [
+                stage.python,
+                "-B",
+                str(stage.repo / "service.py"),
+                "--port",
+                str(stage.service_port),
+                "--state-dir",
+                str(stage.state),
+            ],
             stage.repo,
         )
         config = _sample_config(stage)
     config.update(dict(scenario.settings))
+    if stage.control:
+        config["watchers"] = []
+        config["agent_runner"] = {"enabled": False}
     config["database_url"] = f"sqlite:///{stage.root / 'mendloop.db'}"
     config["port"] = stage.api_port
     config["host"] = "127.0.0.1"
@@ -412,9 +424,9 @@ def setup(stage: Stage) -> None:
 
 @contextmanager
 def staged(
-    scenario: Scenario, root: Path, agent: Agent | None, env: dict[str, str], python: str, run_as: str
+    scenario: Scenario, root: Path, agent: Agent | None, env: dict[str, str], python: str, run_as: str, control: bool
 ) -> Iterator[Stage]:
-    stage = Stage(scenario, root, agent, env, python=python, run_as=run_as)
+    stage = Stage(scenario, root, agent, env, python=python, run_as=run_as, control=control)
     try:
         setup(stage)
         yield stage
@@ -431,9 +443,29 @@ def _seconds(stamp: object) -> float | None:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC).timestamp()
 
 
-def run_scenario(scenario: Scenario, root: Path, *, model: Agent | None = None) -> dict[str, Any]:
+def control_probe(scenario: Scenario, root: Path) -> dict[str, Any]:
+    """The control arm: the same fault on the same fresh stage, with nothing healing it (mendloop watches no log),
+    then the same probe. A probe that passes here cannot tell a heal from no heal; it must fail."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    python, run_as = agent_python()
+    probe = Probe()
+    try:
+        with staged(scenario, root, None, env, python, run_as, True) as stage:
+            scenario.inject(stage)
+            stage.stop_mendloop()
+            scenario.probe(stage, probe)
+    except BenchError as exc:
+        return {"error": str(exc), "detects_fault": False}
+    failed = [name for name, ok, _ in probe.checks if not ok]
+    return {"detects_fault": not probe.healthy, "failed_checks": failed}
+
+
+def run_scenario(
+    scenario: Scenario, root: Path, *, model: Agent | None = None, control: bool = False
+) -> dict[str, Any]:
     """Run one scenario under `root` (created; left for inspection) and judge it. A code bug is fixed by `model`
-    when given, else by the scenario's stand-in fix."""
+    when given, else by the scenario's stand-in fix. With `control`, the control arm runs first (under
+    `root`/control): the probe must find the unhealed fault."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     python, run_as = agent_python()
     agent = model if model is not None else (stand_in(*scenario.fix, python) if scenario.fix else None)
@@ -446,9 +478,11 @@ def run_scenario(scenario: Scenario, root: Path, *, model: Agent | None = None) 
         "agent": agent.label if agent and scenario.fix else None,
         "expected": scenario.expect,
     }
+    if control:
+        result["control"] = control_probe(scenario, root / "control")
     probe = Probe()
     try:
-        with staged(scenario, root, agent, env, python, run_as) as stage:
+        with staged(scenario, root / "run", agent, env, python, run_as, False) as stage:
             scenario.inject(stage)
             runs = stage.wait_runs_final(scenario.runs)
             details = [stage.run_detail(r["run_id"]) for r in runs]
@@ -457,6 +491,9 @@ def run_scenario(scenario: Scenario, root: Path, *, model: Agent | None = None) 
             stage.stop_mendloop()
             scenario.probe(stage, probe)
             commits = stage.git("log", "--format=%s").splitlines()
+            # Whether the code is the shipped code again: a patch that was reverted (or none) leaves no diff.
+            base = stage.git("rev-list", "--max-parents=0", "HEAD").split()[0]
+            code_at_base = not stage.git("diff", "--stat", base, "HEAD").strip()
     except BenchError as exc:
         result.update(error=str(exc), healed=False, escalated=False, false_heal=False, as_expected=False)
         result["seconds"] = round(time.monotonic() - started, 1)
@@ -486,12 +523,15 @@ def run_scenario(scenario: Scenario, root: Path, *, model: Agent | None = None) 
             for d in details
         ],
         commits=commits,
+        code_at_base=code_at_base,
         seconds=round(time.monotonic() - started, 1),
     )
     outcome = "healed" if healed else "escalated" if handed_over and not probe.healthy else "neither"
     result["outcome"] = outcome
     # A real model's fix is its own: only a false heal is a failure of the bench then, not a different outcome.
-    result["as_expected"] = (outcome == scenario.expect) if agent is None or agent.stand_in else not result["false_heal"]
+    expected = (outcome == scenario.expect) if agent is None or agent.stand_in else not result["false_heal"]
+    blind = control and not result["control"].get("detects_fault")
+    result["as_expected"] = expected and not blind
     return result
 
 

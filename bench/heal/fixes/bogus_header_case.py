@@ -15,10 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import FixError, replace_once  # noqa: E402
-from _common import find_target as _find  # noqa: E402
+from _common import FixError, replace_once
+from _common import find_target as _find
 
-__all__ = ["FixError", "REGRESSION_TEST", "SUMMARY", "TEST_PATH", "find_target", "patch_source"]
+__all__ = ["REGRESSION_TEST", "SUMMARY", "TEST_PATH", "FixError", "find_target", "patch_source"]
 
 TARGET = "parsing.py"
 TEST_PATH = os.path.join("tests", "test_header_case.py")

@@ -12,22 +12,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import FixError, replace_once  # noqa: E402
-from _common import find_target as _find  # noqa: E402
+from _common import FixError, replace_once
+from _common import find_target as _find
 
-__all__ = ["FixError", "REGRESSION_TEST", "SUMMARY", "TEST_PATH", "find_target", "patch_source"]
+__all__ = ["REGRESSION_TEST", "SUMMARY", "TEST_PATH", "FixError", "find_target", "patch_source"]
 
 TARGET = "parsing.py"
 TEST_PATH = os.path.join("tests", "test_bom_header.py")
 SUMMARY = "parse_rows() drops a leading UTF-8 byte order mark, so a spreadsheet's CSV export's header is read"
 BUGGY = "    lines = text.splitlines()\n"
 FIXED = (
-    "    # A spreadsheet's \"CSV UTF-8\" export starts with a byte order mark (U+FEFF), which is not part of the\n"
+    '    # A spreadsheet\'s "CSV UTF-8" export starts with a byte order mark (U+FEFF), which is not part of the\n'
     "    # header's first field.\n"
     '    lines = text.removeprefix("\\ufeff").splitlines()\n'
 )
 
-REGRESSION_TEST = '''"""Regression test: a CSV file that starts with a UTF-8 byte order mark imports (a spreadsheet's export)."""
+REGRESSION_TEST = '''"""Regression test: a CSV file starting with a UTF-8 byte order mark imports."""
 
 import os
 import sys

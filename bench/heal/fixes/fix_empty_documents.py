@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import FixError, replace_once  # noqa: E402
-from _common import find_target as _find  # noqa: E402
+from _common import FixError, replace_once
+from _common import find_target as _find
 
-__all__ = ["FixError", "REGRESSION_TEST", "SUMMARY", "TEST_PATH", "find_target", "patch_source"]
+__all__ = ["REGRESSION_TEST", "SUMMARY", "TEST_PATH", "FixError", "find_target", "patch_source"]
 
 TARGET = "verification.py"
 TEST_PATH = os.path.join("tests", "test_empty_documents.py")
@@ -23,7 +23,7 @@ SUMMARY = "verify_document() accepts page_count 0 (an empty insert); only an abs
 BUGGY = '    if not doc.get("page_count"):\n'
 FIXED = '    if doc.get("page_count") is None:  # 0 is a real page count (an empty insert), not a missing one\n'
 
-REGRESSION_TEST = '''"""Regression test: a document with no pages (an empty insert) verifies; one without a page count does not."""
+REGRESSION_TEST = '''"""Regression test: a document of 0 pages (an empty insert) verifies."""
 
 import os
 import sys

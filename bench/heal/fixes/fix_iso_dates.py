@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import FixError, replace_once  # noqa: E402
-from _common import find_target as _find  # noqa: E402
+from _common import FixError, replace_once
+from _common import find_target as _find
 
-__all__ = ["FixError", "REGRESSION_TEST", "SUMMARY", "TEST_PATH", "find_target", "patch_source"]
+__all__ = ["REGRESSION_TEST", "SUMMARY", "TEST_PATH", "FixError", "find_target", "patch_source"]
 
 TARGET = "schema_validator.py"
 TEST_PATH = os.path.join("tests", "test_iso_dates.py")
@@ -33,7 +33,7 @@ FIXED_CHECK = (
     "    return True\n"
 )
 
-REGRESSION_TEST = '''"""Regression test: a record's published_date is an ISO 8601 date, as the metadata extractor sends it."""
+REGRESSION_TEST = '''"""Regression test: published_date is an ISO 8601 date, as the metadata extractor sends it."""
 
 import os
 import sys
@@ -80,4 +80,6 @@ def patch_source(source: str) -> tuple[str, bool]:
         return source, True
     patched = replace_once(source, BUGGY_PATTERN, FIXED_PATTERN, "DATE_PATTERN")
     patched = replace_once(patched, BUGGY_CHECK, FIXED_CHECK, "_is_date()")
-    return replace_once(patched, "from datetime import datetime\n", "from datetime import date, datetime\n", "imports"), False
+    return replace_once(
+        patched, "from datetime import datetime\n", "from datetime import date, datetime\n", "imports"
+    ), False
