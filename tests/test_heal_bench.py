@@ -101,7 +101,7 @@ def test_three_scenarios_end_to_end_judged_by_their_probes(tmp_path: Path) -> No
 
 
 def test_the_control_arm_leaves_the_fault_and_the_probe_sees_it(tmp_path: Path) -> None:
-    """With nothing healing it (mendloop watches no log), the same probe fails on the checks a heal must pass: a
+    """With nothing healing it (no mendloop runs), the same probe fails on the checks a heal must pass: a
     probe that passed here could not tell a heal from none."""
     (db,) = by_name(["importer-db-lost"])
     control = control_probe(db, tmp_path / "control")

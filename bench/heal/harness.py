@@ -132,7 +132,7 @@ class Stage:
     # 65534, which must be able to start it (not a pyenv shim under a 0700 /root); the demo's own choice.
     python: str = "python3"
     run_as: str = "auto"
-    # The control arm: mendloop watches nothing (and runs no agent), so the fault stays; the probe must see it.
+    # The control arm: no mendloop at all, so the fault stays; the probe must see it.
     control: bool = False
     children: list[tuple[process.Child, IO[bytes]]] = field(default_factory=list)
     injected_at: list[float] = field(default_factory=list)
@@ -399,26 +399,30 @@ def setup(stage: Stage) -> None:
         )
         config = _sample_config(stage)
     config.update(dict(scenario.settings))
-    if stage.control:
-        config["watchers"] = []
-        config["agent_runner"] = {"enabled": False}
     config["database_url"] = f"sqlite:///{stage.root / 'mendloop.db'}"
     config["port"] = stage.api_port
     config["host"] = "127.0.0.1"
     path = stage.root / "mendloop.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    health = "/healthz" if scenario.service == "importer" else "/health"
+
+    def answers(url: str) -> bool:
+        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+
+    if stage.control:
+        # Nothing to heal it, so no mendloop at all; the importer is started as mendloop would start it.
+        if scenario.service == "importer":
+            runs = config["targets"]["importer"]["runs"]["process"]
+            stage.spawn("importer", list(runs["argv"]), stage.repo)
+        wait(lambda: answers(stage.service_url + health), STARTUP_SECONDS, stage, f"the {scenario.service}'s {health}")
+        return
     agent_env = dict(stage.agent.env) if stage.agent else {}
     env = {**stage.env, **agent_env, "MENDLOOP_PORT": str(stage.api_port)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     stage.mendloop = stage.spawn(
         "mendloop", [sys.executable, "-m", "mendloop", "serve", "--config", str(path)], stage.root, env
     )
-
-    def answers(url: str) -> bool:
-        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
-
     wait(lambda: answers(stage.api_url + "/health"), STARTUP_SECONDS, stage, "mendloop serve's /health")
-    health = "/healthz" if scenario.service == "importer" else "/health"
     wait(lambda: answers(stage.service_url + health), STARTUP_SECONDS, stage, f"the {scenario.service}'s {health}")
 
 
@@ -444,8 +448,8 @@ def _seconds(stamp: object) -> float | None:
 
 
 def control_probe(scenario: Scenario, root: Path) -> dict[str, Any]:
-    """The control arm: the same fault on the same fresh stage, with nothing healing it (mendloop watches no log),
-    then the same probe. A probe that passes here cannot tell a heal from no heal; it must fail."""
+    """The control arm: the same fault on the same fresh stage, with nothing healing it (no mendloop runs), then
+    the same probe. A probe that passes here cannot tell a heal from no heal; it must fail."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     python, run_as = agent_python()
     probe = Probe()
