@@ -24,11 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bench.heal import __main__ as heal_bench
-from bench.heal.harness import BENCH_FIXES, IMPORTER, SAMPLE, control_probe
+from bench.heal.harness import BENCH_FIXES, IMPORTER, QUICKSTART, SAMPLE, control_probe, free_port
 from bench.heal.scenarios import SCENARIOS, STATEMENT, by_name
+from mendloop.config import load_settings
+from mendloop.intake.lines import Line
+from mendloop.intake.logs import LogIntake
+from mendloop.intake.multiline import Grouper
+from tests.support import wait_for
 
 SCENARIOS_RUN = ("importer-db-lost", "importer-csv-quoting", "importer-bom-bogus-fix")
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -168,3 +174,53 @@ def test_the_bogus_fix_passes_its_own_test_and_leaves_the_file_refused(tmp_path:
         [sys.executable, "-B", "-c", check], cwd=repo, capture_output=True, text=True, env=ENV, timeout=60, check=False
     )
     assert done.returncode != 0 and "the header must be" in done.stderr
+
+
+def test_every_sample_fault_the_bench_injects_is_detected_by_the_quickstart_patterns(tmp_path: Path) -> None:
+    """The sample service's real log lines for each fault the bench injects, matched by examples/quickstart.yaml's
+    watcher: memory pressure was missed while its pattern wanted "146 MB" where the service writes "146MB"."""
+    port, state = free_port(), tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-B", str(SAMPLE / "service.py"), "--port", str(port), "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 20, 0.05)
+        faults = [
+            ("db_disconnect", {}),
+            ("fill_caches", {}),
+            ("corrupt_schema", {}),
+            ("low_timeout", {}),
+            ("ingestion_failure", {"cause": "data"}),
+            ("verification_failure", {"cause": "logic"}),
+        ]
+        for name, body in faults:
+            assert httpx.post(f"{url}/admin/faults/{name}", json=body, timeout=10).status_code == 200, name
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    intake = LogIntake(load_settings(QUICKSTART))
+    grouper, lines, at = Grouper(), [], 0
+    for raw in (state / "serve.log").read_text(encoding="utf-8").splitlines():
+        lines.append(Line("serve.log", raw, at, at + len(raw) + 1, False, 0.0))
+        at += len(raw) + 1
+    records = [r.text for r in grouper.feed(lines) + grouper.flush()]
+    found = intake.detect_lines(records, matcher=intake.matchers["sample_service"], source="test")
+    assert [d.error_type for d in found] == [
+        "database_connection",
+        "memory_pressure",
+        "schema_invalid",
+        "pipeline_timeout",
+        "schema_mismatch",
+        "verification_failed",
+    ]
