@@ -26,9 +26,20 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from bench.heal import __main__ as heal_bench
-from bench.heal.harness import BENCH_FIXES, IMPORTER, QUICKSTART, SAMPLE, control_probe, free_port
+from bench.heal.harness import (
+    BENCH_FIXES,
+    IMPORTER,
+    QUICKSTART,
+    SAMPLE,
+    Stage,
+    control_probe,
+    free_port,
+    importer_config,
+    model_agent,
+)
 from bench.heal.scenarios import SCENARIOS, STATEMENT, by_name
 from mendloop.config import load_settings
 from mendloop.intake.lines import Line
@@ -224,3 +235,30 @@ def test_every_sample_fault_the_bench_injects_is_detected_by_the_quickstart_patt
         "schema_mismatch",
         "verification_failed",
     ]
+
+
+@pytest.mark.parametrize("agent", ["openai", "aider"])
+def test_with_a_model_url_the_code_bugs_go_to_that_model_through_a_valid_config(tmp_path: Path, agent: str) -> None:
+    """MENDLOOP_BENCH_MODEL_URL wires the `openai` adapter (or aider) in the config the bench writes; no model
+    runs here, so this checks that the config is one `serve` accepts, with the endpoint where the adapter reads
+    it."""
+    env = {
+        "MENDLOOP_BENCH_MODEL_URL": "http://127.0.0.1:9/v1",
+        "MENDLOOP_BENCH_MODEL": "qwen2.5-coder",
+        "MENDLOOP_BENCH_AGENT": agent,
+    }
+    model = model_agent(env)
+    assert model is not None and not model.stand_in and model.adapter == agent
+    assert model_agent({}) is None
+    (bug,) = by_name(["importer-csv-quoting"])
+    stage = Stage(bug, tmp_path, model, {}, python=sys.executable, service_port=8301, api_port=8001)
+    stage.repo.mkdir()
+    path = tmp_path / "mendloop.yaml"
+    path.write_text(yaml.safe_dump(importer_config(stage)))
+    runner = load_settings(path).agent_runner
+    assert runner.enabled and runner.adapter == agent and runner.repository == str(stage.repo)
+    if agent == "openai":
+        assert runner.argv[:4] == ["--base-url", "http://127.0.0.1:9/v1", "--model", "qwen2.5-coder"]
+    else:
+        assert runner.argv == ["--model", "openai/qwen2.5-coder"]
+        assert dict(model.env)["OPENAI_API_BASE"] == "http://127.0.0.1:9/v1"

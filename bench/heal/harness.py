@@ -324,7 +324,7 @@ def _agent_runner(stage: Stage, tests: list[str]) -> dict[str, Any]:
     }
 
 
-def _importer_config(stage: Stage) -> dict[str, Any]:
+def importer_config(stage: Stage) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load((IMPORTER / "mendloop.yaml").read_text(encoding="utf-8"))
     url = stage.service_url
     target = config["targets"]["importer"]
@@ -354,7 +354,7 @@ def _importer_config(stage: Stage) -> dict[str, Any]:
     return config
 
 
-def _sample_config(stage: Stage) -> dict[str, Any]:
+def sample_config(stage: Stage) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
     target = config["targets"]["sample_service"]
     target["base_url"] = stage.service_url
@@ -381,7 +381,7 @@ def setup(stage: Stage) -> None:
     if scenario.service == "importer":
         shutil.copytree(IMPORTER / "inbox", stage.inbox)
         _copy_repo(stage, IMPORTER)
-        config = _importer_config(stage)
+        config = importer_config(stage)
     else:
         _copy_repo(stage, SAMPLE)
         stage.spawn(
@@ -397,7 +397,7 @@ def setup(stage: Stage) -> None:
             ],
             stage.repo,
         )
-        config = _sample_config(stage)
+        config = sample_config(stage)
     config.update(dict(scenario.settings))
     config["database_url"] = f"sqlite:///{stage.root / 'mendloop.db'}"
     config["port"] = stage.api_port
