@@ -3,6 +3,7 @@
 #   make bench ARGS='...'          pass extra arguments to bench/run.py (writes bench/results.json, README table)
 #   make bench-check ARGS='--repeat 5'  CPU-per-unit figures against bench/results.json
 #   make fuzz ARGS='...'           the property tests with random seeds and 20x the examples
+#   make heal-bench ARGS='...'     pass extra arguments to `python -m bench.heal` (--only NAME,NAME --keep DIR)
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench bench-check fmt
+.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt
 
 all: lint test
 
@@ -40,6 +41,11 @@ bench: bootstrap
 # The CPU-per-unit figures alone, against the recorded bench/results.json: fails when one is more than 50% worse.
 bench-check: bootstrap
 	$(PY) bench/run.py --check $(ARGS)
+
+# The fix rate: every fault scenario of bench/heal/scenarios.py healed (or handed to a human) by a real mendloop
+# serve, judged by each scenario's own probe; writes bench/heal-results.json and prints the table.
+heal-bench: bootstrap
+	$(PY) -m bench.heal $(ARGS)
 
 fmt: bootstrap
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
