@@ -5,6 +5,7 @@ caller's own `fingerprint` is used only from a forwarder token (or when the oper
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections import Counter
@@ -98,6 +99,9 @@ def test_the_caps_are_a_pure_decision() -> None:
     # Repeats are absorbed or throttled before any cap is asked (and before the counter is locked).
     assert decide(_situation(WindowCounts(10, 3), in_progress=True), cfg)[0] is Verdict.ABSORBED_IN_PROGRESS
     assert decide(_situation(WindowCounts(10, 3), last_run_at=990.0), cfg)[0] is Verdict.ABSORBED_THROTTLED
+    # A detection that reopens a resolved incident is not a repeat: the throttle lets it through to the caps.
+    reopening = dataclasses.replace(_situation(WindowCounts(0, 0), last_run_at=990.0), reopens=True)
+    assert decide(reopening, cfg) == (Verdict.RUN, 0)
     # Before the breaker: a run handed to a human is still a run.
     assert decide(_situation(WindowCounts(10, 0), failures=5), cfg)[0] is Verdict.RATE_LIMITED
     assert decide(_situation(WindowCounts(0, 0), failures=5), cfg)[0] is Verdict.BREAKER_OPEN

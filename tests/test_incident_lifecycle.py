@@ -23,12 +23,12 @@ from mendloop.domain.states import RunStatus
 from mendloop.storage import migrate
 from mendloop.storage import schema as t
 from mendloop.storage.store import Store
-from tests.support import api_server, open_app, settings_for, wait_status, write_playbooks
+from tests.support import api_client, api_server, open_app, settings_for, wait_status, write_playbooks
 
 PY = sys.executable
 
 
-def _app(database_url: str, tmp_path: Path) -> App:
+def _app(database_url: str, tmp_path: Path, *, storm: dict[str, Any] | None = None) -> App:
     ok = tmp_path / "fix-holds"
     write_playbooks(
         tmp_path / "pb",
@@ -72,7 +72,7 @@ def _app(database_url: str, tmp_path: Path) -> App:
         routing={"fixed": "fixed", "unchecked": "unchecked"},
         # Every detection of a resolved incident may start its run at once (the throttle is storm control's, and
         # unchanged: tested in test_intake.py).
-        storm={"once_within_seconds": 0},
+        storm={"once_within_seconds": 0} if storm is None else storm,
         workers=1,
     )
     return open_app(settings, start_workers=True)
@@ -321,3 +321,33 @@ def test_the_recurrence_weight_grows_with_the_count_and_is_bounded() -> None:
     for k in (1, 2, 3):
         after = (1 - 0.25) * (1 - trust.recurrence_weight(k, 0.25))
         assert after == pytest.approx((1 - 0.25) ** (k + 1))
+
+
+def test_a_recurrence_right_after_a_heal_starts_a_run_under_the_default_throttle(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A flapping fault: healed, then broken again seconds later. The reopening is a new failure, so the default
+    `once_within_seconds` (600) does not swallow it (it did: the service stayed broken and no run started), while a
+    repeat of an incident that is still open inside the window stays throttled."""
+    (tmp_path / "fix-holds").write_text("yes")
+    app = _app(database_url, tmp_path, storm={})
+    assert app.settings.storm.once_within_seconds == 600
+    try:
+        with api_client(app) as client:
+            first = _detect(client)
+            assert _finished(app, first["run_id"]) is RunStatus.COMPLETED
+            assert _incident(client, first["incident_id"])["status"] == "resolved"
+            again = _detect(client)
+            assert again["incident_id"] == first["incident_id"] and again["run_id"] not in (None, first["run_id"])
+            assert _finished(app, again["run_id"]) is RunStatus.COMPLETED
+            inc = _incident(client, first["incident_id"])
+            assert inc["status"] == "resolved" and inc["recurrences"] == 1
+            # Still open (its verification fails without the file), a repeat inside the window starts nothing.
+            (tmp_path / "fix-holds").unlink()
+            third = _detect(client)
+            assert third["run_id"] not in (None, again["run_id"])
+            assert _finished(app, third["run_id"]) is RunStatus.NEEDS_HUMAN
+            repeat = _detect(client)
+            assert repeat["run_id"] is None, repeat
+    finally:
+        app.close()

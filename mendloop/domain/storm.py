@@ -1,7 +1,10 @@
 """Storm control for detected events (watchers, webhooks). An operator's explicit trigger is not subject to it.
 
 - An open incident whose run is still in progress absorbs its repeats.
-- `once_within_seconds`: at most one new run per incident (fingerprint) in that window.
+- `once_within_seconds`: at most one new run per incident (fingerprint) in that window, while the incident stays
+  open. A detection that reopens a resolved incident is a new failure after a heal, not a repeat of the old one:
+  it starts a run however soon it came (a flapping fault is healed each time it breaks; the caps, the breaker and
+  the recurrence's trust move bound that).
 - A circuit breaker stops auto-remediation of a component after `breaker_failures` failed runs within
   `breaker_window_seconds`: the new run goes straight to needs_human.
 - Caps on new runs per fixed window of `new_runs_window_seconds`: `max_new_runs_per_window` for all components,
@@ -91,6 +94,8 @@ class Situation:
     # New runs started in this window; asked only once a run would otherwise start (it locks the window's counter).
     window_counts: Callable[[], WindowCounts] = lambda: WindowCounts(0, 0)
     has_component: bool = False
+    # This detection reopens an incident that was resolved: the throttle of `once_within_seconds` does not hold it.
+    reopens: bool = False
 
 
 def decide(s: Situation, config: StormLimits) -> tuple[Verdict, int]:
@@ -99,7 +104,7 @@ def decide(s: Situation, config: StormLimits) -> tuple[Verdict, int]:
         return Verdict.NO_PLAYBOOK, 0
     if s.run_in_progress():
         return Verdict.ABSORBED_IN_PROGRESS, 0
-    if s.last_run_at is not None and s.now - s.last_run_at < config.once_within_seconds:
+    if not s.reopens and s.last_run_at is not None and s.now - s.last_run_at < config.once_within_seconds:
         return Verdict.ABSORBED_THROTTLED, 0
     # Before the breaker: a run the breaker hands to a human is a run all the same, and a storm must not make
     # thousands of them.

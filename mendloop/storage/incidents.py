@@ -396,6 +396,7 @@ class _Recording:
                 recent_failures=lambda: self._failures(d.component) if d.component else 0,
                 window_counts=lambda: self._window_counts(d.component),
                 has_component=bool(d.component),
+                reopens=reopened is not None,
             ),
             self.storm,
         )
