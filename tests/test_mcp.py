@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mendloop.domain.patch_verdict import verdict
 from tests.interpreters import python_for_tests
-from tests.support import git, serve_process, write_playbooks
+from tests.support import free_port, git, migrated_sqlite, serve_process, write_playbooks
 from tests.test_agent_runner import require_cli
 
 pytestmark = pytest.mark.slow
@@ -61,8 +61,9 @@ class Server:
         return str(answer.json()["work_order_id"])
 
 
-@pytest.fixture
-def server(database_url: str, tmp_path: Path, free_port: int) -> Iterator[Server]:
+@contextmanager
+def started(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    """`mendloop serve` on `database_url`, its target a fresh git repository in `tmp_path`."""
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
@@ -113,8 +114,24 @@ def server(database_url: str, tmp_path: Path, free_port: int) -> Iterator[Server
             }
         )
     )
-    with serve_process(config, free_port, log=tmp_path / "serve.log"):
-        yield Server(f"http://127.0.0.1:{free_port}", repo, config)
+    port = free_port()
+    with serve_process(config, port, log=tmp_path / "serve.log"):
+        yield Server(f"http://127.0.0.1:{port}", repo, config)
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    """A server of its own, on each database: for the tests that follow a work order's queue."""
+    with started(database_url, tmp_path) as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server (SQLite) for the tests that only ask and are refused: each starts no more than it needs."""
+    tmp = tmp_path_factory.mktemp("mcp-shared")
+    with started(migrated_sqlite(tmp / "mendloop.db"), tmp) as found:
+        yield found
 
 
 @asynccontextmanager
@@ -252,7 +269,8 @@ def test_two_clients_race_for_one_work_order_and_one_wins(server: Server) -> Non
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
-def test_an_agent_token_for_another_repository_sees_nothing_and_is_refused(server: Server, transport: str) -> None:
+def test_an_agent_token_for_another_repository_sees_nothing_and_is_refused(shared: Server, transport: str) -> None:
+    server = shared
     wo = server.escalate()
 
     async def scenario() -> None:
@@ -273,7 +291,8 @@ def test_an_agent_token_for_another_repository_sees_nothing_and_is_refused(serve
         assert api.get(f"/patches/work-orders/{wo}").json()["status"] == "queued"
 
 
-def test_the_http_endpoint_is_the_agent_roles(server: Server) -> None:
+def test_the_http_endpoint_is_the_agent_roles(shared: Server) -> None:
+    server = shared
     hello = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
     headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
     with httpx.Client(base_url=server.url, timeout=30) as http:
@@ -287,7 +306,9 @@ def test_the_http_endpoint_is_the_agent_roles(server: Server) -> None:
         assert "submit_patch" in allowed.text
 
 
-def test_bad_arguments_are_tool_errors_naming_the_argument(server: Server) -> None:
+def test_bad_arguments_are_tool_errors_naming_the_argument(shared: Server) -> None:
+    server = shared
+
     async def scenario() -> None:
         async with connect(server, "http") as client:
             text = await tool_error(client, "get_verdict", ticket="wo_missing")
@@ -298,6 +319,11 @@ def test_bad_arguments_are_tool_errors_naming_the_argument(server: Server) -> No
             assert "422" in text and "status" in text
             text = await tool_error(client, "fail_work_order", work_order_id="wo_x", lease_id="l", reason="bored")
             assert "reason" in text
+            # An id is one path segment, whatever it holds: never another route.
+            text = await tool_error(client, "get_work_order_context", work_order_id="..")
+            assert "not a work order id" in text
+            text = await tool_error(client, "heartbeat", work_order_id="../../patches/trigger#", lease_id="l")
+            assert "404" in text
 
     anyio.run(scenario)
 
@@ -311,7 +337,8 @@ def _run(argv: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess[
     return subprocess.run(argv, capture_output=True, text=True, timeout=90, env=env, cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-def test_claude_mcp_add_registers_both_transports_and_claude_connects(server: Server, tmp_path: Path) -> None:
+def test_claude_mcp_add_registers_both_transports_and_claude_connects(shared: Server, tmp_path: Path) -> None:
+    server = shared
     claude = require_cli("claude")
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()

@@ -20,6 +20,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -29,7 +30,7 @@ from pydantic import Field
 from mendloop import __version__
 from mendloop.domain import patch_verdict
 from mendloop.domain.patch_verdict import STAGES, Verdict
-from mendloop.errors import MendloopError
+from mendloop.errors import InputError, MendloopError
 from mendloop.infra.api_client import AsyncApiClient
 
 T = TypeVar("T")
@@ -91,6 +92,14 @@ def client_name(ctx: Context) -> str:
     return str(name)[:100] if name else "mcp"
 
 
+def wo_path(work_order_id: str, verb: str = "") -> str:
+    """A work order's API path. The id is the agent's argument: quoted whole, so no `/`, `..`, `?` or `#` in it
+    can make the call another route's."""
+    if work_order_id.strip(".") == "":
+        raise InputError(f"work_order_id: {work_order_id!r} is not a work order id", field="work_order_id")
+    return f"{_WO}/{quote(work_order_id, safe='')}" + (f"/{verb}" if verb else "")
+
+
 def _summary(wo: dict[str, Any]) -> dict[str, Any]:
     return {k: wo.get(k) for k in _SUMMARY_FIELDS}
 
@@ -107,17 +116,18 @@ def _diff_files(diff: str) -> int:
     return len(paths)
 
 
-async def _guarded(work: Awaitable[T]) -> T:
+async def _guarded(work: Callable[[], Awaitable[T]]) -> T:
+    """`work()`, with a mendloop error (a refusal, a bad argument) as the tool error that names it."""
     try:
-        return await work
+        return await work()
     except MendloopError as exc:
         raise ToolError(exc.message) from None
 
 
 async def verdict_of(caller: Caller, ticket: str) -> Verdict:
-    wo = await caller.call("GET", f"{_WO}/{ticket}")
+    wo = await caller.call("GET", wo_path(ticket))
     run_id = wo.get("self_healing_run_id") if isinstance(wo, dict) else None
-    run = await caller.call("GET", f"/patches/runs/{run_id}") if run_id else None
+    run = await caller.call("GET", f"/patches/runs/{quote(str(run_id), safe='')}") if run_id else None
     return patch_verdict.verdict(wo, run if isinstance(run, dict) else None)
 
 
@@ -153,7 +163,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
         """The work orders this agent token may work on, newest first."""
         caller = caller_for(ctx)
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-        found = await _guarded(caller.call("GET", _WO, params=params))
+        found = await _guarded(lambda: caller.call("GET", _WO, params=params))
         items = [_summary(w) for w in found.get("work_orders", [])]
         return {"work_orders": items, "count": len(items), "total": found.get("total")}
 
@@ -170,7 +180,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
         body: dict[str, Any] = {"agent_id": agent_id or caller.agent_id, "wait_seconds": wait_seconds}
         if repository:
             body["repository"] = repository
-        claimed = await _guarded(caller.call("POST", f"{_WO}/claim", json=body, timeout=wait_seconds + 30))
+        claimed = await _guarded(lambda: caller.call("POST", f"{_WO}/claim", json=body, timeout=wait_seconds + 30))
         if claimed is None:
             return {"claimed": False, "message": "no queued work order for this token right now"}
         wo = claimed["work_order"]
@@ -187,7 +197,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
     async def get_work_order_context(ctx: Context, work_order_id: str) -> dict[str, Any]:
         """What the agent prompt gets: the error, its events and log lines, the traceback located in the
         repository with snippets, the repository and base commit, the test command and the patch constraints."""
-        wo = await _guarded(caller_for(ctx).call("GET", f"{_WO}/{work_order_id}"))
+        wo = await _guarded(lambda: caller_for(ctx).call("GET", wo_path(work_order_id)))
         return {**_summary(wo), "context": wo.get("context") or {}}
 
     @server.tool()
@@ -196,7 +206,8 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
     ) -> dict[str, Any]:
         """Extend the lease. `cancel_requested: true` means stop: the run was cancelled."""
         body = {"lease_id": lease_id, **({"note": note} if note else {})}
-        return dict(await _guarded(caller_for(ctx).call("POST", f"{_WO}/{work_order_id}/heartbeat", json=body)))
+        caller = caller_for(ctx)
+        return dict(await _guarded(lambda: caller.call("POST", wo_path(work_order_id, "heartbeat"), json=body)))
 
     @server.tool()
     async def submit_patch(
@@ -222,10 +233,11 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
             body["summary"] = summary
         # The same submission retried (a lost answer) is answered as the first time, never applied twice.
         key = hashlib.sha256(f"{work_order_id}\0{lease_id}\0{diff}".encode()).hexdigest()
+        headers = {"Idempotency-Key": key}
         answer = await _guarded(
-            caller.call("POST", f"{_WO}/{work_order_id}/complete", json=body, headers={"Idempotency-Key": key})
+            lambda: caller.call("POST", wo_path(work_order_id, "complete"), json=body, headers=headers)
         )
-        found = await _guarded(verdict_of(caller, work_order_id))
+        found = await _guarded(lambda: verdict_of(caller, work_order_id))
         return {
             "ticket": work_order_id,
             "status": answer.get("status"),
@@ -244,7 +256,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
         """What became of a submitted patch: testing, rejected (with the reason), tests_failed (with the report),
         applied (awaiting verification), then verified, not_verified or verification_failed. `final: true` when
         nothing more will happen."""
-        found = await _guarded(follow(caller_for(ctx), ticket, wait_seconds, ctx))
+        found = await _guarded(lambda: follow(caller_for(ctx), ticket, wait_seconds, ctx))
         return found.as_dict()
 
     @server.tool()
@@ -270,7 +282,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
             "retryable": retryable,
             "details": {"message": message} if message else {},
         }
-        wo = await _guarded(caller_for(ctx).call("POST", f"{_WO}/{work_order_id}/fail", json=body))
+        wo = await _guarded(lambda: caller_for(ctx).call("POST", wo_path(work_order_id, "fail"), json=body))
         return {**_summary(wo), "fail_reason": wo.get("fail_reason")}
 
     @server.resource(
@@ -281,7 +293,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
     )
     async def context_resource(work_order_id: str, ctx: Context) -> str:
         try:
-            wo = await caller_for(ctx).call("GET", f"{_WO}/{work_order_id}")
+            wo = await caller_for(ctx).call("GET", wo_path(work_order_id))
         except MendloopError as exc:
             raise ResourceError(exc.message) from None
         return json.dumps(wo.get("context") or {}, indent=2, sort_keys=True)
@@ -294,7 +306,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
     )
     async def diff_resource(work_order_id: str, ctx: Context) -> str:
         try:
-            return await caller_for(ctx).text(f"/patches/diffs/{work_order_id}.diff")
+            return await caller_for(ctx).text(f"/patches/diffs/{quote(work_order_id, safe='')}.diff")
         except MendloopError as exc:
             raise ResourceError(exc.message) from None
 
