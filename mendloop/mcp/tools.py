@@ -135,12 +135,12 @@ async def follow(caller: Caller, ticket: str, wait_seconds: float, ctx: Context)
     """The ticket's verdict, followed up to `wait_seconds` until it is final; each new stage is a progress
     notification (a no-op for a client that sent no progress token)."""
     deadline = anyio.current_time() + min(max(wait_seconds, 0.0), MAX_WAIT_SECONDS)
-    told: tuple[str, int] | None = None
+    told = 0.0  # MCP progress must grow with each notification: one per stage reached
     while True:
         found = await verdict_of(caller, ticket)
-        if (found.state, found.stage) != told:
-            told = (found.state, found.stage)
-            await ctx.report_progress(found.stage + 1, len(STAGES), f"{found.state}: {found.message}")
+        if found.stage + 1 > told:
+            told = found.stage + 1
+            await ctx.report_progress(told, len(STAGES), f"{found.state}: {found.message}")
         if found.final or anyio.current_time() >= deadline:
             return found
         await anyio.sleep(min(POLL_SECONDS, max(0.0, deadline - anyio.current_time())))
@@ -216,9 +216,13 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
         lease_id: str,
         diff: Annotated[str, Field(description="A unified diff (git diff) against the work order's base_commit")],
         summary: Annotated[str | None, Field(max_length=20_000)] = None,
+        wait_seconds: Annotated[
+            float, Field(ge=0, le=MAX_WAIT_SECONDS, description="0: answer at once; else follow it, as get_verdict")
+        ] = 0,
     ) -> dict[str, Any]:
         """Hand in the fix. mendloop checks the diff, runs the tests itself at the base and with the patch, applies
-        it as one commit, deploys and verifies. Answers at once with a ticket for get_verdict."""
+        it as one commit, deploys and verifies. Answers at once with a ticket for get_verdict (or, with
+        wait_seconds, follows the patch as get_verdict does)."""
         caller = caller_for(ctx)
         if not diff.strip():
             raise ToolError("diff: empty; submit a unified diff, or fail_work_order when there is no fix")
@@ -237,7 +241,7 @@ def build(caller_for: CallerFor, *, name: str = "mendloop") -> MCPServer:
         answer = await _guarded(
             lambda: caller.call("POST", wo_path(work_order_id, "complete"), json=body, headers=headers)
         )
-        found = await _guarded(lambda: verdict_of(caller, work_order_id))
+        found = await _guarded(lambda: follow(caller, work_order_id, wait_seconds, ctx))
         return {
             "ticket": work_order_id,
             "status": answer.get("status"),
