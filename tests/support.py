@@ -227,8 +227,10 @@ def mendloop_argv(*args: str) -> list[str]:
 
 
 @contextmanager
-def serve_process(config: Path, port: int, *, log: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
-    """`mendloop serve` as a real subprocess; waits for /health and stops it by PID afterwards."""
+def serve_process(
+    config: Path, port: int, *, log: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> Iterator[Any]:
+    """`mendloop serve` as a real subprocess; waits up to `timeout` s for /health and stops it by PID afterwards."""
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
@@ -241,7 +243,7 @@ def serve_process(config: Path, port: int, *, log: Path, env: dict[str, str] | N
             env=full_env,
         )
     try:
-        wait_healthy(port, proc, log)
+        wait_healthy(port, proc, log, timeout)
         yield proc
     finally:
         if proc.poll() is None:

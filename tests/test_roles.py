@@ -74,6 +74,8 @@ EXPECTED: dict[tuple[str, str], set[Role]] = {
     ("POST", "/tokens"): {AD},
     ("DELETE", "/tokens/{token_id}"): {AD},
     ("GET", "/audit"): {AD},
+    # The MCP endpoint (mendloop/mcp/): coding agents; each tool is then judged as the REST call it makes.
+    (ANY_METHOD, "/mcp"): {AG, AD},
 }
 
 
@@ -319,6 +321,15 @@ def test_an_agent_token_works_only_for_its_repositories(app: App, server: httpx.
         ["work_orders.claim", "work_orders.heartbeat", "work_orders.complete", "work_orders.fail"]
     )
     assert {r.status for r in refusals} == {403} and {r.target_id for r in refusals if r.target_id} == {wo_b}
+    # Nor does it read another repository's work order (its context, its diff), or see it listed.
+    for path in (f"/patches/work-orders/{wo_b}", f"/patches/diffs/{wo_b}.diff"):
+        refused = server.get(path, headers=_as(agent_a))
+        assert refused.status_code == 403 and refused.json()["field"] == "Authorization", (path, refused.text)
+    assert server.get(f"/patches/work-orders/{wo_a}", headers=_as(agent_a)).status_code == 200
+    listed = server.get("/patches/work-orders", headers=_as(agent_a)).json()
+    assert [w["work_order_id"] for w in listed["work_orders"]] == [wo_a] and listed["total"] == 1
+    everything = server.get("/patches/work-orders", headers=_as(operator)).json()["work_orders"]
+    assert {w["work_order_id"] for w in everything} == {wo_a, wo_b}
 
 
 # -- the audit log --------------------------------------------------------------------------------------------

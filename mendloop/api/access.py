@@ -4,8 +4,9 @@ log's row for every operator and admin action and every 403, written before the 
 
 - No token, or an unknown or revoked one: 401 naming `Authorization`. A known token whose role may not take the
   action: 403 naming `Authorization`, with the role and the action.
-- An agent token naming repositories: heartbeat, complete and fail of a work order of another repository are a
-  403 here; a claim hands out only work orders of its repositories (the claim route, from `credential_of`).
+- An agent token naming repositories: heartbeat, complete and fail of a work order of another repository, and
+  reading one (its context, its diff), are a 403 here; a claim hands out only work orders of its repositories and
+  the list shows only those (the routes, from `credential_of`).
 - POST /events and /events/alertmanager: a token whose role may post events passes; a known token whose role
   may not is a 403; anything else is the intake route's to judge (signed webhooks carry no bearer token).
 - A server with no token at all (none configured, none in the database; `serve` allows that only on loopback)
@@ -155,7 +156,7 @@ class Access:
             return AuthError("a valid bearer token is required", field="Authorization")
         if not roles.allows(credential.role, action):
             return _forbidden(credential, action)
-        if action in roles.WORK_ORDER_SCOPED and credential.claim_scope() is not None:
+        if credential.claim_scope() is not None and roles.scoped_to_work_order(action, params):
             wo_id = params.get("work_order_id", "")
             try:
                 repository = await run_in_threadpool(self.mendloop.store.work_orders.repository_of, wo_id)

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
@@ -32,6 +33,7 @@ from mendloop.api.streams import StreamSlots
 from mendloop.app import App
 from mendloop.config import LimitsConfig, Settings
 from mendloop.errors import ConfigError, InputError
+from mendloop.mcp import http as mcp_http
 
 # Longer than any id, component or file name mendloop hands out (the widest such column holds 300).
 MAX_PATH_PARAM = 300
@@ -40,13 +42,15 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # (the diff, up to 5,000,000 characters, JSON-escaped).
 _INTAKE_PATHS = frozenset({"/events", "/events/alertmanager"})
 _COMPLETE_PATH = re.compile(r"/patches/work-orders/[^/]+/complete")
+# An MCP request carries a whole diff too (submit_patch), JSON-escaped inside a JSON-RPC message.
+_DIFF_PATHS = frozenset({mcp_http.PATH})
 
 
 def _body_cap(method: str, path: str, limits: LimitsConfig) -> tuple[int, str]:
     """The byte cap of a request's body and the setting that names it."""
     if method == "POST" and path in _INTAKE_PATHS:
         return limits.max_intake_body_bytes, "limits.max_intake_body_bytes"
-    if method == "POST" and _COMPLETE_PATH.fullmatch(path):
+    if method == "POST" and (_COMPLETE_PATH.fullmatch(path) or path in _DIFF_PATHS):
         return limits.max_diff_body_bytes, "limits.max_diff_body_bytes"
     return limits.max_body_bytes, "limits.max_body_bytes"
 
@@ -207,7 +211,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
             gc.collect()
             gc.freeze()
         try:
-            yield
+            async with mcp_endpoint.running():
+                yield
         finally:
             if manage:
                 await run_in_threadpool(app.close)
@@ -262,6 +267,9 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(metrics_route.router)
     api.include_router(tokens_route.router)
     api.include_router(audit.router)
+    # MCP for coding agents (mendloop/mcp/): an ASGI endpoint of its own, every method; the agent role's.
+    mcp_endpoint = mcp_http.McpEndpoint(api, app.settings)
+    api.router.routes.append(Route(mcp_http.PATH, endpoint=mcp_endpoint))
     return api
 
 

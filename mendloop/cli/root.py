@@ -13,6 +13,7 @@ from mendloop.cli import (
     admin,
     control,
     incidents,
+    mcp_server,
     notifications,
     playbooks,
     processes,
@@ -42,6 +43,7 @@ cli.command()(control.pause)
 cli.command()(control.resume)
 cli.command()(playbooks.routing)
 cli.command()(processes.demo)
+cli.command()(mcp_server.mcp)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ fails on any that is not listed). Pure: the API's access middleware asks, storag
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -41,6 +41,7 @@ class Action(StrEnum):
     HEARTBEAT = "work_orders.heartbeat"
     COMPLETE = "work_orders.complete"
     FAIL = "work_orders.fail"
+    MCP = "mcp"  # the MCP endpoint; each tool is then the REST call it makes, judged on its own
     INTAKE = "events.intake"
     TOKENS_LIST = "tokens.list"
     TOKENS_CREATE = "tokens.create"
@@ -95,6 +96,7 @@ RULES: dict[tuple[str, str], Action] = {
     ("POST", "/tokens"): Action.TOKENS_CREATE,
     ("DELETE", "/tokens/{token_id}"): Action.TOKENS_REVOKE,
     ("GET", "/audit"): Action.AUDIT_READ,
+    (ANY_METHOD, "/mcp"): Action.MCP,
 }
 
 OPERATOR_ACTIONS = frozenset(
@@ -112,7 +114,7 @@ OPERATOR_ACTIONS = frozenset(
         Action.RESUME,
     }
 )
-AGENT_ACTIONS = frozenset({Action.CLAIM, Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
+AGENT_ACTIONS = frozenset({Action.CLAIM, Action.HEARTBEAT, Action.COMPLETE, Action.FAIL, Action.MCP})
 ADMIN_ACTIONS = frozenset(
     {Action.TOKENS_LIST, Action.TOKENS_CREATE, Action.TOKENS_REVOKE, Action.AUDIT_READ, Action.UNLISTED}
 )
@@ -126,7 +128,8 @@ ALLOWED: dict[Role, frozenset[Action]] = {
     Role.ADMIN: frozenset(Action),
 }
 
-# The actions whose work order (the path's `work_order_id`) must be of a repository the agent's token names.
+# The actions whose work order (the path's `work_order_id`) must be of a repository the agent's token names. Reads
+# of one work order (its context, its diff) are scoped too: see `scoped_to_work_order`.
 WORK_ORDER_SCOPED = frozenset({Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
 # What the audit log keeps: every operator and admin action, allowed or not. An agent's claims and heartbeats and
 # intake's events are not operators' actions (a runner long-polls claim every few seconds, forever); any refusal
@@ -134,6 +137,13 @@ WORK_ORDER_SCOPED = frozenset({Action.HEARTBEAT, Action.COMPLETE, Action.FAIL})
 AUDITED = OPERATOR_ACTIONS | ADMIN_ACTIONS
 # In a token's repositories: every repository (and work orders that name none).
 ALL_REPOSITORIES = "*"
+
+
+def scoped_to_work_order(action: Action, params: Mapping[str, str]) -> bool:
+    """Whether a scoped agent token's call must be of a work order of its repositories: the pull API's verbs, and
+    any other route that names one work order (reading its context or its diff: what an agent sees of another
+    repository's failure is not its to see)."""
+    return action in WORK_ORDER_SCOPED or "work_order_id" in params
 
 
 def action_for(method: str, template: str) -> Action:
@@ -219,5 +229,6 @@ __all__ = [
     "audited",
     "roles_for",
     "scope_of",
+    "scoped_to_work_order",
     "spec_problem",
 ]

@@ -14,6 +14,8 @@ Each error's message is `METHOD /path: STATUS: detail`; its `fields` keep `statu
 apart, for a face that shows them its own way.
 
 `AgentClient` is the pull API's typed façade over it (claim, heartbeat, complete, fail), for coding agents.
+`AsyncApiClient` is the same client for an asyncio caller (the MCP server): the same errors, from the same
+`error_for`; with an `httpx.ASGITransport` it calls an application in the same process through its whole stack.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import httpx
 from mendloop.domain.states import FAIL_REASONS
 from mendloop.errors import AuthError, Conflict, InputError, MendloopError, NotFound
 
-__all__ = ["AUTH_HINT", "AgentClient", "ApiClient", "Claim", "Heartbeat", "auth_header", "error_for"]
+__all__ = ["AUTH_HINT", "AgentClient", "ApiClient", "AsyncApiClient", "Claim", "Heartbeat", "auth_header", "error_for"]
 
 DEFAULT_TIMEOUT = 30.0
 AUTH_HINT = "check --token / MENDLOOP_TOKEN"
@@ -129,10 +131,7 @@ class ApiClient:
                 timeout=self.timeout if timeout is None else timeout,
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            message = " ".join(str(exc).split())  # one line, whatever the transport said
-            raise MendloopError(
-                f"cannot reach {self.name} at {self.url}: {type(exc).__name__}: {message}", url=self.url
-            ) from exc
+            raise unreachable(self.name, self.url, exc) from exc
 
     def call(
         self,
@@ -181,6 +180,101 @@ class ApiClient:
         timeout: float | None = None,
     ) -> Any:
         return self.call("POST", path, json=json, headers=headers, timeout=timeout)
+
+
+class AsyncApiClient:
+    """`ApiClient` for asyncio callers: one connection pool, the same errors. `headers` go with every request
+    (the caller's own Authorization, for a face that acts for whoever called it)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+        trust_env: bool = True,
+        name: str = "mendloop",
+        auth_hint: str = AUTH_HINT,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name
+        self.timeout = timeout
+        self._auth_hint = auth_hint
+        try:
+            self._http = httpx.AsyncClient(
+                base_url=self.url,
+                headers={**auth_header(token), **dict(headers or {})},
+                timeout=timeout,
+                transport=transport,
+                trust_env=trust_env,
+            )
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise MendloopError(f"{name} URL {url!r} is not valid: {exc}", url=url) from exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncApiClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """The raw answer, whatever its status; only a server that cannot be reached raises."""
+        try:
+            return await self._http.request(
+                method,
+                path,
+                json=json,
+                params=dict(params) if params else None,
+                headers=dict(headers) if headers else None,
+                timeout=self.timeout if timeout is None else timeout,
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise unreachable(self.name, self.url, exc) from exc
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """As `ApiClient.call`: the answer's JSON (None for a 204), or the matching mendloop error."""
+        resp = await self.send(method, path, json=json, params=params, headers=headers, timeout=timeout)
+        exc = error_for(resp, auth_hint=self._auth_hint)
+        if exc is not None:
+            raise exc
+        return None if resp.status_code == 204 else _body(resp)
+
+    async def text(self, path: str, *, headers: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
+        """A GET whose answer is text (a diff); an error status raises as `call` does."""
+        resp = await self.send("GET", path, headers=headers, timeout=timeout)
+        exc = error_for(resp, auth_hint=self._auth_hint)
+        if exc is not None:
+            raise exc
+        return resp.text
+
+
+def unreachable(name: str, url: str, exc: Exception) -> MendloopError:
+    """The error for a server that could not be reached, on one line whatever the transport said."""
+    message = " ".join(str(exc).split())
+    return MendloopError(f"cannot reach {name} at {url}: {type(exc).__name__}: {message}", url=url)
 
 
 def _body(resp: httpx.Response) -> Any:

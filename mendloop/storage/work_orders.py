@@ -246,8 +246,10 @@ class WorkOrderStore:
         after: After | None = None,
         limit: int = 50,
         offset: int = 0,
+        repositories: Sequence[str] | None = None,
     ) -> tuple[list[WorkOrder], int, str | None]:
-        """Newest first (created_at, id), from a cursor: the work orders, how many match, the next cursor."""
+        """Newest first (created_at, id), from a cursor: the work orders, how many match, the next cursor.
+        `repositories`: an agent token's scope (None: every work order), as a claim applies it."""
         q = sa.select(t.work_orders)
         c = sa.select(sa.func.count()).select_from(t.work_orders)
         conds = []
@@ -255,6 +257,8 @@ class WorkOrderStore:
             conds.append(t.work_orders.c.status == status)
         if run_id:
             conds.append(t.work_orders.c.self_healing_run_id == run_id)
+        if repositories is not None:
+            conds.append(t.work_orders.c.repository.in_(list(repositories)))
         if conds:
             q = q.where(*conds)
             c = c.where(*conds)

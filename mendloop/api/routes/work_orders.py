@@ -43,14 +43,18 @@ _WAKE_ON = ("coding_agent.work_order_created", "coding_agent.work_order_updated"
 @router.get("/work-orders")
 async def list_work_orders(
     app: AppDep,
+    request: Request,
     status: WorkOrderStatusQ = None,
     self_healing_run_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Limit = 20,
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> WorkOrderList:
-    """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
+    """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it. An agent token
+    naming repositories sees only the work orders of those repositories."""
     after = cursor_of(WORK_ORDERS_PAGE, cursor)
+    credential = credential_of(request)
+    scope = credential.claim_scope() if credential is not None else None
 
     def query() -> WorkOrderList:
         items, total, next_cursor = app.store.work_orders.page(
@@ -59,6 +63,7 @@ async def list_work_orders(
             after=after,
             limit=limit,
             offset=offset,
+            repositories=scope,
         )
         return WorkOrderList(
             work_orders=[views.work_order(w) for w in items],
