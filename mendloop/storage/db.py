@@ -81,16 +81,7 @@ class Tx:
 
     def take_seq(self, name: str, n: int = 1) -> int:
         """Reserve the next `n` numbers of a named counter; returns the last (the first is last - n + 1)."""
-        # One upsert: atomic on both databases (two first takers of a new name can't both start it at n), and
-        # one statement instead of an insert-if-missing plus an update on every run and work order created.
-        seq = t.sequences
-        stmt = self.db.insert(seq).values(name=name, value=n)
-        value = self.conn.execute(
-            stmt.on_conflict_do_update(index_elements=[seq.c.name], set_={"value": seq.c.value + n}).returning(
-                seq.c.value
-            )
-        ).scalar_one()
-        return int(value)
+        return int(self.conn.execute(self.db.take_seq_stmt, {"seq_name": name, "seq_n": n}).scalar_one())
 
     def emit(self, events: Sequence[NewEvent]) -> list[EventRecord]:
         """Store events in this transaction; they are fanned out once it commits."""
@@ -174,6 +165,15 @@ class Database:
         self.insert = sqlite_dialect.insert if self.is_sqlite else pg_dialect.insert
         self.insert_events_returning = sa.insert(t.events).returning(t.events.c.id, sort_by_parameter_order=True)
         self.max_event_id = sa.select(sa.func.max(t.events.c.id))
+        # One upsert, built once: atomic on both databases (two first takers of a new name can't both start it at
+        # n), one statement per run and work order created, and no statement construction on that hot path.
+        seq, n = t.sequences, sa.bindparam("seq_n", type_=sa.BigInteger())
+        self.take_seq_stmt = (
+            self.insert(seq)
+            .values(name=sa.bindparam("seq_name", type_=sa.String()), value=n)
+            .on_conflict_do_update(index_elements=[seq.c.name], set_={"value": seq.c.value + n})
+            .returning(seq.c.value)
+        )
         # SQLite has one writer at a time. Threads of this process queue on a lock, woken the moment it is free,
         # instead of in SQLite's busy handler, which sleeps (1, 2, 5 ... 100 ms) between retries.
         self._writer: AbstractContextManager[Any] = threading.RLock() if self.is_sqlite else nullcontext()
