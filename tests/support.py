@@ -317,3 +317,10 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
     except (OSError, IndexError):
         return False
+
+
+# A test command that waits until a file named `open` appears in the directory given as its argument: a test holds
+# mendloop's own test run of a diff there (a directory, so the sandbox can show it), then opens it.
+GATE_SCRIPT = (
+    "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
+)

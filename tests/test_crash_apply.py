@@ -16,7 +16,7 @@ import yaml
 
 from mendloop.agents.landing import JOURNAL_NAME
 from tests.interpreters import python_for_tests
-from tests.support import git, serve_process, wait_for, write_playbooks
+from tests.support import GATE_SCRIPT, git, serve_process, wait_for, write_playbooks
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -164,10 +164,9 @@ def test_the_servers_tests_of_a_held_diff_are_sandboxed_die_with_serve_and_leave
     gate = tmp_path / "gate"  # a directory, so the sandbox shows it; the test waits for a file inside
     gate.mkdir()
     marker = str(gate)
-    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
     cfg = configure(tmp_path, database_url, repo)
     config = yaml.safe_load(cfg.read_text())
-    tests = {"test_command": [python_for_tests(), "-c", wait, marker], "report": "none", "test_timeout": 120}
+    tests = {"test_command": [python_for_tests(), "-c", GATE_SCRIPT, marker], "report": "none", "test_timeout": 120}
     config["targets"]["svc"].update(tests)
     cfg.write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{free_port}"

@@ -20,7 +20,7 @@ from mendloop.domain.states import WorkOrderStatus
 from mendloop.errors import Conflict
 from mendloop.testing import FakeClock
 from tests.interpreters import python_for_tests
-from tests.support import drain, git, open_app, settings_for, wait_for, write_playbooks
+from tests.support import GATE_SCRIPT, api_server, drain, git, open_app, settings_for, wait_for, write_playbooks
 
 PLAYBOOK = {
     "id": "patchy",
@@ -263,10 +263,8 @@ def _worktrees_now(repo: Path) -> str:
         return "(caught halfway)\n\n"
 
 
-def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_url: str, tmp_path: Path) -> None:
-    """The operator cancels while mendloop's own tests of the held diff run: the cancel stops the tests (see
-    tests/test_cancel_steps.py; the check under the repository's lock right before the commit backs it up), the
-    commit does not land, the branch and checkout are as they were."""
+def _gated(database_url: str, tmp_path: Path) -> tuple[App, Path, str, Path]:
+    """An App whose target repository's tests wait for `gate/open`: (app, repo, its head, gate)."""
     write_playbooks(tmp_path / "pb", PLAYBOOK)
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -274,12 +272,8 @@ def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_ur
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "initial")
-    head = git(repo, "rev-parse", "HEAD")
-    gate = tmp_path / "gate"  # a directory, so the sandbox can show it; the test waits for a file inside
+    gate = tmp_path / "gate"
     gate.mkdir()
-    started = tmp_path / "started"
-    started.mkdir()
-    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
     settings = settings_for(
         database_url,
         tmp_path,
@@ -288,14 +282,21 @@ def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_ur
         targets={
             "svc": {
                 "repository": str(repo),
-                "test_command": [python_for_tests(), "-c", wait, str(gate)],
+                "test_command": [python_for_tests(), "-c", GATE_SCRIPT, str(gate)],
                 "report": "none",
                 "test_timeout": 60,
             }
         },
         default_target="svc",
     )
-    app = open_app(settings, start_workers=True)
+    return open_app(settings, start_workers=True), repo, git(repo, "rev-parse", "HEAD"), gate
+
+
+def test_a_run_cancelled_while_its_held_diff_is_tested_lands_nothing(database_url: str, tmp_path: Path) -> None:
+    """The operator cancels while mendloop's own tests of the held diff run: the cancel stops the tests (see
+    tests/test_cancel_steps.py; the check under the repository's lock right before the commit backs it up), the
+    commit does not land, the branch and checkout are as they were."""
+    app, repo, head, gate = _gated(database_url, tmp_path)
     try:
         run, _ = app.remediation.trigger(error_type="patchy", description="d")
         wait_for(lambda: app.store.get_run(run.id).coding_work_order_id is not None)
@@ -372,35 +373,7 @@ def test_a_fail_while_the_server_tests_the_held_diff_is_refused_and_the_patch_la
     """The agent sends `fail` (and more completes and fails) while mendloop's own tests of its held diff run:
     each is a 409 (or the same answer, for the same claim), nothing changes the work order under the pipeline,
     and when the tests pass the patch is committed once and the run completes, without looping."""
-    from tests.support import api_server
-
-    write_playbooks(tmp_path / "pb", PLAYBOOK)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "x.py").write_text("a\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "initial")
-    head = git(repo, "rev-parse", "HEAD")
-    gate = tmp_path / "gate"  # a directory, so the sandbox can show it; the tests wait for a file inside
-    gate.mkdir()
-    wait = "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
-    settings = settings_for(
-        database_url,
-        tmp_path,
-        playbook_dirs=[str(tmp_path / "pb")],
-        routing={"patchy": "patchy"},
-        targets={
-            "svc": {
-                "repository": str(repo),
-                "test_command": [python_for_tests(), "-c", wait, str(gate)],
-                "report": "none",
-                "test_timeout": 60,
-            }
-        },
-        default_target="svc",
-    )
-    app = open_app(settings, start_workers=True)
+    app, repo, head, gate = _gated(database_url, tmp_path)
     try:
         with api_server(app, free_port) as client:
             run = escalate(client)

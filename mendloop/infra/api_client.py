@@ -67,6 +67,47 @@ def error_for(resp: httpx.Response, *, auth_hint: str = AUTH_HINT) -> MendloopEr
     return MendloopError(message, **facts)
 
 
+def _open(
+    kind: type[httpx.Client] | type[httpx.AsyncClient],
+    name: str,
+    url: str,
+    headers: Mapping[str, str],
+    timeout: float,
+    transport: Any,
+    trust_env: bool,
+) -> Any:
+    """The httpx client of either kind, or one MendloopError naming the URL that does not parse."""
+    try:
+        return kind(
+            base_url=url.rstrip("/"), headers=dict(headers), timeout=timeout, transport=transport, trust_env=trust_env
+        )
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise MendloopError(f"{name} URL {url!r} is not valid: {exc}", url=url) from exc
+
+
+def _request_args(
+    json: Any, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None, timeout: float
+) -> dict[str, Any]:
+    return {
+        "json": json,
+        "params": dict(params) if params else None,
+        "headers": dict(headers) if headers else None,
+        "timeout": timeout,
+    }
+
+
+def _checked(resp: httpx.Response, auth_hint: str) -> httpx.Response:
+    """The answer itself when its status is not an error; else the matching mendloop error is raised."""
+    exc = error_for(resp, auth_hint=auth_hint)
+    if exc is not None:
+        raise exc
+    return resp
+
+
+def _json_of(resp: httpx.Response) -> Any:
+    return None if resp.status_code == 204 else _body(resp)
+
+
 class ApiClient:
     """One HTTP connection pool to a mendloop server; safe to share between threads.
 
@@ -88,16 +129,7 @@ class ApiClient:
         self.name = name
         self.timeout = timeout
         self._auth_hint = auth_hint
-        try:
-            self._http = httpx.Client(
-                base_url=self.url,
-                headers=auth_header(token),
-                timeout=timeout,
-                transport=transport,
-                trust_env=trust_env,
-            )
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise MendloopError(f"{name} URL {url!r} is not valid: {exc}", url=url) from exc
+        self._http: httpx.Client = _open(httpx.Client, name, url, auth_header(token), timeout, transport, trust_env)
 
     def close(self) -> None:
         self._http.close()
@@ -121,15 +153,9 @@ class ApiClient:
         timeout: float | None = None,
     ) -> httpx.Response:
         """The raw answer, whatever its status; only a server that cannot be reached raises."""
+        args = _request_args(json, params, headers, self.timeout if timeout is None else timeout)
         try:
-            return self._http.request(
-                method,
-                path,
-                json=json,
-                params=dict(params) if params else None,
-                headers=dict(headers) if headers else None,
-                timeout=self.timeout if timeout is None else timeout,
-            )
+            return self._http.request(method, path, **args)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise unreachable(self.name, self.url, exc) from exc
 
@@ -145,12 +171,7 @@ class ApiClient:
     ) -> Any:
         """The answer's JSON (None for a 204); an error status raises the matching mendloop error."""
         resp = self.send(method, path, json=json, params=params, headers=headers, timeout=timeout)
-        exc = error_for(resp, auth_hint=self._auth_hint)
-        if exc is not None:
-            raise exc
-        if resp.status_code == 204:
-            return None
-        return _body(resp)
+        return _json_of(_checked(resp, self._auth_hint))
 
     def call_object(
         self,
@@ -202,16 +223,8 @@ class AsyncApiClient:
         self.name = name
         self.timeout = timeout
         self._auth_hint = auth_hint
-        try:
-            self._http = httpx.AsyncClient(
-                base_url=self.url,
-                headers={**auth_header(token), **dict(headers or {})},
-                timeout=timeout,
-                transport=transport,
-                trust_env=trust_env,
-            )
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise MendloopError(f"{name} URL {url!r} is not valid: {exc}", url=url) from exc
+        sent = {**auth_header(token), **dict(headers or {})}
+        self._http: httpx.AsyncClient = _open(httpx.AsyncClient, name, url, sent, timeout, transport, trust_env)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -233,15 +246,9 @@ class AsyncApiClient:
         timeout: float | None = None,
     ) -> httpx.Response:
         """The raw answer, whatever its status; only a server that cannot be reached raises."""
+        args = _request_args(json, params, headers, self.timeout if timeout is None else timeout)
         try:
-            return await self._http.request(
-                method,
-                path,
-                json=json,
-                params=dict(params) if params else None,
-                headers=dict(headers) if headers else None,
-                timeout=self.timeout if timeout is None else timeout,
-            )
+            return await self._http.request(method, path, **args)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise unreachable(self.name, self.url, exc) from exc
 
@@ -257,18 +264,12 @@ class AsyncApiClient:
     ) -> Any:
         """As `ApiClient.call`: the answer's JSON (None for a 204), or the matching mendloop error."""
         resp = await self.send(method, path, json=json, params=params, headers=headers, timeout=timeout)
-        exc = error_for(resp, auth_hint=self._auth_hint)
-        if exc is not None:
-            raise exc
-        return None if resp.status_code == 204 else _body(resp)
+        return _json_of(_checked(resp, self._auth_hint))
 
     async def text(self, path: str, *, headers: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
         """A GET whose answer is text (a diff); an error status raises as `call` does."""
         resp = await self.send("GET", path, headers=headers, timeout=timeout)
-        exc = error_for(resp, auth_hint=self._auth_hint)
-        if exc is not None:
-            raise exc
-        return resp.text
+        return _checked(resp, self._auth_hint).text
 
 
 def unreachable(name: str, url: str, exc: Exception) -> MendloopError:
