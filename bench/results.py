@@ -349,7 +349,10 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="Rewrite the README's table from bench/results.json.")
     parser.add_argument("--print", action="store_true", help="Print the table from bench/results.json.")
     args = parser.parse_args()
-    doc = json.loads(RESULTS.read_text())
+    try:
+        doc = json.loads(RESULTS.read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"bench/results.py: cannot read {RESULTS.relative_to(ROOT)}: {exc}; run `make bench` first")
     if args.readme:
         if not render_readme(doc):
             sys.exit(f"bench/results.py: README.md has no {BEGIN!r} ... {END!r} markers")

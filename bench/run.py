@@ -248,9 +248,10 @@ def check(args: argparse.Namespace) -> None:
     """`make bench-check`: the CPU-per-unit figures alone (runs, single POSTs, batches), against the recorded
     bench/results.json; exit 1 when one is more than `results.THRESHOLD` times worse. `--repeat N` measures N
     times and prints each figure's spread (max / min), the number the threshold must stay above."""
-    recorded = json.loads(results_doc.RESULTS.read_text()) if results_doc.RESULTS.exists() else {}
-    if not recorded:
-        sys.exit("bench-check: no bench/results.json recorded yet; run `make bench` first")
+    try:
+        recorded = json.loads(results_doc.RESULTS.read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"bench-check: cannot read bench/results.json ({exc}); run `make bench` first")
     docs = []
     for i in range(args.repeat):
         started = results_doc.machine()
