@@ -11,7 +11,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt
+.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt chaos
 
 all: lint test
 
@@ -50,3 +50,9 @@ heal-bench: bootstrap
 fmt: bootstrap
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+# Chaos (bench/chaos.py): 1,000 incidents per backend while mendloop's processes are SIGKILLed; not in `make test`
+# (its seeded CI version is tests/test_chaos.py). PostgreSQL: a throwaway cluster, as `make test` starts one.
+chaos: bootstrap
+	bash scripts/pg-test-cluster.sh start /tmp/mendloop-chaos-pg 55499 >/dev/null
+	MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:55499/postgres $(PY) bench/chaos.py $(ARGS)

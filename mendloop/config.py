@@ -998,7 +998,13 @@ class Settings(BaseSettings):
 
 def _where(loc: tuple[int | str, ...]) -> str:
     # pydantic puts a mapping key's own error at (..., KEY, "[key]"): the field is the key's path.
-    return ".".join(str(p) for p in loc if p != "[key]")
+    # A key that is not a plain word (a newline, a space, nothing) is quoted, so the message stays one line.
+    return ".".join(_part(p) for p in loc if p != "[key]")
+
+
+def _part(p: int | str) -> str:
+    text = str(p)
+    return text if text and text.isprintable() and " " not in text and "." not in text else repr(text)
 
 
 def is_loopback(host: str) -> bool:
@@ -1011,6 +1017,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: its problem and line (a parser error), or its reason and character position (a
+    reader error: a control character, bad UTF-8). str(exc) spans several lines, with the offending snippet."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"{exc.reason} at character {exc.position}"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{problem}{where}"
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read the YAML file (if any), apply overrides, then the environment; raise ConfigError naming the field."""
     data: dict[str, Any] = {}
@@ -1020,18 +1037,24 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        for key in loaded:
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: {key!r}: a setting's name is a string", field=repr(key))
         data = loaded
         base = Path(path).resolve().parent
         dirs = data.get("playbook_dirs")
         if isinstance(dirs, list):
             data["playbook_dirs"] = [str(base / str(d)) for d in dirs]
-        for watcher in data.get("watchers") or []:
+        watchers = data.get("watchers")
+        for watcher in watchers if isinstance(watchers, list) else []:
             if isinstance(watcher, dict) and isinstance(watcher.get("paths"), list):
                 watcher["paths"] = [str(base / str(p)) for p in watcher["paths"]]
         runner = data.get("agent_runner")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from mendloop.config import yaml_problem
 from mendloop.errors import PlaybookError
 from mendloop.playbooks.model import Playbook, Step
 from mendloop.playbooks.templates import Renderer, TemplateCompileError, Templates, Tracking
@@ -95,9 +96,7 @@ def load_file(path: Path, templates: Templates) -> CompiledPlaybook:
     except UnicodeDecodeError as exc:
         raise PlaybookError("not UTF-8 text", file=source) from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise PlaybookError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=source) from exc
+        raise PlaybookError(f"not valid YAML: {yaml_problem(exc)}", file=source) from exc
     return compile_document(document, source=source, templates=templates)
 
 

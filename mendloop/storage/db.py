@@ -185,7 +185,7 @@ class Database:
                 tx = Tx(self, conn)
                 yield tx
         except sa.exc.DBAPIError as exc:
-            raise StorageError(f"database error: {exc.orig}") from exc
+            raise StorageError(_one_line(exc)) from exc
         if tx.published and self._after_commit is not None:
             self._after_commit(tx.published)
 
@@ -195,9 +195,15 @@ class Database:
             with self.read_engine.connect() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
-            raise StorageError(f"database error: {exc.orig}") from exc
+            raise StorageError(_one_line(exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+def _one_line(exc: sa.exc.DBAPIError) -> str:
+    """The driver's message in one line: libpq's runs on with a hint ("\n\tIs the server running ..."), and the
+    message goes to logs, CLI errors and JSON bodies that show one line each."""
+    return "database error: " + " ".join(str(exc.orig).split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -31,8 +32,21 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.upgrade(cfg, revision)
     except sa.exc.DBAPIError as exc:
         where = engine.url.render_as_string(hide_password=True)
-        message = " ".join(str(exc.orig).split())
+        message = " ".join(str(exc.orig).split()) + _read_only_hint(engine)
         raise StorageError(f"cannot open or upgrade the database {where}: {message}") from None
+
+
+def _read_only_hint(engine: Engine) -> str:
+    """Why SQLite could not open a file for writing, when it is that: SQLite itself says only "unable to open
+    database file" (its -wal and -shm files cannot be made) or "attempt to write a readonly database"."""
+    name = engine.url.database
+    if engine.dialect.name != "sqlite" or not name or name == ":memory:" or name.startswith("file:"):
+        return ""
+    path = Path(name)
+    for candidate in (path, path.parent):
+        if candidate.exists() and not os.access(candidate, os.W_OK):
+            return f" ({candidate} is read-only)"
+    return ""
 
 
 def current(engine: Engine) -> str | None:
