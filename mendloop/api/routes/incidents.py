@@ -36,7 +36,11 @@ async def list_incidents(
         )
         pauses = app.store.pauses.current()
         return IncidentList(
-            incidents=[views.incident(i, pauses) for i in items], count=len(items), total=total, next_cursor=next_cursor
+            incidents=[views.incident(i, pauses) for i in items],
+            count=len(items),
+            total=total.n,
+            total_is_lower_bound=total.lower_bound,
+            next_cursor=next_cursor,
         )
 
     return await run_in_threadpool(query)

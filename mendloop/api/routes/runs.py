@@ -37,7 +37,11 @@ async def list_runs(
         )
         pauses = app.store.pauses.current()
         return RunList(
-            runs=[views.run(r, pauses) for r in items], count=len(items), total=total, next_cursor=next_cursor
+            runs=[views.run(r, pauses) for r in items],
+            count=len(items),
+            total=total.n,
+            total_is_lower_bound=total.lower_bound,
+            next_cursor=next_cursor,
         )
 
     return await run_in_threadpool(query)

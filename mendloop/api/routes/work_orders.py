@@ -63,7 +63,8 @@ async def list_work_orders(
         return WorkOrderList(
             work_orders=[views.work_order(w) for w in items],
             count=len(items),
-            total=total,
+            total=total.n,
+            total_is_lower_bound=total.lower_bound,
             stats=app.store.work_order_stats(),
             next_cursor=next_cursor,
         )
