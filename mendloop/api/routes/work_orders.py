@@ -53,21 +53,22 @@ async def list_work_orders(
     after = cursor_of(WORK_ORDERS_PAGE, cursor)
 
     def query() -> WorkOrderList:
-        items, total, next_cursor = app.store.work_orders.page(
-            status=status.value if status else None,
-            run_id=self_healing_run_id,
-            after=after,
-            limit=limit,
-            offset=offset,
-        )
-        return WorkOrderList(
-            work_orders=[views.work_order(w) for w in items],
-            count=len(items),
-            total=total.n,
-            total_is_lower_bound=total.lower_bound,
-            stats=app.store.work_order_stats(),
-            next_cursor=next_cursor,
-        )
+        with app.store.db.read():  # one connection and one transaction for the page, its total and stats
+            items, total, next_cursor = app.store.work_orders.page(
+                status=status.value if status else None,
+                run_id=self_healing_run_id,
+                after=after,
+                limit=limit,
+                offset=offset,
+            )
+            return WorkOrderList(
+                work_orders=[views.work_order(w) for w in items],
+                count=len(items),
+                total=total.n,
+                total_is_lower_bound=total.lower_bound,
+                stats=app.store.work_order_stats(),
+                next_cursor=next_cursor,
+            )
 
     return await run_in_threadpool(query)
 
