@@ -8,6 +8,7 @@ statement: an index lookup and a range bounded by the fold interval.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,8 +25,8 @@ _FOLDING = deltas.Folding(
 )
 
 
-def counted_in(conn: Connection, key: CountKey) -> int:
-    """The rows of the list `key` names, as of this statement."""
+def _count_of(key: CountKey) -> sa.ColumnElement[Any]:
+    """The folded count plus the unfolded deltas of `key`: two index lookups."""
     c, d = t.row_counts.c, t.row_count_deltas.c
     folded = (
         sa.select(sa.func.coalesce(sa.func.sum(c.n), 0))
@@ -37,7 +38,23 @@ def counted_in(conn: Connection, key: CountKey) -> int:
         .where(d.list_name == key.list_name, d.field == key.field, d.value == key.value)
         .scalar_subquery()
     )
-    return int(conn.execute(sa.select(folded + pending)).scalar_one())
+    return folded + pending
+
+
+def counted_in(conn: Connection, key: CountKey) -> int:
+    """The rows of the list `key` names, as of this statement."""
+    return int(conn.execute(sa.select(_count_of(key))).scalar_one())
+
+
+def by_value_query(list_name: str, field: str, values: Sequence[str]) -> sa.Select[Any]:
+    """One row: the count of each of `values` of `field`, in their order (one statement, one snapshot)."""
+    return sa.select(*[_count_of(CountKey(list_name, field, v)).label(f"c{i}") for i, v in enumerate(values)])
+
+
+def by_value_in(conn: Connection, list_name: str, field: str, values: Sequence[str]) -> dict[str, int]:
+    """`values` of `field` -> rows of `list_name` with it, the ones with none left out."""
+    row = conn.execute(by_value_query(list_name, field, values)).one()
+    return {v: int(n) for v, n in zip(values, row, strict=True) if n}
 
 
 def total_in(

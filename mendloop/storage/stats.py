@@ -21,7 +21,7 @@ from mendloop.domain import stats
 from mendloop.domain.records import Run
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_FINAL, RunStatus, WorkOrderStatus
 from mendloop.domain.stats import Delta
-from mendloop.storage import deltas
+from mendloop.storage import deltas, row_counts
 from mendloop.storage import schema as t
 from mendloop.storage.db import Database, Tx
 
@@ -49,19 +49,18 @@ class Snapshot:
 
 
 def live_queries() -> tuple[sa.Select[Any], sa.Select[Any]]:
-    """Runs and work orders by live status: searches of the status indexes, bounded by what is in flight."""
-
-    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[Any]:
-        return sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
-
-    return by_status(t.runs, _RUN_LIVE), by_status(t.work_orders, _WORK_ORDER_LIVE)
+    """Runs and work orders by live status, from the lists' row counts (storage/row_counts.py): index lookups,
+    whatever the number of runs in flight."""
+    return (
+        row_counts.by_value_query("runs", "status", _RUN_LIVE),
+        row_counts.by_value_query("work_orders", "status", _WORK_ORDER_LIVE),
+    )
 
 
 def _live_in(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int]]:
-    runs, work_orders = live_queries()
     return (
-        {str(s): int(n) for s, n in conn.execute(runs)},
-        {str(s): int(n) for s, n in conn.execute(work_orders)},
+        row_counts.by_value_in(conn, "runs", "status", _RUN_LIVE),
+        row_counts.by_value_in(conn, "work_orders", "status", _WORK_ORDER_LIVE),
     )
 
 
