@@ -6,6 +6,12 @@ clients, endpoint after endpoint, while a second process posts 200 events/s to i
 group-commit path). The baseline is the smallest size, measured in the same run: each endpoint's p99 at the
 larger sizes is printed as a ratio to it (goal: within 1.5x), and every p99 against the 20 ms goal.
 
+Each endpoint's figure also has the server's CPU per request (its /proc utime + stime over the 20-client
+measurement, less what the write load alone costs it a second, measured first), and each size a same-run baseline:
+a bare FastAPI app on uvicorn answering a constant to the same 20 clients, and the load average before and after
+(the machine may be shared: a p99 means little without them). 1,000,000 runs take gen_history about 9 minutes on
+SQLite (20 on PostgreSQL) the first time; the result is cached under bench/.cache/.
+
 SQLite always; PostgreSQL too when MENDLOOP_BENCH_POSTGRES_URL (or MENDLOOP_TEST_POSTGRES_URL) names a server.
 
     .venv/bin/python bench/reads.py [--sizes 10000,100000,1000000] [--requests 300] [--json]
