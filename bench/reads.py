@@ -6,6 +6,12 @@ clients, endpoint after endpoint, while a second process posts 200 events/s to i
 group-commit path). The baseline is the smallest size, measured in the same run: each endpoint's p99 at the
 larger sizes is printed as a ratio to it (goal: within 1.5x), and every p99 against the 20 ms goal.
 
+Each endpoint's figure also has the server's CPU per request (its /proc utime + stime over the 20-client
+measurement, less what the write load alone costs it a second, measured first), and each size a same-run baseline:
+a bare FastAPI app on uvicorn answering a constant to the same 20 clients, and the load average before and after
+(the machine may be shared: a p99 means little without them). 1,000,000 runs take gen_history about 9 minutes on
+SQLite (20 on PostgreSQL) the first time; the result is cached under bench/.cache/.
+
 SQLite always; PostgreSQL too when MENDLOOP_BENCH_POSTGRES_URL (or MENDLOOP_TEST_POSTGRES_URL) names a server.
 
     .venv/bin/python bench/reads.py [--sizes 10000,100000,1000000] [--requests 300] [--json]
@@ -46,6 +52,62 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid` (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# The same-run baseline: a bare FastAPI app on uvicorn answering a constant, for the same 20 clients.
+_BARE = """
+import sys
+import uvicorn
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/constant")
+async def constant() -> dict[str, int]:
+    return {"answer": 42}
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def _baseline(requests: int, max_seconds: float) -> dict[str, Any]:
+    """p50/p99 and server CPU per request of the bare endpoint under CLIENTS clients (no write load)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", _BARE, str(port)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/constant")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        _measure(port, ["/constant"], CLIENTS * 5, 10)
+        cpu = _cpu_seconds(server.pid)
+        lat, codes = _measure(port, ["/constant"], requests, max_seconds)
+        cpu = _cpu_seconds(server.pid) - cpu
+        return {
+            "p50_ms": _pct(lat, 50),
+            "p99_ms": _pct(lat, 99),
+            "n": len(lat),
+            "codes": codes,
+            "cpu_ms_per_request": cpu * 1000 / max(1, len(lat)),
+        }
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -246,10 +308,17 @@ def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> d
         )
         try:
             time.sleep(1.0)  # the write load at its pace before the first figure
+            # What the write load alone costs the server a second, taken out of each endpoint's CPU figure.
+            cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            time.sleep(3.0)
+            writer_cpu_per_s = (_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
             figures: dict[str, Any] = {}
+            load_start = os.getloadavg()
             for name, paths in endpoints.items():
                 _measure(port, paths, CLIENTS, 10)  # warm: connections open, pages cached
+                cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
                 lat, codes = _measure(port, paths, requests, max_seconds)
+                cpu = _cpu_seconds(server.pid) - cpu0 - writer_cpu_per_s * (time.monotonic() - t0)
                 # One client alone: the request's own cost, without the queue 20 clients make on one process.
                 solo, _ = _measure(port, paths, 30, max_seconds, clients=1)
                 figures[name] = {
@@ -258,6 +327,7 @@ def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> d
                     "p99_ms": _pct(lat, 99),
                     "n": len(lat),
                     "codes": codes,
+                    "cpu_ms_per_request": max(0.0, cpu) * 1000 / max(1, len(lat)),
                 }
         finally:
             writer.send_signal(signal.SIGTERM)
@@ -270,7 +340,9 @@ def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> d
         except subprocess.TimeoutExpired:
             server.kill()
     return {
+        "load_average_start": load_start,
         "load_average": os.getloadavg(),
+        "writer_cpu_ms_per_s": writer_cpu_per_s * 1000,
         "endpoints": figures,
         "writes_per_s": sum(written["statuses"].values()) / written["seconds"],
         "write_statuses": written["statuses"],
@@ -299,7 +371,9 @@ def run(
                     url = gen_history.postgres_copy(runs, postgres, f"bench_reads_{runs}")
                 prepared = time.monotonic() - started
                 try:
+                    baseline = _baseline(requests, max_seconds)
                     result = _one(tmp, url, runs, requests, max_seconds)
+                    result["baseline"] = baseline
                 finally:
                     if backend == "postgresql":
                         assert postgres is not None
@@ -322,6 +396,7 @@ def report(r: dict[str, Any]) -> list[str]:
         header = f"  {'endpoint':<42}" + "".join(f"{int(s):>20,}" for s in sizes)
         header += "".join(f"  p99 {int(s) // 1000}k/{int(base) // 1000}k" for s in sizes[1:])
         header += "".join(f"  solo p50 {int(s) // 1000}k" for s in sizes)
+        header += "".join(f"  cpu ms/req {int(s) // 1000}k" for s in sizes)
         lines.append(header)
         for name in by_size[base]["endpoints"]:
             row = f"  {name:<42}"
@@ -342,12 +417,21 @@ def report(r: dict[str, Any]) -> list[str]:
             for s in sizes:
                 f = by_size[s]["endpoints"].get(name)
                 row += f"{f['solo_p50_ms'] if f else float('nan'):>14.1f}"
+            for s in sizes:
+                f = by_size[s]["endpoints"].get(name)
+                row += f"{f['cpu_ms_per_request'] if f else float('nan'):>16.2f}"
             lines.append(row)
         for s in sizes:
             x = by_size[s]
             lines.append(
                 f"  {int(s):,} runs: database ready in {x['prepare_seconds']:.1f} s; writes {x['writes_per_s']:.0f}/s"
-                f" {x['write_statuses']}; load average {x['load_average'][0]:.1f} on {os.cpu_count()} CPUs"
+                f" {x['write_statuses']} (server CPU {x['writer_cpu_ms_per_s']:.0f} ms/s); load average"
+                f" {x['load_average_start'][0]:.1f} -> {x['load_average'][0]:.1f} on {os.cpu_count()} CPUs"
+            )
+            b = x["baseline"]
+            lines.append(
+                f"    baseline, bare FastAPI/uvicorn constant, same {CLIENTS} clients, no writes: p50 {b['p50_ms']:.1f}"
+                f" / p99 {b['p99_ms']:.1f} ms, server CPU {b['cpu_ms_per_request']:.2f} ms/request"
             )
     lines.append("  ! marks a figure over its goal")
     return lines

@@ -167,6 +167,7 @@ class App:
         )
         self.workers.housekeeping.append(self.remediation.reap)
         self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.stats.fold))
+        self.workers.housekeeping.append(every(s.stats.fold_interval_seconds, self.store.row_counts.fold))
         if any(d is not None for d in (s.retention.runs_days, s.retention.events_days, s.retention.audit_days)):
             self.workers.housekeeping.append(every(s.retention.interval_seconds, self.prune))
         self.workers.housekeeping.append(self.remediation.reap_approvals)

@@ -312,7 +312,8 @@ def test_the_migration_fills_the_aggregates_from_the_rows_there(empty_database_u
 
 
 def test_the_stats_read_never_scans_history(tmp_path: Path) -> None:
-    """SQLite's plan: the live counts search the status indexes; only the small aggregate tables are scanned."""
+    """SQLite's plan: the live counts are index lookups of the row counts; only the small aggregate tables are
+    scanned."""
     url = migrated_sqlite(tmp_path / "plan.db")
     store = Store(url)
     try:
@@ -320,7 +321,12 @@ def test_the_stats_read_never_scans_history(tmp_path: Path) -> None:
             plans: list[str] = []
             for q in stat_rows.live_queries():
                 sql = str(q.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-                plans += [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+                plans += [
+                    row[-1]
+                    for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+                    # Labels: the one-row SELECT the subqueries hang from, and each subquery (its lines follow).
+                    if not str(row[-1]).startswith(("SCALAR SUBQUERY", "SCAN CONSTANT ROW"))
+                ]
         assert plans and all(p.startswith("SEARCH") and "INDEX" in p for p in plans), plans
         assert not any("TEMP B-TREE" in p for p in plans), plans
     finally:

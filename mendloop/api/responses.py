@@ -58,6 +58,11 @@ class WorkOrderList(_Answer):
     work_orders: list[WorkOrderOut]
     count: int
     total: int
+    total_is_lower_bound: bool = Field(
+        default=False,
+        description="True when `total` is a lower bound: a filter combination the counts don't keep, counted up to "
+        "1,000 matching items",
+    )
     stats: dict[str, int] = Field(description="total_work_orders, and the number of work orders in each status")
     next_cursor: str | None = Field(
         default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
@@ -124,6 +129,11 @@ class RunList(_Answer):
     runs: list[RunOut]
     count: int
     total: int
+    total_is_lower_bound: bool = Field(
+        default=False,
+        description="True when `total` is a lower bound: a filter combination the counts don't keep, counted up to "
+        "1,000 matching items",
+    )
     next_cursor: str | None = Field(
         default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
     )
@@ -387,6 +397,11 @@ class IncidentList(_Answer):
     incidents: list[IncidentOut]
     count: int
     total: int
+    total_is_lower_bound: bool = Field(
+        default=False,
+        description="True when `total` is a lower bound: a filter combination the counts don't keep, counted up to "
+        "1,000 matching items",
+    )
     next_cursor: str | None = Field(
         default=None, description="The `cursor` of the next page (keyset paging); null on the last page"
     )

@@ -43,9 +43,14 @@ _EVENT_COLUMNS = ["id", "type", "source", "message", "payload", "run_id", "work_
 assert [c.name for c in t.events.c] == _EVENT_COLUMNS, "Tx.emit builds its tuples in this order"
 
 
-def _sqlite_engine(url: sa.URL, *, begin: str) -> Engine:
+# Connections kept open for reads: as many as the threads that answer requests at once under load (20 clients),
+# so a burst reuses them instead of opening (PRAGMAs, a PostgreSQL backend) and closing one per request.
+READ_POOL = 24
+
+
+def _sqlite_engine(url: sa.URL, *, begin: str, pool_size: int = 8) -> Engine:
     engine = sa.create_engine(
-        url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8
+        url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=pool_size, max_overflow=8
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -155,9 +160,11 @@ class Database:
             self.engine = _sqlite_engine(parsed, begin="BEGIN IMMEDIATE")
             in_memory = parsed.database in (None, "", ":memory:")
             # An in-memory database exists once per connection pool: it reads through the writer's engine.
-            self.read_engine = self.engine if in_memory else _sqlite_engine(parsed, begin="BEGIN DEFERRED")
+            self.read_engine = (
+                self.engine if in_memory else _sqlite_engine(parsed, begin="BEGIN DEFERRED", pool_size=READ_POOL)
+            )
         elif backend == "postgresql":
-            self.engine = sa.create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self.engine = sa.create_engine(parsed, pool_size=READ_POOL, max_overflow=20, pool_pre_ping=True)
             self.read_engine = self.engine
         else:
             raise StorageError(f"unsupported database {backend!r}; use sqlite or postgresql")
@@ -177,6 +184,7 @@ class Database:
         # SQLite has one writer at a time. Threads of this process queue on a lock, woken the moment it is free,
         # instead of in SQLite's busy handler, which sleeps (1, 2, 5 ... 100 ms) between retries.
         self._writer: AbstractContextManager[Any] = threading.RLock() if self.is_sqlite else nullcontext()
+        self._reading = threading.local()
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
@@ -191,9 +199,20 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
+        """A read connection. Nested in another read of the same thread it is that one (one transaction, one
+        snapshot on SQLite): a request that reads several stores (a run's detail: seven) checks out one connection
+        and begins once, instead of once per store, which was most of a small read's cost."""
+        held: Connection | None = getattr(self._reading, "conn", None)
+        if held is not None:
+            yield held
+            return
         try:
             with self.read_engine.connect() as conn:
-                yield conn
+                self._reading.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._reading.conn = None
         except sa.exc.DBAPIError as exc:
             raise StorageError(_one_line(exc)) from exc
 

@@ -16,6 +16,7 @@ from mendloop.config import StormConfig
 from mendloop.domain import fix_memory, storm
 from mendloop.domain import incidents as lifecycle
 from mendloop.domain.incidents import OPEN, RESOLVED, TrackedIncident
+from mendloop.domain.list_totals import Total
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Detection, DetectionOutcome, NewEvent
 from mendloop.domain.runs import stamp
@@ -28,6 +29,7 @@ from mendloop.storage.db import Tx, sqlite_insert
 from mendloop.storage.fixes import mark_recurred_in
 from mendloop.storage.incident_resolution import resolve_by_operator_in
 from mendloop.storage.pages import INCIDENTS_PAGE, newest_first
+from mendloop.storage.row_counts import total_in
 from mendloop.storage.store import Store
 
 # What a new run needs from the caller, who knows playbooks and targets: insert_run's keyword arguments.
@@ -195,7 +197,7 @@ class IncidentStore:
         found, total, _ = self.page(
             status=status, fingerprint=fingerprint, error_type=error_type, limit=limit, offset=offset
         )
-        return found, total
+        return found, total.n
 
     def page(
         self,
@@ -206,8 +208,9 @@ class IncidentStore:
         after: After | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[TrackedIncident], int, str | None]:
-        """Most recently seen first (last_seen, id), from a cursor: the incidents, how many match, the next cursor."""
+    ) -> tuple[list[TrackedIncident], Total, str | None]:
+        """Most recently seen first (last_seen, id), from a cursor: the incidents, how many match
+        (storage/row_counts.py), the next cursor."""
         conds = []
         if status:
             conds.append(t.incidents.c.status == status)
@@ -216,7 +219,6 @@ class IncidentStore:
         if error_type:
             conds.append(t.incidents.c.error_type == error_type)
         q = sa.select(t.incidents).where(*conds)
-        c = sa.select(sa.func.count()).select_from(t.incidents).where(*conds)
         with self.store.db.read() as conn:
             rows, cursor = newest_first(
                 conn,
@@ -228,7 +230,8 @@ class IncidentStore:
                 limit=limit,
                 offset=offset,
             )
-            total = int(conn.execute(c).scalar_one())
+            filters = {"status": status, "fingerprint": fingerprint, "error_type": error_type}
+            total = total_in(conn, "incidents", filters, q)
         return [_incident(r) for r in rows], total, cursor
 
     def runs_of(self, incident_id: str) -> list[tuple[str, str]]:

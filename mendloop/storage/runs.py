@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from mendloop.domain import runs as decide
 from mendloop.domain import stats
+from mendloop.domain.list_totals import Total
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import NewEvent, Run, StepRecord, WorkOrder
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, StepStatus, WorkOrderStatus, check_run_move
@@ -26,6 +27,7 @@ from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.incident_resolution import resolve_completed_in
 from mendloop.storage.pages import RUNS_PAGE, newest_first
+from mendloop.storage.row_counts import total_in
 from mendloop.storage.rows import run_of, step_of, work_order_of
 from mendloop.storage.trust import TrustStore
 
@@ -525,17 +527,16 @@ class RunStore:
 
     def find(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Run], int]:
         runs, total, _ = self.page(status=status, limit=limit, offset=offset)
-        return runs, total
+        return runs, total.n
 
     def page(
         self, *, status: str | None = None, after: After | None = None, limit: int = 50, offset: int = 0
-    ) -> tuple[list[Run], int, str | None]:
-        """Newest first (created_at, id), from a cursor: the runs, how many match, the next page's cursor."""
+    ) -> tuple[list[Run], Total, str | None]:
+        """Newest first (created_at, id), from a cursor: the runs, how many match (storage/row_counts.py), the next
+        page's cursor."""
         q = sa.select(t.runs)
-        c = sa.select(sa.func.count()).select_from(t.runs)
         if status:
             q = q.where(t.runs.c.status == status)
-            c = c.where(t.runs.c.status == status)
         with self.db.read() as conn:
             rows, cursor = newest_first(
                 conn,
@@ -547,7 +548,7 @@ class RunStore:
                 limit=limit,
                 offset=offset,
             )
-            total = int(conn.execute(c).scalar_one())
+            total = total_in(conn, "runs", {"status": status}, q)
         return [run_of(r) for r in rows], total, cursor
 
     def steps(self, run_id: str) -> list[StepRecord]:

@@ -305,6 +305,30 @@ stat_totals = sa.Table(
     sa.Column("updated_at", Epoch, nullable=False),
 )
 
+# How many rows each list has, unfiltered (field "") and per value of a counted column (migration 0014): triggers
+# on runs, work_orders and incidents insert +1/-1 rows into `row_count_deltas` in the transaction of each insert,
+# counted-column change and delete; housekeeping folds them into `row_counts` (storage/row_counts.py). The lists'
+# `total` reads these, not a count over all history.
+row_count_deltas = sa.Table(
+    "row_count_deltas",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("list_name", sa.String(32), nullable=False),
+    sa.Column("field", sa.String(32), nullable=False),
+    sa.Column("value", sa.String(200), nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+    sa.Index("ix_row_count_deltas_key", "list_name", "field", "value"),
+)
+
+row_counts = sa.Table(
+    "row_counts",
+    metadata,
+    sa.Column("list_name", sa.String(32), primary_key=True),
+    sa.Column("field", sa.String(32), primary_key=True),
+    sa.Column("value", sa.String(200), primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
 # One durable cursor per notification target (`notify:`): the last event it was given, its counters (kept here so
 # they survive restarts and count across processes), its retry state, and the lease of the one process that
 # delivers it.

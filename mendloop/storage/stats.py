@@ -3,10 +3,8 @@
 - `record(tx, deltas)` inserts into `stat_deltas` inside the caller's transaction (the one that changes the run
   or the work order), so a statistic is never ahead of or behind the state it counts. Inserts only: concurrent
   workers never wait on one counter row.
-- `fold()` (a housekeeping job) moves deltas into `stat_totals`. It deletes a bounded id range with
-  `DELETE ... RETURNING` and adds exactly the rows it deleted: two processes folding at once (SQLite or
-  PostgreSQL) can't both delete one row, so nothing is counted twice, and a delta committed late with a low id
-  (PostgreSQL) is simply found by the next fold, since a fold takes what is there rather than what follows a cursor.
+- `fold()` (a housekeeping job) moves deltas into `stat_totals`, by storage/deltas.py (safe with several
+  processes folding at once, and with deltas that commit late).
 - `sums()` reads totals and unfolded deltas in one statement (one snapshot on both backends: a fold that commits
   meanwhile is seen whole or not at all); its cost is bounded by the number of keys and the fold interval.
 """
@@ -23,12 +21,22 @@ from mendloop.domain import stats
 from mendloop.domain.records import Run
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_FINAL, RunStatus, WorkOrderStatus
 from mendloop.domain.stats import Delta
+from mendloop.storage import deltas, row_counts
 from mendloop.storage import schema as t
 from mendloop.storage.db import Database, Tx
 
 FOLD_BATCH = 10_000
 _RUN_LIVE = [s.value for s in RunStatus if s not in RUN_FINAL]
 _WORK_ORDER_LIVE = [s.value for s in WorkOrderStatus if s not in WORK_ORDER_FINAL]
+
+_FOLDING = deltas.Folding(
+    deltas=t.stat_deltas,
+    totals=t.stat_totals,
+    keys=("playbook", "component", "measure"),
+    delta="delta",
+    total="value",
+    stamped=("updated_at",),
+)
 
 Row = tuple[str, str, str, float]  # playbook, component, measure, sum
 
@@ -41,19 +49,18 @@ class Snapshot:
 
 
 def live_queries() -> tuple[sa.Select[Any], sa.Select[Any]]:
-    """Runs and work orders by live status: searches of the status indexes, bounded by what is in flight."""
-
-    def by_status(table: sa.Table, statuses: list[str]) -> sa.Select[Any]:
-        return sa.select(table.c.status, sa.func.count()).where(table.c.status.in_(statuses)).group_by(table.c.status)
-
-    return by_status(t.runs, _RUN_LIVE), by_status(t.work_orders, _WORK_ORDER_LIVE)
+    """Runs and work orders by live status, from the lists' row counts (storage/row_counts.py): index lookups,
+    whatever the number of runs in flight."""
+    return (
+        row_counts.by_value_query("runs", "status", _RUN_LIVE),
+        row_counts.by_value_query("work_orders", "status", _WORK_ORDER_LIVE),
+    )
 
 
 def _live_in(conn: sa.Connection) -> tuple[dict[str, int], dict[str, int]]:
-    runs, work_orders = live_queries()
     return (
-        {str(s): int(n) for s, n in conn.execute(runs)},
-        {str(s): int(n) for s, n in conn.execute(work_orders)},
+        row_counts.by_value_in(conn, "runs", "status", _RUN_LIVE),
+        row_counts.by_value_in(conn, "work_orders", "status", _WORK_ORDER_LIVE),
     )
 
 
@@ -85,47 +92,8 @@ class StatStore:
         self.db = db
 
     def fold(self, batch: int = FOLD_BATCH) -> int:
-        """Fold deltas into totals, one bounded id range per transaction (no long lock); returns how many."""
-        folded = 0
-        while True:
-            n = self._fold_once(batch)
-            folded += n
-            if n < batch:
-                return folded
-
-    def _fold_once(self, batch: int) -> int:
-        with self.db.read() as conn:
-            first = conn.execute(sa.select(sa.func.min(t.stat_deltas.c.id))).scalar()
-        if first is None:
-            return 0
-        d = t.stat_deltas.c
-        with self.db.write() as tx:
-            taken = tx.conn.execute(
-                sa.delete(t.stat_deltas)
-                .where(d.id < int(first) + batch)
-                .returning(d.playbook, d.component, d.measure, d.delta)
-            ).all()
-            sums: dict[tuple[str, str, str], float] = {}
-            for playbook, component, measure, delta in taken:
-                key = (str(playbook), str(component), str(measure))
-                sums[key] = sums.get(key, 0.0) + float(delta)
-            if sums:
-                ins = self.db.insert(t.stat_totals)
-                # Sorted: two folds upserting the same keys take their row locks in one order (no deadlock).
-                tx.conn.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=["playbook", "component", "measure"],
-                        set_={
-                            "value": t.stat_totals.c.value + ins.excluded.value,
-                            "updated_at": ins.excluded.updated_at,
-                        },
-                    ),
-                    [
-                        {"playbook": p, "component": c, "measure": m, "value": v, "updated_at": tx.now}
-                        for (p, c, m), v in sorted(sums.items())
-                    ],
-                )
-        return len(taken)
+        """Fold deltas into totals (storage/deltas.py); returns how many."""
+        return deltas.fold(self.db, _FOLDING, batch)
 
     def snapshot(self) -> Snapshot:
         """The sums and the live counts, read in one transaction."""

@@ -27,6 +27,7 @@ from mendloop.storage.events import EventStore
 from mendloop.storage.fixes import FixStore
 from mendloop.storage.pauses import PauseStore
 from mendloop.storage.retention import Retention
+from mendloop.storage.row_counts import RowCounts
 from mendloop.storage.runs import RunStore, StepOutcome
 from mendloop.storage.stats import StatStore
 from mendloop.storage.trust import TrustStore
@@ -61,6 +62,7 @@ class Store:
         self.runs = RunStore(self.db, self.trust)
         self.work_orders = WorkOrderStore(self.db)
         self.stats = StatStore(self.db)
+        self.row_counts = RowCounts(self.db)
         # Parts that read the events table by cursor declare their floor here (`retention.floors`).
         self.retention = Retention(self.db)
         self.approvals = ApprovalStore(self.db)

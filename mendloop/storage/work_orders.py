@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from mendloop.domain import stats
 from mendloop.domain import work_orders as decide
+from mendloop.domain.list_totals import Total
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Run, WorkOrder
 from mendloop.domain.states import RunStatus, WorkOrderStatus
@@ -24,6 +25,7 @@ from mendloop.storage import schema as t
 from mendloop.storage import stats as stat_rows
 from mendloop.storage.db import Database, Tx
 from mendloop.storage.pages import WORK_ORDERS_PAGE, newest_first
+from mendloop.storage.row_counts import total_in
 from mendloop.storage.rows import run_of, work_order_of
 
 # A decision: the locked work order, its run (if any) and the transaction's time → what changes.
@@ -236,7 +238,7 @@ class WorkOrderStore:
         self, *, status: str | None = None, run_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[WorkOrder], int]:
         found, total, _ = self.page(status=status, run_id=run_id, limit=limit, offset=offset)
-        return found, total
+        return found, total.n
 
     def page(
         self,
@@ -247,11 +249,10 @@ class WorkOrderStore:
         limit: int = 50,
         offset: int = 0,
         repositories: Sequence[str] | None = None,
-    ) -> tuple[list[WorkOrder], int, str | None]:
-        """Newest first (created_at, id), from a cursor: the work orders, how many match, the next cursor.
-        `repositories`: an agent token's scope (None: every work order), as a claim applies it."""
+    ) -> tuple[list[WorkOrder], Total, str | None]:
+        """Newest first (created_at, id), from a cursor: the work orders, how many match (storage/row_counts.py),
+        the next cursor. `repositories`: an agent token's scope (None: every work order), as a claim applies it."""
         q = sa.select(t.work_orders)
-        c = sa.select(sa.func.count()).select_from(t.work_orders)
         conds = []
         if status:
             conds.append(t.work_orders.c.status == status)
@@ -261,7 +262,6 @@ class WorkOrderStore:
             conds.append(t.work_orders.c.repository.in_(list(repositories)))
         if conds:
             q = q.where(*conds)
-            c = c.where(*conds)
         with self.db.read() as conn:
             rows, cursor = newest_first(
                 conn,
@@ -273,7 +273,10 @@ class WorkOrderStore:
                 limit=limit,
                 offset=offset,
             )
-            total = int(conn.execute(c).scalar_one())
+            # A scope is a set of repositories, which no kept count answers: it is counted up to the cap.
+            scoped = "scope:" + ",".join(repositories) if repositories is not None else None
+            filters = {"status": status, "self_healing_run_id": run_id, "repository_scope": scoped}
+            total = total_in(conn, "work_orders", filters, q)
         return [work_order_of(r) for r in rows], total, cursor
 
     def diff(self, wo_id: str) -> str:

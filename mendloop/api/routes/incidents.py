@@ -31,21 +31,27 @@ async def list_incidents(
     after = cursor_of(INCIDENTS_PAGE, cursor)
 
     def query() -> IncidentList:
-        items, total, next_cursor = app.incidents.page(
-            status=status, fingerprint=fingerprint, error_type=error_type, after=after, limit=limit, offset=offset
-        )
-        pauses = app.store.pauses.current()
-        return IncidentList(
-            incidents=[views.incident(i, pauses) for i in items], count=len(items), total=total, next_cursor=next_cursor
-        )
+        with app.store.db.read():  # one connection and one transaction for the page, its total and the pauses
+            items, total, next_cursor = app.incidents.page(
+                status=status, fingerprint=fingerprint, error_type=error_type, after=after, limit=limit, offset=offset
+            )
+            pauses = app.store.pauses.current()
+            return IncidentList(
+                incidents=[views.incident(i, pauses) for i in items],
+                count=len(items),
+                total=total.n,
+                total_is_lower_bound=total.lower_bound,
+                next_cursor=next_cursor,
+            )
 
     return await run_in_threadpool(query)
 
 
 def _detail(app: App, incident_id: str) -> IncidentDetail:
-    return views.incident_detail(
-        app.incidents.get(incident_id), app.incidents.runs_of(incident_id), app.store.pauses.current()
-    )
+    with app.store.db.read():  # one connection and one transaction
+        return views.incident_detail(
+            app.incidents.get(incident_id), app.incidents.runs_of(incident_id), app.store.pauses.current()
+        )
 
 
 @router.get("/{incident_id}")

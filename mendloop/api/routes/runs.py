@@ -32,18 +32,28 @@ async def list_runs(
     after = cursor_of(RUNS_PAGE, cursor)
 
     def query() -> RunList:
-        items, total, next_cursor = app.store.runs.page(
-            status=status.value if status else None, after=after, limit=limit, offset=offset
-        )
-        pauses = app.store.pauses.current()
+        with app.store.db.read():  # one connection and one transaction for the page, its total and the pauses
+            items, total, next_cursor = app.store.runs.page(
+                status=status.value if status else None, after=after, limit=limit, offset=offset
+            )
+            pauses = app.store.pauses.current()
         return RunList(
-            runs=[views.run(r, pauses) for r in items], count=len(items), total=total, next_cursor=next_cursor
+            runs=[views.run(r, pauses) for r in items],
+            count=len(items),
+            total=total.n,
+            total_is_lower_bound=total.lower_bound,
+            next_cursor=next_cursor,
         )
 
     return await run_in_threadpool(query)
 
 
 def run_detail(app: App, run_id: str) -> RunDetail:
+    with app.store.db.read():  # seven reads, one connection and one transaction
+        return _run_detail(app, run_id)
+
+
+def _run_detail(app: App, run_id: str) -> RunDetail:
     r = app.store.get_run(run_id)
     return views.run_detail(
         r,

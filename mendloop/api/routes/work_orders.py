@@ -57,21 +57,23 @@ async def list_work_orders(
     scope = credential.claim_scope() if credential is not None else None
 
     def query() -> WorkOrderList:
-        items, total, next_cursor = app.store.work_orders.page(
-            status=status.value if status else None,
-            run_id=self_healing_run_id,
-            after=after,
-            limit=limit,
-            offset=offset,
-            repositories=scope,
-        )
-        return WorkOrderList(
-            work_orders=[views.work_order(w) for w in items],
-            count=len(items),
-            total=total,
-            stats=app.store.work_order_stats(),
-            next_cursor=next_cursor,
-        )
+        with app.store.db.read():  # one connection and one transaction for the page, its total and stats
+            items, total, next_cursor = app.store.work_orders.page(
+                status=status.value if status else None,
+                run_id=self_healing_run_id,
+                after=after,
+                limit=limit,
+                offset=offset,
+                repositories=scope,
+            )
+            return WorkOrderList(
+                work_orders=[views.work_order(w) for w in items],
+                count=len(items),
+                total=total.n,
+                total_is_lower_bound=total.lower_bound,
+                stats=app.store.work_order_stats(),
+                next_cursor=next_cursor,
+            )
 
     return await run_in_threadpool(query)
 
