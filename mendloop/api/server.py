@@ -31,6 +31,7 @@ from mendloop.api.routes import tokens as tokens_route
 from mendloop.api.streams import StreamSlots
 from mendloop.app import App
 from mendloop.config import LimitsConfig, Settings
+from mendloop.dashboard.routes import install as install_dashboard
 from mendloop.errors import ConfigError, InputError
 
 # Longer than any id, component or file name mendloop hands out (the widest such column holds 300).
@@ -262,6 +263,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(metrics_route.router)
     api.include_router(tokens_route.router)
     api.include_router(audit.router)
+    install_dashboard(api)  # `/` and `/ui/...`: the dashboard, under the same rules (domain/roles.py)
     return api
 
 

@@ -517,14 +517,27 @@ class RunStore:
         return runs, total
 
     def page(
-        self, *, status: str | None = None, after: After | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        playbook_id: str | None = None,
+        component: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> tuple[list[Run], int, str | None]:
-        """Newest first (created_at, id), from a cursor: the runs, how many match, the next page's cursor."""
+        """Newest first (created_at, id), from a cursor: the runs, how many match, the next page's cursor. Each
+        filter alone walks its own index (status, playbook_id or component, then created_at and id)."""
         q = sa.select(t.runs)
         c = sa.select(sa.func.count()).select_from(t.runs)
-        if status:
-            q = q.where(t.runs.c.status == status)
-            c = c.where(t.runs.c.status == status)
+        for column, value in (
+            (t.runs.c.status, status),
+            (t.runs.c.playbook_id, playbook_id),
+            (t.runs.c.component, component),
+        ):
+            if value:
+                q = q.where(column == value)
+                c = c.where(column == value)
         with self.db.read() as conn:
             rows, cursor = newest_first(
                 conn,
