@@ -224,3 +224,135 @@ def test_bad_filters_and_unknown_ids_are_4xx_naming_the_field(app: App, client: 
     assert client.get("/ui/runs/nope", headers=h).status_code == 404
     assert client.get("/ui/patches/nope", headers=h).status_code == 404
     assert client.get("/ui/runs", params={"component": "x" * 300}, headers=h).status_code == 422
+
+
+def _posts(html: str) -> dict[str, str]:
+    """The action buttons of a page: their label -> the API path they POST to."""
+    return {label.strip(): path for path, label in re.findall(r'data-post="([^"]+)"[^>]*>([^<]+)</button>', html)}
+
+
+def test_each_action_button_posts_to_the_api_route_the_cli_uses(app: App, client: httpx.Client) -> None:
+    """The buttons an operator gets, pressed as the page's script does (the session cookie and its CSRF token):
+    cancel, retry from a step, reject a held patch, resolve an incident."""
+    _, operator = app.tokens.create("olga", "operator")
+    csrf = _login(client, operator)
+    h = {"X-CSRF-Token": csrf}
+    body = {"description": "d", "error_type": "patchy", "wait_seconds": 5}
+    run_id = client.post("/patches/trigger", json=body, headers=h).json()["run_id"]
+    buttons = _posts(client.get(f"/ui/runs/{run_id}").text)
+    assert buttons == {"Cancel run": f"/patches/runs/{run_id}/cancel"}
+    assert client.post(buttons["Cancel run"], json={}, headers=h).status_code == 200
+    page = client.get(f"/ui/runs/{run_id}").text
+    assert "Cancel run" not in page and f'data-retry="/patches/runs/{run_id}/retry"' in page
+    retried = client.post(f"/patches/runs/{run_id}/retry", json={"from_step": "escalate"}, headers=h)
+    assert retried.status_code == 200, retried.text
+    new_run = retried.json()["run_id"]
+    wait_for(lambda: app.store.run_status(new_run).value == "awaiting_patch")
+
+    # A patch held for approval: approve and reject on its page.
+    wo_id = app.store.get_run(new_run).coding_work_order_id
+    done = client.post(
+        f"/patches/work-orders/{wo_id}/complete",
+        json={"tests_passed": True, "files_changed": 1, "approval_required": True},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert done.status_code == 200, done.text
+    buttons = _posts(client.get(f"/ui/patches/{wo_id}").text)
+    assert set(buttons) == {"Approve patch", "Reject patch"}
+    assert client.post(buttons["Reject patch"], json={"reason": "no"}, headers=h).status_code == 200
+    assert app.store.get_work_order(wo_id).status.value in ("failed", "cancelled")
+    # Refused by the API: the page's script shows this body's words.
+    again = client.post(buttons["Approve patch"], headers=h)
+    assert again.status_code == 409 and again.json()["detail"]
+
+    # An incident from POST /events, resolved from its row.
+    event = {
+        "event_type": "app.error",
+        "component": "svc",
+        "message": "boom",
+        "payload": {"error_type": "nothing_routed"},
+    }
+    assert client.post("/events", json=event, headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 202
+    buttons = _posts(client.get("/ui/incidents").text)
+    assert list(buttons) == ["Resolve"]
+    assert client.post(buttons["Resolve"], headers=h).status_code == 200
+    assert "Resolve</button>" not in client.get("/ui/incidents").text
+
+
+def test_the_runs_tab_filters_and_pages_by_cursor(app: App, client: httpx.Client) -> None:
+    for i in range(30):
+        app.remediation.trigger(error_type="patchy", description=f"r{i}", component="a" if i % 3 else "b")
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    first = client.get("/ui/runs", headers=h).text
+    assert first.count("<tr data-run=") == 25 and "30 runs" in first
+    cursor = re.search(r'href="\?cursor=([^"]+)"', first)
+    assert cursor
+    second = client.get(f"/ui/runs?cursor={cursor.group(1)}", headers=h).text
+    assert second.count("<tr data-run=") == 5
+    ids = set(re.findall(r'<tr data-run="([^"]+)"', first)) | set(re.findall(r'<tr data-run="([^"]+)"', second))
+    assert len(ids) == 30
+    only_b = client.get("/ui/runs", params={"component": "b"}, headers=h).text
+    assert "10 runs match" in only_b and only_b.count("<tr data-run=") == 10
+    assert "No run matches" in client.get("/ui/runs", params={"playbook": "other"}, headers=h).text
+    # The API's list takes the same filters.
+    listed = client.get("/patches/runs", params={"component": "b", "playbook_id": "patchy"}, headers=h).json()
+    assert listed["total"] == 10
+
+
+def test_a_rejected_patch_shows_the_safety_finding_and_a_highlighted_diff(database_url: str, tmp_path: Path) -> None:
+    """A real git repository behind the target: the run's patch pipeline refuses a diff that edits CI config, and
+    the work order's page says why, next to the diff highlighted by Pygments."""
+    from tests.support import git
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "app.py").write_text("x = 1\n")
+    git(repo, "add", "app.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    write_playbooks(tmp_path / "pb", PLAYBOOK)
+    settings = settings_for(
+        database_url,
+        tmp_path,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"patchy": "patchy"},
+        targets={"svc": {"repository": str(repo)}},
+        default_target="svc",
+    )
+    app = open_app(settings, start_workers=True)
+    diff = (
+        "diff --git a/.github/workflows/ci.yml b/.github/workflows/ci.yml\nnew file mode 100644\n"
+        "--- /dev/null\n+++ b/.github/workflows/ci.yml\n@@ -0,0 +1 @@\n+on: push\n"
+    )
+    try:
+        with api_client(app) as client:
+            run_id = client.post("/patches/trigger", json={"description": "d", "error_type": "patchy"}).json()["run_id"]
+            wo_id = app.store.get_run(run_id).coding_work_order_id
+            done = client.post(
+                f"/patches/work-orders/{wo_id}/complete", json={"tests_passed": True, "files_changed": 1, "diff": diff}
+            )
+            assert done.status_code == 200, done.text
+            wait_for(lambda: app.store.get_work_order(wo_id).status.value == "failed")
+            page = client.get(f"/ui/patches/{wo_id}").text
+            finding = re.search(r'data-testid="safety-finding"><strong>([^<]+)</strong>: ([^<]+)</p>', page)
+            assert finding and finding.group(1) == "unsafe_patch" and ".github" in finding.group(2), page
+            assert '<span class="gi">+on: push' in page
+            assert "<script" not in page.split('id="diff-title"')[1].split("</section>")[0]
+    finally:
+        app.close()
+
+
+def test_hostile_text_is_escaped_everywhere_it_is_shown(app: App, client: httpx.Client) -> None:
+    """Event data, descriptions and diffs are data: never markup on the page (agents and senders are hostile)."""
+    from mendloop.dashboard.render import highlight_diff
+
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    assert "<script>" not in highlight_diff(f"--- a/f\n+++ b/f\n@@ -1 +1 @@\n-{evil}\n+{evil}\n")
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    run = client.post(
+        "/patches/trigger", json={"description": evil, "error_type": "patchy", "component": evil}, headers=h
+    ).json()
+    for path in ("/", "/ui/runs", f"/ui/runs/{run['run_id']}", f"/ui/patches/{run['work_order_id']}", "/ui/patches"):
+        page = client.get(path, headers=h).text
+        assert "<script>alert" not in page and "<img src=x" not in page, path
+    assert "&lt;script&gt;alert" in client.get(f"/ui/runs/{run['run_id']}", headers=h).text

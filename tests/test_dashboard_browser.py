@@ -155,12 +155,18 @@ def test_the_loop_live_in_the_browser(server: str, browser: Browser) -> None:
     expect(page.get_by_text("No runs yet: trigger one")).to_be_visible()
     _live(page)
 
-    # Triggered through the API: the run appears without a reload, and moves on to awaiting_patch.
+    # An incident reported through the API: its run appears without a reload, and moves on to awaiting_patch.
     with _api(server) as api:
-        body = {"error_type": "ingestion_failure", "description": "Ingestion failed", "component": "ingest"}
-        triggered = api.post("/patches/trigger", json={**body, "wait_seconds": 0})
-        assert triggered.status_code == 200, triggered.text
-        run_id = triggered.json()["run_id"]
+        event = {
+            "event_type": "ingest.error",
+            "component": "ingest",
+            "message": "Ingestion failed",
+            "payload": {"error_type": "ingestion_failure", "lines": ["INFO batch 41 ok", "ERROR batch 42: IndexError"]},
+        }
+        reported = api.post("/events", json=event)
+        assert reported.status_code == 202, reported.text
+        run_id = reported.json()["run_id"]
+        assert run_id, reported.text
         row = page.locator(f'tr[data-run="{run_id}"]')
         expect(row).to_be_visible()
         expect(row.get_by_test_id("run-status")).to_have_text("awaiting_patch")
@@ -201,6 +207,10 @@ def test_the_loop_live_in_the_browser(server: str, browser: Browser) -> None:
         assert all(line.startswith("[") and line[9:11] == "] " for line in lines if line.strip()), lines
         assert any(line.startswith("[") and "Trust restored" in line and line.endswith("✓") for line in lines)
         expect(page.get_by_role("button", name="Cancel run")).to_have_count(0)  # a completed run
+        expect(page.locator("#incident-title + p")).to_contain_text("Ingestion failed")
+        expect(page.locator("section", has=page.locator("#incident-title")).locator("pre")).to_contain_text(
+            "ERROR batch 42: IndexError"
+        )
         _axe(page, "run")
         _shot(page, "run")
 
