@@ -356,3 +356,41 @@ def test_hostile_text_is_escaped_everywhere_it_is_shown(app: App, client: httpx.
         page = client.get(path, headers=h).text
         assert "<script>alert" not in page and "<img src=x" not in page, path
     assert "&lt;script&gt;alert" in client.get(f"/ui/runs/{run['run_id']}", headers=h).text
+
+
+def test_an_open_event_stream_ends_with_its_session(app: App) -> None:
+    """EventSource with the session cookie: the stream is let in, and it ends when the session is logged out or
+    its token revoked (from another process: the store call `mendloop tokens revoke` makes)."""
+    import threading
+
+    from tests.support import api_server, free_port
+
+    _, operator = app.tokens.create("olga", "operator")
+    with api_server(app, free_port()) as client:
+        for how in ("logout", "revoke"):
+            csrf = _login(client, operator)
+            connected, ended = threading.Event(), threading.Event()
+
+            def read(connected: threading.Event = connected, ended: threading.Event = ended) -> None:
+                with client.stream("GET", "/events/stream", headers={"Accept": "text/event-stream"}) as streamed:
+                    assert streamed.status_code == 200
+                    connected.set()
+                    for _ in streamed.iter_lines():
+                        pass
+                ended.set()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert connected.wait(10) and not ended.is_set()
+            if how == "logout":
+                assert client.post("/ui/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+            else:
+                app.tokens.revoke("olga")
+            assert ended.wait(10), f"the stream outlived the {how}"
+            reader.join(5)
+
+
+def test_the_cookie_is_secure_over_https(app: App, client: httpx.Client) -> None:
+    _, viewer = app.tokens.create("vic", "viewer")
+    answer = client.post("https://mendloop.test/ui/login", json={"token": viewer})
+    assert answer.status_code == 303 and "; Secure" in answer.headers["set-cookie"]

@@ -38,7 +38,7 @@ from mendloop.domain import sessions as session_rules
 from mendloop.domain.roles import Action, Credential
 from mendloop.errors import AuthError, Forbidden, MendloopError, NotFound
 from mendloop.storage.audit import AuditEntry
-from mendloop.storage.tokens import ANONYMOUS, MISS_REFRESH_SECONDS
+from mendloop.storage.tokens import ANONYMOUS, MISS_REFRESH_SECONDS, PROCESS_AGENT
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,22 @@ def session_of(request: Request) -> str | None:
     """The secret of the dashboard session the request was let in with (None: a bearer token, or none)."""
     found = request.scope.get("state", {}).get(_SESSION)
     return found if isinstance(found, str) else None
+
+
+def still_admitted(app: App, request: Request) -> bool:
+    """Whether the credential a long-lived request (the event stream) was let in with still stands: its token
+    not revoked, and its dashboard session (if it came with one) not logged out or expired. Blocking: the
+    session is a database read."""
+    credential = credential_of(request)
+    if credential is None or credential.id == PROCESS_AGENT:
+        return True  # an open server, or the process's own runner
+    keyring = app.keyring
+    if keyring.stale():
+        keyring.refresh()
+    if keyring.by_id(credential.id) is None:
+        return False
+    session = session_of(request)
+    return session is None or app.sessions.credential_id(session) == credential.id
 
 
 def known_caller(app: App, request: Request) -> bool:
