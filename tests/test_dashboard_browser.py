@@ -234,11 +234,16 @@ def test_the_loop_live_in_the_browser(server: str, browser: Browser) -> None:
         _axe(page, "workflow")
         _shot(page, "workflow")
 
-        # Refused by the API: its words shown (a second trigger of an error type whose playbook needs a field the
-        # form leaves empty is not possible here; an unknown type is: the select is edited as a client could).
+        # Triggered from the form (it lists the known error types), then refused by the API with its words shown:
+        # an unknown type, the select edited as a hostile client could.
+        page.get_by_label("Error type").select_option("ingestion_failure")
+        page.get_by_label("Component").fill("ingest-form")
+        page.get_by_role("button", name="Trigger").click()
+        expect(page.locator("#notice")).to_contain_text("Triggered run run_")
+        expect(page.get_by_test_id("stage-3")).to_have_text("1")  # its work order, counted live
         page.evaluate("document.querySelector('#trigger-type').innerHTML = '<option>no_such_error</option>'")
         page.get_by_role("button", name="Trigger").click()
-        expect(page.locator("#notice")).to_contain_text("Trigger refused: 4")
+        expect(page.locator("#notice")).to_contain_text("Trigger refused: 422: unknown error_type 'no_such_error'")
 
         # Logging out ends the session: the next page load is the login page.
         page.get_by_role("button", name="Log out").click()

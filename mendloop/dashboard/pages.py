@@ -75,11 +75,8 @@ def feed(app: App) -> dict[str, Any]:
 
 
 def error_types(app: App) -> list[str]:
-    """The error types a trigger may name: routed ones and those a playbook handles."""
-    found = set(app.routing.table())
-    for pb in app.playbooks.by_id.values():
-        found.update(pb.model.handles.error_types)
-    return sorted(found)
+    """The error types a trigger may name: the ones the trigger route itself would accept."""
+    return sorted(app.remediation.known_error_types())
 
 
 def workflow(app: App) -> dict[str, Any]:
