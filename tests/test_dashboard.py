@@ -52,9 +52,17 @@ def client(app: App) -> Iterator[httpx.Client]:
 
 def _login(client: httpx.Client, token: str) -> str:
     """Log in with the form a browser sends; returns the session's CSRF token (from the page's data-csrf)."""
-    answer = client.post(
-        "/ui/login", content=f"token={token}", headers={"Content-Type": "application/x-www-form-urlencoded"}
-    )
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    # A token made a moment ago in the store (as by `mendloop tokens create` in another process) is known once
+    # the keyring reads the table again (at most every MISS_REFRESH_SECONDS on a miss).
+    answers: list[httpx.Response] = []
+
+    def attempt() -> bool:
+        answers.append(client.post("/ui/login", content=f"token={token}", headers=form))
+        return answers[-1].status_code != 401
+
+    wait_for(attempt, timeout=5)
+    answer = answers[-1]
     assert answer.status_code == 303, answer.text
     assert answer.headers["location"] == "/"
     cookie = answer.headers["set-cookie"]
@@ -166,6 +174,7 @@ def test_a_session_is_kept_as_its_digest_and_expires(app: App) -> None:
 def test_intake_and_agent_tokens_cannot_log_in(app: App, client: httpx.Client) -> None:
     for role, repositories in (("intake", []), ("agent", ["*"])):
         _, token = app.tokens.create(f"the-{role}", role, repositories)
+        wait_for(lambda t=token: client.post("/ui/login", json={"token": t}).status_code != 401, timeout=5)
         answer = client.post("/ui/login", json={"token": token})
         assert answer.status_code == 403 and f"a {role} token cannot use the dashboard" in answer.text
 

@@ -22,6 +22,7 @@ from mendloop.domain import roles
 from mendloop.domain import sessions as decide
 from mendloop.domain.roles import Action, Role
 from mendloop.errors import InputError
+from mendloop.storage.tokens import MISS_REFRESH_SECONDS
 
 router = APIRouter(include_in_schema=False)
 _env = render.environment()
@@ -156,8 +157,11 @@ async def login(request: Request, app: AppDep) -> Response:
     except InputError as exc:
         return _login_page(request, app, exc.message, 422)
     keyring = app.keyring
-    await run_in_threadpool(keyring.refresh, 0.0)
     credential = keyring.resolve(token)
+    if credential is None:
+        # A token made a moment ago by another process; at most a few reads a second however many tries.
+        await run_in_threadpool(keyring.refresh, MISS_REFRESH_SECONDS)
+        credential = keyring.resolve(token)
     if credential is None or keyring.by_id(credential.id) is None:
         return _login_page(request, app, "Authorization: that token is unknown or revoked", 401)
     if not roles.allows(credential.role, Action.READ) or credential.role is Role.AGENT:
