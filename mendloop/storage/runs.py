@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from mendloop.domain import runs as decide
 from mendloop.domain import stats
@@ -528,6 +529,32 @@ class RunStore:
     ) -> tuple[list[Run], int, str | None]:
         """Newest first (created_at, id), from a cursor: the runs, how many match, the next page's cursor. Each
         filter alone walks its own index (status, playbook_id or component, then created_at and id)."""
+        q, c = self._filtered(status, playbook_id, component)
+        with self.db.read() as conn:
+            rows, cursor = self._newest(conn, q, after, limit, offset)
+            total = int(conn.execute(c).scalar_one())
+        return [run_of(r) for r in rows], total, cursor
+
+    def newest(
+        self,
+        *,
+        status: str | None = None,
+        playbook_id: str | None = None,
+        component: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Run], str | None]:
+        """`page` without the count of matching runs, the one part of it that grows with history (the
+        dashboard's Runs tab, whose keyset pages need none)."""
+        q, _ = self._filtered(status, playbook_id, component)
+        with self.db.read() as conn:
+            rows, cursor = self._newest(conn, q, after, limit, 0)
+        return [run_of(r) for r in rows], cursor
+
+    @staticmethod
+    def _filtered(
+        status: str | None, playbook_id: str | None, component: str | None
+    ) -> tuple[sa.Select[Any], sa.Select[Any]]:
         q = sa.select(t.runs)
         c = sa.select(sa.func.count()).select_from(t.runs)
         for column, value in (
@@ -538,19 +565,22 @@ class RunStore:
             if value:
                 q = q.where(column == value)
                 c = c.where(column == value)
-        with self.db.read() as conn:
-            rows, cursor = newest_first(
-                conn,
-                q,
-                kind=RUNS_PAGE,
-                key=t.runs.c.created_at,
-                item_id=t.runs.c.id,
-                after=after,
-                limit=limit,
-                offset=offset,
-            )
-            total = int(conn.execute(c).scalar_one())
-        return [run_of(r) for r in rows], total, cursor
+        return q, c
+
+    @staticmethod
+    def _newest(
+        conn: Connection, q: sa.Select[Any], after: After | None, limit: int, offset: int
+    ) -> tuple[Sequence[sa.Row[Any]], str | None]:
+        return newest_first(
+            conn,
+            q,
+            kind=RUNS_PAGE,
+            key=t.runs.c.created_at,
+            item_id=t.runs.c.id,
+            after=after,
+            limit=limit,
+            offset=offset,
+        )
 
     def steps(self, run_id: str) -> list[StepRecord]:
         q = sa.select(t.steps).where(t.steps.c.run_id == run_id).order_by(t.steps.c.id)
