@@ -40,6 +40,9 @@ DIFF = """diff --git a/ingest/replay.py b/ingest/replay.py
  # the batch may be empty after a retry
 """
 
+# Each expect() polls until its deadline: generous, for a machine whose cores are shared with other work.
+expect.set_options(timeout=20_000)
+
 # In CI a missing browser or axe-core fails the file (scripts/test.sh installs both); elsewhere it skips.
 _MISSING = [str(p) for p in (CHROMIUM, AXE) if not p.exists()]
 pytestmark = [
