@@ -15,6 +15,9 @@
    concurrent clients and 200 events/s written beside them, at 10,000 and 100,000 runs (`--reads-sizes` adds
    1,000,000), on SQLite and on PostgreSQL when MENDLOOP_BENCH_POSTGRES_URL is set; the baseline is the smallest
    size, measured in the same run.
+9. The dashboard as history grows (bench/dashboard.py): the Runs tab (plain, filtered, a deep keyset page), a
+   run's page, the Workflow and Patches tabs, server p50/p99 and Chromium's navigation timing, at the read bench's
+   sizes on SQLite; the baseline is the smallest size, measured in the same run.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mendloop.domain.states import RunStatus  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import cpu_runs as cpu_runs_bench  # noqa: E402
+import dashboard as dashboard_bench  # noqa: E402
 import detect as detect_bench  # noqa: E402
 import health as health_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
@@ -314,6 +318,7 @@ def main() -> None:
     redaction = redact_bench.run()
     health = health_bench.run()
     reads = reads_bench.run(sizes=args.reads_sizes, postgres=reads_bench.postgres_url())
+    dashboard = dashboard_bench.run(sizes=args.reads_sizes)
     result = {
         "throughput": tp,
         "cpu_runs": cpu,
@@ -326,6 +331,7 @@ def main() -> None:
         "redaction": redaction,
         "health": health,
         "reads": reads,
+        "dashboard": dashboard,
     }
     doc = results_doc.document(result, started)
     if not args.no_write:
@@ -356,6 +362,7 @@ def main() -> None:
     print("\n".join(redact_bench.report(redaction)))
     print("\n".join(health_bench.report(health)))
     print("\n".join(reads_bench.report(reads)))
+    print("\n".join(dashboard_bench.report(dashboard)))
     print("")
     print("\n".join(results_doc.table(doc)))
 

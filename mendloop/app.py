@@ -44,6 +44,7 @@ from mendloop.storage.audit import AuditLog
 from mendloop.storage.health import WriteProbe
 from mendloop.storage.incidents import IncidentStore
 from mendloop.storage.retention import PruneReport
+from mendloop.storage.sessions import SessionStore
 from mendloop.storage.store import Store
 from mendloop.storage.tokens import Keyring, TokenStore
 from mendloop.storage.watcher_offsets import DbOffsetStore
@@ -89,6 +90,8 @@ class App:
     # Who a bearer token stands for; the tokens made with `mendloop tokens create`; the audit log.
     keyring: Keyring = field(init=False)
     tokens: TokenStore = field(init=False)
+    # The dashboard's sessions (a browser's login with a token).
+    sessions: SessionStore = field(init=False)
     audit: AuditLog = field(init=False)
     # The embedded runner's credential (an agent's, for every repository): random, made by open(), held only
     # here, so it is never stored anywhere and dies with the process.
@@ -112,6 +115,7 @@ class App:
         if upgrade:
             migrate.upgrade(self.store.engine)
         self.tokens = TokenStore(self.store.db)
+        self.sessions = SessionStore(self.store.db)
         self.audit = AuditLog(self.store.db)
         self.agent_token = secrets.token_urlsafe(32)
         self.keyring = Keyring(s, self.tokens, process_token=self.agent_token)

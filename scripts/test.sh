@@ -6,6 +6,7 @@
 #    temp dir on a free port, exports MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:PORT/postgres
 #    and stops/removes it on exit;
 # 3. installs Debian's bubblewrap when it is missing and this runs as root (ensure_bwrap: the sandbox tests need it);
+#    Chromium and axe-core (npm, into .npm-test/) for the dashboard's browser tests (ensure_chromium, ensure_axe);
 #    likewise the docker and kubectl clients (ensure_restart_clis: tests/test_restart.py checks their --help)
 #    and nginx (tests/test_behind_proxy.py), without starting their daemons;
 # 4. makes sure the real coding agent CLIs (aider, claude, codex; pinned) are installed with scripts/agent-clis.sh:
@@ -24,8 +25,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 # ---------------------------------------------------------------------------------------------
-# ensure_chromium: Debian's Chromium for browser (Playwright) tests. NOT called by default:
-# only when MENDLOOP_NEED_CHROMIUM=1. Never `playwright install` (downloads; fails here).
+# ensure_chromium: Debian's Chromium for the dashboard's browser tests (tests/test_dashboard_browser.py,
+# Playwright). Always called; installed when running as root and missing. Never `playwright install`
+# (downloads; fails here). In CI a failed install fails the run.
 # ---------------------------------------------------------------------------------------------
 ensure_chromium() {
     [ -x /usr/bin/chromium ] && return 0
@@ -106,6 +108,32 @@ ensure_restart_clis() {
     rm -f "$aptlog"
 }
 
+# ---------------------------------------------------------------------------------------------
+# ensure_axe: axe-core (npm), which the browser tests inject to check accessibility, in a test-only folder
+# outside git (.npm-test/). Installs Debian's npm first when it is missing (root only). Quick when present.
+# ---------------------------------------------------------------------------------------------
+AXE_VERSION=4.14.1
+ensure_axe() {
+    [ -f .npm-test/node_modules/axe-core/axe.min.js ] && return 0
+    if ! command -v npm >/dev/null 2>&1; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "test.sh: npm is missing; install it with: sudo apt-get install -y npm" >&2
+            return 1
+        fi
+        echo "test.sh: installing Debian's npm (apt-get)..." >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; } >/dev/null 2>&1 || {
+            echo "test.sh: apt-get install npm failed" >&2
+            return 1
+        }
+    fi
+    echo "test.sh: installing axe-core $AXE_VERSION into .npm-test/ (npm)..." >&2
+    mkdir -p .npm-test
+    (cd .npm-test && npm install --no-audit --no-fund --silent "axe-core@$AXE_VERSION") || {
+        echo "test.sh: npm install axe-core failed" >&2
+        return 1
+    }
+}
+
 bash scripts/bootstrap.sh
 
 if ! ensure_bwrap && [ -n "${CI:-}" ]; then
@@ -116,8 +144,12 @@ if ! ensure_restart_clis && [ -n "${CI:-}" ]; then
     exit 1
 fi
 
-if [ "${MENDLOOP_NEED_CHROMIUM:-0}" = 1 ]; then
-    ensure_chromium
+if ! ensure_chromium && [ -n "${CI:-}" ]; then
+    exit 1
+fi
+
+if ! ensure_axe && [ -n "${CI:-}" ]; then
+    exit 1
 fi
 
 PGTEST_DIR=

@@ -93,7 +93,12 @@ def _requests(client: httpx.Client) -> list[tuple[str, dict[str, Any]]]:
                 if cursor is not None:
                     out.append((path, {**params, "limit": 50, "cursor": cursor}))
 
-    combos("/patches/runs", {"status": "completed"}, runs["next_cursor"])
+    first = runs["runs"][0]
+    combos(
+        "/patches/runs",
+        {"status": "completed", "playbook_id": first["playbook_id"], "component": first["component"] or "svc-00"},
+        runs["next_cursor"],
+    )
     combos(
         "/patches/work-orders",
         {"status": "completed", "self_healing_run_id": wo["self_healing_run_id"]},
@@ -113,6 +118,15 @@ def _requests(client: httpx.Client) -> list[tuple[str, dict[str, Any]]]:
         ("/trust", {}),
         (f"/trust/{component}", {}),
         ("/health", {}),
+        # The dashboard's pages read through the same stores, and a few more queries of their own.
+        ("/", {}),
+        ("/ui/runs", {"component": first["component"] or "svc-00"}),
+        ("/ui/runs", {"cursor": runs["next_cursor"]}),
+        (f"/ui/runs/{run_id}", {}),
+        ("/ui/patches", {}),
+        (f"/ui/patches/{wo['work_order_id']}", {}),
+        ("/ui/incidents", {"status": "open"}),
+        ("/ui/trust", {}),
     ]
     return out
 

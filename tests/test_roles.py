@@ -76,6 +76,17 @@ EXPECTED: dict[tuple[str, str], set[Role]] = {
     ("GET", "/audit"): {AD},
     # The MCP endpoint (mendloop/mcp/): coding agents; each tool is then judged as the REST call it makes.
     (ANY_METHOD, "/mcp"): {AG, AD},
+    # The dashboard: its pages are reads, its login page public, its logout anyone's with a session.
+    ("GET", "/"): READERS,
+    ("GET", "/ui/runs"): READERS,
+    ("GET", "/ui/runs/{run_id}"): READERS,
+    ("GET", "/ui/patches"): READERS,
+    ("GET", "/ui/patches/{work_order_id}"): READERS,
+    ("GET", "/ui/incidents"): READERS,
+    ("GET", "/ui/trust"): READERS,
+    ("GET", "/ui/login"): {VI, OP, AG, IN, AD},
+    ("POST", "/ui/login"): {VI, OP, AG, IN, AD},
+    ("POST", "/ui/logout"): {VI, OP, AG, IN, AD},
 }
 
 

@@ -14,7 +14,7 @@ from mendloop.domain.list_totals import COUNTED, CountKey
 from mendloop.storage import migrate, row_counts
 from mendloop.storage import schema as t
 
-PREVIOUS = "0012"
+PREVIOUS = "0013"
 
 
 def _history(conn: sa.Connection, runs: int) -> None:

@@ -9,6 +9,10 @@ log's row for every operator and admin action and every 403, written before the 
   the list shows only those (the routes, from `credential_of`).
 - POST /events and /events/alertmanager: a token whose role may post events passes; a known token whose role
   may not is a 403; anything else is the intake route's to judge (signed webhooks carry no bearer token).
+- The dashboard's session cookie (`domain/sessions.py`) stands for its token's credential when no bearer token is
+  sent, so page loads and EventSource pass like the API; a state-changing request made with it must carry the
+  session's CSRF token (`X-CSRF-Token`), else 403 naming that header. A browser (Accept: text/html) asking for a
+  page without a credential is sent to the login page instead of a 401.
 - A server with no token at all (none configured, none in the database; `serve` allows that only on loopback)
   is open: every request passes, and the audit log names the caller `anonymous`.
 """
@@ -31,14 +35,16 @@ from mendloop.api import auth, errors
 from mendloop.api.deps import route_path
 from mendloop.app import App
 from mendloop.domain import roles
+from mendloop.domain import sessions as session_rules
 from mendloop.domain.roles import Action, Credential
 from mendloop.errors import AuthError, Forbidden, MendloopError, NotFound
 from mendloop.storage.audit import AuditEntry
-from mendloop.storage.tokens import ANONYMOUS, MISS_REFRESH_SECONDS
+from mendloop.storage.tokens import ANONYMOUS, MISS_REFRESH_SECONDS, PROCESS_AGENT
 
 log = logging.getLogger(__name__)
 
 _CREDENTIAL = "credential"
+_SESSION = "dashboard_session"
 
 
 def credential_of(request: Request) -> Credential | None:
@@ -46,6 +52,28 @@ def credential_of(request: Request) -> Credential | None:
     token is unknown)."""
     found = request.scope.get("state", {}).get(_CREDENTIAL)
     return found if isinstance(found, Credential) else None
+
+
+def session_of(request: Request) -> str | None:
+    """The secret of the dashboard session the request was let in with (None: a bearer token, or none)."""
+    found = request.scope.get("state", {}).get(_SESSION)
+    return found if isinstance(found, str) else None
+
+
+def still_admitted(app: App, request: Request) -> bool:
+    """Whether the credential a long-lived request (the event stream) was let in with still stands: its token
+    not revoked, and its dashboard session (if it came with one) not logged out or expired. Blocking: the
+    session is a database read."""
+    credential = credential_of(request)
+    if credential is None or credential.id == PROCESS_AGENT:
+        return True  # an open server, or the process's own runner
+    keyring = app.keyring
+    if keyring.stale():
+        keyring.refresh()
+    if keyring.by_id(credential.id) is None:
+        return False
+    session = session_of(request)
+    return session is None or app.sessions.credential_id(session) == credential.id
 
 
 def known_caller(app: App, request: Request) -> bool:
@@ -133,15 +161,44 @@ class Access:
         if credential is None and token is not None and keyring.stale(MISS_REFRESH_SECONDS):
             await run_in_threadpool(keyring.refresh, MISS_REFRESH_SECONDS)
             credential = keyring.resolve(token)
+        session = None
+        if token is None and not keyring.is_open():
+            secret = session_rules.cookie_value(_header(scope, b"cookie"))
+            if secret is not None:
+                credential = await self._session_credential(secret)
+                session = secret if credential is not None else None
         params = matched[1] if matched else {}
         refusal = await self._refusal(action, credential, keyring.is_open(), params)
+        if (
+            refusal is None
+            and session is not None
+            and scope["method"] in session_rules.STATE_CHANGING
+            and not session_rules.csrf_matches(session, _header(scope, b"x-csrf-token"))
+        ):
+            header = session_rules.CSRF_HEADER
+            refusal = Forbidden(
+                f"{header}: a request made with the dashboard's session needs its CSRF token", field=header
+            )
         if credential is not None and refusal is None:
             scope.setdefault("state", {})[_CREDENTIAL] = credential
+            if session is not None:
+                scope["state"][_SESSION] = session
+        if isinstance(refusal, AuthError) and matched and _wants_login(scope, matched[0]):
+            await _to_login(scope, send)
+            return
         audit = _Audit(self.mendloop, scope, action, credential or (ANONYMOUS if keyring.is_open() else None), params)
         if refusal is not None:
             await errors.answer(refusal)(scope, receive, audit.wrap(send))
             return
         await self.app(scope, receive, audit.wrap(send))
+
+    async def _session_credential(self, secret: str) -> Credential | None:
+        """The credential a session cookie stands for, while its token is still known to the keyring."""
+        try:
+            credential_id = await run_in_threadpool(self.mendloop.sessions.credential_id, secret)
+        except MendloopError:
+            return None
+        return self.mendloop.keyring.by_id(credential_id) if credential_id is not None else None
 
     async def _refusal(
         self, action: Action, credential: Credential | None, is_open: bool, params: dict[str, str]
@@ -180,6 +237,20 @@ def _forbidden(credential: Credential, action: Action) -> Forbidden:
         role=credential.role.value,
         action=action.value,
     )
+
+
+def _wants_login(scope: Scope, template: str) -> bool:
+    """A browser loading a dashboard page: sent to the login page, not shown a 401's JSON."""
+    accept = _header(scope, b"accept") or ""
+    return scope["method"] in ("GET", "HEAD") and roles.is_page(template) and "text/html" in accept
+
+
+async def _to_login(scope: Scope, send: Send) -> None:
+    root = scope.get("root_path") or ""
+    location = f"{root}/ui/login".encode("latin-1", "replace")
+    headers = [(b"location", location), (b"content-length", b"0"), (b"cache-control", b"no-store")]
+    await send({"type": "http.response.start", "status": 303, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -32,6 +32,7 @@ from mendloop.api.routes import tokens as tokens_route
 from mendloop.api.streams import StreamSlots
 from mendloop.app import App
 from mendloop.config import LimitsConfig, Settings
+from mendloop.dashboard.routes import install as install_dashboard
 from mendloop.errors import ConfigError, InputError
 from mendloop.mcp import http as mcp_http
 
@@ -270,6 +271,7 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     # MCP for coding agents (mendloop/mcp/): an ASGI endpoint of its own, every method; the agent role's.
     mcp_endpoint = mcp_http.McpEndpoint(api, app.settings)
     api.router.routes.append(Route(mcp_http.PATH, endpoint=mcp_endpoint))
+    install_dashboard(api)  # `/` and `/ui/...`: the dashboard, under the same rules (domain/roles.py)
     return api
 
 

@@ -47,6 +47,7 @@ class Action(StrEnum):
     TOKENS_CREATE = "tokens.create"
     TOKENS_REVOKE = "tokens.revoke"
     AUDIT_READ = "audit.read"
+    LOGOUT = "session.logout"  # the dashboard's logout: whoever holds a session may end it
 
 
 # A Mount (the docs' static files) has no methods: its rule's method is "*".
@@ -97,7 +98,21 @@ RULES: dict[tuple[str, str], Action] = {
     ("DELETE", "/tokens/{token_id}"): Action.TOKENS_REVOKE,
     ("GET", "/audit"): Action.AUDIT_READ,
     (ANY_METHOD, "/mcp"): Action.MCP,
+    # The dashboard (mendloop/dashboard): its pages are reads; the login page and its assets need no token.
+    ("GET", "/"): Action.READ,
+    ("GET", "/ui/runs"): Action.READ,
+    ("GET", "/ui/runs/{run_id}"): Action.READ,
+    ("GET", "/ui/patches"): Action.READ,
+    ("GET", "/ui/patches/{work_order_id}"): Action.READ,
+    ("GET", "/ui/incidents"): Action.READ,
+    ("GET", "/ui/trust"): Action.READ,
+    ("GET", "/ui/login"): Action.PUBLIC,
+    ("POST", "/ui/login"): Action.PUBLIC,
+    ("POST", "/ui/logout"): Action.LOGOUT,
+    (ANY_METHOD, "/ui/static"): Action.PUBLIC,
 }
+# The dashboard's pages: a browser without a credential is sent to the login page.
+_PAGE_PREFIX = "/ui/"
 
 OPERATOR_ACTIONS = frozenset(
     {
@@ -118,7 +133,7 @@ AGENT_ACTIONS = frozenset({Action.CLAIM, Action.HEARTBEAT, Action.COMPLETE, Acti
 ADMIN_ACTIONS = frozenset(
     {Action.TOKENS_LIST, Action.TOKENS_CREATE, Action.TOKENS_REVOKE, Action.AUDIT_READ, Action.UNLISTED}
 )
-_EVERYONE = frozenset({Action.PUBLIC, Action.UNROUTED})
+_EVERYONE = frozenset({Action.PUBLIC, Action.UNROUTED, Action.LOGOUT})
 
 ALLOWED: dict[Role, frozenset[Action]] = {
     Role.VIEWER: _EVERYONE | {Action.READ},
@@ -151,6 +166,11 @@ def action_for(method: str, template: str) -> Action:
     method = "GET" if method == "HEAD" else method
     found = RULES.get((method, template)) or RULES.get((ANY_METHOD, template))
     return found if found is not None else Action.UNLISTED
+
+
+def is_page(template: str) -> bool:
+    """Whether a route is one of the dashboard's pages (read with a session cookie, from a browser)."""
+    return template == "/" or (template.startswith(_PAGE_PREFIX) and RULES.get(("GET", template)) is Action.READ)
 
 
 def allows(role: Role, action: Action) -> bool:
@@ -227,6 +247,7 @@ __all__ = [
     "action_for",
     "allows",
     "audited",
+    "is_page",
     "roles_for",
     "scope_of",
     "scoped_to_work_order",

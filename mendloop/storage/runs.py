@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from mendloop.domain import runs as decide
 from mendloop.domain import stats
@@ -530,26 +531,67 @@ class RunStore:
         return runs, total.n
 
     def page(
-        self, *, status: str | None = None, after: After | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        playbook_id: str | None = None,
+        component: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> tuple[list[Run], Total, str | None]:
         """Newest first (created_at, id), from a cursor: the runs, how many match (storage/row_counts.py), the next
-        page's cursor."""
-        q = sa.select(t.runs)
-        if status:
-            q = q.where(t.runs.c.status == status)
+        page's cursor. Each filter alone walks its own index (status, playbook_id or component, then created_at and
+        id)."""
+        q = self._filtered(status, playbook_id, component)
         with self.db.read() as conn:
-            rows, cursor = newest_first(
-                conn,
-                q,
-                kind=RUNS_PAGE,
-                key=t.runs.c.created_at,
-                item_id=t.runs.c.id,
-                after=after,
-                limit=limit,
-                offset=offset,
-            )
-            total = total_in(conn, "runs", {"status": status}, q)
+            rows, cursor = self._newest(conn, q, after, limit, offset)
+            filters = {"status": status, "playbook_id": playbook_id, "component": component}
+            total = total_in(conn, "runs", filters, q)
         return [run_of(r) for r in rows], total, cursor
+
+    def newest(
+        self,
+        *,
+        status: str | None = None,
+        playbook_id: str | None = None,
+        component: str | None = None,
+        after: After | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Run], str | None]:
+        """`page` without the count of matching runs, the one part of it that grows with history (the
+        dashboard's Runs tab, whose keyset pages need none)."""
+        q = self._filtered(status, playbook_id, component)
+        with self.db.read() as conn:
+            rows, cursor = self._newest(conn, q, after, limit, 0)
+        return [run_of(r) for r in rows], cursor
+
+    @staticmethod
+    def _filtered(status: str | None, playbook_id: str | None, component: str | None) -> sa.Select[Any]:
+        q = sa.select(t.runs)
+        for column, value in (
+            (t.runs.c.status, status),
+            (t.runs.c.playbook_id, playbook_id),
+            (t.runs.c.component, component),
+        ):
+            if value:
+                q = q.where(column == value)
+        return q
+
+    @staticmethod
+    def _newest(
+        conn: Connection, q: sa.Select[Any], after: After | None, limit: int, offset: int
+    ) -> tuple[Sequence[sa.Row[Any]], str | None]:
+        return newest_first(
+            conn,
+            q,
+            kind=RUNS_PAGE,
+            key=t.runs.c.created_at,
+            item_id=t.runs.c.id,
+            after=after,
+            limit=limit,
+            offset=offset,
+        )
 
     def steps(self, run_id: str) -> list[StepRecord]:
         q = sa.select(t.steps).where(t.steps.c.run_id == run_id).order_by(t.steps.c.id)

@@ -82,6 +82,9 @@ runs = sa.Table(
     # The runs list, newest first from a cursor, unfiltered and by status (migration 0011).
     sa.Index("ix_runs_created_at", "created_at", "id"),
     sa.Index("ix_runs_status_created_at", "status", "created_at", "id"),
+    # The Runs tab's filters (migration 0013).
+    sa.Index("ix_runs_playbook_created_at", "playbook_id", "created_at", "id"),
+    sa.Index("ix_runs_component_created_at", "component", "created_at", "id"),
 )
 
 steps = sa.Table(
@@ -396,4 +399,17 @@ pauses = sa.Table(
     sa.Column("scope", sa.String(200), primary_key=True),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", Epoch, nullable=False),
+)
+
+# The dashboard's sessions (migration 0013): the SHA-256 of a session's secret (the cookie), and the credential
+# (`db:<token id>`, `config:<name>`) it stands for, so revoking that token ends the session.
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("credential_id", sa.String(200), nullable=False),
+    sa.Column("created_at", Epoch, nullable=False),
+    sa.Column("expires_at", Epoch, nullable=False),
+    sa.Index("ix_dashboard_sessions_credential_id", "credential_id"),
+    sa.Index("ix_dashboard_sessions_expires_at", "expires_at"),
 )

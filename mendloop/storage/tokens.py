@@ -131,6 +131,9 @@ class TokenStore:
             if row.revoked_at is None:
                 tx.conn.execute(sa.update(t.api_tokens).where(c.id == row.id).values(revoked_at=tx.now))
                 row = TokenRow(row.id, row.name, row.role, row.repositories, row.created_at, tx.now)
+            # The dashboard's sessions opened with it end with it.
+            s = t.dashboard_sessions.c
+            tx.conn.execute(sa.delete(t.dashboard_sessions).where(s.credential_id == row.credential().id))
         return row
 
     def active(self) -> list[tuple[str, Credential]]:
@@ -204,6 +207,14 @@ class Keyring:
     def is_open(self) -> bool:
         """No token in the configuration or the database: the API asks for none."""
         return self._open_allowed and not self._was_closed and not self._closing and not self._stored
+
+    def by_id(self, credential_id: str) -> Credential | None:
+        """The credential of a configured or stored token still known (not revoked), by its id: what a dashboard
+        session stands for. Never the process's own agent credential, which no session may stand for."""
+        for _, credential in itertools.chain(self._configured, self._stored):
+            if credential.id == credential_id:
+                return credential
+        return None
 
     def resolve(self, token: str | None) -> Credential | None:
         """The credential `token` stands for; None for no token or an unknown or revoked one."""

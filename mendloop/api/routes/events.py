@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import auth, errors, views
-from mendloop.api.access import credential_of
+from mendloop.api.access import credential_of, still_admitted
 from mendloop.api.deps import AppDep, Cursor, Offset, route_path
 from mendloop.api.responses import (
     AlertOutcome,
@@ -457,8 +457,14 @@ async def stream(
                     # Its id is the new cursor: a client that reconnects after it is not reset again.
                     data = {"requested": start, "oldest_id": cursor + 1, "message": "events were pruned"}
                     yield {"event": "reset", "id": str(cursor), "data": json.dumps(data)}
+            checked = time.monotonic()
             while not await request.is_disconnected():
                 wake.clear()
+                if time.monotonic() - checked >= _RECHECK_SECONDS:
+                    # A revoked token or an ended dashboard session ends its open streams too.
+                    checked = time.monotonic()
+                    if not await run_in_threadpool(still_admitted, app, request):
+                        break
                 events, cursor = await run_in_threadpool(
                     functools.partial(feed.read_after, cursor, limit=_PAGE, types=types, components=components)
                 )
@@ -485,6 +491,8 @@ async def stream(
 # another process (a `mendloop worker`) reach no bus here, and a horizon held back by a writer moves on by itself.
 _PAGE = 500
 _POLL_SECONDS = 1.0
+# How often a stream checks that its caller's token (and dashboard session) still stands.
+_RECHECK_SECONDS = 1.0
 
 
 def event_feed(request: Request) -> EventFeed:

@@ -26,7 +26,13 @@ RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this st
 
 @router.get("/runs")
 async def list_runs(
-    app: AppDep, status: RunStatusQ = None, limit: Limit = 50, offset: Offset = 0, cursor: Cursor = None
+    app: AppDep,
+    status: RunStatusQ = None,
+    playbook_id: Annotated[str | None, Query(max_length=200, description="Only runs of this playbook")] = None,
+    component: Annotated[str | None, Query(max_length=200, description="Only runs of this component")] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    cursor: Cursor = None,
 ) -> RunList:
     """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
     after = cursor_of(RUNS_PAGE, cursor)
@@ -34,7 +40,12 @@ async def list_runs(
     def query() -> RunList:
         with app.store.db.read():  # one connection and one transaction for the page, its total and the pauses
             items, total, next_cursor = app.store.runs.page(
-                status=status.value if status else None, after=after, limit=limit, offset=offset
+                status=status.value if status else None,
+                playbook_id=playbook_id,
+                component=component,
+                after=after,
+                limit=limit,
+                offset=offset,
             )
             pauses = app.store.pauses.current()
         return RunList(
