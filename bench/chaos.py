@@ -282,9 +282,21 @@ class Api:
             time.sleep(0.1)
 
 
-def drive(inst: Instance, api: Api, plan: list[tuple[str, Scenario]], out: Outcome, lock: threading.Lock) -> None:
-    """One incident at a time on this instance: inject, trigger, play the coding agent, wait for the end."""
-    for key, scenario in plan:
+def drive(
+    inst: Instance,
+    api: Api,
+    plan: list[tuple[str, Scenario]],
+    out: Outcome,
+    lock: threading.Lock,
+    killed: threading.Event | None = None,
+) -> None:
+    """One incident at a time on this instance: inject, trigger, play the coding agent, wait for the end. The last
+    incident waits for the first kill (`killed`): a short seeded run can otherwise end before the killer's first
+    turn and prove nothing about recovery."""
+    for n, (key, scenario) in enumerate(plan):
+        if killed is not None and n == len(plan) - 1 and not killed.wait(timeout=120):
+            with lock:
+                out.problems.append(f"{inst.name}: no process was killed within 120 s")
         inst.inject(scenario)
         body = {
             "error_type": scenario.error_type,
@@ -323,11 +335,15 @@ def drive(inst: Instance, api: Api, plan: list[tuple[str, Scenario]], out: Outco
             inst.reset_code()
 
 
-def killer(victims: list[Proc], rnd: random.Random, every: tuple[float, float], stop: threading.Event) -> None:
-    """SIGKILL a random victim every `every` seconds and start it again, until `stop` is set."""
+def killer(
+    victims: list[Proc], rnd: random.Random, every: tuple[float, float], stop: threading.Event, killed: threading.Event
+) -> None:
+    """SIGKILL a random victim every `every` seconds and start it again, until `stop` is set; `killed` is set after
+    the first kill."""
     while not stop.wait(rnd.uniform(*every)):
         victim = rnd.choice(victims)
         victim.kill()
+        killed.set()
         victim.start()
 
 
@@ -457,13 +473,14 @@ def run_chaos(
             for n in range(incidents):
                 plans[n % len(insts)].append((f"chaos-{seed}-{n}-{uuid.uuid4().hex[:6]}", rnd.choice(SCENARIOS)))
             victims = workers if backend == "postgres" else [serve]
-            kill_thread = threading.Thread(target=killer, args=(victims, rnd, kill_every, stop), daemon=True)
+            killed = threading.Event()
+            kill_thread = threading.Thread(target=killer, args=(victims, rnd, kill_every, stop, killed), daemon=True)
             kill_thread.start()
             errors: list[BaseException] = []
 
             def guarded(inst: Instance, plan: list[tuple[str, Scenario]]) -> None:
                 try:
-                    drive(inst, api, plan, out, lock)
+                    drive(inst, api, plan, out, lock, killed)
                 except BaseException as exc:  # reported as a problem below, with the thread's instance
                     errors.append(exc)
                     with lock:

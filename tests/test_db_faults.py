@@ -28,6 +28,7 @@ import pytest
 from mendloop.app import App
 from mendloop.domain.states import RunStatus
 from mendloop.errors import StorageError
+from mendloop.storage.health import disk_problem
 from tests.support import (
     api_client,
     free_port,
@@ -269,3 +270,15 @@ def test_serve_on_a_read_only_sqlite_file_refuses_in_one_line_and_starts_once_wr
         view.rmdir()
     assert integrity(db) == "ok"
     assert len(run_ids) == 3
+
+
+def test_the_probe_counts_a_nearly_full_disk_as_a_failed_write(small_fs: Path, tmp_path: Path) -> None:
+    """A one-row update can still fit in pages the SQLite file already has when its disk is full: the probe must
+    not report healthy on that write alone."""
+    db = small_fs / "mendloop.db"
+    assert disk_problem(db) is None  # the tmpfs starts with megabytes free
+    assert disk_problem(None) is None  # PostgreSQL: its own server watches its disk
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    problem = disk_problem(db, min_free=free + 1)
+    assert problem is not None and "is full" in problem and str(db) in problem and "\n" not in problem
+    assert disk_problem(tmp_path / "absent" / "mendloop.db") is not None  # its folder is gone: said, not raised

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -156,9 +157,13 @@ class Database:
         except sa.exc.ArgumentError as exc:
             raise StorageError(f"invalid database URL {url!r}") from exc
         backend = parsed.get_backend_name()
+        # The SQLite file (None: PostgreSQL or in memory), whose filesystem's free space the health probe watches.
+        self.sqlite_file: Path | None = None
         if backend == "sqlite":
             self.engine = _sqlite_engine(parsed, begin="BEGIN IMMEDIATE")
             in_memory = parsed.database in (None, "", ":memory:")
+            if not in_memory and parsed.database is not None and not parsed.database.startswith("file:"):
+                self.sqlite_file = Path(parsed.database)
             # An in-memory database exists once per connection pool: it reads through the writer's engine.
             self.read_engine = (
                 self.engine if in_memory else _sqlite_engine(parsed, begin="BEGIN DEFERRED", pool_size=READ_POOL)

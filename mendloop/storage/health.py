@@ -4,15 +4,19 @@
 A read (`SELECT 1`) succeeds on a database that cannot be written: a full disk, a read-only file or mount, a lock
 held by another process, a PostgreSQL server in recovery or with `default_transaction_read_only`. Only a write
 shows those, and a write must not be on the request path (it waits for the writer lock behind a storm of
-intake). The probe's age is measured on the monotonic clock: the App's clock may be a test's FakeClock.
+intake). On SQLite a nearly full disk counts as a failed write too (`disk_problem`): the probe's own one-row
+update can still succeed there while every real write fails. The probe's age is measured on the monotonic clock:
+the App's clock may be a test's FakeClock.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -25,6 +29,23 @@ from mendloop.storage.store import Store
 log = logging.getLogger(__name__)
 
 _HEARTBEAT = "health:write_probe"
+# Below this much free space on its filesystem SQLite is as good as full: the probe's one-row update still fits
+# in pages the file already has, while a batch of events, a new run or the WAL's growth does not.
+MIN_FREE_BYTES = 1 << 20
+
+
+def disk_problem(path: Path | None, min_free: int = MIN_FREE_BYTES) -> str | None:
+    """What is wrong with the free space beside the SQLite file `path`, in one line (None: nothing)."""
+    if path is None:
+        return None
+    try:
+        fs = os.statvfs(path.parent if str(path.parent) else ".")
+    except OSError as exc:
+        return f"database error: cannot read the free space of {path.parent}: {exc.strerror}"
+    free = fs.f_bavail * fs.f_frsize
+    if free < min_free:
+        return f"database error: the disk of {path} is full ({free:,} bytes free; writes need at least {min_free:,})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +79,10 @@ class WriteProbe:
                 tx.conn.execute(self.store.db.insert(seq).values(name=_HEARTBEAT, value=0).on_conflict_do_nothing())
                 tx.conn.execute(sa.update(seq).where(seq.c.name == _HEARTBEAT).values(value=int(time.time())))
         except MendloopError as exc:
-            self._state = ProbeState(
-                self._state.last_ok_at, attempt, exc.message, self._state.storm, self._state.pauses
-            )
-            log.warning("health: the write probe failed: %s", exc.message)
-            return self._state
+            return self._failed(attempt, exc.message)
+        full = disk_problem(self.store.db.sqlite_file)
+        if full is not None:
+            return self._failed(attempt, full)
         storm = self._state.storm
         try:
             storm = self.incidents.storm_counts()
@@ -74,6 +94,11 @@ class WriteProbe:
         except MendloopError as exc:
             log.warning("health: reading the pauses failed: %s", exc.message)
         self._state = ProbeState(time.monotonic(), attempt, None, storm, pauses)
+        return self._state
+
+    def _failed(self, attempt: float, error: str) -> ProbeState:
+        self._state = ProbeState(self._state.last_ok_at, attempt, error, self._state.storm, self._state.pauses)
+        log.warning("health: the write probe failed: %s", error)
         return self._state
 
     def state(self) -> ProbeState:
