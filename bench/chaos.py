@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -254,6 +254,10 @@ class Outcome:
     incidents: int = 0
     by_scenario: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
+    # Each scenario's final statuses, and why a few runs that did not complete ended as they did: a kill must
+    # never turn a run that would complete into one that needs a human.
+    outcomes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    not_completed: list[str] = field(default_factory=list)
     kills: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -331,6 +335,11 @@ def drive(
         with lock:
             out.incidents += 1
             out.by_scenario[scenario.name] += 1
+            out.outcomes[scenario.name][run["status"]] += 1
+            if run["status"] != "completed" and len(out.not_completed) < 20:
+                last = (run.get("timeline") or [""])[-1]
+                why = last.get("message") or last.get("line") or last if isinstance(last, dict) else last
+                out.not_completed.append(f"{run_id} ({scenario.name}): {run['status']}: {str(why)[:200]}")
         if scenario.patch is not None and patched:
             inst.reset_code()
 
@@ -538,6 +547,8 @@ def main() -> int:
                     "seconds": round(out.seconds, 1),
                     "statuses": dict(out.statuses),
                     "scenarios": dict(out.by_scenario),
+                    "outcomes": {k: dict(v) for k, v in sorted(out.outcomes.items())},
+                    "not_completed": out.not_completed,
                     "problems": out.problems,
                 },
                 indent=2,
