@@ -171,18 +171,21 @@ class Instance:
         resp = self.client.post(f"/admin/faults/{scenario.fault}", json=scenario.body)
         resp.raise_for_status()
 
-    def reset_code(self) -> None:
-        """Put the repository back to its first commit and restart the service onto that code."""
+    def reset(self) -> None:
+        """Put the repository back to its first commit and the service's state back to its defaults, and start it
+        again onto that code. The state too: a code scenario's fault leaves data that only the patched code accepts
+        (the verification scenario's legitimately empty document), and the reset code would fail every later
+        verification on this instance for a reason no playbook can fix. The side-effect log stays: it is what the
+        end checks read."""
+        self.stop_service()
         git(self.repo, "checkout", "-q", "--", ".")
         git(self.repo, "clean", "-qfd")
+        (self.state / "state.json").unlink(missing_ok=True)
         self.resets += 1
+        self.start()
         wait_until(lambda: self.boot_id() is not None, 30, f"{self.name} up")
-        old = self.boot_id()
-        headers = {"Idempotency-Key": f"chaos:reset:{self.name}:{self.resets}"}
-        self.client.post("/admin/restart", json={}, headers=headers).raise_for_status()
-        wait_until(lambda: self.boot_id() not in (None, old), 30, f"{self.name} restart")
 
-    def stop(self) -> None:
+    def stop_service(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -190,6 +193,9 @@ class Instance:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self.stop_service()
         self.client.close()
 
     def side_effects(self) -> list[dict[str, Any]]:
@@ -341,7 +347,7 @@ def drive(
                 why = last.get("message") or last.get("line") or last if isinstance(last, dict) else last
                 out.not_completed.append(f"{run_id} ({scenario.name}): {run['status']}: {str(why)[:200]}")
         if scenario.patch is not None and patched:
-            inst.reset_code()
+            inst.reset()
 
 
 def killer(

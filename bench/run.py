@@ -18,6 +18,9 @@
 9. The dashboard as history grows (bench/dashboard.py): the Runs tab (plain, filtered, a deep keyset page), a
    run's page, the Workflow and Patches tabs, server p50/p99 and Chromium's navigation timing, at the read bench's
    sizes on SQLite; the baseline is the smallest size, measured in the same run.
+10. Command steps (bench/command_steps.py): a one-command playbook triggered open-loop at 100 and 200 runs/s, and at
+   200/s with 1 run in 100 holding its worker for 2 s: runs completed/s and scheduled trigger -> command started,
+   beside bare `/bin/true` spawns/s.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from mendloop.config import load_settings  # noqa: E402
 from mendloop.domain.states import RunStatus  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import command_steps as commands_bench  # noqa: E402
 import cpu_runs as cpu_runs_bench  # noqa: E402
 import dashboard as dashboard_bench  # noqa: E402
 import detect as detect_bench  # noqa: E402
@@ -319,6 +323,7 @@ def main() -> None:
     health = health_bench.run()
     reads = reads_bench.run(sizes=args.reads_sizes, postgres=reads_bench.postgres_url())
     dashboard = dashboard_bench.run(sizes=args.reads_sizes)
+    commands = commands_bench.run(rates=[100.0, 200.0], seconds=10.0, workers=[8])
     result = {
         "throughput": tp,
         "cpu_runs": cpu,
@@ -332,6 +337,7 @@ def main() -> None:
         "health": health,
         "reads": reads,
         "dashboard": dashboard,
+        "commands": commands,
     }
     doc = results_doc.document(result, started)
     if not args.no_write:
@@ -363,6 +369,7 @@ def main() -> None:
     print("\n".join(health_bench.report(health)))
     print("\n".join(reads_bench.report(reads)))
     print("\n".join(dashboard_bench.report(dashboard)))
+    print("\n".join(commands_bench.report(commands)))
     print("")
     print("\n".join(results_doc.table(doc)))
 

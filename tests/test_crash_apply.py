@@ -131,7 +131,7 @@ def test_serve_killed_at_each_stage_of_an_apply(
 
 def _test_processes(marker: str) -> list[int]:
     """Pids of the held diff's test processes: the interpreter running the gated test script (not bwrap, setpriv
-    or the die-with-parent shim, whose argv hold the same command)."""
+    or the group guard)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

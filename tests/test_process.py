@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mendloop.errors import MendloopError
-from mendloop.infra import process
+from mendloop.infra import group_guard, process
 from tests.support import alive
 
 PY = sys.executable
@@ -179,9 +180,10 @@ def test_cancel_kills_the_group() -> None:
 
 
 def test_die_with_parent_runs_the_program_and_passes_its_exit_code(tmp_path: Path) -> None:
-    res = process.run([PY, "-c", "print('via shim'); raise SystemExit(4)"], timeout=30, die_with_parent=True)
+    res = process.run([PY, "-c", "print('guarded'); raise SystemExit(4)"], timeout=30, die_with_parent=True)
     assert res.returncode == 4
-    assert res.stdout == b"via shim\n"
+    assert res.stdout == b"guarded\n"
+    assert not group_guard._guarded  # reaped, so no longer the guard's to kill
 
 
 def test_spawned_child_stops_with_its_group(tmp_path: Path) -> None:
@@ -235,8 +237,8 @@ def test_kill_live_groups_kills_running_children() -> None:
 
 
 def test_die_with_parent_child_keeps_its_pid_and_gets_the_leaders_signals(tmp_path: Path) -> None:
-    """The shim execs the program in its own place: spawn()'s pid is the program's, and Child.stop's SIGTERM
-    reaches the program itself, which can end cleanly (a server shutting down, say)."""
+    """The program is started directly (the guard watches from outside the group): spawn()'s pid is the
+    program's, and Child.stop's SIGTERM reaches the program itself, which can end cleanly (a server, say)."""
     script = (
         "import os, signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *_: (print('term', flush=True), sys.exit(3)))\n"
@@ -295,3 +297,65 @@ def test_die_with_parent_outlives_its_thread_and_dies_with_a_kill_9_of_the_proce
         if spawner.poll() is None:
             spawner.kill()
             spawner.wait()
+
+
+# A mendloop stand-in for the group guard: argv[1] names what to do before it says its children's pids.
+_GUARDED = """
+import json, os, signal, sys, time
+sys.path.insert(0, {root!r})
+from mendloop.infra import group_guard, process
+out = {{}}
+first = process.spawn(["sleep", "300"], die_with_parent=True)
+out["first"] = first.pid
+# The guard killed from outside: the next registration starts a new guard that holds both groups.
+os.kill(group_guard._proc.pid, signal.SIGKILL)
+group_guard._proc.wait()
+out["second"] = process.spawn(["sleep", "300"], die_with_parent=True).pid
+# A command that left a daemon and ended: the daemon is not the guard's any more.
+daemon_file = {daemon_file!r}
+leave = "import subprocess; p = subprocess.Popen(['sleep', '300']); open(%r, 'w').write(str(p.pid))" % daemon_file
+done = process.run([sys.executable, "-c", leave], timeout=30, kill_leftovers=False, die_with_parent=True)
+assert done.returncode == 0, done
+out["daemon"] = int(open(daemon_file).read())
+out["guard"] = group_guard._proc.pid
+open({pid_file!r}, "w").write(json.dumps(out))
+time.sleep(300)
+"""
+
+
+def test_the_group_guard_comes_back_when_killed_and_lets_a_finished_commands_daemon_live(tmp_path: Path) -> None:
+    pid_file, daemon_file = tmp_path / "pids.json", tmp_path / "daemon.pid"
+    root = str(Path(__file__).resolve().parent.parent)
+    src = _GUARDED.format(root=root, pid_file=str(pid_file), daemon_file=str(daemon_file))
+    spawner = subprocess.Popen([PY, "-c", src])
+    pids: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and spawner.poll() is None
+            time.sleep(0.02)
+        pids = json.loads(pid_file.read_text())
+        assert all(alive(pids[k]) for k in ("first", "second", "daemon", "guard"))
+        spawner.kill()  # kill -9: only the (second) guard is left to act
+        spawner.wait()
+        assert _wait_dead(pids["first"]), "a group registered before the guard was killed outlived mendloop"
+        assert _wait_dead(pids["second"]), "a group registered with the new guard outlived mendloop"
+        assert _wait_dead(pids["guard"]), "the guard lived on after its work"
+        assert alive(pids["daemon"]), "the daemon of a command that had ended was killed with mendloop"
+    finally:
+        if spawner.poll() is None:
+            spawner.kill()
+            spawner.wait()
+        if pids.get("daemon") and alive(pids["daemon"]):
+            os.kill(pids["daemon"], 9)
+
+
+def test_a_normal_exit_stops_the_guard_without_leaving_it_behind(tmp_path: Path) -> None:
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from mendloop.infra import group_guard, process\n"
+        "process.run(['true'], timeout=10, die_with_parent=True)\n"
+        "print(group_guard._proc.pid, flush=True)\n"
+    )
+    done = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    assert _wait_dead(int(done.stdout.strip())), "the guard outlived a normal exit"

@@ -13,8 +13,9 @@ cannot deadlock against us. `keep_bytes` bounds what is read back (the tail); `t
 The group is killed only once its leader is known to have exited but is not yet reaped (`waitid(WNOWAIT)`): the
 leader's pid is the group's id, and while the leader is an unreaped zombie that id cannot be reused by an unrelated
 process, so `killpg` can never hit somebody else's group. Every running group is also registered and killed at
-interpreter exit (`kill_live_groups`); with `die_with_parent` a small watcher in the group kills it when the mendloop
-process is gone (not merely the thread that started it), so even a `kill -9` of mendloop takes its children with it.
+interpreter exit (`kill_live_groups`); with `die_with_parent` it is also registered with the group guard
+(`group_guard.py`), one watcher per mendloop process that kills it when the mendloop process is gone (not merely the
+thread that started it), so even a `kill -9` of mendloop takes its children with it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mendloop.errors import MendloopError
+from mendloop.infra import group_guard
 
 __all__ = [
     "CannotStart",
@@ -55,66 +56,6 @@ DEFAULT_TAIL_CHARS = 4000
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.05
 _CANCEL_CHECK = 0.05
-
-# Started instead of the program when `die_with_parent`. It forks a watcher, then execs the program in its own
-# place, so the program keeps the pid spawn() returns, is the group's leader and gets Child.signal/stop's signals
-# itself. The watcher stays in the group and waits on a pidfd of mendloop's *process*: PR_SET_PDEATHSIG alone
-# would fire when the thread that started the child exits, which for a long-lived child started from a
-# short-lived thread is far too early. When mendloop is gone (even by `kill -9`), the watcher SIGKILLs the group.
-# Its own PR_SET_PDEATHSIG is towards the program (its parent, single-threaded when it forks): it ends with it.
-_SHIM = r"""
-import os, select, signal, sys, time
-parent, argv = int(sys.argv[1]), sys.argv[2:]
-leader = os.getpid()
-def ppid_of(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
-def watch():
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
-    if os.getppid() != leader:
-        os._exit(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    try:
-        pidfd = os.pidfd_open(parent)
-    except ProcessLookupError:
-        pidfd = None
-        os.killpg(0, signal.SIGKILL)
-    except (AttributeError, OSError):
-        pidfd = None
-    # Opened while the program's parent still was `parent`: the pidfd is mendloop's, not a reused pid's.
-    if ppid_of(leader) != parent:
-        os.killpg(0, signal.SIGKILL)
-    if pidfd is not None:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        while not poller.poll():
-            pass
-    else:
-        while ppid_of(leader) == parent:
-            time.sleep(0.5)
-    os.killpg(0, signal.SIGKILL)
-if os.getppid() != parent:
-    os.killpg(0, signal.SIGKILL)
-if os.fork() == 0:
-    try:
-        watch()
-    finally:
-        os._exit(0)
-try:
-    os.execvp(argv[0], argv)
-except OSError as exc:
-    sys.stderr.write(f"cannot start {argv[0]!r}: {exc.strerror}\n")
-    os._exit(127)
-"""
 
 
 class CannotStart(MendloopError):
@@ -174,7 +115,12 @@ def kill_live_groups() -> None:
         kill_group(pgid)
 
 
-atexit.register(kill_live_groups)
+def _at_exit() -> None:
+    kill_live_groups()
+    group_guard.release()  # every group is dead already: the guard stops without killing anything
+
+
+atexit.register(_at_exit)
 
 
 # -- a running child -----------------------------------------------------------------------------------------------
@@ -304,6 +250,9 @@ class Child:
         poller.poll(None if seconds is None else max(0, int(seconds * 1000) + 1))
 
     def _reap(self) -> None:
+        # Unguarded before the reap: while the leader is an unreaped zombie its pid can't be anybody else's, so the
+        # guard never holds a group id that was given away.
+        group_guard.forget(self.pid)
         self._proc.wait()
         self._forget()
 
@@ -312,6 +261,7 @@ class Child:
             self._reaped = True
             with _live_lock:
                 _live_groups.discard(self.pid)
+            group_guard.forget(self.pid)
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
@@ -330,27 +280,20 @@ def spawn(
 ) -> Child:
     """Start `argv` (no shell) in a new session. `stdin` defaults to /dev/null, `stdout`/`stderr` to /dev/null
     as well (pass a file to keep the output; `stderr=subprocess.STDOUT` merges). `env` None inherits mendloop's
-    environment. `run_as` (uid, gid) drops to that user (needs root). `die_with_parent`: start it through a shim
-    whose watcher kills the group once this process is gone, even by `kill -9` (needs a Python the user can run;
-    without one the program runs directly). The program keeps the pid and gets the signals sent to the leader."""
+    environment. `run_as` (uid, gid) drops to that user (needs root). `die_with_parent`: the group guard kills the
+    group once this process is gone, even by `kill -9`, while the program (the group's leader) runs."""
     argv = list(argv)
     if not argv or not all(isinstance(a, str) and a for a in argv):
         raise MendloopError("argv must be a non-empty list of non-empty strings", argv=argv)
     kwargs: dict[str, Any] = {}
     if run_as is not None:
         kwargs.update(user=run_as[0], group=run_as[1], extra_groups=[])
-    full = argv
-    if die_with_parent:
-        shim = _shim_interpreter(run_as)
-        if shim is not None:
-            check_startable(argv[0], cwd, env)  # the shim would only exit 127: say which program, as Popen does
-            full = [shim, "-I", "-S", "-c", _SHIM, str(os.getpid()), *argv]
     started = time.monotonic()
     # Registered before the fork can finish: a group that starts while kill_live_groups runs is still seen.
     with _live_lock:
         try:
             proc = subprocess.Popen(
-                full,
+                argv,
                 cwd=cwd,
                 env=None if env is None else dict(env),
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -363,6 +306,8 @@ def spawn(
         except OSError as exc:
             raise CannotStart(argv[0], exc.strerror or str(exc)) from exc
         _live_groups.add(proc.pid)
+        if die_with_parent:
+            group_guard.guard(proc.pid)
     return Child(proc, argv, started)
 
 
@@ -465,7 +410,7 @@ def check_startable(
     program: str, cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> None:
     """Raise CannotStart when `program` could not be executed from `cwd` with `env`'s PATH: for a program started
-    through something else (the shim, bwrap), which reports it only as an exit code."""
+    through something else (bwrap), which reports it only as an exit code."""
     if os.sep in program:
         target = os.path.join(cwd or os.getcwd(), program)
         if not os.path.exists(target):
@@ -476,15 +421,6 @@ def check_startable(
     path = (os.environ if env is None else env).get("PATH") or os.defpath
     if shutil.which(program, path=path) is None:
         raise CannotStart(program, "No such file or directory")
-
-
-def _shim_interpreter(run_as: tuple[int, int] | None) -> str | None:
-    """A Python the (possibly unprivileged) user can start, for the shim; None runs the program directly."""
-    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
-        if candidate and os.path.isfile(candidate):
-            if run_as is None or blocked_for(Path(os.path.realpath(candidate)), run_as, file=True) is None:
-                return candidate
-    return None
 
 
 def _scratch_file() -> IO[bytes]:

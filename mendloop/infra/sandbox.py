@@ -197,7 +197,7 @@ class Sandbox:
                 merge_stderr=merge_stderr,
                 keep_bytes=keep_bytes,
                 run_as=self.run_as,
-                die_with_parent=True,  # the shim: the group is SIGKILLed when mendloop dies
+                die_with_parent=True,  # the group guard SIGKILLs the group when mendloop dies
             )
         if argv:
             process.check_startable(argv[0], cwd, env)  # bwrap would only exit 1
@@ -214,8 +214,8 @@ class Sandbox:
             run_as=self.launcher_user(),
             # bwrap's --die-with-parent alone leaves a window: its launcher and its child each set PDEATHSIG only
             # late in their setup, so a mendloop killed in those first milliseconds left a whole sandbox running.
-            # The shim's watcher kills bwrap's group the moment mendloop's process is gone; what remains is the
-            # fork between the child's setsid and its prctl, microseconds.
+            # The group guard kills bwrap's group the moment mendloop's process is gone; what remains is the fork
+            # before the group is registered, microseconds.
             die_with_parent=True,
         )
         return _launcher_failure(done)
