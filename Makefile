@@ -11,7 +11,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt chaos
+.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt chaos scale
 
 all: lint test
 
@@ -56,3 +56,9 @@ fmt: bootstrap
 chaos: bootstrap
 	bash scripts/pg-test-cluster.sh start /tmp/mendloop-chaos-pg 55499 >/dev/null
 	MENDLOOP_TEST_POSTGRES_URL=postgresql+psycopg://test@127.0.0.1:55499/postgres $(PY) bench/chaos.py $(ARGS)
+
+# Scale (bench/scale.py): startup with 10k vs 1M runs of history, and serve holding 100k runs parked in
+# awaiting_patch (RSS, API p99, idle CPU, the reaper's search). Not in `make bench`: building the 1M-run history
+# the first time takes minutes (cached under bench/.cache/ after that).
+scale: bootstrap
+	$(PY) bench/scale.py $(ARGS)

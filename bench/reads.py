@@ -269,9 +269,13 @@ def _endpoints(port: int, url: str, runs: int) -> dict[str, list[str]]:
     }
 
 
-def _serve(tmp: Path, url: str) -> tuple[subprocess.Popen[bytes], int]:
+def _serve(
+    tmp: Path, url: str, *, extra: dict[str, Any] | None = None, poll: float = 0.2
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`mendloop serve` on `url` (no workers unless `extra` config says so), once /health answers 200; `poll`:
+    the wait between probes (bench/scale.py times startup with a short one)."""
     cfg = tmp / "mendloop.yaml"
-    cfg.write_text(yaml.safe_dump({"database_url": url, "workers": 0}))
+    cfg.write_text(yaml.safe_dump({"database_url": url, "workers": 0, **(extra or {})}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MENDLOOP_")}
     with (tmp / "serve.log").open("wb") as log:
@@ -295,7 +299,7 @@ def _serve(tmp: Path, url: str) -> tuple[subprocess.Popen[bytes], int]:
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
             raise RuntimeError(f"serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> dict[str, Any]:

@@ -142,6 +142,9 @@ work_orders = sa.Table(
     sa.Index("ix_work_orders_created_at", "created_at", "id"),
     sa.Index("ix_work_orders_status_created_at", "status", "created_at", "id"),
     sa.Index("ix_work_orders_run_created_at", "self_healing_run_id", "created_at", "id"),
+    # The reaper's search each second: due leases and deadlines, a range search each (migration 0015).
+    sa.Index("ix_work_orders_status_lease_expires_at", "status", "lease_expires_at"),
+    sa.Index("ix_work_orders_status_deadline_at", "status", "deadline_at"),
 )
 
 diffs = sa.Table(
