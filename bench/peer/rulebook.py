@@ -53,7 +53,20 @@ def rulebook(kind: str, port: int, recorder: int) -> list[dict[str, Any]]:
 
 def write(d: Path, kind: str, port: int, recorder: int) -> Path:
     """The rulebook, a localhost inventory and the one-task playbook, in `d`; returns the rulebook's path."""
-    (d / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": {"localhost": {"ansible_connection": "local"}}}}))
+    (d / "inventory.yml").write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "hosts": {
+                        "localhost": {
+                            "ansible_connection": "local",
+                            "ansible_python_interpreter": str(VENV / "bin" / "python"),
+                        }
+                    }
+                }
+            }
+        )
+    )
     play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{"ansible.builtin.uri": _uri(recorder)}]}]
     (d / "uri.yml").write_text(yaml.safe_dump(play))
     path = d / f"{kind}.yml"
