@@ -11,7 +11,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench fmt chaos scale
+.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench peer-bench fmt chaos scale
 
 all: lint test
 
@@ -37,6 +37,11 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py $(ARGS)
+
+# ansible-rulebook (own venv in bench/.cache) and mendloop through one open-loop load generator, side by side.
+peer-bench: bootstrap
+	bash bench/peer/setup.sh
+	$(PY) -m bench.peer $(ARGS)
 
 # The CPU-per-unit figures alone, against the recorded bench/results.json: fails when one is more than 50% worse.
 bench-check: bootstrap
