@@ -1,9 +1,12 @@
 """`make peer-bench`: ansible-rulebook and mendloop through the same open-loop load generator, side by side.
 
-    .venv/bin/python -m bench.peer [--seconds 10] [--rates 200,500,1000,2000] [--json-out bench/peer-results.json]
+    .venv/bin/python -m bench.peer [--only intake,latency,storm] [--seconds 5] [--rates 200,500,1000,2000]
+        [--latency-events 30] [--eda-actions run_module,run_playbook] [--storm-events 100000]
+        [--storm-rate 2000] [--json-out bench/peer-results.json]
 
 Measured here: webhook intake at each offered rate (achieved rate, p50/p99 from the scheduled send time,
-errors). Run bench/peer/setup.sh first (the make target does).
+errors); event -> first action latency; a storm of one identical error under a 10 s throttle (bench/peer/actions.py).
+Run bench/peer/setup.sh first (the make target does).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +27,9 @@ from typing import Any
 import yaml
 
 from bench.intake import _free_port, _server
-from bench.peer import rulebook
+from bench.peer import actions
 from bench.peer.loadgen import open_loop
+from bench.peer.rulebook import eda
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,30 +43,6 @@ def event(i: int) -> dict[str, Any]:
         "component": "bench",
         "payload": {"host": "web-1", "job": i},
     }
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ansible-rulebook exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise TimeoutError("ansible-rulebook's webhook did not open its port")
-
-
-@contextlib.contextmanager
-def eda(d: Path, kind: str, recorder: int = 0) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = _free_port()
-    proc = rulebook.start(d, rulebook.write(d, kind, port, recorder), d / f"eda-{kind}.log")
-    try:
-        _wait_port(port, proc)
-        yield port, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -105,18 +84,53 @@ def table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def latency_table(r: dict[str, Any]) -> list[str]:
+    lines = [f"{'event -> first action':24} {'reached':>9} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"]
+    for name, x in r.items():
+        got = f"{x['reached_recorder']}/{x['events']}"
+        lines.append(f"{name:24} {got:>9} {x['p50_ms']:9.1f} {x['p99_ms']:9.1f} {x['max_ms']:9.1f}")
+    return lines
+
+
+def storm_table(r: dict[str, Any]) -> list[str]:
+    lines = [f"{'storm':10} {'accepted':>9} {'errors':>7} {'intake s':>9} {'p99 ms':>9} {'actions':>8} {'RSS MB':>7}"]
+    for name, x in r.items():
+        lines.append(
+            f"{name:10} {x['accepted']:9d} {x['errors']:7d} {x['intake_seconds']:9.1f} {x['p99_ms']:9.1f} "
+            f"{x['actions_reached_recorder']:8d} {x['peak_rss_mb']:7.0f}"
+        )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--only", default="intake,latency,storm")
+    ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rates", default="200,500,1000,2000")
+    ap.add_argument("--latency-events", type=int, default=30)
+    ap.add_argument("--eda-actions", default="run_module,run_playbook")
+    ap.add_argument("--storm-events", type=int, default=100_000)
+    ap.add_argument("--storm-rate", type=float, default=2000.0)
     ap.add_argument("--json-out", default=str(ROOT / "bench" / "peer-results.json"))
     a = ap.parse_args()
+    only = set(a.only.split(","))
     rates = [float(x) for x in a.rates.split(",")]
+    r: dict[str, Any] = {"load_average_before": os.getloadavg(), "seconds": a.seconds}
     with tempfile.TemporaryDirectory(prefix="peer-bench-") as t:
-        r: dict[str, Any] = {"load_average_before": os.getloadavg(), "seconds": a.seconds}
-        r["intake"] = intake(Path(t), rates, a.seconds)
+        if "latency" in only:
+            r["latency"] = actions.latency_all(Path(t), a.latency_events, a.eda_actions.split(","))
+        if "intake" in only:
+            r["intake"] = intake(Path(t), rates, a.seconds)
+        if "storm" in only:
+            r["storm"] = actions.storm_all(Path(t), a.storm_events, a.storm_rate)
         r["load_average_after"] = os.getloadavg()
-    print("\n".join(table(r)))
+    print()
+    if "intake" in r:
+        print("\n".join(table(r)) + "\n")
+    if "latency" in r:
+        print("\n".join(latency_table(r["latency"])) + "\n")
+    if "storm" in r:
+        print("\n".join(storm_table(r["storm"])) + "\n")
     print(f"load average before {r['load_average_before']}, after {r['load_average_after']}")
     Path(a.json_out).write_text(json.dumps(r, indent=2) + "\n")
 

@@ -12,13 +12,19 @@ mendloop side gets (`payload.kind == "bench"`). The action is the measured part:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.intake import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "bench" / ".cache"
@@ -31,7 +37,7 @@ def _uri(recorder: int) -> dict[str, Any]:
         "url": f"http://127.0.0.1:{recorder}/action",
         "method": "POST",
         "body_format": "json",
-        "body": {"event_id": "{{ event.payload.event_id }}"},
+        "body": {"job": "{{ event.payload.payload.job }}"},
     }
 
 
@@ -98,3 +104,27 @@ def start(d: Path, path: Path, log: Path) -> subprocess.Popen[bytes]:
     ]
     with log.open("ab") as out:
         return subprocess.Popen(argv, cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ansible-rulebook exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError("ansible-rulebook's webhook did not open its port")
+
+
+@contextlib.contextmanager
+def eda(d: Path, kind: str, recorder: int = 0) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    proc = start(d, write(d, kind, port, recorder), d / f"eda-{kind}.log")
+    try:
+        _wait_port(port, proc)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
