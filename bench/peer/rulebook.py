@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "bench" / ".cache"
 VENV = CACHE / "peer-venv"
 VENDOR = Path(__file__).resolve().parent / "vendor"
+COLLECTIONS = CACHE / "peer-collections"
+
+
+def collection_installed() -> bool:
+    """Whether setup.sh got ansible.eda from Galaxy; otherwise its vendored webhook source is used."""
+    return (COLLECTIONS / "ansible_collections" / "ansible" / "eda").is_dir()
 
 
 def _uri(recorder: int) -> dict[str, Any]:
@@ -53,7 +59,8 @@ def rulebook(kind: str, port: int, recorder: int) -> list[dict[str, Any]]:
     rule: dict[str, Any] = {"name": kind, "condition": condition, "action": action}
     if kind == "storm":
         rule["throttle"] = {"once_within": "10 seconds", "group_by_attributes": ["event.payload.message"]}
-    source = {"webhook": {"host": "127.0.0.1", "port": port}}
+    name = "ansible.eda.webhook" if collection_installed() else "webhook"
+    source = {name: {"host": "127.0.0.1", "port": port}}
     return [{"name": f"peer-{kind}", "hosts": "all", "sources": [source], "rules": [rule]}]
 
 
@@ -92,6 +99,7 @@ def start(d: Path, path: Path, log: Path) -> subprocess.Popen[bytes]:
         **os.environ,
         "JAVA_HOME": java_home(),
         "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
     }
     argv = [
         str(VENV / "bin" / "ansible-rulebook"),
