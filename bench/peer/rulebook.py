@@ -38,12 +38,13 @@ def collection_installed() -> bool:
     return (COLLECTIONS / "ansible_collections" / "ansible" / "eda").is_dir()
 
 
-def _uri(recorder: int) -> dict[str, Any]:
+def _uri(recorder: int, event: str = "event") -> dict[str, Any]:
+    """`event`: how the template names the event (a rule's action sees `event`; a playbook `ansible_eda.event`)."""
     return {
         "url": f"http://127.0.0.1:{recorder}/action",
         "method": "POST",
         "body_format": "json",
-        "body": {"job": "{{ event.payload.payload.job }}"},
+        "body": {"job": f"{{{{ {event}.payload.payload.job }}}}"},
     }
 
 
@@ -80,7 +81,13 @@ def write(d: Path, kind: str, port: int, recorder: int) -> Path:
             }
         )
     )
-    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{"ansible.builtin.uri": _uri(recorder)}]}]
+    play = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [{"ansible.builtin.uri": _uri(recorder, "ansible_eda.event")}],
+        }
+    ]
     (d / "uri.yml").write_text(yaml.safe_dump(play))
     path = d / f"{kind}.yml"
     path.write_text(yaml.safe_dump(rulebook(kind, port, recorder), sort_keys=False))
