@@ -199,6 +199,10 @@ def latency(port: int, path: str, log: Path, *, events: int, wait: float) -> dic
         "events": len(sent),
         "accepted": intake["ok"],
         "reached_recorder": len(lat),
+        # The first event's, with nothing queued ahead of it: the cost of one action alone.
+        "first_ms": (got[0] - sent[0]) * 1000 if 0 in got and 0 in sent else float("nan"),
+        # How fast actions completed once they started landing: the rate a backlog drains at.
+        "actions_per_s": (len(got) - 1) / (max(got.values()) - min(got.values())) if len(got) > 1 else float("nan"),
         "p50_ms": percentile(lat, 0.5),
         "p99_ms": percentile(lat, 0.99),
         "max_ms": lat[-1] if lat else float("nan"),
