@@ -1,7 +1,7 @@
 """`make peer-bench`: ansible-rulebook and mendloop through the same open-loop load generator, side by side.
 
     .venv/bin/python -m bench.peer [--only intake,latency,storm] [--seconds 5] [--rates 200,500,1000,2000]
-        [--latency-events 30] [--eda-actions run_module,run_playbook] [--storm-events 100000]
+        [--latency-events 30] [--eda-actions run_module,run_module_parallel,run_playbook] [--storm-events 100000]
         [--storm-rate 2000] [--json-out bench/peer-results.json]
 
 Measured here: webhook intake at each offered rate (achieved rate, p50/p99 from the scheduled send time,
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rates", default="200,500,1000,2000")
     ap.add_argument("--latency-events", type=int, default=30)
-    ap.add_argument("--eda-actions", default="run_module,run_playbook")
+    ap.add_argument("--eda-actions", default="run_module,run_module_parallel,run_playbook")
     ap.add_argument("--storm-events", type=int, default=100_000)
     ap.add_argument("--storm-rate", type=float, default=2000.0)
     ap.add_argument("--json-out", default=str(ROOT / "bench" / "peer-results.json"))

@@ -7,6 +7,7 @@ mendloop side gets (`payload.kind == "bench"`). The action is the measured part:
 - `intake`: a condition no event meets, so what is measured is the webhook source and the rule engine alone;
 - `run_playbook`: a one-task playbook, `ansible.builtin.uri` POST to the recorder: what an operator writes;
 - `run_module`: `ansible.builtin.uri` straight from the rule, the cheapest EDA action that reaches HTTP;
+- `run_module_parallel`: the same with the ruleset's `execution_strategy: parallel`;
 - `storm`: `run_module` as above, under `throttle: once_within: 10 seconds` grouped on the message.
 """
 
@@ -49,6 +50,10 @@ def _uri(recorder: int, event: str = "event") -> dict[str, Any]:
 
 
 def rulebook(kind: str, port: int, recorder: int) -> list[dict[str, Any]]:
+    # `<kind>_parallel`: the same rule in a ruleset with `execution_strategy: parallel`, so its actions need not
+    # wait for each other (the default, sequential, runs one action at a time).
+    parallel = kind.endswith("_parallel")
+    kind = kind.removesuffix("_parallel")
     condition = 'event.payload.event_type == "bench.event"'
     action: dict[str, Any]
     if kind == "intake":
@@ -62,7 +67,10 @@ def rulebook(kind: str, port: int, recorder: int) -> list[dict[str, Any]]:
         rule["throttle"] = {"once_within": "10 seconds", "group_by_attributes": ["event.payload.message"]}
     name = "ansible.eda.webhook" if collection_installed() else "webhook"
     source = {name: {"host": "127.0.0.1", "port": port}}
-    return [{"name": f"peer-{kind}", "hosts": "all", "sources": [source], "rules": [rule]}]
+    ruleset: dict[str, Any] = {"name": f"peer-{kind}", "hosts": "all", "sources": [source], "rules": [rule]}
+    if parallel:
+        ruleset["execution_strategy"] = "parallel"
+    return [ruleset]
 
 
 def write(d: Path, kind: str, port: int, recorder: int) -> Path:
