@@ -29,8 +29,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gen_history  # noqa: E402
 import reads  # noqa: E402
 
+from mendloop.domain import runs as domain_runs  # noqa: E402
 from mendloop.storage import schema as t  # noqa: E402
 from mendloop.storage.db import sqlite_insert  # noqa: E402
+from mendloop.storage.rows import run_of  # noqa: E402
 
 GOAL_STARTUP_RATIO = 2.0
 GOAL_RSS_MB = 500.0
@@ -92,86 +94,63 @@ def startup(runs: int) -> dict[str, Any]:
 
 
 def build_parked(path: Path, parked: int, *, now: float) -> None:
-    """`parked` runs in awaiting_patch beside their queued work orders, added to a gen_history file: the run and
-    work order columns `domain.runs.escalate` writes (no lease; the work order not yet attempted)."""
+    """`parked` runs in awaiting_patch beside their queued work orders, added to a gen_history file: each a running
+    run passed through `domain.runs.escalate`, so the rows are the ones a real escalation writes."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
     runs_sql, wo_sql = sqlite_insert(t.runs), sqlite_insert(t.work_orders)
-    pb = json.dumps(gen_history._playbook("verification_fix", "code_patch"))
+    pb = gen_history._playbook("verification_fix", "code_patch")
     run_rows, wo_rows = [], []
     for i in range(parked):
         created = now - 3600 + i * 0.01
-        rid = gen_history.make_run_id(created, 10_000_000 + i)
-        wo_id = f"wo_parked_{i:08d}"
         component = gen_history.COMPONENTS[i % len(gen_history.COMPONENTS)]
-        run_rows.append(
-            gen_history._columns(
-                t.runs,
-                {
-                    "id": rid,
-                    "playbook_id": "verification_fix",
-                    "playbook_version": "1-0123abcd",
-                    "playbook_type": "code_patch",
-                    "playbook": pb,
-                    "status": "awaiting_patch",
-                    "component": component,
-                    "error_type": "error_00",
-                    "description": f"error_00 in {component}",
-                    "context": json.dumps({"file_path": f"/srv/{component}/app.py"}),
-                    "step_index": 2,
-                    "attempt": 0,
-                    "outputs": json.dumps({"step1": {"work_order_id": wo_id}}),
-                    "pending": "{}",
-                    "escalated": True,
-                    "coding_work_order_id": wo_id,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "next_run_at": created,
-                    "created_at": created,
-                    "updated_at": created + 1,
-                    "finished_at": None,
-                    "error": None,
-                    "trigger_event_id": None,
-                    "dedupe_key": None,
-                    "incident_id": None,
-                    "mutex_key": component,
-                    "stalled_claims": 0,
-                },
-            )
+        running: dict[str, Any] = {
+            "id": gen_history.make_run_id(created, 10_000_000 + i),
+            "playbook_id": "verification_fix",
+            "playbook_version": "1-0123abcd",
+            "playbook_type": "code_patch",
+            "playbook": pb,
+            "status": "running",
+            "component": component,
+            "error_type": "error_00",
+            "description": f"error_00 in {component}",
+            "context": {"file_path": f"/srv/{component}/app.py"},
+            "step_index": 1,
+            "attempt": 0,
+            "outputs": {},
+            "pending": {},
+            "escalated": False,
+            "coding_work_order_id": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "next_run_at": created,
+            "created_at": created,
+            "updated_at": created,
+            "finished_at": None,
+            "error": None,
+            "trigger_event_id": None,
+            "dedupe_key": None,
+            "incident_id": None,
+            "mutex_key": component,
+            "stalled_claims": 0,
+        }
+        esc = domain_runs.escalate(
+            run_of(running),
+            wo_id=f"wo_parked_{i:08d}",
+            step_id="step1",
+            next_index=2,
+            description="Code patch required for: error_00",
+            context={"error_type": "error_00", "component": component},
+            estimated_complexity="medium",
+            priority="normal",
+            repository=None,
+            base_commit=None,
+            max_attempts=3,
+            deadline_at=None,
+            now=created + 1,
         )
-        wo_rows.append(
-            gen_history._columns(
-                t.work_orders,
-                {
-                    "id": wo_id,
-                    "type": "self_healing_patch",
-                    "description": "Code patch required for: error_00",
-                    "context": json.dumps({"error_type": "error_00", "component": component}),
-                    "status": "queued",
-                    "self_healing_run_id": rid,
-                    "playbook_id": "verification_fix",
-                    "component": component,
-                    "estimated_complexity": "medium",
-                    "priority": "normal",
-                    "created_at": created + 1,
-                    "updated_at": created + 1,
-                    "completed_at": None,
-                    "patch_result": None,
-                    "attempts": 0,
-                    "fail_reason": None,
-                    "lease_id": None,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "max_attempts": 3,
-                    # A day's deadline: not due during the bench, so the reaper's search finds nothing.
-                    "deadline_at": now + 86400,
-                    "cancel_requested": False,
-                    "repository": None,
-                    "base_commit": None,
-                    "note": None,
-                },
-            )
-        )
+        run_rows.append(gen_history._columns(t.runs, _stored({**running, **esc.run})))
+        wo_rows.append(gen_history._columns(t.work_orders, _stored(esc.work_order)))
     conn.executemany(runs_sql, run_rows)
     conn.executemany(wo_sql, wo_rows)
     # The triggers of migration 0014 left one count delta a row: fold them as housekeeping would.
@@ -179,6 +158,11 @@ def build_parked(path: Path, parked: int, *, now: float) -> None:
         conn.execute(statement)
     conn.execute("COMMIT")
     conn.close()
+
+
+def _stored(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON columns as sqlite3 stores them (text), the rest as they are."""
+    return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
 
 
 def reap_search(path: Path, passes: int = 50) -> dict[str, Any]:

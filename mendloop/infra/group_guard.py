@@ -101,11 +101,12 @@ def forget(pgid: int) -> None:
 
 def release() -> None:
     """At mendloop's own exit, after its exit handlers killed its groups: the guard stops without killing."""
-    global _proc
     with _lock:
         if _proc is not None and _pid == os.getpid():
             _send("q\n", start=False)
-            _close()
+            # Not waited for: it ends on the line by itself, and a process on its way out has no use for the wait
+            # (under load it was seconds added to every exit).
+            _close(wait=False)
 
 
 def _send(line: str, *, start: bool = True) -> bool:
@@ -142,7 +143,7 @@ def _start() -> bool:
     return True
 
 
-def _close() -> None:
+def _close(*, wait: bool = True) -> None:
     global _proc
     if _proc is not None:
         if _proc.stdin is not None:
@@ -150,7 +151,7 @@ def _close() -> None:
                 _proc.stdin.close()
             except OSError:
                 pass
-        if _pid == os.getpid():
+        if wait and _pid == os.getpid():
             try:
                 _proc.wait(5)
             except subprocess.TimeoutExpired:
