@@ -29,16 +29,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-_LETTERS = "ghijklmnopqrstuvwxyz"  # not hex digits: the normaliser keeps them, so each index is its own fingerprint
-
-
-def _word(i: int) -> str:
-    out = ""
-    while True:
-        i, r = divmod(i, len(_LETTERS))
-        out += _LETTERS[r]
-        if not i:
-            return out
+sys.path.insert(0, str(ROOT / "bench"))
+from words import distinct_word  # noqa: E402
 
 
 def _event(i: int) -> dict[str, Any]:
@@ -46,7 +38,7 @@ def _event(i: int) -> dict[str, Any]:
         "event_type": "app.error",
         "component": f"svc-{i % 7}",
         "payload": {"error_type": "storm"},
-        "message": f"ERROR: shape {_word(i)} broke",
+        "message": f"ERROR: shape {distinct_word(i)} broke",
         "event_id": f"bench-health-{i}",
     }
 

@@ -46,26 +46,18 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # also when imported as bench.intake (bench/peer)
+from words import distinct_word  # noqa: E402
+
 EVENT_TYPE = "bench.event"
-# Letters that are not hex digits: the fingerprint normaliser keeps them, so each index is its own fingerprint.
-_LETTERS = "ghijklmnopqrstuvwxyz"
 
 
 # -- the load generator (runs in its own process: `bench/intake.py --loadgen SPEC`) ---------------------------
 
 
-def _word(i: int) -> str:
-    out = ""
-    while True:
-        i, r = divmod(i, len(_LETTERS))
-        out += _LETTERS[r]
-        if not i:
-            return out
-
-
 def _event(prefix: str, i: int, distinct: bool) -> dict[str, Any]:
     message = (
-        f"worker {_word(i)} crashed while saving job {i}"
+        f"worker {distinct_word(i)} crashed while saving job {i}"
         if distinct
         else f"ERROR: upstream timeout after {i % 977} ms on job {i}"
     )

@@ -33,27 +33,18 @@ import yaml
 from bench.intake import _free_port, _server
 from bench.peer.loadgen import open_loop, percentile
 from bench.peer.rulebook import eda
+from bench.words import distinct_word
 
 PLAYBOOK = "peer_first_action"
 EVENT_TYPE = "bench.event"
-_LETTERS = "ghijklmnopqrstuvwxyz"  # not hex digits: the fingerprint normaliser keeps them, one fingerprint each
-
-
-def _word(i: int) -> str:
-    out = ""
-    while True:
-        i, r = divmod(i, len(_LETTERS))
-        out += _LETTERS[r]
-        if not i:
-            return out
 
 
 def distinct_event(i: int) -> dict[str, Any]:
     return {
         "event_type": EVENT_TYPE,
         "event_id": f"lat-{time.time_ns()}-{i}",
-        "message": f"worker {_word(i)} crashed",
-        "component": f"svc-{_word(i)}",
+        "message": f"worker {distinct_word(i)} crashed",
+        "component": f"svc-{distinct_word(i)}",
         "payload": {"host": "web-1", "job": i},
     }
 
