@@ -51,6 +51,12 @@ _DUPLICATE = DetectionOutcome(event_id=None, incident_id=None, run_id=None, verd
 # the first transaction of that window that would start a run and held until it commits, so concurrent intake
 # (PostgreSQL) decides one after the other and can never exceed a cap; SQLite's single writer already does.
 _WINDOW = "storm:w:"
+# GET /patches/stats reads these on every request: built once (three bound names, not an expanding IN, whose
+# per-execution rewrite costs more than the read).
+_STORM_NAMES = ("n0", "n1", "n2")
+_STORM_COUNTS = sa.select(t.sequences.c.name, t.sequences.c.value).where(
+    t.sequences.c.name.in_([sa.bindparam(n, type_=sa.String()) for n in _STORM_NAMES])
+)
 _RATE_LIMITED_TOTAL = "storm:rate_limited"
 
 
@@ -165,9 +171,10 @@ class IncidentStore:
         now = self.store.clock() if now is None else now
         index = _window_index(now, self.storm)
         names = [_window_name(index, "*"), _window_name(index, "rl"), _RATE_LIMITED_TOTAL]
-        q = sa.select(t.sequences.c.name, t.sequences.c.value).where(t.sequences.c.name.in_(names))
         with self.store.db.read() as conn:
-            values = {str(n): int(v) for n, v in conn.execute(q)}
+            values = {
+                str(n): int(v) for n, v in conn.execute(_STORM_COUNTS, dict(zip(_STORM_NAMES, names, strict=True)))
+            }
         return StormCounts(
             window_seconds=self.storm.new_runs_window_seconds,
             window_started_at=index * self.storm.new_runs_window_seconds,

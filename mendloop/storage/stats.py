@@ -48,6 +48,21 @@ class Snapshot:
     live_work_orders: dict[str, int]
 
 
+def _sums() -> sa.Select[Any]:
+    tot, dl = t.stat_totals.c, t.stat_deltas.c
+    both = sa.union_all(
+        sa.select(tot.playbook, tot.component, tot.measure, tot.value.label("v")),
+        sa.select(dl.playbook, dl.component, dl.measure, dl.delta.label("v")),
+    ).subquery()
+    return sa.select(both.c.playbook, both.c.component, both.c.measure, sa.func.sum(both.c.v)).group_by(
+        both.c.playbook, both.c.component, both.c.measure
+    )
+
+
+# Read by every GET /patches/stats and work-order page: built once, not per request.
+_SUMS = _sums()
+
+
 def live_queries() -> tuple[sa.Select[Any], sa.Select[Any]]:
     """Runs and work orders by live status, from the lists' row counts (storage/row_counts.py): index lookups,
     whatever the number of runs in flight."""
@@ -103,15 +118,7 @@ class StatStore:
     @staticmethod
     def sums_in(conn: sa.Connection) -> list[Row]:
         """(playbook, component, measure, totals + unfolded deltas), in one statement."""
-        tot, dl = t.stat_totals.c, t.stat_deltas.c
-        both = sa.union_all(
-            sa.select(tot.playbook, tot.component, tot.measure, tot.value.label("v")),
-            sa.select(dl.playbook, dl.component, dl.measure, dl.delta.label("v")),
-        ).subquery()
-        q = sa.select(both.c.playbook, both.c.component, both.c.measure, sa.func.sum(both.c.v)).group_by(
-            both.c.playbook, both.c.component, both.c.measure
-        )
-        return [(str(p), str(c), str(m), float(v)) for p, c, m, v in conn.execute(q)]
+        return [(str(p), str(c), str(m), float(v)) for p, c, m, v in conn.execute(_SUMS)]
 
     def pending(self) -> int:
         """Deltas not folded yet."""
