@@ -37,6 +37,8 @@ from mendloop.storage.rows import run_of  # noqa: E402
 GOAL_STARTUP_RATIO = 2.0
 GOAL_RSS_MB = 500.0
 GOAL_P99_MS = 50.0
+# Queued runs a history keeps at startup, whatever its size (see hold_unfinished).
+KEEP_QUEUED = 100
 
 # The reaper's search, as storage/work_orders.py `reap` builds it (its read before any write lock).
 REAP_SQL = (
@@ -75,11 +77,43 @@ def _stop(server: Any) -> None:
         server.wait(10)
 
 
+def hold_unfinished(path: Path, keep: int = KEEP_QUEUED, *, now: float) -> dict[str, int]:
+    """Hold the runs a starting worker must take first to the same number at every size.
+
+    gen_history keeps 1% of a history queued and 1% running with lapsed leases, and a starting worker takes those
+    before any new run, so "ready for work" would time a backlog that grows with the history, not startup. Here the
+    running ones end as cancelled and `keep` queued ones stay, deferred a day (retries backing off): the unfinished
+    runs left are those `keep` and the history's parked `awaiting_patch` runs (2%, which startup must not walk).
+    Returns the runs of each status that stay unfinished."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE runs SET status = 'cancelled', finished_at = :now, lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE status = 'running' OR (status = 'queued' AND id NOT IN"
+            " (SELECT id FROM runs WHERE status = 'queued' ORDER BY created_at DESC LIMIT :keep))",
+            {"now": now, "keep": keep},
+        )
+        conn.execute("UPDATE runs SET next_run_at = :later WHERE status = 'queued'", {"later": now + 86_400})
+        left = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM runs WHERE status IN ('queued', 'running', 'awaiting_patch')"
+                " GROUP BY status"
+            ).fetchall()
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return {str(k): int(v) for k, v in left.items()}
+
+
 def startup(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mendloop-bench-scale-") as d:
         tmp = Path(d)
         t0 = time.monotonic()
-        url = f"sqlite:///{gen_history.sqlite_copy(runs, tmp / 'history.db')}"
+        path = gen_history.sqlite_copy(runs, tmp / "history.db")
+        unfinished = hold_unfinished(path, now=time.time())
+        url = f"sqlite:///{path}"
         prepared = time.monotonic() - t0
         started = time.monotonic()
         server, port = reads._serve(tmp, url, extra=_noop_config(tmp), poll=0.01)
@@ -90,7 +124,14 @@ def startup(runs: int) -> dict[str, Any]:
             status = out.get("status") or out.get("run", {}).get("status")
         finally:
             _stop(server)
-    return {"runs": runs, "health_s": health, "first_run_s": ready, "status": status, "prepare_s": prepared}
+    return {
+        "runs": runs,
+        "health_s": health,
+        "first_run_s": ready,
+        "status": status,
+        "prepare_s": prepared,
+        "unfinished": unfinished,
+    }
 
 
 def build_parked(path: Path, parked: int, *, now: float) -> None:
@@ -232,7 +273,8 @@ def report(r: dict[str, Any]) -> list[str]:
     for x in s:
         lines.append(
             f"  startup, {x['runs']:>9,} runs: exec -> /health {x['health_s'] * 1000:7.0f} ms; -> first run"
-            f" {x['status']} {x['first_run_s'] * 1000:7.0f} ms (history copied in {x['prepare_s']:.1f} s)"
+            f" {x['status']} {x['first_run_s'] * 1000:7.0f} ms (history copied in {x['prepare_s']:.1f} s;"
+            f" unfinished {x['unfinished']})"
         )
     if len(s) > 1:
         h, f = s[-1]["health_s"] / s[0]["health_s"], s[-1]["first_run_s"] / s[0]["first_run_s"]
