@@ -208,6 +208,55 @@ def _commands(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def _storms(r: dict[str, Any]) -> list[Figure]:
+    """No stalls (bench/storms.py): the API's worst p99 during each storm beside the same probes idle, the watcher
+    storm's first line -> its run started, and serve's peak RSS."""
+    st = r.get("storms")
+    if not st:
+        return []
+    idle = max(f["p99_ms"] for f in st["idle"].values())
+    out = [
+        Figure(
+            f"storms.{name}.api_p99_ms",
+            f"API p99 (`/health`, a runs page) during a {label}",
+            max(f["p99_ms"] for f in st[name]["probes"].values()),
+            "ms",
+            "lower",
+            False,
+            "the same probes idle",
+            idle,
+            "≤ 50 ms",
+        )
+        for name, label in (("batch", "100k-event batch storm"), ("watcher", "100k-line watcher storm"))
+    ]
+    w = st["watcher"]
+    out.append(
+        Figure(
+            "storms.watcher.first_run_ms",
+            "100k-line watcher storm: first line written → its run's first step started",
+            w["first_run_started_s"] * 1000,
+            "ms",
+            "lower",
+            False,
+            goal="≤ 1,000 ms",
+        )
+    )
+    out.append(
+        Figure(
+            "storms.peak_rss_mb",
+            "serve's peak RSS through both storms",
+            w["peak_rss_mb"],
+            "MB",
+            "lower",
+            False,
+            "serve idle before them",
+            st["rss_idle_mb"],
+            "≤ 150 MB",
+        )
+    )
+    return out
+
+
 def _simple(
     key: str, what: str, section: str, value: str, unit: str, better: str, baseline: tuple[str, str] | None = None
 ) -> Extract:
@@ -242,6 +291,7 @@ EXTRACTORS: list[Extract] = [
     ),
     _intake,
     _commands,
+    _storms,
     _simple(
         "detection.event_p99_ms",
         "detection at 1,000 lines/s: line appended → event stored, p99",

@@ -21,6 +21,8 @@
 10. Command steps (bench/command_steps.py): a one-command playbook triggered open-loop at 100 and 200 runs/s, and at
    200/s with 1 run in 100 holding its worker for 2 s: runs completed/s and scheduled trigger -> command started,
    beside bare `/bin/true` spawns/s.
+11. No stalls (bench/storms.py): the API's p99 during a 100k-event batch storm and a 100k-line watcher storm,
+   beside the same probes idle; the watcher storm's first line -> its run started; serve's peak RSS.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import redact as redact_bench  # noqa: E402
 import results as results_doc  # noqa: E402
 import runner as agent_runner_bench  # noqa: E402
 import scan as scan_bench  # noqa: E402
+import storms as storms_bench  # noqa: E402
 
 
 def free_port() -> int:
@@ -324,6 +327,7 @@ def main() -> None:
     reads = reads_bench.run(sizes=args.reads_sizes, postgres=reads_bench.postgres_url())
     dashboard = dashboard_bench.run(sizes=args.reads_sizes)
     commands = commands_bench.run(rates=[100.0, 200.0], seconds=10.0, workers=[8])
+    storms = storms_bench.run()
     result = {
         "throughput": tp,
         "cpu_runs": cpu,
@@ -338,6 +342,7 @@ def main() -> None:
         "reads": reads,
         "dashboard": dashboard,
         "commands": commands,
+        "storms": storms,
     }
     doc = results_doc.document(result, started)
     if not args.no_write:
@@ -370,6 +375,7 @@ def main() -> None:
     print("\n".join(reads_bench.report(reads)))
     print("\n".join(dashboard_bench.report(dashboard)))
     print("\n".join(commands_bench.report(commands)))
+    print("\n".join(storms_bench.report(storms)))
     print("")
     print("\n".join(results_doc.table(doc)))
 

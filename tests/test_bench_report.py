@@ -76,3 +76,23 @@ def test_the_readme_table_is_rewritten_between_its_markers(tmp_path: Path) -> No
     assert "load average" in text
     readme.write_text("no markers\n")
     assert not results.render_readme(_doc(), readme) and readme.read_text() == "no markers\n"
+
+
+def test_the_storm_figures_take_the_worst_probe_beside_the_idle_one() -> None:
+    def probes(health: float, page: float) -> dict[str, Any]:
+        return {"/health": {"p99_ms": health}, "runs page": {"p99_ms": page}}
+
+    raw = {
+        "storms": {
+            "idle": probes(1.5, 3.0),
+            "rss_idle_mb": 120.0,
+            "batch": {"probes": probes(20.0, 30.0)},
+            "watcher": {"probes": probes(10.0, 21.0), "first_run_started_s": 0.05, "peak_rss_mb": 131.0},
+        }
+    }
+    by_key = {f["key"]: f for f in results.document(raw, results.machine())["figures"]}
+    assert by_key["storms.batch.api_p99_ms"]["value"] == 30.0 and by_key["storms.batch.api_p99_ms"]["ratio"] == 10.0
+    assert by_key["storms.watcher.api_p99_ms"]["value"] == 21.0
+    assert by_key["storms.watcher.first_run_ms"]["value"] == 50.0
+    assert by_key["storms.peak_rss_mb"]["value"] == 131.0 and by_key["storms.peak_rss_mb"]["baseline_value"] == 120.0
+    assert not any(f["cpu"] for k, f in by_key.items() if k.startswith("storms."))
