@@ -1,8 +1,9 @@
 """Cancel reaches every kind of step: a run cancelled while its step executes has that step stopped (a command's
-process group killed, an HTTP step not sent again, a health wait cut short, a held patch's tests killed), the step
-recorded as `cancelled`, and no further step run, whichever process cancelled it (the worker pool's watcher reads
-the database). Runs parked in the database (a sleep, a backoff, an approval) stay cancelled and never resume.
-Real App and workers, both backends, real programs, a real slow HTTP server, a real `mendloop serve` and the CLI."""
+process group killed, an HTTP step no longer waited for nor sent again, a health wait cut short, a held patch's
+tests killed), the step recorded as `cancelled`, and no further step run, whichever process cancelled it (the
+worker pool's watcher reads the database). Runs parked in the database (a sleep, a backoff, an approval) stay
+cancelled and never resume. Real App and workers, both backends, real programs, a real slow HTTP server, a real
+`mendloop serve` and the CLI."""
 
 from __future__ import annotations
 
@@ -299,9 +300,12 @@ def held_service(status: int) -> Iterator[tuple[str, list[str], threading.Event,
         thread.join()
 
 
-def test_an_http_step_in_flight_at_the_cancel_is_not_retried(database_url: str, tmp_path: Path) -> None:
-    """The request already sent finishes (within its timeout) with a 503 that would be retried; after the cancel
-    it is not: one request, the step recorded as cancelled with the answer it got, the next step never run."""
+def test_an_http_step_in_flight_at_the_cancel_stops_at_once_and_is_not_retried(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The service holds the request (its timeout is 60 s). The cancel stops the step while the service still
+    holds it: the step recorded as cancelled, saying the request had been sent; the 503 the service gives once
+    released is not retried, and the next step never runs."""
     with held_service(503) as (base, seen, arrived, release):
         write_playbooks(
             tmp_path / "pb",
@@ -330,11 +334,14 @@ def test_an_http_step_in_flight_at_the_cancel_is_not_retried(database_url: str, 
             run, _ = app.remediation.trigger(error_type="calls", description="d")
             assert arrived.wait(30)
             app.remediation.cancel_run(run.id)  # in process: the run's Event is set before this returns
-            release.set()
+            # The service still holds the request (release is not set): only the cancel can end the step now.
             wait_for(lambda: _steps(app.store, run.id) == [("call", "cancelled")], timeout=30)
+            assert not release.is_set()
             step = app.store.run_steps(run.id)[0]
-            assert step.output["status_code"] == 503
+            assert step.output == {"sent": True, "answered": False, "cancelled": True}
+            assert "had been sent" in (step.error or "")
             assert app.store.run_status(run.id) is RunStatus.CANCELLED
+            release.set()  # the 503 that would be retried comes now, to nobody
             assert seen == ["/slow"]
             assert not (tmp_path / "after").exists()
         finally:

@@ -38,9 +38,10 @@ def call_http(
     idempotency_key: str,
     cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """`cancel`: the run's cancel, checked right before the request is sent (then nothing is). A request already
-    sent is not interrupted: it ends within its `timeout`, and the step loop then neither retries the step nor
-    goes on."""
+    """`cancel`: the run's cancel. Set before the request is sent, nothing is sent. Set while it is in flight, the
+    step stops at once (StepCancelled) instead of waiting up to its `timeout` for an answer: the request may
+    still reach the service (nothing can unsend it), so the step's output says it was sent, and the step loop
+    neither retries it nor goes on."""
     all_headers = {"Idempotency-Key": idempotency_key, **{str(k): str(v) for k, v in headers.items()}}
     if isinstance(url, TrackedUrl):
         try:
@@ -55,7 +56,7 @@ def call_http(
     if cancel is not None and cancel.is_set():
         raise StepCancelled(f"stopped by the run's cancel; {method} {url} was not sent")
     try:
-        resp = client.send(request)
+        resp = client.send(request) if cancel is None else _send_until_cancelled(client, request, cancel)
     except httpx.TimeoutException as exc:
         raise ActionError(f"{method} {url} timed out after {timeout:g}s") from exc
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
@@ -75,6 +76,39 @@ def call_http(
             retryable=resp.status_code >= 500 or resp.status_code == 429,
         )
     return output
+
+
+# How often a step waiting for an answer looks at the run's cancel (set by the worker pool's watcher).
+CANCEL_POLL_SECONDS = 0.02
+
+
+def _send_until_cancelled(client: httpx.Client, request: httpx.Request, cancel: threading.Event) -> httpx.Response:
+    """`client.send(request)` on a thread of its own, waited for until it answers or `cancel` is set. A cancelled
+    request's thread ends on its own within the request's timeout; its answer is dropped."""
+    answer: list[httpx.Response | Exception] = []
+    done = threading.Event()
+
+    def send() -> None:
+        try:
+            answer.append(client.send(request))
+        except Exception as exc:  # handed to the step's thread, which maps it as a direct call would
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=send, name="http-step", daemon=True).start()
+    while not done.wait(CANCEL_POLL_SECONDS):
+        if cancel.is_set():
+            stopped = StepCancelled(
+                f"stopped by the run's cancel: {request.method} {request.url} had been sent; its answer was not "
+                "waited for"
+            )
+            stopped.output = {"sent": True, "answered": False, "cancelled": True}
+            raise stopped
+    got = answer[0]
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def _build(
