@@ -11,7 +11,7 @@ ARGS ?=
 # Lint only the trees that exist (bench/ and tests/ may not exist yet).
 LINT_PATHS := $(wildcard mendloop tests bench)
 
-.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench peer-bench fmt chaos scale
+.PHONY: all bootstrap demo test fuzz lint bench bench-check heal-bench peer-bench fmt chaos scale storms
 
 all: lint test
 
@@ -67,3 +67,8 @@ chaos: bootstrap
 # the first time takes minutes (cached under bench/.cache/ after that).
 scale: bootstrap
 	$(PY) bench/scale.py $(ARGS)
+
+# No stalls (bench/storms.py, also in `make bench`): the API's p99 during a 100k-event batch storm and a
+# 100k-line watcher storm, the watcher storm's first line -> its run started, serve's peak RSS. About 40 s.
+storms: bootstrap
+	$(PY) bench/storms.py $(ARGS)
