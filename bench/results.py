@@ -257,6 +257,27 @@ def _storms(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def _pg_workers(r: dict[str, Any]) -> list[Figure]:
+    """PostgreSQL runs/s by `mendloop worker` process count (bench/pg_workers.py), beside bare SKIP LOCKED jobs/s."""
+    pg = r.get("pg_workers")
+    if not pg:
+        return []
+    return [
+        Figure(
+            f"pg_workers.{c['processes']}.runs_per_s",
+            f"3-step no-op playbook, PostgreSQL, {c['processes']} `mendloop worker` process(es): runs/s",
+            c["mendloop"]["per_s"],
+            "/s",
+            "higher",
+            False,
+            "bare SKIP LOCKED claim + complete jobs/s, as many processes",
+            c["bare"]["per_s"],
+            "≥ 0.5x the bare jobs/s",
+        )
+        for c in pg["cases"]
+    ]
+
+
 def _simple(
     key: str, what: str, section: str, value: str, unit: str, better: str, baseline: tuple[str, str] | None = None
 ) -> Extract:
@@ -273,6 +294,7 @@ def _simple(
 
 EXTRACTORS: list[Extract] = [
     _runs,
+    _pg_workers,
     _simple(
         "latency.reconnect_p99_ms",
         "`database_reconnect` vs the sample service, trigger → completed, p99 (includes a 200 ms backoff)",

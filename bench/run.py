@@ -23,6 +23,8 @@
    beside bare `/bin/true` spawns/s.
 11. No stalls (bench/storms.py): the API's p99 during a 100k-event batch storm and a 100k-line watcher storm,
    beside the same probes idle; the watcher storm's first line -> its run started; serve's peak RSS.
+12. On PostgreSQL (when MENDLOOP_BENCH_POSTGRES_URL is set), 3-step no-op runs/s drained by 1, 2 and 4 `mendloop
+   worker` processes (bench/pg_workers.py), beside bare SKIP LOCKED claim + complete jobs/s in as many processes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import dashboard as dashboard_bench  # noqa: E402
 import detect as detect_bench  # noqa: E402
 import health as health_bench  # noqa: E402
 import intake as intake_bench  # noqa: E402
+import pg_workers as pg_workers_bench  # noqa: E402
 import reads as reads_bench  # noqa: E402
 import redact as redact_bench  # noqa: E402
 import results as results_doc  # noqa: E402
@@ -328,6 +331,8 @@ def main() -> None:
     dashboard = dashboard_bench.run(sizes=args.reads_sizes)
     commands = commands_bench.run(rates=[100.0, 200.0], seconds=10.0, workers=[8])
     storms = storms_bench.run()
+    pg_url = reads_bench.postgres_url()
+    pg_workers = pg_workers_bench.run(pg_url) if pg_url else None
     result = {
         "throughput": tp,
         "cpu_runs": cpu,
@@ -343,6 +348,7 @@ def main() -> None:
         "dashboard": dashboard,
         "commands": commands,
         "storms": storms,
+        "pg_workers": pg_workers,
     }
     doc = results_doc.document(result, started)
     if not args.no_write:
@@ -376,6 +382,8 @@ def main() -> None:
     print("\n".join(dashboard_bench.report(dashboard)))
     print("\n".join(commands_bench.report(commands)))
     print("\n".join(storms_bench.report(storms)))
+    if pg_workers:
+        print("\n".join(pg_workers_bench.report(pg_workers)))
     print("")
     print("\n".join(results_doc.table(doc)))
 

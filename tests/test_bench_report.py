@@ -96,3 +96,15 @@ def test_the_storm_figures_take_the_worst_probe_beside_the_idle_one() -> None:
     assert by_key["storms.watcher.first_run_ms"]["value"] == 50.0
     assert by_key["storms.peak_rss_mb"]["value"] == 131.0 and by_key["storms.peak_rss_mb"]["baseline_value"] == 120.0
     assert not any(f["cpu"] for k, f in by_key.items() if k.startswith("storms."))
+
+
+def test_the_postgres_worker_figures_sit_beside_the_bare_queue() -> None:
+    cases = [
+        {"processes": k, "mendloop": {"per_s": 100.0 * k}, "bare": {"per_s": 1000.0 * k}, "ratio": 0.1}
+        for k in (1, 2, 4)
+    ]
+    by_key = {f["key"]: f for f in results.document({"pg_workers": {"cases": cases}}, results.machine())["figures"]}
+    assert [by_key[f"pg_workers.{k}.runs_per_s"]["value"] for k in (1, 2, 4)] == [100.0, 200.0, 400.0]
+    assert {by_key[f"pg_workers.{k}.runs_per_s"]["ratio"] for k in (1, 2, 4)} == {0.1}
+    # Without PostgreSQL the bench is skipped and the report has no such rows.
+    assert not any(f["key"].startswith("pg_workers") for f in results.document({}, results.machine())["figures"])
