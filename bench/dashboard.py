@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gen_history  # noqa: E402
+import reads  # noqa: E402
 
 GOAL_SERVER_MS = 300.0
 GOAL_BROWSER_MS = 1000.0
@@ -165,11 +165,7 @@ def run(*, sizes: list[int], requests: int = 60, visits: int = 5) -> dict[str, A
                     "load_average": os.getloadavg()[0],
                 }
             finally:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(60)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                reads.stop_serve(server)
     return out
 
 

@@ -302,6 +302,16 @@ def _serve(
         time.sleep(poll)
 
 
+def stop_serve(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (serve's graceful shutdown), then SIGKILL if it has not exited within a minute."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(10)
+
+
 def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> dict[str, Any]:
     server, port = _serve(tmp, url)
     try:
@@ -338,11 +348,7 @@ def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> d
             out, _ = writer.communicate(timeout=60)
         written = json.loads(out)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_serve(server)
     return {
         "load_average_start": load_start,
         "load_average": os.getloadavg(),

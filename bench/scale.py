@@ -68,15 +68,6 @@ def _post(port: int, path: str, body: dict[str, Any]) -> Any:
     return json.loads(data)
 
 
-def _stop(server: Any) -> None:
-    server.terminate()
-    try:
-        server.wait(60)
-    except Exception:
-        server.kill()
-        server.wait(10)
-
-
 def hold_unfinished(path: Path, keep: int = KEEP_QUEUED, *, now: float) -> dict[str, int]:
     """Hold the runs a starting worker must take first to the same number at every size.
 
@@ -123,7 +114,7 @@ def startup(runs: int) -> dict[str, Any]:
             ready = time.monotonic() - started
             status = out.get("status") or out.get("run", {}).get("status")
         finally:
-            _stop(server)
+            reads.stop_serve(server)
     return {
         "runs": runs,
         "health_s": health,
@@ -263,7 +254,7 @@ def parked_serve(parked: int, idle_seconds: float, requests: int) -> dict[str, A
             idle_cpu = (reads._cpu_seconds(server.pid) - cpu0) / (time.monotonic() - w0)
             rss = _rss_mb(server.pid)
         finally:
-            _stop(server)
+            reads.stop_serve(server)
     return {"parked": parked, "build_s": built, "reap": reap, "endpoints": figures, "idle_cpu": idle_cpu, "rss_mb": rss}
 
 

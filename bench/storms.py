@@ -24,7 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -285,11 +284,7 @@ def run(events: int = 100_000, lines: int = 100_000) -> dict[str, Any]:
             batch = batch_storm(port, server.pid, events)
             watcher = watcher_storm(port, server.pid, log, lines)
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            reads.stop_serve(server)
     return {
         "load_average_start": load_start,
         "load_average": os.getloadavg(),
