@@ -271,8 +271,8 @@ class StepLoop:
                 )
             return self._failed(run, owner, pb, cs, attempt, started, key, scope, UnexpectedError(exc))
         if cancel.is_set():
-            # It ended by itself (an HTTP request already sent when the cancel came): its output is kept, and the
-            # run does not go on.
+            # It ended by itself just as the cancel came (a step that checks the cancel stops instead): its output
+            # is kept, and the run does not go on.
             done = "it finished after the run was cancelled; the run does not go on"
             return self._cancelled(run, _outcome(cs, run, attempt, started, key, StepStatus.CANCELLED, output, done))
         # A step's output is data from outside (a command's stdout, an HTTP body): redacted before it is stored.
