@@ -38,15 +38,19 @@ from tests.support import (
 )
 
 VI, OP, AG, IN, AD = Role.VIEWER, Role.OPERATOR, Role.AGENT, Role.INTAKE, Role.ADMIN
-READERS = {VI, OP, AG, AD}
+READERS = {VI, OP, AD}
+# A coding agent reads work orders (context, diff) and the run one belongs to, and nothing else.
+WORK_READERS = {VI, OP, AG, AD}
 WO = "/patches/work-orders/{work_order_id}"
 
 # Written from the issue, not from RULES: who may call the endpoints that matter. A wrong rule fails here.
 EXPECTED: dict[tuple[str, str], set[Role]] = {
     ("GET", "/health"): {VI, OP, AG, IN, AD},
     ("GET", "/patches/runs"): READERS,
-    ("GET", "/patches/runs/{run_id}"): READERS,
-    ("GET", "/patches/work-orders"): READERS,
+    ("GET", "/patches/runs/{run_id}"): WORK_READERS,
+    ("GET", "/patches/work-orders"): WORK_READERS,
+    ("GET", WO): WORK_READERS,
+    ("GET", "/patches/diffs/{work_order_id}.diff"): WORK_READERS,
     ("GET", "/patches/stats"): READERS,
     ("GET", "/events/recent"): READERS,
     ("GET", "/metrics"): READERS,
@@ -341,6 +345,22 @@ def test_an_agent_token_works_only_for_its_repositories(app: App, server: httpx.
     assert [w["work_order_id"] for w in listed["work_orders"]] == [wo_a] and listed["total"] == 1
     everything = server.get("/patches/work-orders", headers=_as(operator)).json()["work_orders"]
     assert {w["work_order_id"] for w in everything} == {wo_a, wo_b}
+
+    # The run of its own work order it reads (an agent's timeline); another repository's run it does not.
+    run_of = {w["work_order_id"]: w["self_healing_run_id"] for w in everything}
+    mine = server.get(f"/patches/runs/{run_of[wo_a]}", headers=_as(agent_a))
+    assert mine.status_code == 200 and mine.json()["coding_work_order_id"] == wo_a, mine.text
+    theirs = server.get(f"/patches/runs/{run_of[wo_b]}", headers=_as(agent_a))
+    assert theirs.status_code == 403 and theirs.json()["field"] == "Authorization", theirs.text
+    assert server.get(f"/patches/runs/{run_of[wo_b]}", headers=_as(agent_b)).status_code == 200
+    # Nor any list that would show other repositories' failures, scoped or not.
+    _, agent_all = app.tokens.create("agent-all", "agent", ["*"])
+    app.keyring.invalidate()  # a token made after the server started is known at its next refresh
+    for path in ("/patches/runs", "/events/recent", "/incidents", "/patches/stats", "/metrics", "/ui/runs"):
+        for token in (agent_a, agent_all):
+            refused = server.get(path, headers=_as(token))
+            assert refused.status_code == 403 and refused.json()["action"] == "read", (path, refused.text)
+    assert server.get(f"/patches/runs/{run_of[wo_b]}", headers=_as(agent_all)).status_code == 200
 
 
 # -- the audit log --------------------------------------------------------------------------------------------

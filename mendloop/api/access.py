@@ -5,8 +5,9 @@ log's row for every operator and admin action and every 403, written before the 
 - No token, or an unknown or revoked one: 401 naming `Authorization`. A known token whose role may not take the
   action: 403 naming `Authorization`, with the role and the action.
 - An agent token naming repositories: heartbeat, complete and fail of a work order of another repository, and
-  reading one (its context, its diff), are a 403 here; a claim hands out only work orders of its repositories and
-  the list shows only those (the routes, from `credential_of`).
+  reading one (its context, its diff) or its run, are a 403 here; a claim hands out only work orders of its
+  repositories and the list shows only those (the routes, from `credential_of`). An agent token reads nothing
+  else (`Action.WORK_READ` is the one read its role has).
 - POST /events and /events/alertmanager: a token whose role may post events passes; a known token whose role
   may not is a 403; anything else is the intake route's to judge (signed webhooks carry no bearer token).
 - The dashboard's session cookie (`domain/sessions.py`) stands for its token's credential when no bearer token is
@@ -222,6 +223,22 @@ class Access:
             if not credential.works_for(repository):
                 return Forbidden(
                     f"this agent token does not work for the repository of work order {wo_id}",
+                    field="Authorization",
+                    role=credential.role.value,
+                    action=action.value,
+                )
+        if credential.claim_scope() is not None and roles.scoped_to_run(action, params):
+            run_id = params.get("run_id", "")
+            try:
+                wo_id = await run_in_threadpool(self.mendloop.store.work_orders.of_run, run_id)
+            except NotFound:
+                return None  # the route answers 404
+            repository = (
+                await run_in_threadpool(self.mendloop.store.work_orders.repository_of, wo_id) if wo_id else None
+            )
+            if wo_id is None or not credential.works_for(repository):
+                return Forbidden(
+                    f"this agent token reads only the runs of its repositories' work orders, not run {run_id}",
                     field="Authorization",
                     role=credential.role.value,
                     action=action.value,

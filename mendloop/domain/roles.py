@@ -26,6 +26,10 @@ class Action(StrEnum):
     UNROUTED = "unrouted"  # no route matches (a 404 or 405): any valid token may learn that
     UNLISTED = "unlisted"  # a route without a rule: admin only, until it has one
     READ = "read"
+    # What a coding agent reads: work orders (their context, their diffs) and the run one belongs to. An agent
+    # token naming repositories reads those of its repositories only; every other read (all runs, events,
+    # incidents, statistics, the dashboard) would show it other repositories' failures.
+    WORK_READ = "work.read"
     TRIGGER = "runs.trigger"
     CANCEL = "runs.cancel"
     APPROVE = "work_orders.approve"
@@ -59,11 +63,11 @@ RULES: dict[tuple[str, str], Action] = {
     ("GET", "/docs"): Action.PUBLIC,
     ("GET", "/openapi.json"): Action.PUBLIC,
     (ANY_METHOD, "/_static/swagger"): Action.PUBLIC,
-    ("GET", "/patches/work-orders"): Action.READ,
-    ("GET", _WO): Action.READ,
-    ("GET", "/patches/diffs/{work_order_id}.diff"): Action.READ,
+    ("GET", "/patches/work-orders"): Action.WORK_READ,
+    ("GET", _WO): Action.WORK_READ,
+    ("GET", "/patches/diffs/{work_order_id}.diff"): Action.WORK_READ,
     ("GET", "/patches/runs"): Action.READ,
-    ("GET", "/patches/runs/{run_id}"): Action.READ,
+    ("GET", "/patches/runs/{run_id}"): Action.WORK_READ,
     ("GET", "/patches/stats"): Action.READ,
     ("GET", "/events/recent"): Action.READ,
     ("GET", "/events/stream"): Action.READ,
@@ -136,9 +140,9 @@ ADMIN_ACTIONS = frozenset(
 _EVERYONE = frozenset({Action.PUBLIC, Action.UNROUTED, Action.LOGOUT})
 
 ALLOWED: dict[Role, frozenset[Action]] = {
-    Role.VIEWER: _EVERYONE | {Action.READ},
-    Role.OPERATOR: _EVERYONE | {Action.READ} | OPERATOR_ACTIONS,
-    Role.AGENT: _EVERYONE | {Action.READ} | AGENT_ACTIONS,
+    Role.VIEWER: _EVERYONE | {Action.READ, Action.WORK_READ},
+    Role.OPERATOR: _EVERYONE | {Action.READ, Action.WORK_READ} | OPERATOR_ACTIONS,
+    Role.AGENT: _EVERYONE | {Action.WORK_READ} | AGENT_ACTIONS,
     Role.INTAKE: _EVERYONE | {Action.INTAKE},
     Role.ADMIN: frozenset(Action),
 }
@@ -159,6 +163,12 @@ def scoped_to_work_order(action: Action, params: Mapping[str, str]) -> bool:
     any other route that names one work order (reading its context or its diff: what an agent sees of another
     repository's failure is not its to see)."""
     return action in WORK_ORDER_SCOPED or "work_order_id" in params
+
+
+def scoped_to_run(action: Action, params: Mapping[str, str]) -> bool:
+    """Whether a scoped agent token's call must be of a run whose work order is of its repositories: reading one
+    run (the coding agent's own work order's, for its timeline)."""
+    return action is Action.WORK_READ and "run_id" in params
 
 
 def action_for(method: str, template: str) -> Action:

@@ -51,6 +51,14 @@ class WorkOrderStore:
             raise NotFound("work order", wo_id)
         return None if row.repository is None else str(row.repository)
 
+    def of_run(self, run_id: str) -> str | None:
+        """The run's current work order (None: it never escalated); NotFound when there is no such run."""
+        with self.db.read() as conn:
+            row = conn.execute(sa.select(t.runs.c.coding_work_order_id).where(t.runs.c.id == run_id)).first()
+        if row is None:
+            raise NotFound("run", run_id)
+        return None if row.coding_work_order_id is None else str(row.coding_work_order_id)
+
     def claim(
         self,
         agent_id: str,
