@@ -230,13 +230,13 @@ class Access:
         if credential.claim_scope() is not None and roles.scoped_to_run(action, params):
             run_id = params.get("run_id", "")
             try:
-                wo_id = await run_in_threadpool(self.mendloop.store.work_orders.of_run, run_id)
+                run_wo = await run_in_threadpool(self.mendloop.store.work_orders.of_run, run_id)
             except NotFound:
                 return None  # the route answers 404
             repository = (
-                await run_in_threadpool(self.mendloop.store.work_orders.repository_of, wo_id) if wo_id else None
+                await run_in_threadpool(self.mendloop.store.work_orders.repository_of, run_wo) if run_wo else None
             )
-            if wo_id is None or not credential.works_for(repository):
+            if run_wo is None or not credential.works_for(repository):
                 return Forbidden(
                     f"this agent token reads only the runs of its repositories' work orders, not run {run_id}",
                     field="Authorization",
