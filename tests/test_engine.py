@@ -14,7 +14,7 @@ from mendloop.app import App
 from mendloop.domain.states import RunStatus, StepStatus, WorkOrderStatus
 from mendloop.errors import Conflict, NotFound, UnknownErrorType
 from mendloop.testing import FakeClock
-from tests.support import drain, open_app, settings_for, wait_status, write_playbooks
+from tests.support import drain, open_app, settings_for, wait_for, wait_status, write_playbooks
 
 PY = sys.executable
 # Appends one JSON line {"key": <idempotency key>, "tag": argv[2]} to argv[1] and prints facts.
@@ -419,5 +419,50 @@ def test_worker_threads_finish_runs_on_their_own(database_url: str, tmp_path: Pa
         for rid in ids:
             assert wait_status(app, rid, RunStatus.COMPLETED) is RunStatus.COMPLETED
         assert all(len(app.store.run_steps(rid)) == 3 for rid in ids)
+    finally:
+        app.close()
+
+
+def test_a_new_run_wakes_one_idle_worker_not_all_of_them(database_url: str, tmp_path: Path) -> None:
+    """Eight idle worker threads and one trigger: the run is claimed once and at most two empty claims follow (the
+    next worker looking for more, the first looking again when done). Waking every idle worker cost eight claim
+    transactions per run, seven of them empty, each under SQLite's one write lock."""
+    write_playbooks(
+        tmp_path / "pb",
+        {
+            "id": "nap",
+            "type": "retry",
+            "description": "d",
+            "steps": [{"id": "s", "action": "sleep", "with": {"seconds": 0}}],
+        },
+    )
+    # A long poll: idle workers wake only when told, so every claim counted below is one a wake-up caused.
+    settings = settings_for(
+        database_url,
+        tmp_path,
+        playbook_dirs=[str(tmp_path / "pb")],
+        routing={"nap": "nap"},
+        workers=8,
+        poll_interval=60,
+    )
+    app = open_app(settings)
+    claims: list[bool] = []
+    claim_run = app.store.claim_run
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        run = claim_run(*args, **kwargs)
+        claims.append(run is not None)
+        return run
+
+    app.store.claim_run = counted  # type: ignore[method-assign]
+    app.workers.start()
+    try:
+        waiters = app.workers._wake._waiters  # type: ignore[attr-defined]  # CPython's Condition keeps them here
+        wait_for(lambda: len(waiters) == 8, timeout=30)  # every worker idle, waiting to be told
+        claims.clear()
+        run, _ = app.remediation.trigger(error_type="nap", description="one")
+        wait_status(app, run.id, RunStatus.COMPLETED)
+        wait_for(lambda: len(waiters) == 8, timeout=30)  # and back to waiting: no claim is still on its way
+        assert claims.count(True) == 1 and claims.count(False) <= 2, claims
     finally:
         app.close()

@@ -110,7 +110,7 @@ class WorkerPool:
         again there with the same idempotency key, as after a crash."""
         deadline = time.monotonic() + (self.shutdown_timeout if timeout is None else timeout)
         self._closing.set()
-        self.notify()
+        self._wake_all()
         workers = [th for th in self._threads if th.name.startswith("mendloop-worker-")]
         with self._held_lock:
             in_flight = len(self._held)
@@ -141,6 +141,13 @@ class WorkerPool:
             log.warning("shutdown: could not release the leases of %s: %s", ", ".join(owners), exc)
 
     def notify(self) -> None:
+        """A run may be due: wake one idle worker. A worker that claims a run wakes the next (`run_once`), so a
+        burst fans out one worker at a time and its end costs one empty claim. Waking every idle worker made each
+        trigger cost up to `workers` claim transactions, all but one of them empty, under SQLite's one write lock."""
+        with self._wake:
+            self._wake.notify()
+
+    def _wake_all(self) -> None:
         with self._wake:
             self._wake.notify_all()
 
@@ -169,6 +176,7 @@ class WorkerPool:
         run = self.store.claim_run(owner, self.lease_seconds, max_concurrent=self.max_concurrent)
         if run is None:
             return False
+        self.notify()  # there may be more: the next idle worker looks while this one runs its steps
         cancel = threading.Event()
         with self._held_lock:
             self._held[run.id] = owner
