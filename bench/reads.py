@@ -54,6 +54,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def status_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of process `pid` from /proc/<pid>/status (VmRSS now, VmHWM its peak), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of process `pid` (all its threads) so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -211,13 +211,6 @@ def reap_search(path: Path, passes: int = 50) -> dict[str, Any]:
     return {"plan": plan, "ms_per_pass": ms}
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def parked_serve(parked: int, idle_seconds: float, requests: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mendloop-bench-scale-") as d:
         tmp = Path(d)
@@ -252,7 +245,7 @@ def parked_serve(parked: int, idle_seconds: float, requests: int) -> dict[str, A
             cpu0, w0 = reads._cpu_seconds(server.pid), time.monotonic()
             time.sleep(idle_seconds)  # idle: nothing asks anything of the server meanwhile
             idle_cpu = (reads._cpu_seconds(server.pid) - cpu0) / (time.monotonic() - w0)
-            rss = _rss_mb(server.pid)
+            rss = reads.status_mb(server.pid)
         finally:
             reads.stop_serve(server)
     return {"parked": parked, "build_s": built, "reap": reap, "endpoints": figures, "idle_cpu": idle_cpu, "rss_mb": rss}

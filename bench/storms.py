@@ -132,22 +132,6 @@ def _polled(port: int, during: Any) -> tuple[dict[str, Any], Any]:
     return {name: p.figures() for name, p in zip(PROBES, pollers, strict=True)}, out
 
 
-def _status_kb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    return 0.0
-
-
-def _get(port: int, path: str) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
-
-
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
@@ -231,7 +215,7 @@ def batch_storm(port: int, pid: int, events: int) -> dict[str, Any]:
         **load,
         "events_per_s": events / load["seconds"],
         "probes": probes,
-        "peak_rss_mb": _status_kb(pid, "VmHWM") / 1024,
+        "peak_rss_mb": reads.status_mb(pid, "VmHWM"),
     }
 
 
@@ -243,7 +227,7 @@ def watcher_storm(port: int, pid: int, log: Path, lines: int) -> dict[str, Any]:
         # Every line counted on the one incident: the storm is absorbed (the pollers measure until then).
         deadline = time.monotonic() + 120
         while True:
-            found = _get(port, "/incidents?error_type=storm_timeout")["incidents"]
+            found = reads._get(port, "/incidents?error_type=storm_timeout")["incidents"]
             if found and found[0]["count"] >= lines:
                 break
             if time.monotonic() > deadline:
@@ -252,10 +236,10 @@ def watcher_storm(port: int, pid: int, log: Path, lines: int) -> dict[str, Any]:
         return {**written, "absorbed_s": time.time() - written["first_write"], "incident": found[0]}
 
     probes, load = _polled(port, during)
-    runs = _get(port, "/patches/runs?limit=50")["runs"]
+    runs = reads._get(port, "/patches/runs?limit=50")["runs"]
     storm_runs = [r for r in runs if r["error_type"] == "storm_timeout"]
     first = min(storm_runs, key=lambda r: r["created_at"])
-    detail = _get(port, f"/patches/runs/{first['run_id']}")
+    detail = reads._get(port, f"/patches/runs/{first['run_id']}")
     started = min(_epoch(s["started_at"]) for s in detail["steps"])
     return {
         "lines": lines,
@@ -266,7 +250,7 @@ def watcher_storm(port: int, pid: int, log: Path, lines: int) -> dict[str, Any]:
         "first_run_created_s": _epoch(first["created_at"]) - load["first_write"],
         "first_run_started_s": started - load["first_write"],
         "probes": probes,
-        "peak_rss_mb": _status_kb(pid, "VmHWM") / 1024,
+        "peak_rss_mb": reads.status_mb(pid, "VmHWM"),
     }
 
 
@@ -280,7 +264,7 @@ def run(events: int = 100_000, lines: int = 100_000) -> dict[str, Any]:
         server, port = reads._serve(tmp, url, extra=_config(tmp, log))
         try:
             idle, _ = _polled(port, lambda: time.sleep(5.0))
-            rss_idle = _status_kb(server.pid, "VmRSS") / 1024
+            rss_idle = reads.status_mb(server.pid)
             batch = batch_storm(port, server.pid, events)
             watcher = watcher_storm(port, server.pid, log, lines)
         finally:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.words import distinct_word as word
 from mendloop.app import App
 from mendloop.config import StormConfig
 from mendloop.domain.storm import Situation, Verdict, WindowCounts, decide, full_cap
@@ -23,16 +24,6 @@ from tests.support import api_client, api_server, free_port, open_app, settings_
 
 FORWARDER = "forwarder-token-0123456789"
 INTAKE = "intake-token-0123456789ab"
-_LETTERS = "ghijklmnopqrstuvwxyz"  # not hex digits: the normaliser keeps them, so each word is its own fingerprint
-
-
-def word(i: int) -> str:
-    out = ""
-    while True:
-        i, r = divmod(i, len(_LETTERS))
-        out += _LETTERS[r]
-        if not i:
-            return out
 
 
 def event(i: int, component: str | None) -> dict[str, Any]:

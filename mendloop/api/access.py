@@ -214,36 +214,37 @@ class Access:
             return AuthError("a valid bearer token is required", field="Authorization")
         if not roles.allows(credential.role, action):
             return _forbidden(credential, action)
-        if credential.claim_scope() is not None and roles.scoped_to_work_order(action, params):
+        if credential.claim_scope() is None:
+            return None
+        if roles.scoped_to_work_order(action, params):
             wo_id = params.get("work_order_id", "")
             try:
                 repository = await run_in_threadpool(self.mendloop.store.work_orders.repository_of, wo_id)
             except NotFound:
                 return None  # the route answers 404
             if not credential.works_for(repository):
-                return Forbidden(
-                    f"this agent token does not work for the repository of work order {wo_id}",
-                    field="Authorization",
-                    role=credential.role.value,
-                    action=action.value,
+                return _out_of_scope(
+                    credential, action, f"this agent token does not work for the repository of work order {wo_id}"
                 )
-        if credential.claim_scope() is not None and roles.scoped_to_run(action, params):
+        elif roles.scoped_to_run(action, params):
             run_id = params.get("run_id", "")
             try:
-                run_wo = await run_in_threadpool(self.mendloop.store.work_orders.of_run, run_id)
+                escalated, repository = await run_in_threadpool(
+                    self.mendloop.store.work_orders.repository_of_run, run_id
+                )
             except NotFound:
                 return None  # the route answers 404
-            repository = (
-                await run_in_threadpool(self.mendloop.store.work_orders.repository_of, run_wo) if run_wo else None
-            )
-            if run_wo is None or not credential.works_for(repository):
-                return Forbidden(
+            if not escalated or not credential.works_for(repository):
+                return _out_of_scope(
+                    credential,
+                    action,
                     f"this agent token reads only the runs of its repositories' work orders, not run {run_id}",
-                    field="Authorization",
-                    role=credential.role.value,
-                    action=action.value,
                 )
         return None
+
+
+def _out_of_scope(credential: Credential, action: Action, message: str) -> Forbidden:
+    return Forbidden(message, field="Authorization", role=credential.role.value, action=action.value)
 
 
 def _forbidden(credential: Credential, action: Action) -> Forbidden:

@@ -51,13 +51,20 @@ class WorkOrderStore:
             raise NotFound("work order", wo_id)
         return None if row.repository is None else str(row.repository)
 
-    def of_run(self, run_id: str) -> str | None:
-        """The run's current work order (None: it never escalated); NotFound when there is no such run."""
+    def repository_of_run(self, run_id: str) -> tuple[bool, str | None]:
+        """Whether the run has a work order, and that work order's repository (None: it names none), in one read;
+        NotFound when there is no such run."""
+        r, w = t.runs.c, t.work_orders.c
+        q = (
+            sa.select(r.coding_work_order_id, w.repository)
+            .select_from(t.runs.outerjoin(t.work_orders, w.id == r.coding_work_order_id))
+            .where(r.id == run_id)
+        )
         with self.db.read() as conn:
-            row = conn.execute(sa.select(t.runs.c.coding_work_order_id).where(t.runs.c.id == run_id)).first()
+            row = conn.execute(q).first()
         if row is None:
             raise NotFound("run", run_id)
-        return None if row.coding_work_order_id is None else str(row.coding_work_order_id)
+        return row.coding_work_order_id is not None, None if row.repository is None else str(row.repository)
 
     def claim(
         self,

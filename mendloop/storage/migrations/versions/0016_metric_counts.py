@@ -138,13 +138,12 @@ def _backfill(dialect: str) -> list[str]:
     ]
     for name, table, label, start, end, cond in _HISTOGRAMS:
         seconds = f"{end} - {start}"
-        lab = label
         out.append(
-            f"INSERT INTO row_counts SELECT '{name}', l, b, count(*) FROM (SELECT {lab} AS l,"
+            f"INSERT INTO row_counts SELECT '{name}', l, b, count(*) FROM (SELECT {label} AS l,"
             f" {_bucket(seconds)} AS b FROM {table} WHERE {cond}) x GROUP BY l, b"
         )
         out.append(
-            f"INSERT INTO row_counts SELECT '{name}', l, 'ms', sum(ms) FROM (SELECT {lab} AS l, "
+            f"INSERT INTO row_counts SELECT '{name}', l, 'ms', sum(ms) FROM (SELECT {label} AS l, "
             f"{_ms(dialect, seconds)} AS ms FROM {table} WHERE {cond}) x GROUP BY l"
         )
     return out
