@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
 from mendloop.api import access, errors, metrics, schemas
+from mendloop.api.coalesce import ReadCoalescer
 from mendloop.api.deps import prefixed, route_path
 from mendloop.api.http_protocol import header_timeout_protocol
 from mendloop.api.routes import audit, control, events, incidents, routing, runs, stats, system, work_orders
@@ -228,6 +229,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
         dependencies=[Depends(check_inbound)],
     )
     api.state.mendloop = app
+    # Identical GETs in flight share one read (api/coalesce.py); reads of SQLite run one at a time.
+    api.state.reads = ReadCoalescer(threads=1 if app.settings.database_url.startswith("sqlite") else 2)
     errors.install(api)
     api.mount("/_static/swagger", StaticFiles(directory=Path(swagger_ui_bundle.swagger_ui_path)), name="swagger")
 

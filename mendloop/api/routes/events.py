@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import auth, errors, views
 from mendloop.api.access import credential_of, still_admitted
+from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep, Cursor, Offset, route_path
 from mendloop.api.responses import (
     AlertOutcome,
@@ -48,6 +49,7 @@ router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 @router.get("/recent")
 async def recent(
     app: AppDep,
+    request: Request,
     event_type: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     since: Annotated[float | None, Query(description="Only events at or after this Unix time", ge=0)] = None,
@@ -56,12 +58,14 @@ async def recent(
 ) -> EventList:
     """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
     after = cursor_of(EVENTS_PAGE, cursor)
-    events, next_cursor = await run_in_threadpool(
-        lambda: app.store.events.recent_page(
+
+    def query() -> EventList:
+        events, next_cursor = app.store.events.recent_page(
             event_type=event_type, limit=limit, since=since, after=after, offset=offset
         )
-    )
-    return EventList(events=[views.event(e) for e in events], count=len(events), next_cursor=next_cursor)
+        return EventList(events=[views.event(e) for e in events], count=len(events), next_cursor=next_cursor)
+
+    return await shared_read(request, query)
 
 
 _EVENT_BODY = {

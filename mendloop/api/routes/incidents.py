@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
+from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import IncidentDetail, IncidentHistory, IncidentList
 from mendloop.api.schemas import ERROR_RESPONSES
@@ -20,6 +21,7 @@ router = APIRouter(prefix="/incidents", tags=["incidents"], responses=ERROR_RESP
 @router.get("")
 async def list_incidents(
     app: AppDep,
+    request: Request,
     status: Annotated[Literal["open", "resolved"] | None, Query()] = None,
     fingerprint: Annotated[str | None, Query(max_length=64)] = None,
     error_type: Annotated[str | None, Query(max_length=200)] = None,
@@ -44,7 +46,7 @@ async def list_incidents(
                 next_cursor=next_cursor,
             )
 
-    return await run_in_threadpool(query)
+    return await shared_read(request, query)
 
 
 def _detail(app: App, incident_id: str) -> IncidentDetail:
@@ -55,8 +57,8 @@ def _detail(app: App, incident_id: str) -> IncidentDetail:
 
 
 @router.get("/{incident_id}")
-async def get_incident(app: AppDep, incident_id: str) -> IncidentDetail:
-    return await run_in_threadpool(_detail, app, incident_id)
+async def get_incident(app: AppDep, request: Request, incident_id: str) -> IncidentDetail:
+    return await shared_read(request, lambda: _detail(app, incident_id))
 
 
 @router.get("/{incident_id}/history")

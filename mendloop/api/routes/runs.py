@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.access import actor_of
+from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
 from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
@@ -27,6 +28,7 @@ RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this st
 @router.get("/runs")
 async def list_runs(
     app: AppDep,
+    request: Request,
     status: RunStatusQ = None,
     playbook_id: Annotated[str | None, Query(max_length=200, description="Only runs of this playbook")] = None,
     component: Annotated[str | None, Query(max_length=200, description="Only runs of this component")] = None,
@@ -56,7 +58,7 @@ async def list_runs(
             next_cursor=next_cursor,
         )
 
-    return await run_in_threadpool(query)
+    return await shared_read(request, query)
 
 
 def run_detail(app: App, run_id: str) -> RunDetail:
@@ -78,8 +80,8 @@ def _run_detail(app: App, run_id: str) -> RunDetail:
 
 
 @router.get("/runs/{run_id}")
-async def get_run(app: AppDep, run_id: str) -> RunDetail:
-    return await run_in_threadpool(run_detail, app, run_id)
+async def get_run(app: AppDep, request: Request, run_id: str) -> RunDetail:
+    return await shared_read(request, lambda: run_detail(app, run_id))
 
 
 @router.post("/runs/{run_id}/cancel")

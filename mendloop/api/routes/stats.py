@@ -3,9 +3,9 @@ per playbook and per component. Read from the aggregates (storage/stats.py), nev
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Request
 
+from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep
 from mendloop.api.responses import RatesOut, StatsOut, StormOut
 from mendloop.api.schemas import ERROR_RESPONSES
@@ -45,7 +45,7 @@ def rates_out(r: Rates) -> RatesOut:
 
 
 @router.get("/stats")
-async def stats(app: AppDep) -> StatsOut:
+async def stats(app: AppDep, request: Request) -> StatsOut:
     def query() -> StatsOut:
         s = app.store.statistics()
         patch_seconds = s.average_patch_seconds
@@ -62,4 +62,4 @@ async def stats(app: AppDep) -> StatsOut:
             by_component={k: rates_out(v) for k, v in s.by_component.items()},
         )
 
-    return await run_in_threadpool(query)
+    return await shared_read(request, query)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.access import credential_of
+from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import ClaimOut, CompleteOut, HeartbeatOut, WorkOrderList, WorkOrderOut
 from mendloop.api.schemas import (
@@ -75,13 +76,12 @@ async def list_work_orders(
                 next_cursor=next_cursor,
             )
 
-    return await run_in_threadpool(query)
+    return await shared_read(request, query)
 
 
 @router.get("/work-orders/{work_order_id}")
-async def get_work_order(app: AppDep, work_order_id: str) -> WorkOrderOut:
-    wo = await run_in_threadpool(app.store.get_work_order, work_order_id)
-    return views.work_order(wo)
+async def get_work_order(app: AppDep, request: Request, work_order_id: str) -> WorkOrderOut:
+    return await shared_read(request, lambda: views.work_order(app.store.get_work_order(work_order_id)))
 
 
 @router.post("/work-orders/{work_order_id}/complete")
