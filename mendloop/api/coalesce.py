@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -23,16 +23,19 @@ from mendloop.api.access import credential_of
 from mendloop.api.deps import route_path
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(slots=True)
 class _Key:
     running: asyncio.Future[Any] | None = None  # the read in progress
     next: asyncio.Future[Any] | None = None  # the read that starts when it ends; requests arriving now join it
+    asked: list[Hashable] = field(default_factory=list)  # what `next` reads: each joined request's item
 
 
 class ReadCoalescer:
-    """`read(key, fn)`: fn's answer, from a read begun after this call. One per API.
+    """`read(key, fn)`: fn's answer, from a read begun after this call; `batch(key, item, fn)`: the same for a read
+    of many items (run details), where the requests that join a read add their item to it. One per API.
 
     `threads`: how many of these reads run at once, each in a thread of its own. Reads of SQLite are CPU in this
     process, under one GIL: twenty at once cost 2.3 times the CPU of the same twenty one after the other (20
@@ -49,6 +52,11 @@ class ReadCoalescer:
         return len(self._keys)
 
     async def read(self, key: Hashable, fn: Callable[[], T]) -> T:
+        return await self.batch(key, None, lambda _items: fn())
+
+    async def batch(self, key: Hashable, item: K, fn: Callable[[list[K]], T]) -> T:
+        """fn(items)'s answer, where items are those of every request that joined this read (`item` among them,
+        each once, in order of arrival); the caller picks its own part of the answer."""
         slot = self._keys.get(key)
         if slot is None:
             slot = self._keys[key] = _Key()
@@ -57,27 +65,44 @@ class ReadCoalescer:
             # Every waiter may have gone (clients that disconnect): the outcome is still retrieved, not warned of.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             slot.next = task
+        if item not in slot.asked:
+            slot.asked.append(item)
         # A waiter that is cancelled leaves the read to the others.
         return cast(T, await asyncio.shield(slot.next))
 
-    async def _after(self, key: Hashable, slot: _Key, before: asyncio.Future[Any] | None, fn: Callable[[], T]) -> T:
+    async def _after(
+        self, key: Hashable, slot: _Key, before: asyncio.Future[Any] | None, fn: Callable[[list[Any]], T]
+    ) -> T:
         if before is not None:
             await asyncio.wait([before])  # its outcome is its own waiters'
-        slot.running, slot.next = asyncio.current_task(), None  # from here on, new arrivals wait for the next read
+        # From here on, new arrivals wait for the next read, with items of their own.
+        items, slot.asked = slot.asked, []
+        slot.running, slot.next = asyncio.current_task(), None
         try:
             if self._threads is None:
                 self._threads = anyio.CapacityLimiter(self._size)
-            return await anyio.to_thread.run_sync(fn, limiter=self._threads)
+            return await anyio.to_thread.run_sync(fn, items, limiter=self._threads)
         finally:
             if slot.next is None:  # nobody waits to read after this one
                 del self._keys[key]
 
 
-async def shared_read(request: Request, fn: Callable[[], T]) -> T:
-    """fn's answer to this GET, shared with the identical GETs that arrive while a read of it runs. A scoped agent
-    token sees its own repositories' answer, so the scope is part of the key."""
+def _key(request: Request, *parts: Any) -> Hashable:
+    """What the answer depends on, with the caller's scope: a scoped agent token sees its own repositories'."""
     credential = credential_of(request)
     scope = credential.claim_scope() if credential is not None else None
-    key = (route_path(request.scope), request.scope.get("query_string", b""), scope)
+    return (*parts, scope)
+
+
+async def shared_read(request: Request, fn: Callable[[], T]) -> T:
+    """fn's answer to this GET, shared with the identical GETs (path and query) that arrive while a read of it
+    runs."""
     reads: ReadCoalescer = request.app.state.reads
-    return await reads.read(key, fn)
+    return await reads.read(_key(request, route_path(request.scope), request.scope.get("query_string", b"")), fn)
+
+
+async def shared_batch(request: Request, kind: str, item: K, fn: Callable[[list[K]], T]) -> T:
+    """fn's answer for this GET's item and those of the GETs of the same `kind` that arrive while a read of that
+    kind runs (`/patches/runs/{id}` for other ids): one read of all their items, begun after each arrived."""
+    reads: ReadCoalescer = request.app.state.reads
+    return await reads.batch(_key(request, kind), item, fn)

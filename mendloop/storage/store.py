@@ -28,6 +28,7 @@ from mendloop.storage.fixes import FixStore
 from mendloop.storage.pauses import PauseStore
 from mendloop.storage.retention import Retention
 from mendloop.storage.row_counts import RowCounts
+from mendloop.storage.run_details import RunDetails
 from mendloop.storage.runs import RunStore, StepOutcome
 from mendloop.storage.stats import StatStore
 from mendloop.storage.trust import TrustStore
@@ -68,6 +69,7 @@ class Store:
         self.approvals = ApprovalStore(self.db)
         self.pauses = PauseStore(self.db)
         self.fixes = FixStore(self.db)
+        self.run_details = RunDetails(self.db, self.trust, self.pauses)
 
     def close(self) -> None:
         self.db.close()

@@ -11,13 +11,14 @@ from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
 from mendloop.api.access import actor_of
-from mendloop.api.coalesce import shared_read
+from mendloop.api.coalesce import shared_batch, shared_read
 from mendloop.api.deps import AppDep, Cursor, Limit, Offset
 from mendloop.api.responses import RunDetail, RunList, RunOut, TriggerOut
 from mendloop.api.schemas import ERROR_RESPONSES, CancelRequest, DecisionRequest, RetryRequest, TriggerRequest
 from mendloop.app import App
 from mendloop.domain.records import EventRecord, Run
 from mendloop.domain.states import RUN_SETTLED, RunStatus
+from mendloop.errors import NotFound
 from mendloop.storage.pages import RUNS_PAGE, cursor_of
 
 router = APIRouter(prefix="/patches", tags=["runs"], responses=ERROR_RESPONSES)
@@ -61,27 +62,36 @@ async def list_runs(
     return await shared_read(request, query)
 
 
+def run_details(app: App, run_ids: list[str]) -> dict[str, RunDetail]:
+    """The details of the runs found among `run_ids`, from one read of all of them (storage/run_details.py)."""
+    return {
+        run_id: views.run_detail(
+            p.run,
+            p.steps,
+            p.events,
+            trust_score=p.trust_score,
+            trust_changes=p.trust_changes,
+            wo=p.work_order,
+            pauses=p.pauses,
+        )
+        for run_id, p in app.store.run_details.many(run_ids).items()
+    }
+
+
 def run_detail(app: App, run_id: str) -> RunDetail:
-    with app.store.db.read():  # seven reads, one connection and one transaction
-        return _run_detail(app, run_id)
+    return _found(run_id, run_details(app, [run_id]))
 
 
-def _run_detail(app: App, run_id: str) -> RunDetail:
-    r = app.store.get_run(run_id)
-    return views.run_detail(
-        r,
-        app.store.run_steps(run_id),
-        app.store.run_events(run_id),
-        trust_score=app.store.trust_score(r.component) if r.component else None,
-        trust_changes=app.store.trust_history(run_id=run_id),
-        wo=app.store.get_work_order(r.coding_work_order_id) if r.coding_work_order_id else None,
-        pauses=app.store.pauses.current(),
-    )
+def _found(run_id: str, details: dict[str, RunDetail]) -> RunDetail:
+    if run_id not in details:
+        raise NotFound("run", run_id)
+    return details[run_id]
 
 
 @router.get("/runs/{run_id}")
 async def get_run(app: AppDep, request: Request, run_id: str) -> RunDetail:
-    return await shared_read(request, lambda: run_detail(app, run_id))
+    """Details asked for together (twenty dashboards on twenty runs) are read together."""
+    return _found(run_id, await shared_batch(request, "run detail", run_id, lambda ids: run_details(app, ids)))
 
 
 @router.post("/runs/{run_id}/cancel")
