@@ -8,16 +8,22 @@ clients on one page, with a write load beside them) is measured by bench/reads.p
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from starlette.requests import Request
 
 from mendloop.api.coalesce import ReadCoalescer, shared_read
 from mendloop.domain.roles import Credential, Role
+
+
+class Answer(BaseModel):
+    value: str
 
 
 class Source:
@@ -156,15 +162,20 @@ def test_the_key_is_the_path_the_query_and_the_callers_scope(other: Credential, 
 
     async def scenario() -> list[str]:
         reads = ReadCoalescer(threads=2)
-        held = asyncio.ensure_future(shared_read(_request("/x", b"", None, reads), src.read("held-")))
+
+        async def shared(path: str, query: bytes, credential: Credential | None, fn: Callable[[], str]) -> str:
+            response = await shared_read(_request(path, query, credential, reads), lambda: Answer(value=fn()))
+            return str(json.loads(bytes(response.body))["value"])
+
+        held = asyncio.ensure_future(shared("/x", b"", None, src.read("held-")))
         await _until(src.entered)
         src.value = 1
         viewer = Credential("db:0", "viewer", Role.VIEWER)
         calls = [
-            shared_read(_request("/patches/work-orders", b"limit=5", viewer, reads), src.read("v-")),
-            shared_read(_request("/patches/work-orders", b"limit=5", other, reads), src.read("o-")),
-            shared_read(_request("/patches/work-orders", b"limit=5", agent_a, reads), src.read("a-")),
-            shared_read(_request("/patches/work-orders", b"limit=6", viewer, reads), src.read("q-")),
+            shared("/patches/work-orders", b"limit=5", viewer, src.read("v-")),
+            shared("/patches/work-orders", b"limit=5", other, src.read("o-")),
+            shared("/patches/work-orders", b"limit=5", agent_a, src.read("a-")),
+            shared("/patches/work-orders", b"limit=6", viewer, src.read("q-")),
         ]
         src.gate.set()
         return [await held, *await asyncio.gather(*calls)]

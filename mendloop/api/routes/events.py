@@ -46,7 +46,7 @@ from mendloop.storage.pages import EVENTS_PAGE, cursor_of
 router = APIRouter(prefix="/events", tags=["events"], responses=ERROR_RESPONSES)
 
 
-@router.get("/recent")
+@router.get("/recent", response_model=EventList)
 async def recent(
     app: AppDep,
     request: Request,
@@ -55,7 +55,7 @@ async def recent(
     since: Annotated[float | None, Query(description="Only events at or after this Unix time", ge=0)] = None,
     offset: Offset = 0,
     cursor: Cursor = None,
-) -> EventList:
+) -> Response:
     """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
     after = cursor_of(EVENTS_PAGE, cursor)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
@@ -18,7 +18,7 @@ from mendloop.storage.pages import INCIDENTS_PAGE, cursor_of
 router = APIRouter(prefix="/incidents", tags=["incidents"], responses=ERROR_RESPONSES)
 
 
-@router.get("")
+@router.get("", response_model=IncidentList)
 async def list_incidents(
     app: AppDep,
     request: Request,
@@ -28,7 +28,7 @@ async def list_incidents(
     limit: Limit = 50,
     offset: Offset = 0,
     cursor: Cursor = None,
-) -> IncidentList:
+) -> Response:
     """Most recently seen first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
     after = cursor_of(INCIDENTS_PAGE, cursor)
 
@@ -56,8 +56,8 @@ def _detail(app: App, incident_id: str) -> IncidentDetail:
         )
 
 
-@router.get("/{incident_id}")
-async def get_incident(app: AppDep, request: Request, incident_id: str) -> IncidentDetail:
+@router.get("/{incident_id}", response_model=IncidentDetail)
+async def get_incident(app: AppDep, request: Request, incident_id: str) -> Response:
     return await shared_read(request, lambda: _detail(app, incident_id))
 
 

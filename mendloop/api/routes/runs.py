@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from mendloop.api import views
@@ -26,7 +26,7 @@ router = APIRouter(prefix="/patches", tags=["runs"], responses=ERROR_RESPONSES)
 RunStatusQ = Annotated[RunStatus | None, Query(description="Only runs in this status")]
 
 
-@router.get("/runs")
+@router.get("/runs", response_model=RunList)
 async def list_runs(
     app: AppDep,
     request: Request,
@@ -36,7 +36,7 @@ async def list_runs(
     limit: Limit = 50,
     offset: Offset = 0,
     cursor: Cursor = None,
-) -> RunList:
+) -> Response:
     """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it."""
     after = cursor_of(RUNS_PAGE, cursor)
 
@@ -79,19 +79,19 @@ def run_details(app: App, run_ids: list[str]) -> dict[str, RunDetail]:
 
 
 def run_detail(app: App, run_id: str) -> RunDetail:
-    return _found(run_id, run_details(app, [run_id]))
-
-
-def _found(run_id: str, details: dict[str, RunDetail]) -> RunDetail:
-    if run_id not in details:
+    found = run_details(app, [run_id])
+    if run_id not in found:
         raise NotFound("run", run_id)
-    return details[run_id]
+    return found[run_id]
 
 
-@router.get("/runs/{run_id}")
-async def get_run(app: AppDep, request: Request, run_id: str) -> RunDetail:
+@router.get("/runs/{run_id}", response_model=RunDetail)
+async def get_run(app: AppDep, request: Request, run_id: str) -> Response:
     """Details asked for together (twenty dashboards on twenty runs) are read together."""
-    return _found(run_id, await shared_batch(request, "run detail", run_id, lambda ids: run_details(app, ids)))
+    answer = await shared_batch(request, "run detail", run_id, lambda ids: run_details(app, ids))
+    if answer is None:
+        raise NotFound("run", run_id)
+    return answer
 
 
 @router.post("/runs/{run_id}/cancel")

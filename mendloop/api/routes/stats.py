@@ -3,7 +3,7 @@ per playbook and per component. Read from the aggregates (storage/stats.py), nev
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from mendloop.api.coalesce import shared_read
 from mendloop.api.deps import AppDep
@@ -44,8 +44,8 @@ def rates_out(r: Rates) -> RatesOut:
     )
 
 
-@router.get("/stats")
-async def stats(app: AppDep, request: Request) -> StatsOut:
+@router.get("/stats", response_model=StatsOut)
+async def stats(app: AppDep, request: Request) -> Response:
     def query() -> StatsOut:
         s = app.store.statistics()
         patch_seconds = s.average_patch_seconds

@@ -41,7 +41,7 @@ WorkOrderStatusQ = Annotated[WorkOrderStatus | None, Query(description="Only wor
 _WAKE_ON = ("coding_agent.work_order_created", "coding_agent.work_order_updated")
 
 
-@router.get("/work-orders")
+@router.get("/work-orders", response_model=WorkOrderList)
 async def list_work_orders(
     app: AppDep,
     request: Request,
@@ -50,7 +50,7 @@ async def list_work_orders(
     limit: Limit = 20,
     offset: Offset = 0,
     cursor: Cursor = None,
-) -> WorkOrderList:
+) -> Response:
     """Newest first. Page by `cursor` (each answer's `next_cursor`); `offset` skips items after it. An agent token
     naming repositories sees only the work orders of those repositories."""
     after = cursor_of(WORK_ORDERS_PAGE, cursor)
@@ -79,8 +79,8 @@ async def list_work_orders(
     return await shared_read(request, query)
 
 
-@router.get("/work-orders/{work_order_id}")
-async def get_work_order(app: AppDep, request: Request, work_order_id: str) -> WorkOrderOut:
+@router.get("/work-orders/{work_order_id}", response_model=WorkOrderOut)
+async def get_work_order(app: AppDep, request: Request, work_order_id: str) -> Response:
     return await shared_read(request, lambda: views.work_order(app.store.get_work_order(work_order_id)))
 
 
