@@ -428,7 +428,10 @@ def postgres_copy(runs: int, admin_url: str, name: str) -> str:
                 conn.execute(sa.text(f'CREATE DATABASE "{partial}"'))
                 started = time.monotonic()
                 build_postgres(_on(admin_url, partial), runs, end=end_of_history())
-                print(f"gen_history: built {runs:,} runs on PostgreSQL in {time.monotonic() - started:.1f} s", file=sys.stderr)
+                print(
+                    f"gen_history: built {runs:,} runs on PostgreSQL in {time.monotonic() - started:.1f} s",
+                    file=sys.stderr,
+                )
                 conn.execute(sa.text(f'ALTER DATABASE "{partial}" RENAME TO "{cached}"'))
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
             conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{cached}"'))
