@@ -324,3 +324,23 @@ def alive(pid: int) -> bool:
 GATE_SCRIPT = (
     "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'open')):\n    time.sleep(0.02)\n"
 )
+
+
+@contextmanager
+def history_app(database_url: str, tmp_path: Path, runs: int) -> Iterator[App]:
+    """An open App over a history of `runs` runs in the schema's real shape (bench/gen_history.py) written into the
+    test's database."""
+    import sqlalchemy as sa
+
+    from bench import gen_history
+
+    end = gen_history.end_of_history()
+    if database_url.startswith("sqlite"):
+        gen_history.build_sqlite(Path(sa.make_url(database_url).database or ""), runs, end=end)
+    else:
+        gen_history.build_postgres(database_url, runs, end=end)
+    app = open_app(settings_for(database_url, tmp_path))
+    try:
+        yield app
+    finally:
+        app.close()

@@ -21,9 +21,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from bench import gen_history
 from mendloop.app import App
-from tests.support import api_client, open_app, settings_for
+from tests.support import api_client, history_app
 
 # The tables that grow with history: a plan may read them only through an index.
 BIG = {
@@ -43,14 +42,8 @@ RUNS = 300
 
 @pytest.fixture
 def history(database_url: str, tmp_path: Path) -> Iterator[App]:
-    end = gen_history.end_of_history()
-    if database_url.startswith("sqlite"):
-        gen_history.build_sqlite(Path(sa.make_url(database_url).database or ""), RUNS, end=end)
-    else:
-        gen_history.build_postgres(database_url, RUNS, end=end)
-    app = open_app(settings_for(database_url, tmp_path))
-    yield app
-    app.close()
+    with history_app(database_url, tmp_path, RUNS) as app:
+        yield app
 
 
 class Captured:

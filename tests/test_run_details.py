@@ -15,29 +15,21 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from bench import gen_history
 from mendloop.api.routes import runs as run_routes
 from mendloop.api.server import create_api
 from mendloop.app import App
 from mendloop.domain.states import RUN_FINAL, RunStatus
 from mendloop.storage import run_details
-from tests.support import open_app, settings_for
+from tests.support import history_app
 
 RUNS = 40
 
 
 @pytest.fixture
 def history(database_url: str, tmp_path: Path) -> Iterator[App]:
-    end = gen_history.end_of_history()
-    if database_url.startswith("sqlite"):
-        gen_history.build_sqlite(Path(sa.make_url(database_url).database or ""), RUNS, end=end)
-    else:
-        gen_history.build_postgres(database_url, RUNS, end=end)
-    app = open_app(settings_for(database_url, tmp_path))
-    yield app
-    app.close()
+    with history_app(database_url, tmp_path, RUNS) as app:
+        yield app
 
 
 def _run_ids(app: App) -> list[str]:
