@@ -10,8 +10,9 @@ import random
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -23,7 +24,7 @@ from mendloop.config import Settings
 from mendloop.domain import retention
 from mendloop.domain.records import PlaybookRef
 from mendloop.engine.held_patch import HeldPatches
-from mendloop.engine.notifier import Notifier
+from mendloop.engine.notifier import Notifier, TargetStatus
 from mendloop.engine.service import Remediation
 from mendloop.engine.step_loop import StepLoop, StepLoopDeps
 from mendloop.engine.worker import WorkerPool, every
@@ -33,7 +34,7 @@ from mendloop.infra.redact import Redactor
 from mendloop.intake.batcher import IntakeBatcher
 from mendloop.intake.logs import LogIntake
 from mendloop.intake.service import Intake
-from mendloop.intake.watcher import WatcherService
+from mendloop.intake.watcher import WatcherService, WatcherStats
 from mendloop.playbooks import dry_run
 from mendloop.playbooks.actions.capability import Capabilities
 from mendloop.playbooks.loader import CompiledCache, PlaybookSet
@@ -55,6 +56,41 @@ log = logging.getLogger(__name__)
 PRUNE_BATCHES_PER_ROUND = 20
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessParts:
+    """What only the process running the workers knows (its workers, watchers and notifier), for /health and
+    /metrics; with `serve --processes N`, also how many processes answer the API."""
+
+    workers: int
+    watchers: dict[str, WatcherStats]
+    notifications: dict[str, TargetStatus]
+    processes: int = 1
+    # API processes restarted after they died.
+    restarts: int = 0
+    # In an API-only process: why the primary's report can't be trusted (it is late, or there is none yet).
+    stale: str | None = None
+
+    def counted(self, processes: int, restarts: int) -> ProcessParts:
+        return replace(self, processes=processes, restarts=restarts)
+
+
+class ProcessLink(Protocol):
+    """How one of `serve --processes N`'s processes reaches the others (api/replicas.py)."""
+
+    @property
+    def replica(self) -> bool:
+        """An API-only process: no workers, watchers, notifier or agent runner of its own."""
+        ...
+
+    def wake(self) -> None:
+        """A run may be due: tell the primary's workers."""
+        ...
+
+    def parts(self, own: ProcessParts) -> ProcessParts:
+        """The figures /health and /metrics show, whichever process answers."""
+        ...
+
+
 @dataclass
 class App:
     settings: Settings
@@ -64,6 +100,9 @@ class App:
     embedded_agent: bool = False
     # `serve` sets it: open() starts the log watchers of `settings.watchers` (one process per set of files).
     watch: bool = False
+    # `serve --processes N` sets it; in an API-only process (`link.replica`) open() starts no worker, watcher,
+    # notifier or agent runner, and leaves the schema to the primary.
+    link: ProcessLink | None = None
     # Filled by open().
     bus: Bus = field(init=False)
     store: Store = field(init=False)
@@ -106,6 +145,9 @@ class App:
         start_watchers: bool | None = None,
     ) -> App:
         s = self.settings
+        replica = self.link is not None and self.link.replica
+        if replica:
+            upgrade, start_workers, workers, start_watchers = False, False, 0, False
         self.redactor = Redactor(s.secret_patterns)  # first: a bad pattern is a ConfigError before anything opens
         templates = Templates()
         self.playbooks = PlaybookSet.load(s.playbook_dirs, templates)
@@ -166,7 +208,7 @@ class App:
             playbooks=self.playbooks,
             compiled=compiled,
             router=self.routing,
-            wake=self.workers.notify,
+            wake=self._wake,
             stop_step=self.workers.cancel_in_flight,
         )
         self.workers.housekeeping.append(self.remediation.reap)
@@ -181,7 +223,7 @@ class App:
             settings=s,
             incidents=self.incidents,
             router=self.routing,
-            wake=self.workers.notify,
+            wake=self._wake,
             redactor=self.redactor,
         )
         self.batcher = IntakeBatcher(self.intake)
@@ -189,7 +231,7 @@ class App:
             self.store, self.incidents, interval=s.health.probe_interval_seconds, max_age=s.health.max_write_age_seconds
         ).start()
         embedded = None
-        if self.embedded_agent and s.agent_runner.enabled:
+        if self.embedded_agent and s.agent_runner.enabled and not replica:
             # Checks its repository and adapter before anything starts.
             embedded = EmbeddedRunner(s, token=self.agent_token)
         if start_workers:
@@ -208,6 +250,19 @@ class App:
             ).start()
         self.ready = True
         return self
+
+    def _wake(self) -> None:
+        self.workers.notify()
+        if self.link is not None:
+            self.link.wake()
+
+    def parts(self) -> ProcessParts:
+        own = ProcessParts(
+            workers=self.workers.count,
+            watchers=dict(self.watchers.stats) if self.watchers is not None else {},
+            notifications=self.notifier.snapshot() if self.notifier is not None else {},
+        )
+        return self.link.parts(own) if self.link is not None else own
 
     def prune(self) -> PruneReport:
         """The `retention:` policy, once: finished runs and events older than it says."""

@@ -827,6 +827,14 @@ class Settings(BaseSettings):
     tokens: Annotated[list[TokenConfig], AfterValidator(_unique_names)] = Field(
         default_factory=list, description="Bearer tokens with a role: `{name, token, role, repositories}`."
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes `serve` answers the API with, on one listening socket: the first runs the workers, "
+        "watchers and notifier too, the others only the API. More than one pays off when reads keep one core "
+        "busy; the stream caps (`limits.max_sse_streams`) are per process.",
+    )
     workers: int = Field(default=2, ge=0, description="Worker threads in `serve` / `worker`.")
     lease_seconds: float = Field(default=30, gt=0, description="How long a claimed run stays leased.")
     poll_interval: float = Field(default=0.5, gt=0, description="Idle workers look for due runs this often.")

@@ -228,15 +228,22 @@ def mendloop_argv(*args: str) -> list[str]:
 
 @contextmanager
 def serve_process(
-    config: Path, port: int, *, log: Path, env: dict[str, str] | None = None, timeout: float = 30
+    config: Path,
+    port: int,
+    *,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Any]:
-    """`mendloop serve` as a real subprocess; waits up to `timeout` s for /health and stops it by PID afterwards."""
+    """`mendloop serve` (with `args`) as a real subprocess; waits up to `timeout` s for /health and stops it by PID
+    afterwards."""
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            mendloop_argv("serve", "--config", str(config), "--port", str(port)),
+            mendloop_argv("serve", "--config", str(config), "--port", str(port), *args),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -4,8 +4,10 @@ Two kinds of figure, told apart by name:
 
 - `mendloop_*`: read from the database at scrape time (`storage/metrics.py`), so the work of every process counts
   (a `mendloop worker` on another machine included), and any replica of `serve` answers the same.
-- `mendloop_process_*`: this process's own figures (its log watchers, its HTTP requests). They restart from zero
-  with the process; sum them over the processes Prometheus scrapes.
+- `mendloop_process_*`: the figures of the `serve` that answers (its log watchers, its HTTP requests). They
+  restart from zero with it; sum them over the servers Prometheus scrapes. With `serve --processes N` they are
+  already summed over its N processes (prometheus_client's multiprocess mode, in files the processes share), and
+  the watchers' figures come from the process that runs them.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -162,7 +166,8 @@ class NotifyCollector(Collector):
 
 
 class WatcherCollector(Collector):
-    """This process's log watchers (`serve` runs them): what they read, and how far behind the files they are."""
+    """The log watchers `serve` runs (in its first process): what they read, and how far behind the files they
+    are."""
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -171,8 +176,7 @@ class WatcherCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        watchers = self.app.watchers
-        stats = watchers.stats if watchers is not None else {}
+        stats = self.app.parts().watchers
         lines = CounterMetricFamily(
             "mendloop_process_watcher_lines", "Log lines read by this process's watcher.", labels=["watcher"]
         )
@@ -252,23 +256,39 @@ class HttpMetrics:
             self.seconds.labels(method, template).observe(time.perf_counter() - started)
 
 
+_SHARED_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_processes(folder: Path) -> None:
+    """From now on this process's counters and histograms live in files of `folder` (prometheus_client's
+    multiprocess mode), which the processes it starts inherit (the environment variable), so that any of them
+    exposes the sum. For `serve --processes N` only: it is the whole process's choice."""
+    os.environ[_SHARED_ENV] = str(folder)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # chosen at import time
+
+
 def registry_for(app: App) -> tuple[CollectorRegistry, Counter, Histogram]:
     """A registry of its own per API (never the process-global one: tests build many APIs in one process)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(app))
     registry.register(WatcherCollector(app))
     registry.register(NotifyCollector(app))
+    shared = os.environ.get(_SHARED_ENV)
+    if shared:
+        # The HTTP figures are exposed by the files' sum over the processes, not by this process's objects.
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+    own = None if shared else registry
     requests = Counter(
         "mendloop_process_http_requests",
-        "HTTP requests this process answered, by method, route and status.",
+        "HTTP requests this server answered, by method, route and status.",
         ["method", "route", "status"],
-        registry=registry,
+        registry=own,
     )
     seconds = Histogram(
         "mendloop_process_http_request_duration_seconds",
-        "Time this process took to answer HTTP requests, by method and route.",
+        "Time this server took to answer HTTP requests, by method and route.",
         ["method", "route"],
         buckets=_HTTP_BUCKETS,
-        registry=registry,
+        registry=own,
     )
     return registry, requests, seconds

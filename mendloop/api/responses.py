@@ -422,6 +422,15 @@ class NotifyTargetOut(_Answer):
     next_attempt_at: float | None = Field(description="When a failed delivery is tried again.")
 
 
+class ProcessesOut(_Answer):
+    count: int = Field(description="Processes answering the API on one socket (`processes:`; 1 by default).")
+    restarts: int = Field(description="API-only processes started again after they died.")
+    primary: str = Field(
+        description="`ok`, or (in an API-only process) why the first process's report of its workers, watchers "
+        "and notifications is missing or late: the answer is then degraded."
+    )
+
+
 class HealthOut(_Answer):
     paused: list[PauseOut] = Field(
         default_factory=list, description="Paused components (`*`: all), as the write probe last read them."
@@ -440,6 +449,7 @@ class HealthOut(_Answer):
     notifications: dict[str, NotifyTargetOut] = Field(
         default_factory=dict, description="Each `notify:` target's deliveries (empty without targets or workers)."
     )
+    processes: ProcessesOut | None = None
 
 
 class Handles(_Answer):

@@ -32,17 +32,25 @@ def serve(
     host: Annotated[str | None, typer.Option(envvar="MENDLOOP_HOST", help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(envvar="MENDLOOP_PORT", help="Listen port.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker threads (0: API only).")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            envvar="MENDLOOP_PROCESSES",
+            help="Processes answering the API on one socket; the first also runs the workers (default 1).",
+        ),
+    ] = None,
     root_path: Annotated[
         str | None,
         typer.Option(envvar="MENDLOOP_ROOT_PATH", help="Path prefix a reverse proxy serves mendloop under."),
     ] = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
-    """API + workers in one process. Upgrades an empty database itself."""
+    """API + workers in one process (the API in more with --processes). Upgrades an empty database itself."""
     import uvicorn
 
     from mendloop import preflight
     from mendloop.agents.runner_options import NOBODY
+    from mendloop.api.replicas import Replicas, replica_command
     from mendloop.api.server import create_api, uvicorn_config
     from mendloop.app import App
     from mendloop.config import is_loopback, load_settings
@@ -52,7 +60,8 @@ def serve(
     from mendloop.storage.tokens import TokenStore, has_tokens
 
     setup_logging(log_level)
-    settings = load_settings(config, host=host, port=port, workers=workers, root_path=root_path)
+    chosen = {"host": host, "port": port, "workers": workers, "processes": processes, "root_path": root_path}
+    settings = load_settings(config, **chosen)
     # What `config check` checks: every error at once (one line each, exit 2) before anything starts.
     for warning in preflight.require(settings):
         logging.getLogger("mendloop.preflight").warning("%s", warning.message)
@@ -81,14 +90,49 @@ def serve(
     # `sandbox: bwrap` without a working bwrap stops here. The settings then hold for every process it starts.
     sandbox.configure(mode=settings.sandbox, bwrap=settings.bwrap, run_as=NOBODY if os.geteuid() == 0 else None)
     app = App(settings, embedded_agent=True, watch=True)  # starts `agent_runner:` and `watchers:` if configured
+    replicas = None
+    if settings.processes > 1:
+        # The replicas load the same settings: the same file and options, the environment they inherit.
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in chosen.items() if v is not None and k != "processes"]
+        argv += [f"--config={config}"] if config is not None else []
+        replicas = Replicas(app, settings.processes - 1, replica_command([*argv, f"--log-level={log_level}"]))
+        app.link = replicas
     api = create_api(app)
-    server = uvicorn.Server(uvicorn_config(api, settings, log_level=log_level))
+    uv_config = uvicorn_config(api, settings, log_level=log_level)
     # uvicorn handles SIGTERM while it runs (a graceful shutdown: the App closes, its workers finish the steps in
     # flight and hand their runs back), then raises the signal again under the handler it found. By then the
     # shutdown is done, so this one lets `serve` exit 0, as `worker` does.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
-    if not server.started:
+    if replicas is not None:
+        started = replicas.serve(uv_config)
+    else:
+        server = uvicorn.Server(uv_config)
+        server.run()
+        started = server.started
+    if not started:
+        raise typer.Exit(1)
+
+
+def serve_replica(
+    channels: Annotated[str, typer.Option(help="listen,alive,wake file descriptors and the report's path.")],
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option()] = None,
+    root_path: Annotated[str | None, typer.Option()] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """One of `serve --processes N`'s API-only processes; `serve` starts them (api/replicas.py)."""
+    from mendloop.api.replicas import Channels, run_replica
+    from mendloop.config import load_settings
+
+    setup_logging(log_level)
+    settings = load_settings(config, host=host, port=port, workers=workers, root_path=root_path)
+    try:
+        parsed = Channels.parse(channels)
+    except ValueError:
+        fail(f"--channels: {channels!r} is not LISTEN,ALIVE,WAKE,REPORT")
+    if not run_replica(settings, parsed, log_level):
         raise typer.Exit(1)
 
 

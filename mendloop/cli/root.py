@@ -35,6 +35,7 @@ cli.add_typer(tokens.tokens_cli, name="tokens")
 cli.add_typer(tokens.audit_cli, name="audit")
 
 cli.command()(processes.serve)
+cli.command(hidden=True)(processes.serve_replica)
 cli.command()(processes.worker)
 cli.command()(processes.watch)
 cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(processes.agent)

@@ -19,6 +19,7 @@ from mendloop.api.responses import (
     PlaybookList,
     PlaybookOut,
     PlaybookStep,
+    ProcessesOut,
     TrustList,
     TrustScore,
 )
@@ -37,9 +38,10 @@ async def health(app: AppDep, request: Request, response: Response) -> HealthOut
     error (it names hosts) and a pause's reason."""
     told = known_caller(app, request)
     probe = app.health
+    parts = app.parts()  # with `processes:` over 1, the first process's, whichever process answers
     problem = probe.problem() if probe is not None else "error: the write probe is not running"
     db = problem or "ok"
-    ok = problem is None and app.ready
+    ok = problem is None and app.ready and parts.stale is None
     response.status_code = 200 if ok else 503
     state = probe.state() if probe is not None else None
     age = probe.last_write_age() if probe is not None else None
@@ -47,10 +49,10 @@ async def health(app: AppDep, request: Request, response: Response) -> HealthOut
         status="ok" if ok else "degraded",
         database=db,
         dialect=app.store.engine.dialect.name,
-        workers=app.workers.count,
+        workers=parts.workers,
         playbooks=len(app.playbooks.by_id),
         version=__version__,
-        watchers=app.watchers.snapshot() if app.watchers is not None else {},
+        watchers={name: st.as_dict() for name, st in parts.watchers.items()},
         last_write_age_seconds=round(age, 3) if age is not None else None,
         storm=storm_out(state.storm) if state is not None and state.storm is not None else None,
         notifications={
@@ -63,9 +65,10 @@ async def health(app: AppDep, request: Request, response: Response) -> HealthOut
                 last_delivered_at=st.last_delivered_at,
                 next_attempt_at=st.next_attempt_at,
             )
-            for name, st in (app.notifier.snapshot().items() if app.notifier is not None else ())
+            for name, st in parts.notifications.items()
         },
         paused=[views.pause(p, reason=told) for p in state.pauses] if state is not None else [],
+        processes=ProcessesOut(count=parts.processes, restarts=parts.restarts, primary=parts.stale or "ok"),
     )
 
 
