@@ -63,9 +63,27 @@ def status_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of process `pid` (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU so far of process `pid` (all its threads) and of its live children (`serve --processes
+    N`'s replicas), from /proc."""
+    total = 0.0
+    for one in (pid, *_children(pid)):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a child that just exited
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 # The same-run baseline: a bare FastAPI app on uvicorn answering a constant, for the same 20 clients.
@@ -278,17 +296,18 @@ def _endpoints(port: int, url: str, runs: int) -> dict[str, list[str]]:
 
 
 def _serve(
-    tmp: Path, url: str, *, extra: dict[str, Any] | None = None, poll: float = 0.2
+    tmp: Path, url: str, *, extra: dict[str, Any] | None = None, poll: float = 0.2, processes: int = 1
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """`mendloop serve` on `url` (no workers unless `extra` config says so), once /health answers 200; `poll`:
-    the wait between probes (bench/scale.py times startup with a short one)."""
+    """`mendloop serve` on `url` (no workers unless `extra` config says so), once /health answers 200 and all of
+    its `processes` run; `poll`: the wait between probes (bench/scale.py times startup with a short one)."""
     cfg = tmp / "mendloop.yaml"
     cfg.write_text(yaml.safe_dump({"database_url": url, "workers": 0, **(extra or {})}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MENDLOOP_")}
     with (tmp / "serve.log").open("wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mendloop", "serve", "--config", str(cfg), "--port", str(port)],
+            [sys.executable, "-m", "mendloop", "serve", "--config", str(cfg), "--port", str(port)]
+            + (["--processes", str(processes)] if processes > 1 else []),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -300,7 +319,8 @@ def _serve(
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
+            answer = conn.getresponse()
+            if answer.status == 200 and len(_children(server.pid)) >= processes - 1:
                 return server, port
         except OSError:
             pass
@@ -320,8 +340,8 @@ def stop_serve(server: subprocess.Popen[bytes]) -> None:
         server.wait(10)
 
 
-def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float) -> dict[str, Any]:
-    server, port = _serve(tmp, url)
+def _one(tmp: Path, url: str, runs: int, requests: int, max_seconds: float, processes: int = 1) -> dict[str, Any]:
+    server, port = _serve(tmp, url, processes=processes)
     try:
         endpoints = _endpoints(port, url, runs)
         spec = json.dumps({"port": port, "rate": WRITE_RATE})
@@ -374,6 +394,7 @@ def run(
     max_seconds: float = 30.0,
     postgres: str | None = None,
     sqlite: bool = True,
+    processes: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     backends = (["sqlite"] if sqlite else []) + (["postgresql"] if postgres else [])
     out: dict[str, Any] = {}
@@ -390,14 +411,17 @@ def run(
                 prepared = time.monotonic() - started
                 try:
                     baseline = _baseline(requests, max_seconds)
-                    result = _one(tmp, url, runs, requests, max_seconds)
-                    result["baseline"] = baseline
+                    # Each process count on the same database, one after the other: ratios of the same run.
+                    for n in processes:
+                        result = _one(tmp, url, runs, requests, max_seconds, processes=n)
+                        result["baseline"] = baseline
+                        result["prepare_seconds"] = prepared
+                        label = backend if n == 1 else f"{backend}, serve --processes {n}"
+                        out.setdefault(label, {})[str(runs)] = result
                 finally:
                     if backend == "postgresql":
                         assert postgres is not None
                         gen_history.drop_copy(postgres, f"bench_reads_{runs}")
-                result["prepare_seconds"] = prepared
-                out.setdefault(backend, {})[str(runs)] = result
     return out
 
 
@@ -469,6 +493,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests per endpoint and size")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-sqlite", action="store_true")
+    parser.add_argument(
+        "--processes", type=sizes_of, default=[1], help="serve's --processes, each measured: 1,2 compares them"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-load", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -476,7 +503,13 @@ def main() -> None:
         _write_load(json.loads(args.write_load))
         return
     pg = None if args.no_postgres else postgres_url()
-    result = run(sizes=args.sizes, requests=args.requests, postgres=pg, sqlite=not args.no_sqlite)
+    result = run(
+        sizes=args.sizes,
+        requests=args.requests,
+        postgres=pg,
+        sqlite=not args.no_sqlite,
+        processes=tuple(args.processes),
+    )
     print(json.dumps(result, indent=2) if args.json else "\n".join(report(result)))
 
 
