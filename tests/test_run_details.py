@@ -15,13 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from mendloop.api.routes import runs as run_routes
 from mendloop.api.server import create_api
 from mendloop.app import App
 from mendloop.domain.states import RUN_FINAL, RunStatus
 from mendloop.storage import run_details
-from tests.support import history_app
+from mendloop.storage import schema as t
+from tests.support import api_client, history_app
 
 RUNS = 40
 
@@ -115,3 +117,32 @@ def test_details_asked_during_a_read_share_the_next_one_and_see_a_write_made_bef
     assert other_a.json() == other_b.json() and other_a.json()["run_id"] == other
     assert missing.status_code == 404 and "missing-run" in missing.text
     assert len(api.state.reads) == 0  # nothing kept once the reads ended
+
+
+def test_a_run_in_a_list_says_what_its_own_detail_says(history: App) -> None:
+    """A page reads each run's summary (storage/rows.py: step ids from the playbook's text, no context or outputs),
+    the detail the whole row: where both show a field they agree, for every run and state of the history, and for
+    a run waiting on an approval, mid-way through its playbook."""
+    app = history
+    waiting = _run_ids(app)[3]
+    approval = {"step": "confirm", "asked_at": 1.5, "deadline_at": 99.5}
+    with app.store.db.write() as tx:  # its own row, as the engine leaves it parked on an approval step
+        tx.conn.execute(
+            sa.update(t.runs)
+            .where(t.runs.c.id == waiting)
+            .values(status=RunStatus.AWAITING_APPROVAL.value, step_index=1, pending={"approval": approval})
+        )
+    with api_client(app) as client:
+        listed = client.get("/patches/runs", params={"limit": RUNS})
+        assert listed.status_code == 200, listed.text
+        rows = listed.json()["runs"]
+        assert len(rows) == RUNS
+        for row in rows:
+            detail = client.get(f"/patches/runs/{row['run_id']}").json()
+            assert row == {k: detail[k] for k in row}, row["run_id"]
+        by_id = {r["run_id"]: r for r in rows}
+    steps = app.store.get_run(waiting).playbook["steps"]
+    assert by_id[waiting]["current_step"] == steps[1]["id"] and by_id[waiting]["steps_total"] == len(steps)
+    assert by_id[waiting]["approval"] == approval
+    # The history's mix: finished and open runs, so each comparison compared something.
+    assert len({r["status"] for r in rows}) >= 3 and all(r["steps_total"] > 0 for r in rows)

@@ -10,7 +10,8 @@ from mendloop.domain import pauses as pauses_decide
 from mendloop.domain.bounded import bounded
 from mendloop.domain.incidents import TrackedIncident
 from mendloop.domain.pauses import Pause
-from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.records import EventRecord, Run, RunSummary, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.runs import summary
 from mendloop.domain.states import RUN_FINAL, RunStatus
 
 # Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
@@ -59,17 +60,18 @@ def work_order(wo: WorkOrder) -> out.WorkOrderOut:
     )
 
 
-def run(r: Run, pauses: Mapping[str, Pause] | None = None) -> out.RunOut:
+def run(r: Run | RunSummary, pauses: Mapping[str, Pause] | None = None) -> out.RunOut:
     return out.RunOut.model_validate({**_run_fields(r), "paused": _run_paused(r, pauses)})
 
 
-def _run_paused(r: Run, pauses: Mapping[str, Pause] | None) -> str | None:
+def _run_paused(r: Run | RunSummary, pauses: Mapping[str, Pause] | None) -> str | None:
     return paused_reason(pauses, r.component, ended=r.status in RUN_FINAL) if pauses else None
 
 
-def _run_fields(r: Run) -> dict[str, object]:
-    steps = r.playbook.get("steps", [])
-    current = steps[r.step_index]["id"] if r.step_index < len(steps) else None
+def _run_fields(run: Run | RunSummary) -> dict[str, object]:
+    r = run if isinstance(run, RunSummary) else summary(run)
+    steps = r.step_ids
+    current = steps[r.step_index] if r.step_index < len(steps) else None
     return {
         "run_id": r.id,
         "playbook_id": r.playbook_id,

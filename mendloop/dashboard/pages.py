@@ -11,7 +11,7 @@ from mendloop.api.routes.runs import run_detail
 from mendloop.app import App
 from mendloop.dashboard import trust_chart
 from mendloop.domain import roles
-from mendloop.domain.records import Run, WorkOrder
+from mendloop.domain.records import RunSummary, WorkOrder
 from mendloop.domain.roles import Action, Credential, Role
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, WorkOrderStatus
 from mendloop.errors import NotFound
@@ -103,7 +103,7 @@ def workflow(app: App) -> dict[str, Any]:
     }
 
 
-def _run_row(r: Run) -> dict[str, Any]:
+def _run_row(r: RunSummary) -> dict[str, Any]:
     end = r.finished_at if r.status in RUN_FINAL else None
     return {"run": views.run(r), "started": r.created_at, "duration": (end - r.created_at) if end else None}
 

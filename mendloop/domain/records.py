@@ -69,6 +69,30 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What a list shows of a run: its playbook snapshot stands as its step ids, and its context and outputs are
+    left out (a page of runs would otherwise decode all three for every row, and show none of them)."""
+
+    id: str
+    playbook_id: str
+    playbook_version: str
+    playbook_type: str
+    status: RunStatus
+    component: str | None
+    error_type: str | None
+    description: str
+    step_index: int
+    step_ids: tuple[str, ...]
+    pending: dict[str, Any]
+    escalated: bool
+    coding_work_order_id: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Incident:
     id: str
     fingerprint: str

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mendloop.domain.records import NewEvent, PlaybookRef, Run
+from mendloop.domain.records import NewEvent, PlaybookRef, Run, RunSummary
 from mendloop.domain.states import RunStatus, WorkOrderStatus, check_run_move
 from mendloop.errors import Conflict, InputError
 
@@ -194,7 +194,7 @@ def retry(run: Run, *, from_step: str) -> dict[str, Any]:
             id=run.id,
             status=str(run.status),
         )
-    ids = [str(s.get("id")) for s in run.playbook.get("steps", [])]
+    ids = list(step_ids(run.playbook))
     if from_step not in ids:
         raise InputError(f"run {run.id} has no step {from_step!r}; its steps: {', '.join(ids)}", field="from_step")
     index = ids.index(from_step)
@@ -247,3 +247,30 @@ def cancel(run: Run, *, reason: str, now: float) -> tuple[dict[str, Any], dict[s
         component=run.component,
     )
     return changes, work_order, [event]
+
+
+def step_ids(playbook: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(s.get("id")) for s in playbook.get("steps", []))
+
+
+def summary(run: Run) -> RunSummary:
+    """The run as a list shows it (`RunSummary`)."""
+    return RunSummary(
+        id=run.id,
+        playbook_id=run.playbook_id,
+        playbook_version=run.playbook_version,
+        playbook_type=run.playbook_type,
+        status=run.status,
+        component=run.component,
+        error_type=run.error_type,
+        description=run.description,
+        step_index=run.step_index,
+        step_ids=step_ids(run.playbook),
+        pending=run.pending,
+        escalated=run.escalated,
+        coding_work_order_id=run.coding_work_order_id,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        finished_at=run.finished_at,
+        error=run.error,
+    )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
-from mendloop.domain.records import EventRecord, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.records import EventRecord, Run, RunSummary, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.runs import step_ids
 from mendloop.domain.states import RunStatus, StepStatus, WorkOrderStatus
+from mendloop.storage import schema as t
 
 
 def event_of(r: Row[Any]) -> EventRecord:
@@ -56,6 +62,83 @@ def run_of(r: Row[Any] | dict[str, Any]) -> Run:
         mutex_key=d.get("mutex_key"),
         stalled_claims=int(d.get("stalled_claims") or 0),
     )
+
+
+# What a list reads of a run (`RunSummary`), in this order: not the context or outputs, and the playbook as text,
+# whose step ids `_step_ids` decodes once per distinct snapshot.
+SUMMARY_COLUMNS = (
+    *(
+        t.runs.c[name]
+        for name in (
+            "id",
+            "playbook_id",
+            "playbook_version",
+            "playbook_type",
+            "status",
+            "component",
+            "error_type",
+            "description",
+            "step_index",
+            "pending",
+            "escalated",
+            "coding_work_order_id",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "error",
+        )
+    ),
+    sa.cast(t.runs.c.playbook, sa.Text).label("playbook_text"),
+)
+
+
+def run_summary_of(r: Sequence[Any]) -> RunSummary:
+    """A row of `SUMMARY_COLUMNS`, unpacked by position (a page has fifty; by name, each field is a lookup)."""
+    (
+        run_id,
+        playbook_id,
+        playbook_version,
+        playbook_type,
+        status,
+        component,
+        error_type,
+        description,
+        step_index,
+        pending,
+        escalated,
+        coding_work_order_id,
+        created_at,
+        updated_at,
+        finished_at,
+        error,
+        playbook_text,
+    ) = r
+    return RunSummary(
+        id=run_id,
+        playbook_id=playbook_id,
+        playbook_version=playbook_version,
+        playbook_type=playbook_type,
+        status=RunStatus(status),
+        component=component,
+        error_type=error_type,
+        description=description,
+        step_index=int(step_index),
+        step_ids=_step_ids(playbook_text),
+        pending=dict(pending or {}),
+        escalated=bool(escalated),
+        coding_work_order_id=coding_work_order_id,
+        created_at=float(created_at),
+        updated_at=float(updated_at),
+        finished_at=finished_at,
+        error=error,
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _step_ids(playbook_text: str) -> tuple[str, ...]:
+    # The runs of one playbook version share its snapshot's text: a page decodes each distinct one once, not the
+    # whole document for every row (it was most of a runs page's CPU).
+    return step_ids(json.loads(playbook_text))
 
 
 def step_of(r: Row[Any]) -> StepRecord:

@@ -18,7 +18,7 @@ from mendloop.domain import runs as decide
 from mendloop.domain import stats
 from mendloop.domain.list_totals import Total
 from mendloop.domain.page_cursor import After
-from mendloop.domain.records import NewEvent, Run, StepRecord, WorkOrder
+from mendloop.domain.records import NewEvent, Run, RunSummary, StepRecord, WorkOrder
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, StepStatus, WorkOrderStatus, check_run_move
 from mendloop.domain.trust import TrustMove, TrustReason
 from mendloop.errors import NotFound
@@ -29,7 +29,7 @@ from mendloop.storage.db import Database, Tx
 from mendloop.storage.incident_resolution import resolve_completed_in
 from mendloop.storage.pages import RUNS_PAGE, newest_first
 from mendloop.storage.row_counts import total_in
-from mendloop.storage.rows import run_of, step_of, work_order_of
+from mendloop.storage.rows import SUMMARY_COLUMNS, run_of, run_summary_of, step_of, work_order_of
 from mendloop.storage.trust import TrustStore
 
 _CLAIM_LOCK = sa.text("SELECT pg_advisory_xact_lock(7304815)")
@@ -526,7 +526,7 @@ class RunStore:
             raise NotFound("run", run_id)
         return RunStatus(value)
 
-    def find(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Run], int]:
+    def find(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[RunSummary], int]:
         runs, total, _ = self.page(status=status, limit=limit, offset=offset)
         return runs, total.n
 
@@ -539,7 +539,7 @@ class RunStore:
         after: After | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[Run], Total, str | None]:
+    ) -> tuple[list[RunSummary], Total, str | None]:
         """Newest first (created_at, id), from a cursor: the runs, how many match (storage/row_counts.py), the next
         page's cursor. Each filter alone walks its own index (status, playbook_id or component, then created_at and
         id)."""
@@ -548,7 +548,7 @@ class RunStore:
             rows, cursor = self._newest(conn, q, after, limit, offset)
             filters = {"status": status, "playbook_id": playbook_id, "component": component}
             total = total_in(conn, "runs", filters, q)
-        return [run_of(r) for r in rows], total, cursor
+        return [run_summary_of(r) for r in rows], total, cursor
 
     def newest(
         self,
@@ -558,17 +558,17 @@ class RunStore:
         component: str | None = None,
         after: After | None = None,
         limit: int = 50,
-    ) -> tuple[list[Run], str | None]:
+    ) -> tuple[list[RunSummary], str | None]:
         """`page` without the count of matching runs, the one part of it that grows with history (the
         dashboard's Runs tab, whose keyset pages need none)."""
         q = self._filtered(status, playbook_id, component)
         with self.db.read() as conn:
             rows, cursor = self._newest(conn, q, after, limit, 0)
-        return [run_of(r) for r in rows], cursor
+        return [run_summary_of(r) for r in rows], cursor
 
     @staticmethod
     def _filtered(status: str | None, playbook_id: str | None, component: str | None) -> sa.Select[Any]:
-        q = sa.select(t.runs)
+        q = sa.select(*SUMMARY_COLUMNS)
         for column, value in (
             (t.runs.c.status, status),
             (t.runs.c.playbook_id, playbook_id),

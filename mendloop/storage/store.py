@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from mendloop.domain.records import EventRecord, NewEvent, Run, StepRecord, TrustChange, WorkOrder
+from mendloop.domain.records import EventRecord, NewEvent, Run, RunSummary, StepRecord, TrustChange, WorkOrder
 from mendloop.domain.states import RunStatus
 from mendloop.domain.stats import Summary, summarize
 from mendloop.domain.trust import TrustMove, TrustWeights
@@ -150,7 +150,7 @@ class Store:
     def run_status(self, run_id: str) -> RunStatus:
         return self.runs.status(run_id)
 
-    def list_runs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Run], int]:
+    def list_runs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[RunSummary], int]:
         return self.runs.find(status=status, limit=limit, offset=offset)
 
     def run_steps(self, run_id: str) -> list[StepRecord]:
