@@ -17,7 +17,7 @@ from mendloop.domain.states import RunStatus, WorkOrderStatus
 from mendloop.storage import row_counts
 from mendloop.storage import schema as t
 from mendloop.testing import FakeClock
-from tests.support import api_client, drain
+from tests.support import api_client, drain, open_app, settings_for, wait_for
 from tests.test_retention import DAY, _app, _old_history
 from tests.test_stats_aggregates import run_script
 
@@ -166,3 +166,22 @@ def test_which_count_answers_a_filter_set() -> None:
     assert key_for("work_orders", {"self_healing_run_id": "r"}) is None
     assert list_totals.capped(1001) == list_totals.Total(1000, True)
     assert list_totals.capped(1000) == list_totals.Total(1000, False)
+
+
+def test_an_api_only_serve_folds_its_own_deltas(database_url: str, tmp_path: Path) -> None:
+    """`workers: 0` (an API tier whose runs `mendloop worker`s elsewhere take) still writes events, incidents and
+    runs, and so count deltas: its own housekeeping folds them, or nothing would and every total would sum a
+    growing pile of deltas."""
+    settings = settings_for(database_url, tmp_path, workers=0, stats={"fold_interval_seconds": 0.1})
+    app = open_app(settings, start_workers=True)
+    try:
+        with api_client(app) as client:
+            for i in range(5):
+                detected = {"event_type": "pipeline.failed", "payload": {"error_type": "timeout", "component": f"c{i}"}}
+                assert client.post("/events", json=detected).status_code < 300
+            wait_for(lambda: app.store.row_counts.pending() == 0 and app.store.stats.pending() == 0, timeout=30)
+            with app.store.db.read() as conn:  # folded into counts, not dropped
+                assert conn.execute(sa.select(sa.func.count()).select_from(t.row_counts)).scalar_one() > 0
+            assert _check_totals(app, client) > 0
+    finally:
+        app.close()

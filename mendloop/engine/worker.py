@@ -92,13 +92,16 @@ class WorkerPool:
             th = threading.Thread(target=self._loop, args=(owner,), name=f"mendloop-worker-{i}", daemon=True)
             th.start()
             self._threads.append(th)
+        # Housekeeping runs with no worker too: an API-only `serve` (workers: 0) still writes events, incidents
+        # and their count deltas, and nothing else may fold or prune them (every chore is safe beside another
+        # process's, as among several `mendloop worker`s).
+        chores = threading.Thread(target=self._housekeep, name="mendloop-housekeeping", daemon=True)
+        chores.start()
+        self._threads.append(chores)
         if self.count:
             keeper = threading.Thread(target=self._keep_leases, name="mendloop-lease-keeper", daemon=True)
             keeper.start()
             self._threads.append(keeper)
-            chores = threading.Thread(target=self._housekeep, name="mendloop-housekeeping", daemon=True)
-            chores.start()
-            self._threads.append(chores)
             watcher = threading.Thread(target=self._watch_cancels, name="mendloop-cancel-watcher", daemon=True)
             watcher.start()
             self._threads.append(watcher)
