@@ -6,7 +6,9 @@ met; this is the profile that says why. Each case runs in one process under cPro
 - `runs`: trigger and execute 3-step no-op runs on SQLite (bench/cpu_runs.py's playbook and App);
 - `post`: single-event `POST /events` through the whole FastAPI application, called as ASGI in process the way
   uvicorn calls it (no socket, no HTTP parsing, no client library: what is profiled is the server's own work);
-- `batch`: the same with batches of 500 events.
+- `batch`: the same with batches of 500 events;
+- `read`: `GET --path` (a runs page by default) the same way, one at a time, over a history of 10,000 runs
+  (bench/gen_history.py), with its CPU a request measured first without the profiler.
 
 Self time is summed by the package of each function (`sqlalchemy`, `sqlite3` for its C calls, `pydantic`,
 `fastapi/starlette`, `mendloop.<subpackage>`, …) and the top functions by self time are listed. Profiling slows
@@ -14,6 +16,7 @@ Python code more than C code, so shares lean towards Python; they still show whi
 
     .venv/bin/python bench/cpu_profile.py --case runs --n 500
     .venv/bin/python bench/cpu_profile.py --case post --n 2000 --json
+    .venv/bin/python bench/cpu_profile.py --case read --n 500 --path '/incidents?status=open'
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pstats
 import sys
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -38,13 +42,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cpu_runs  # noqa: E402
+import gen_history  # noqa: E402
 import intake  # noqa: E402
 
 from mendloop.api.server import create_api  # noqa: E402
 from mendloop.app import App  # noqa: E402
 from mendloop.config import load_settings  # noqa: E402
 
-CASES = ("runs", "post", "batch")
+CASES = ("runs", "post", "batch", "read")
+READ_HISTORY = 10_000  # runs in the database the `read` case reads
 # A thread blocked here waits (for the event loop, the thread pool or the GIL): time, not CPU. The self-pipe's
 # `send` (call_soon_threadsafe) is a microsecond syscall whose GIL re-acquisition, behind the other thread, is
 # what the profiler charges to it (milliseconds per call).
@@ -151,6 +157,47 @@ def profile_runs(n: int) -> dict[str, Any]:
     return summarise(pstats.Stats(profile), n)
 
 
+async def asgi_request(api: Any, method: str, target: str, payload: bytes = b"") -> int:
+    """One request through the ASGI application, as uvicorn hands it over (no client library's frames); its
+    status."""
+    path, _, query = target.partition("?")
+    headers = [(b"host", b"127.0.0.1")]
+    if payload:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    sent = False
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # the client never disconnects mid-request
+        sent = True
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+
+    await api(scope, receive, send)
+    return status
+
+
 def profile_posts(n: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mendloop-profile-") as d:
         cfg = Path(d) / "mendloop.yaml"
@@ -170,48 +217,9 @@ def profile_posts(n: int, batch: int) -> dict[str, Any]:
             counter += batch
             return json.dumps({"events": events}).encode()
 
-        async def post(payload: bytes) -> int:
-            """One request through the ASGI application, as uvicorn hands it over (no client library's frames)."""
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/events",
-                "raw_path": b"/events",
-                "root_path": "",
-                "query_string": b"",
-                "headers": [
-                    (b"host", b"127.0.0.1"),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-                "client": ("127.0.0.1", 50000),
-                "server": ("127.0.0.1", 8000),
-                "state": {},
-            }
-            sent = False
-            status = 0
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if sent:
-                    await asyncio.Event().wait()  # the client never disconnects mid-request
-                sent = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-
-            async def send(message: MutableMapping[str, Any]) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = int(message["status"])
-
-            await api(scope, receive, send)
-            return status
-
         async def drive(requests: int) -> None:
             for _ in range(requests):
-                status = await post(body())
+                status = await asgi_request(api, "POST", "/events", body())
                 if status >= 300:
                     raise RuntimeError(f"POST /events answered {status}")
 
@@ -226,15 +234,54 @@ def profile_posts(n: int, batch: int) -> dict[str, Any]:
     return summarise(stats, requests * batch)
 
 
-def run(case: str, n: int) -> dict[str, Any]:
+def profile_reads(n: int, target: str) -> dict[str, Any]:
+    """`GET target`, one request at a time (so no read is shared with another), over a history of READ_HISTORY
+    runs in the schema's real shape: first timed without the profiler (the process's CPU, every thread's), then
+    profiled."""
+    with tempfile.TemporaryDirectory(prefix="mendloop-profile-") as d:
+        db = gen_history.sqlite_copy(READ_HISTORY, Path(d) / "history.db")
+        cfg = Path(d) / "mendloop.yaml"
+        cfg.write_text(yaml.safe_dump({"database_url": f"sqlite:///{db}", "workers": 0}))
+        profiles = ThreadProfiles()
+        profiles.hook()
+        app = App(load_settings(cfg)).open(start_workers=False)
+        api = create_api(app, manage=False)
+
+        async def drive(requests: int) -> None:
+            for _ in range(requests):
+                status = await asgi_request(api, "GET", target)
+                if status != 200:
+                    raise RuntimeError(f"GET {target} answered {status}")
+
+        try:
+            asyncio.run(drive(50))
+            started = time.process_time()
+            asyncio.run(drive(n))
+            cpu_ms = (time.process_time() - started) * 1000 / n
+            profiles.start()
+            asyncio.run(drive(n))
+            stats = profiles.stop()
+        finally:
+            app.close()
+    return {"target": target, "cpu_ms_per_request": round(cpu_ms, 3), **summarise(stats, n)}
+
+
+def run(case: str, n: int, target: str = "/patches/runs?limit=50") -> dict[str, Any]:
     if case == "runs":
         return {"case": case, **profile_runs(n)}
+    if case == "read":
+        return {"case": case, **profile_reads(n, target)}
     return {"case": case, **profile_posts(n, 1 if case == "post" else 500)}
 
 
 def report(r: dict[str, Any]) -> list[str]:
-    unit = "run" if r["case"] == "runs" else "event"
-    lines = [
+    unit = {"runs": "run", "read": "request"}.get(r["case"], "event")
+    lines = (
+        [f"GET {r['target']}: {r['cpu_ms_per_request']:.2f} ms of CPU a request without the profiler"]
+        if "target" in r
+        else []
+    )
+    lines += [
         f"{r['case']}: {r['units']} {unit}s, {r['profiled_us_per_unit']:.0f} µs of work per {unit} under the profiler"
         f" ({r['waited_us_per_unit']:.0f} µs waiting, left out)"
     ]
@@ -247,10 +294,11 @@ def report(r: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=(*CASES, "all"), default="all")
-    parser.add_argument("--n", type=int, default=1000, help="runs or events to profile")
+    parser.add_argument("--n", type=int, default=1000, help="runs, events or requests to profile")
+    parser.add_argument("--path", default="/patches/runs?limit=50", help="the `read` case's GET target")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = [run(c, args.n) for c in (CASES if args.case == "all" else (args.case,))]
+    results = [run(c, args.n, args.path) for c in (CASES if args.case == "all" else (args.case,))]
     if args.json:
         print(json.dumps(results, indent=2))
         return
