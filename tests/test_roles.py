@@ -343,7 +343,11 @@ def test_an_agent_token_works_only_for_its_repositories(app: App, server: httpx.
     assert server.get(f"/patches/work-orders/{wo_a}", headers=_as(agent_a)).status_code == 200
     listed = server.get("/patches/work-orders", headers=_as(agent_a)).json()
     assert [w["work_order_id"] for w in listed["work_orders"]] == [wo_a] and listed["total"] == 1
-    everything = server.get("/patches/work-orders", headers=_as(operator)).json()["work_orders"]
+    everything_listed = server.get("/patches/work-orders", headers=_as(operator)).json()
+    everything = everything_listed["work_orders"]
+    # Its figures too are its repositories' alone: both work orders are in progress, one of them its own.
+    assert everything_listed["stats"]["total_work_orders"] == 2 and everything_listed["stats"]["in_progress"] == 2
+    assert listed["stats"]["total_work_orders"] == 1 and listed["stats"]["in_progress"] == 1, listed["stats"]
     assert {w["work_order_id"] for w in everything} == {wo_a, wo_b}
 
     # The run of its own work order it reads (an agent's timeline); another repository's run it does not.

@@ -216,3 +216,11 @@ def ended_and_escalated(
         elif measure == RUNS_ESCALATED:
             escalated[playbook] = escalated.get(playbook, 0) + int(value)
     return {k: v for k, v in ended.items() if v}, {k: v for k, v in escalated.items() if v}
+
+
+def work_order_counts(by_status: Mapping[str, int]) -> dict[str, int]:
+    """The work orders list's `stats` (total_work_orders, one count per status) from counts by status: an agent
+    token's scope, which no aggregate keeps, is counted from its rows."""
+    counts = {"total_work_orders": sum(int(n) for n in by_status.values())}
+    counts.update({s.value: int(by_status.get(s.value, 0)) for s in WorkOrderStatus})
+    return counts

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from mendloop.domain import stats
 from mendloop.domain import work_orders as decide
-from mendloop.domain.list_totals import Total
+from mendloop.domain.list_totals import CAP, Total
 from mendloop.domain.page_cursor import After
 from mendloop.domain.records import Run, WorkOrder
 from mendloop.domain.states import RunStatus, WorkOrderStatus
@@ -293,6 +293,19 @@ class WorkOrderStore:
             filters = {"status": status, "self_healing_run_id": run_id, "repository_scope": scoped}
             total = total_in(conn, "work_orders", filters, q)
         return [work_order_of(r) for r in rows], total, cursor
+
+    def counts_in_scope(self, repositories: Sequence[str], cap: int = CAP) -> dict[str, int]:
+        """Work orders by status among `repositories` (an agent token's scope), over at most `cap` + 1 of them, as
+        the scoped list's total is counted."""
+        scoped = (
+            sa.select(t.work_orders.c.status)
+            .where(t.work_orders.c.repository.in_(list(repositories)))
+            .limit(cap + 1)
+            .subquery()
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(scoped.c.status, sa.func.count()).group_by(scoped.c.status)).all()
+        return {str(status): int(n) for status, n in rows}
 
     def diff(self, wo_id: str) -> str:
         with self.db.read() as conn:

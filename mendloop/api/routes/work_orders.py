@@ -27,6 +27,7 @@ from mendloop.api.schemas import (
 from mendloop.domain.records import EventRecord
 from mendloop.domain.roles import Action
 from mendloop.domain.states import WorkOrderStatus
+from mendloop.domain.stats import work_order_counts
 from mendloop.errors import Forbidden
 from mendloop.storage.pages import WORK_ORDERS_PAGE, cursor_of
 
@@ -72,7 +73,10 @@ async def list_work_orders(
                 count=len(items),
                 total=total.n,
                 total_is_lower_bound=total.lower_bound,
-                stats=app.store.work_order_stats(),
+                # A scoped agent sees no other repository's work orders, counted or listed.
+                stats=app.store.work_order_stats()
+                if scope is None
+                else work_order_counts(app.store.work_orders.counts_in_scope(scope)),
                 next_cursor=next_cursor,
             )
 
