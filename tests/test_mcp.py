@@ -26,6 +26,7 @@ import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from prometheus_client.parser import text_string_to_metric_families
 
 from mendloop.domain.patch_verdict import verdict
 from tests.interpreters import python_for_tests
@@ -311,6 +312,40 @@ def test_the_http_endpoint_is_the_agent_roles(shared: Server) -> None:
         allowed = http.post("/mcp", json=hello, headers={**headers, "Authorization": f"Bearer {AGENT}"})
         assert allowed.status_code == 200, allowed.text
         assert "submit_patch" in allowed.text
+
+
+def _http_requests(server: Server) -> dict[tuple[str, str], float]:
+    """/metrics' HTTP requests by (method, route), read with prometheus_client's own parser."""
+    with server.api(VIEWER) as api:
+        text = api.get("/metrics").text
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mendloop_process_http_requests_total":
+                key = (sample.labels["method"], sample.labels["route"])
+                counts[key] = counts.get(key, 0) + sample.value
+    return counts
+
+
+def test_a_tool_call_counts_as_the_mcp_request_alone(shared: Server) -> None:
+    """A tool calls the REST route it stands for in process: /metrics counts the /mcp request, not that call too
+    (it would double every agent's traffic and time)."""
+    server = shared
+    before = _http_requests(server)
+
+    async def scenario() -> None:
+        async with connect(server, "http") as client:
+            await call(client, "list_work_orders", status="")
+
+    anyio.run(scenario)
+    after = _http_requests(server)
+    assert after.get(("POST", "/mcp"), 0) > before.get(("POST", "/mcp"), 0), after
+    listed = ("GET", "/patches/work-orders")
+    assert after.get(listed, 0) == before.get(listed, 0), (before.get(listed), after.get(listed))
+    # The same route asked over REST is counted: the figure is there to move.
+    with server.api() as api:
+        assert api.get("/patches/work-orders").status_code == 200
+    assert _http_requests(server)[listed] == after.get(listed, 0) + 1
 
 
 def test_bad_arguments_are_tool_errors_naming_the_argument(shared: Server) -> None:

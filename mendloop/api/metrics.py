@@ -224,9 +224,23 @@ def _progress(offsets: DbOffsetStore, watcher: str) -> tuple[int, int]:
     return done, behind
 
 
+# A request mendloop makes of its own API in process (an MCP tool calling the REST route it stands for) is counted
+# once, as the /mcp request that made it, not a second time as the call. A scope key: no client can set one.
+_UNCOUNTED = "mendloop.uncounted"
+
+
+def uncounted(app: ASGIApp) -> ASGIApp:
+    """`app` for calls the HTTP figures leave out (`_UNCOUNTED`)."""
+
+    async def call(scope: Scope, receive: Receive, send: Send) -> None:
+        await app({**scope, _UNCOUNTED: True}, receive, send)
+
+    return call
+
+
 class HttpMetrics:
     """Counts every request this process answers, by method, route template (never the raw path: ids would make
-    a series each) and status, and times it."""
+    a series each) and status, and times it; not its calls of itself (`uncounted`)."""
 
     def __init__(self, app: ASGIApp, requests: Counter, seconds: Histogram) -> None:
         self.app = app
@@ -234,7 +248,7 @@ class HttpMetrics:
         self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get(_UNCOUNTED):
             await self.app(scope, receive, send)
             return
         status = 500  # an exception that escapes every handler

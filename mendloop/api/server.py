@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mendloop import __version__
@@ -200,6 +200,15 @@ def _non_finite(text: str) -> bool:
         return False  # not a number: the route's own validation answers
 
 
+class _NamedRoute(Route):
+    """A plain Starlette route that puts itself in the scope as FastAPI's routes do, so that /metrics counts its
+    requests by its path (`/mcp`), not as `unmatched`."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        return match, ({**child, "route": self} if match is not Match.NONE else child)
+
+
 def create_api(app: App, *, manage: bool = True) -> FastAPI:
     """`manage`: open the App when the server starts and close it when it stops."""
 
@@ -272,8 +281,8 @@ def create_api(app: App, *, manage: bool = True) -> FastAPI:
     api.include_router(tokens_route.router)
     api.include_router(audit.router)
     # MCP for coding agents (mendloop/mcp/): an ASGI endpoint of its own, every method; the agent role's.
-    mcp_endpoint = mcp_http.McpEndpoint(api, app.settings)
-    api.router.routes.append(Route(mcp_http.PATH, endpoint=mcp_endpoint))
+    mcp_endpoint = mcp_http.McpEndpoint(metrics.uncounted(api), app.settings)
+    api.router.routes.append(_NamedRoute(mcp_http.PATH, endpoint=mcp_endpoint))
     install_dashboard(api)  # `/` and `/ui/...`: the dashboard, under the same rules (domain/roles.py)
     return api
 
