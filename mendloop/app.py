@@ -67,11 +67,13 @@ class ProcessParts:
     processes: int = 1
     # API processes restarted after they died.
     restarts: int = 0
+    # Of `processes`, those accepting connections now: a replica starting (or started again) is not yet.
+    serving: int = 1
     # In an API-only process: why the primary's report can't be trusted (it is late, or there is none yet).
     stale: str | None = None
 
-    def counted(self, processes: int, restarts: int) -> ProcessParts:
-        return replace(self, processes=processes, restarts=restarts)
+    def counted(self, processes: int, restarts: int, serving: int) -> ProcessParts:
+        return replace(self, processes=processes, restarts=restarts, serving=serving)
 
 
 class ProcessLink(Protocol):

@@ -85,7 +85,11 @@ def served(tmp_path: Path, free_port: int) -> Iterator[tuple[Any, httpx.Client, 
         # A new connection for each request: a kept-alive one would stay with the process that accepted it.
         fresh = httpx.Limits(max_keepalive_connections=0)
         with httpx.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=10, limits=fresh) as client:
-            wait_for(lambda: len(_children(proc.pid)) == 1, 30)
+            # The replica accepts connections: a test that stops the primary is answered by it at once. (Only
+            # started, it could take longer to come up on a busy machine than the primary's report stays fresh.)
+            wait_for(lambda: client.get("/health").json()["processes"]["serving"] == 2, 60, 0.1)
+            [replica] = _children(proc.pid)
+            assert sorted(p.name for p in tmp.glob("*/serving-*")) == [f"serving-{replica}"]
             yield proc, client, tmp
 
 
@@ -106,13 +110,13 @@ def test_a_replica_answers_for_the_primary_and_wakes_its_workers(
 ) -> None:
     proc, client, _ = served
     health = client.get("/health").json()
-    assert health["processes"] == {"count": 2, "restarts": 0, "primary": "ok"}
+    assert health["processes"] == {"count": 2, "restarts": 0, "serving": 2, "primary": "ok"}
     before = _health_count(client)
     proc.send_signal(signal.SIGSTOP)
     try:
         # Only the replica can answer now: the same figures, the primary's one worker among them.
         answers = [client.get("/health") for _ in range(3)]
-        assert [a.status_code for a in answers] == [200] * 3
+        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
         assert {a.json()["workers"] for a in answers} == {1}
         assert answers[0].json()["processes"]["count"] == 2
         body = {"error_type": "quick", "description": "through the replica", "wait_seconds": 0}
@@ -149,9 +153,12 @@ def test_a_dead_replica_is_started_again_and_a_dead_primary_takes_the_replicas_a
     proc, client, tmp = served
     [first] = _children(proc.pid)
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: client.get("/health").json()["processes"]["restarts"] == 1, 30, 0.1)
+    back = {"count": 2, "restarts": 1, "serving": 2, "primary": "ok"}
+    wait_for(lambda: client.get("/health").json()["processes"] == back, 60, 0.1)
     [second] = _children(proc.pid)
     assert second != first
+    # The dead one's word that it served went with it: only the new replica's is left.
+    assert sorted(p.name for p in tmp.glob("*/serving-*")) == [f"serving-{second}"]
     assert list(tmp.iterdir())  # the private directory, while they run
     proc.kill()
     proc.wait(10)

@@ -12,6 +12,9 @@ the replicas through three channels it makes and they inherit:
 - an alive pipe, never written: when the primary dies (a `kill -9` included) it closes, and each replica shuts
   down and lets go of the socket.
 
+A replica that has started serving says so with a file of the same directory named by its pid, so the report
+(and /health) tell the processes configured from those accepting connections now.
+
 The HTTP figures of /metrics are summed over the processes by prometheus_client's multiprocess mode, in a folder
 of the same private directory. A replica that dies is started again (after a backoff while it keeps dying);
 SIGTERM to the primary stops every process gracefully.
@@ -70,7 +73,13 @@ def decode(raw: bytes) -> ProcessParts:
         notifications={name: TargetStatus(**st) for name, st in data["notifications"].items()},
         processes=int(data["processes"]),
         restarts=int(data["restarts"]),
+        serving=int(data["serving"]),
     )
+
+
+def serving_marker(folder: Path, pid: int) -> Path:
+    """The file a replica of pid `pid` writes in the private directory once its server accepts connections."""
+    return folder / f"serving-{pid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +132,10 @@ class Replicas:
         pass  # the primary's own workers were woken by App._wake
 
     def parts(self, own: ProcessParts) -> ProcessParts:
-        return own.counted(self.count + 1, self.restarts)
+        with self._lock:
+            pids = [p.pid for p in self._procs.values() if p.poll() is None]
+        serving = 1 + sum(serving_marker(self.dir, pid).exists() for pid in pids)
+        return own.counted(self.count + 1, self.restarts, serving)
 
     def serve(self, config: uvicorn.Config) -> bool:
         """Bind the socket, start the replicas, and serve on it here too until SIGTERM (or SIGINT); then stop
@@ -209,6 +221,7 @@ class Replicas:
                 proc = self._procs[slot]
             born = time.monotonic()
             code = proc.wait()
+            serving_marker(self.dir, proc.pid).unlink(missing_ok=True)  # a later process may get its pid
             if self._stop.is_set():
                 return
             if time.monotonic() - born >= SETTLED_SECONDS:
@@ -278,6 +291,18 @@ class ReplicaLink:
             return dataclasses.replace(parts, stale=f"no report from the primary for {age:.0f} s")
         return parts
 
+    def serving(self, now: bool) -> None:
+        """Whether this replica's server accepts connections now: the primary learns it from its private
+        directory."""
+        marker = serving_marker(self.channels.report.parent, os.getpid())
+        try:
+            if now:
+                marker.touch()
+            else:
+                marker.unlink(missing_ok=True)
+        except OSError as exc:  # the primary is gone with its directory; this replica is stopping too
+            log.warning("could not tell the primary whether this replica serves: %s", exc)
+
     def watch_primary(self, server: uvicorn.Server) -> threading.Thread:
         """When the primary dies its end of the alive pipe closes: shut this server down (gracefully)."""
 
@@ -317,6 +342,23 @@ class _PrimaryServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _ReplicaServer(uvicorn.Server):
+    """A replica's server: once it accepts connections on the inherited socket, the primary is told."""
+
+    def __init__(self, config: uvicorn.Config, link: ReplicaLink) -> None:
+        super().__init__(config)
+        self.link = link
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.link.serving(True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.link.serving(False)  # it stops accepting first
+        await super().shutdown(sockets)
+
+
 def replica_command(argv: Sequence[str]) -> list[str]:
     """The command line that starts a replica: this Python, the CLI's hidden `serve-replica`, `argv`."""
     return [sys.executable, "-m", "mendloop", "serve-replica", *argv]
@@ -326,7 +368,7 @@ def run_replica(settings: Settings, channels: Channels, log_level: str) -> bool:
     """A replica's life: the API on the inherited socket until SIGTERM or the primary's end. Whether it started."""
     link = ReplicaLink(channels)
     api = create_api(App(settings, link=link))
-    server = uvicorn.Server(uvicorn_config(api, settings, log_level=log_level))
+    server = _ReplicaServer(uvicorn_config(api, settings, log_level=log_level), link)
     sock = socket.socket(fileno=channels.listen_fd)
     link.watch_primary(server)
     # As in `serve`: uvicorn raises SIGTERM again after its graceful shutdown; by then there is nothing left to do.

@@ -425,6 +425,10 @@ class NotifyTargetOut(_Answer):
 class ProcessesOut(_Answer):
     count: int = Field(description="Processes answering the API on one socket (`processes:`; 1 by default).")
     restarts: int = Field(description="API-only processes started again after they died.")
+    serving: int = Field(
+        description="Of `count`, the processes accepting connections now: an API-only process that is starting "
+        "(or starting again after it died) is not yet."
+    )
     primary: str = Field(
         description="`ok`, or (in an API-only process) why the first process's report of its workers, watchers "
         "and notifications is missing or late: the answer is then degraded."

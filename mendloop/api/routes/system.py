@@ -68,7 +68,9 @@ async def health(app: AppDep, request: Request, response: Response) -> HealthOut
             for name, st in parts.notifications.items()
         },
         paused=[views.pause(p, reason=told) for p in state.pauses] if state is not None else [],
-        processes=ProcessesOut(count=parts.processes, restarts=parts.restarts, primary=parts.stale or "ok"),
+        processes=ProcessesOut(
+            count=parts.processes, restarts=parts.restarts, serving=parts.serving, primary=parts.stale or "ok"
+        ),
     )
 
 
