@@ -299,7 +299,8 @@ def _serve(
     tmp: Path, url: str, *, extra: dict[str, Any] | None = None, poll: float = 0.2, processes: int = 1
 ) -> tuple[subprocess.Popen[bytes], int]:
     """`mendloop serve` on `url` (no workers unless `extra` config says so), once /health answers 200 and all of
-    its `processes` run; `poll`: the wait between probes (bench/scale.py times startup with a short one)."""
+    its `processes` accept connections (`processes.serving`); `poll`: the wait between probes (bench/scale.py
+    times startup with a short one)."""
     cfg = tmp / "mendloop.yaml"
     cfg.write_text(yaml.safe_dump({"database_url": url, "workers": 0, **(extra or {})}))
     port = _free_port()
@@ -320,7 +321,7 @@ def _serve(
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
             answer = conn.getresponse()
-            if answer.status == 200 and len(_children(server.pid)) >= processes - 1:
+            if answer.status == 200 and json.loads(answer.read())["processes"]["serving"] == processes:
                 return server, port
         except OSError:
             pass
