@@ -1,6 +1,6 @@
 """Pause a component, or all: detections still open incidents and queue their runs (nothing is lost), but no queued
-run is claimed until it is resumed; the reason shows on /health, the run and the incident. The pauses are a
-table: they hold for every worker and across a restart. Both backends; the CLI against a real server."""
+run is claimed until it is resumed; the reason shows on /health, the run, the incident and the work order. The
+pauses are a table: they hold for every worker and across a restart. Both backends; the CLI against a real server."""
 
 from __future__ import annotations
 
@@ -43,12 +43,18 @@ def _app(database_url: str, tmp_path: Path) -> App:
             "description": "one command",
             "steps": [{"id": "act", "action": "command", "with": {"argv": [PY, "-c", "print(1)"]}}],
         },
+        {
+            "id": "patchy",
+            "type": "code_patch",
+            "description": "asks a coding agent",
+            "steps": [{"id": "escalate", "action": "escalate", "with": {"description": "fix it"}}],
+        },
     )
     settings = settings_for(
         database_url,
         tmp_path,
         playbook_dirs=[str(tmp_path / "pb")],
-        routing={"quick": "quick"},
+        routing={"quick": "quick", "patchy": "patchy"},
         storm={"mutex_per_component": False},
     )
     return open_app(settings)
@@ -107,6 +113,39 @@ def test_a_paused_component_opens_incidents_but_starts_no_run_until_resumed(data
             assert client.get(f"/patches/runs/{held.id}").json()["paused"] is None
             types = [e["event_type"] for e in client.get("/events/recent", params={"limit": 200}).json()["events"]]
         assert "control.paused" in types and "control.resumed" in types
+    finally:
+        app.close()
+
+
+def test_a_work_order_shows_its_components_pause_until_it_ends(database_url: str, tmp_path: Path) -> None:
+    app = _app(database_url, tmp_path)
+    try:
+        with api_client(app) as client:
+            for component in ("svc", "other"):
+                app.remediation.trigger(error_type="patchy", description="broken", component=component)
+            drain(app)
+            orders = app.store.work_orders.find(limit=10)[0]
+            by_component = {w.component: w.id for w in orders}
+            assert set(by_component) == {"svc", "other"}
+            run_of = {w.component: w.self_healing_run_id for w in orders}
+
+            def shown() -> dict[str, Any]:
+                listed = {w["component"]: w["paused"] for w in client.get("/patches/work-orders").json()["work_orders"]}
+                detail = {c: client.get(f"/patches/work-orders/{i}").json()["paused"] for c, i in by_component.items()}
+                assert detail == listed  # the list and each detail say the same
+                return listed
+
+            assert shown() == {"svc": None, "other": None}
+            client.post("/pause", json={"component": "svc", "reason": "migrating the database"})
+            assert shown() == {"svc": "migrating the database", "other": None}
+            client.post("/pause", json={"reason": "change freeze"})
+            assert shown() == {"svc": "migrating the database", "other": "change freeze"}  # its own reason first
+            cancelled = client.post(f"/patches/runs/{run_of['other']}/cancel")  # its work order is cancelled too
+            assert cancelled.status_code == 200, cancelled.text
+            assert client.get(f"/patches/work-orders/{by_component['other']}").json()["status"] == "cancelled"
+            assert shown() == {"svc": "migrating the database", "other": None}  # ended: nothing is held any more
+            client.post("/resume")
+            assert shown() == {"svc": None, "other": None}
     finally:
         app.close()
 

@@ -52,6 +52,11 @@ class WorkOrderOut(_Answer):
     deadline_at: Timestamp
     cancel_requested: bool
     note: str | None
+    paused: str | None = Field(
+        default=None,
+        description="Not yet ended while its component (or all) is paused: the pause's reason. An agent may still "
+        "work on it; the run waiting on its patch goes on only once the pause is lifted.",
+    )
 
 
 class WorkOrderList(_Answer):

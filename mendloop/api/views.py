@@ -12,7 +12,7 @@ from mendloop.domain.incidents import TrackedIncident
 from mendloop.domain.pauses import Pause
 from mendloop.domain.records import EventRecord, Run, RunSummary, StepRecord, TrustChange, WorkOrder
 from mendloop.domain.runs import summary
-from mendloop.domain.states import RUN_FINAL, RunStatus
+from mendloop.domain.states import RUN_FINAL, WORK_ORDER_FINAL, RunStatus
 
 # Stored JSON is answered at most this deep: new input is capped shallower, and an older row must not make a read
 # fail (the answer's serialiser recurses once per level).
@@ -31,7 +31,7 @@ def iso_seconds(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def work_order(wo: WorkOrder) -> out.WorkOrderOut:
+def work_order(wo: WorkOrder, pauses: Mapping[str, Pause] | None = None) -> out.WorkOrderOut:
     return out.WorkOrderOut(
         work_order_id=wo.id,
         type=wo.type,
@@ -57,6 +57,7 @@ def work_order(wo: WorkOrder) -> out.WorkOrderOut:
         deadline_at=iso(wo.deadline_at),
         cancel_requested=wo.cancel_requested,
         note=wo.note,
+        paused=paused_reason(pauses, wo.component, ended=wo.status in WORK_ORDER_FINAL) if pauses else None,
     )
 
 
@@ -201,7 +202,7 @@ def pause(p: Pause, *, reason: bool = True) -> out.PauseOut:
 
 
 def paused_reason(pauses: Mapping[str, Pause], component: str | None, *, ended: bool = False) -> str | None:
-    """What a run or an incident shows while a pause holds its component's runs."""
+    """What a run, an incident or a work order shows while a pause holds its component's runs."""
     held = None if ended else pauses_decide.applying(pauses, component)
     return held.reason if held is not None else None
 

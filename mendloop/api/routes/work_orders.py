@@ -59,7 +59,7 @@ async def list_work_orders(
     scope = credential.claim_scope() if credential is not None else None
 
     def query() -> WorkOrderList:
-        with app.store.db.read():  # one connection and one transaction for the page, its total and stats
+        with app.store.db.read():  # one connection and one transaction for the page, its total, stats and pauses
             items, total, next_cursor = app.store.work_orders.page(
                 status=status.value if status else None,
                 run_id=self_healing_run_id,
@@ -68,8 +68,9 @@ async def list_work_orders(
                 offset=offset,
                 repositories=scope,
             )
+            pauses = app.store.pauses.current()
             return WorkOrderList(
-                work_orders=[views.work_order(w) for w in items],
+                work_orders=[views.work_order(w, pauses) for w in items],
                 count=len(items),
                 total=total.n,
                 total_is_lower_bound=total.lower_bound,
@@ -85,7 +86,11 @@ async def list_work_orders(
 
 @router.get("/work-orders/{work_order_id}", response_model=WorkOrderOut)
 async def get_work_order(app: AppDep, request: Request, work_order_id: str) -> Response:
-    return await shared_read(request, lambda: views.work_order(app.store.get_work_order(work_order_id)))
+    def query() -> WorkOrderOut:
+        with app.store.db.read():  # the work order and the pauses in one transaction
+            return views.work_order(app.store.get_work_order(work_order_id), app.store.pauses.current())
+
+    return await shared_read(request, query)
 
 
 @router.post("/work-orders/{work_order_id}/complete")
