@@ -240,6 +240,17 @@ def _posts(html: str) -> dict[str, str]:
     return {label.strip(): path for path, label in re.findall(r'data-post="([^"]+)"[^>]*>([^<]+)</button>', html)}
 
 
+def test_a_patch_page_shows_its_components_pause(app: App, client: httpx.Client) -> None:
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    body = {"description": "d", "error_type": "patchy", "component": "svc", "wait_seconds": 5}
+    wo_id = client.post("/patches/trigger", json=body, headers=h).json()["work_order_id"]
+    assert wo_id
+    assert "(paused:" not in client.get(f"/ui/patches/{wo_id}", headers=h).text
+    assert client.post("/pause", json={"component": "svc", "reason": "db <migration>"}, headers=h).status_code == 200
+    page = client.get(f"/ui/patches/{wo_id}", headers=h).text
+    assert "(paused: db &lt;migration&gt;)" in page  # the operator's words, escaped
+
+
 def test_each_action_button_posts_to_the_api_route_the_cli_uses(app: App, client: httpx.Client) -> None:
     """The buttons an operator gets, pressed as the page's script does (the session cookie and its CSRF token):
     cancel, retry from a step, reject a held patch, resolve an incident."""

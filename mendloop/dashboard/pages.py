@@ -3,6 +3,7 @@ them a second implementation): each function returns the template's context."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from mendloop.api.routes.runs import run_detail
 from mendloop.app import App
 from mendloop.dashboard import trust_chart
 from mendloop.domain import roles
+from mendloop.domain.pauses import Pause
 from mendloop.domain.records import RunSummary, WorkOrder
 from mendloop.domain.roles import Action, Credential, Role
 from mendloop.domain.states import RUN_FINAL, WORK_ORDER_OPEN, RunStatus, WorkOrderStatus
@@ -126,11 +128,11 @@ def runs(
     }
 
 
-def _patch_row(wo: WorkOrder) -> dict[str, Any]:
+def _patch_row(wo: WorkOrder, pauses: Mapping[str, Pause] | None = None) -> dict[str, Any]:
     result = wo.patch_result or {}
     agent = result.get("agent") if isinstance(result.get("agent"), dict) else {}
     return {
-        "wo": views.work_order(wo),
+        "wo": views.work_order(wo, pauses),
         "agent": (agent or {}).get("name") or wo.lease_owner or "—",
         "tests": result.get("tests_passed"),
         "files": result.get("files_changed"),
@@ -161,7 +163,7 @@ def patch(app: App, work_order_id: str) -> dict[str, Any]:
     applied = result.get("applied") if isinstance(result.get("applied"), dict) else None
     tests_output = (applied or {}).get("tests_output") or result.get("tests_output")
     return {
-        **_patch_row(wo),
+        **_patch_row(wo, app.store.pauses.current()),
         "diff": diff,
         "result": result,
         "applied": applied,
