@@ -20,6 +20,7 @@ SQLite always; PostgreSQL too when MENDLOOP_BENCH_POSTGRES_URL (or MENDLOOP_TEST
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import h11
 import sqlalchemy as sa
 import yaml
 
@@ -190,41 +192,84 @@ def _write_load(spec: dict[str, Any]) -> None:
 def _measure(
     port: int, paths: list[str], requests: int, max_seconds: float, clients: int = CLIENTS
 ) -> tuple[list[float], dict[int, int]]:
-    """`requests` GETs spread over `clients` threads, each on its own keep-alive connection, cycling through
-    `paths`; stops early after `max_seconds` (a slow endpoint at a large size)."""
+    """`requests` GETs spread over `clients` concurrent clients, each on its own keep-alive connection, cycling
+    through `paths`; stops early after `max_seconds` (a slow endpoint at a large size).
+
+    The clients are coroutines on one event loop in this thread, with h11 reading the answers. As threads (one
+    http.client each) they were the figures' own tail: twenty threads waking at once queue for this process's
+    GIL, and about 1 request in 250 of a 0.5 ms `/health` took 40-55 ms on the client's side alone (2,000 GETs,
+    threads: max 50-55 ms; coroutines: max 11 ms, the same server)."""
+    return asyncio.run(_clients(port, paths, requests, max_seconds, clients))
+
+
+async def _clients(
+    port: int, paths: list[str], requests: int, max_seconds: float, clients: int
+) -> tuple[list[float], dict[int, int]]:
     latencies: list[float] = []
     codes: dict[int, int] = {}
-    lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
     per_client = max(1, requests // clients)
 
-    def client(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    async def client(k: int) -> None:
         rnd = random.Random(k)
+        conn: _Connection | None = None
         for _ in range(per_client):
             if time.monotonic() > deadline:
                 break
             path = paths[rnd.randrange(len(paths))]
             t0 = time.perf_counter()
             try:
-                conn.request("GET", path)
-                r = conn.getresponse()
-                r.read()
-                code = r.status
-            except OSError:
+                if conn is None:
+                    conn = await _Connection.open(port)
+                code = await asyncio.wait_for(conn.get(path), 120)
+            except (OSError, TimeoutError, h11.ProtocolError):
                 code = 0
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            ms = (time.perf_counter() - t0) * 1000
-            with lock:
-                latencies.append(ms)
-                codes[code] = codes.get(code, 0) + 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+            latencies.append((time.perf_counter() - t0) * 1000)
+            codes[code] = codes.get(code, 0) + 1
+        if conn is not None:
+            conn.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    await asyncio.gather(*(client(k) for k in range(clients)))
     return latencies, codes
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1, a GET at a time (h11 keeps the protocol right)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> _Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def get(self, path: str) -> int:
+        """The answer's status, once its whole body has been read."""
+        request = h11.Request(method="GET", target=path, headers=[("Host", "127.0.0.1")])
+        self.writer.write(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
+        status = 0
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                self.h11.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                self.h11.start_next_cycle()
+                return status
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the server closed the connection")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _get(port: int, path: str) -> Any:
