@@ -111,6 +111,9 @@ def test_a_replica_answers_for_the_primary_and_wakes_its_workers(
     proc, client, _ = served
     health = client.get("/health").json()
     assert health["processes"] == {"count": 2, "restarts": 0, "serving": 2, "primary": "ok"}
+    # Whichever process answers, from the moment one said so: each counts the markers itself, none reads it from a
+    # report the primary writes every REPORT_SECONDS.
+    assert {client.get("/health").json()["processes"]["serving"] for _ in range(20)} == {2}
     before = _health_count(client)
     proc.send_signal(signal.SIGSTOP)
     try:

@@ -12,8 +12,8 @@ the replicas through three channels it makes and they inherit:
 - an alive pipe, never written: when the primary dies (a `kill -9` included) it closes, and each replica shuts
   down and lets go of the socket.
 
-A replica that has started serving says so with a file of the same directory named by its pid, so the report
-(and /health) tell the processes configured from those accepting connections now.
+A replica that has started serving says so with a file of the same directory named by its pid, so /health, from
+whichever process, tells the processes configured from those accepting connections now.
 
 The HTTP figures of /metrics are summed over the processes by prometheus_client's multiprocess mode, in a folder
 of the same private directory. A replica that dies is started again (after a backoff while it keeps dying);
@@ -82,6 +82,12 @@ def serving_marker(folder: Path, pid: int) -> Path:
     return folder / f"serving-{pid}"
 
 
+def serving_count(folder: Path) -> int:
+    """The processes accepting connections: the primary, and each replica whose marker is in `folder`. A replica
+    removes its marker as it shuts down; the primary removes a killed one's as soon as it has reaped it."""
+    return 1 + sum(1 for _ in folder.glob("serving-*"))
+
+
 @dataclass(frozen=True, slots=True)
 class Channels:
     """The file descriptors and paths a replica inherits, in its command line."""
@@ -132,10 +138,7 @@ class Replicas:
         pass  # the primary's own workers were woken by App._wake
 
     def parts(self, own: ProcessParts) -> ProcessParts:
-        with self._lock:
-            pids = [p.pid for p in self._procs.values() if p.poll() is None]
-        serving = 1 + sum(serving_marker(self.dir, pid).exists() for pid in pids)
-        return own.counted(self.count + 1, self.restarts, serving)
+        return own.counted(self.count + 1, self.restarts, serving_count(self.dir))
 
     def serve(self, config: uvicorn.Config) -> bool:
         """Bind the socket, start the replicas, and serve on it here too until SIGTERM (or SIGINT); then stop
@@ -276,6 +279,11 @@ class ReplicaLink:
             log.warning("the primary's wake pipe is closed")
 
     def parts(self, own: ProcessParts) -> ProcessParts:
+        # Counted here and now, as the primary counts it, not read from a report up to REPORT_SECONDS old: a
+        # client told by one process that every process serves is told so by the next.
+        return dataclasses.replace(self._reported(own), serving=serving_count(self.channels.report.parent))
+
+    def _reported(self, own: ProcessParts) -> ProcessParts:
         try:
             st = os.stat(self.channels.report)
         except OSError:
