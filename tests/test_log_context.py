@@ -346,9 +346,9 @@ def test_the_before_lines_are_only_the_last_n_of_the_same_file(tmp_path: Path) -
         assert context["lines"] == ["ERROR: Pipeline timeout after 1 seconds"]
         assert context["after"] in ([], ["INFO after 1"])
         assert updates == [{100: ["INFO after 1", "INFO after 2"]}]
-        # Another file at the path (truncated): its lines are no context of the old one's.
-        log.write_text("")
-        write_lines(log, ["ERROR: Pipeline timeout after 2 seconds", "INFO new 1", "INFO new 2"])
+        # Another file at the path (truncated): its lines are no context of the old one's. In one write: the
+        # detection and both its after-lines in one read, so they reach the sink together.
+        log.write_text("ERROR: Pipeline timeout after 2 seconds\nINFO new 1\nINFO new 2\n")
         wait_for(lambda: pipe.stats.detections == 2)
     assert contexts(taken)[1]["before"] == []
     assert contexts(taken)[1]["after"] == ["INFO new 1", "INFO new 2"]
@@ -356,8 +356,10 @@ def test_the_before_lines_are_only_the_last_n_of_the_same_file(tmp_path: Path) -
 
 def test_a_forwarder_sends_the_context_with_the_event(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
+    # Written before the watcher starts: its first read has the detection and both after-lines, so the event the
+    # sink takes carries its whole context (lines read later would go to the stored event, not to this batch).
+    write_lines(log, ["INFO a", "INFO b", "ERROR: Pipeline timeout after 1 seconds", "INFO c", "INFO d"])
     with pipeline(tmp_path, {"before": 2, "after": 2}, after_idle=30) as (pipe, taken, _):
-        write_lines(log, ["INFO a", "INFO b", "ERROR: Pipeline timeout after 1 seconds", "INFO c", "INFO d"])
         wait_for(lambda: pipe.stats.detections == 1)
     settings = load_settings(None, watchers=[{"name": "p", "paths": [str(log)], "patterns": PATTERNS}])
     fwd = forwarder.Forwarder(settings, url="http://127.0.0.1:9", spool_dir=tmp_path / "spool")
