@@ -72,3 +72,28 @@ def test_reads_answer_while_another_connection_holds_the_write_lock(tmp_path: Pa
     assert {e.type for e in answers["run_events"]} >= {"t"}
     assert [c.run_id for c in answers["trust"]] == [run.id]
     store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_postgres_reads_are_autocommit_on_read_only_sessions(database_url: str) -> None:
+    """PostgreSQL reads take no BEGIN and ROLLBACK (two round trips each under READ COMMITTED, where each statement
+    has its own snapshot anyway), and a write that strays into `read()` fails instead of committing alone."""
+    import sqlalchemy as sa
+
+    from mendloop.storage.db import Database
+
+    db = Database(database_url)
+    try:
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+            # No transaction block is open between statements: the session is idle, not "in transaction".
+            assert conn.connection.dbapi_connection.info.transaction_status.name == "IDLE"  # type: ignore[union-attr]
+            with pytest.raises(sa.exc.DBAPIError, match="read-only transaction"):
+                conn.exec_driver_sql("INSERT INTO pauses (scope, reason, created_at) VALUES ('x', 'r', 0)")
+        with db.write() as tx:  # the writer's engine still writes
+            tx.conn.exec_driver_sql("INSERT INTO pauses (scope, reason, created_at) VALUES ('x', 'r', 0)")
+        with db.read() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM pauses WHERE scope = 'x'").scalar() == 1
+    finally:
+        db.close()
